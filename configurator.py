@@ -1,0 +1,82 @@
+"""
+Config files and --key=value overrides, applied to train.py's globals (nanoGPT style):
+
+    python train.py config/kd_sft.py --lambd=0.3 --learning_rate=1e-5
+
+Config files are plain Python, exec'd in order; then --key=value overrides; later wins. Every
+key must already exist in train.py (a typo is an error naming the closest known key); names a
+config file starts with '_' are its private helpers. Types follow the default: an int is
+accepted for a float key, true/false for a bool key, and a str key takes the text as is.
+"""
+import ast
+import difflib
+import os
+import types
+
+def _closest(key, known):
+    m = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+def _coerce(key, value, default, where):
+    """value of a known key, converted to the type of its default or an error naming both."""
+    want = type(default)
+    if isinstance(value, want) and not (want is int and isinstance(value, bool)):
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is tuple and isinstance(value, list):
+        return tuple(value)
+    raise ValueError(f"{where}: config key {key!r} expects {want.__name__} (default {default!r}), "
+                     f"got {type(value).__name__} {value!r}")
+
+def _parse(key, text, default, where):
+    if isinstance(default, str):
+        return text
+    if isinstance(default, bool) and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        value = ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        raise ValueError(f"{where}: config key {key!r} expects {type(default).__name__} "
+                         f"(default {default!r}), cannot read {text!r}") from None
+    return _coerce(key, value, default, where)
+
+def _is_config(name, value):
+    return not name.startswith("_") and not isinstance(value, (types.ModuleType, types.FunctionType, type))
+
+def apply(args, config, verbose=None):
+    """Applies config files and --key=value `args` to the dict `config` (train.py's globals,
+    restricted to its config keys by the caller) in place; returns the keys that changed."""
+    if verbose is None:
+        verbose = int(os.environ.get("RANK", 0)) == 0
+    known = list(config)
+    changed = []
+    for arg in args:
+        if not arg.startswith("--"):
+            if not os.path.exists(arg):
+                raise ValueError(f"config file {arg!r} not found")
+            if verbose:
+                print(f"overriding config with {arg}")
+            scope = dict(config)
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), scope)
+            for k, v in scope.items():
+                if k == "__builtins__" or not _is_config(k, v):
+                    continue
+                if k not in config:
+                    raise ValueError(f"{arg}: unknown config key {k!r}{_closest(k, known)} "
+                                     f"(prefix helper names with '_')")
+                if v is not config[k]:
+                    config[k] = _coerce(k, v, config[k], arg)
+                    changed.append(k)
+        else:
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ValueError(f"argument {arg!r}: expected --key=value")
+            if key not in config:
+                raise ValueError(f"unknown config key {key!r}{_closest(key, known)}")
+            config[key] = _parse(key, text, config[key], f"--{key}")
+            changed.append(key)
+            if verbose:
+                print(f"overriding: {key} = {config[key]!r}")
+    return changed

@@ -1,0 +1,493 @@
+"""
+One decoder-only transformer for the Llama family (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3,
+SmolLM, TinyLlama), GPT-NeoX (Pythia) and GPT-2, driven by a Config of flags (litgpt style).
+Loads and saves Hugging Face checkpoints (config.json + safetensors), so a trained model goes
+straight back into transformers. Also: tokenizer loading, and a byte-level tokenizer for
+models built from scratch.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def _bytes_to_unicode():
+    # the GPT-2 byte <-> printable-char table, so every byte is one token
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b); cs.append(256 + n); n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+BYTE_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+def byte_tokenizer():
+    """A transformers tokenizer with one token per byte (ids 0..255 = the byte value), then
+    <|endoftext|> = 256 (eos) and <|pad|> = 257. Saves and loads like any HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    t.chat_template = BYTE_CHAT_TEMPLATE
+    return t
+
+def load_tokenizer(name_or_dir):
+    """AutoTokenizer from a checkpoint dir or hub id ('' -> the byte tokenizer). A missing pad
+    token falls back to eos (the loss masks padding, so the choice does not matter)."""
+    if not name_or_dir:
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(name_or_dir)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+# -----------------------------------------------------------------------------
+# config: one dataclass of flags covers every supported family
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2")
+
+@dataclass
+class Config:
+    model_type: str = "llama"
+    vocab_size: int = 258
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 64
+    head_dim: int = 16
+    intermediate_size: int = 172
+    norm: str = "rms"              # 'rms' | 'layer'
+    norm_eps: float = 1e-6
+    mlp: str = "swiglu"            # 'swiglu' (gate/up/down) | 'gelu' (up/down)
+    act: str = "silu"              # silu | gelu | gelu_tanh
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    fused_qkv: str = ""            # '' separate q/k/v | 'neox' per-head [q,k,v] | 'gpt2' [q|k|v]
+    qk_norm: bool = False          # qwen3: rmsnorm over head_dim on q and k
+    parallel_residual: bool = False  # gpt-neox: x + attn(ln1 x) + mlp(ln2 x)
+    rope_theta: float = 10000.0
+    rotary_dim: int = -1           # -1 = head_dim; fewer = partial rotary (pythia); 0 = no rope (gpt2)
+    rope_scaling: dict = field(default_factory=dict)  # {'rope_type': 'llama3'|'linear', ...}
+    n_positions: int = 0           # learned absolute positions (gpt2)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    hf: dict = field(default_factory=dict)  # the original HF config.json, written back on save
+
+    def __post_init__(self):
+        if self.rotary_dim < 0:
+            self.rotary_dim = self.head_dim
+
+    @staticmethod
+    def from_hf(d):
+        t = d.get("model_type")
+        if t not in SUPPORTED:
+            raise ValueError(f"unsupported model_type {t!r}; supported: {', '.join(SUPPORTED)}")
+        rp = dict(d.get("rope_parameters") or {})  # transformers v5 layout
+        scaling = dict(d.get("rope_scaling") or rp)
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = {}
+        theta = rp.get("rope_theta", d.get("rope_theta", d.get("rotary_emb_base", 10000.0)))
+        if t == "gpt2":
+            C = d["n_embd"]
+            if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn"):
+                raise ValueError("gpt2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported")
+            return Config(model_type=t, vocab_size=d["vocab_size"], n_layer=d["n_layer"], n_head=d["n_head"],
+                          n_kv_head=d["n_head"], n_embd=C, head_dim=C // d["n_head"],
+                          intermediate_size=d.get("n_inner") or 4 * C, norm="layer",
+                          norm_eps=d.get("layer_norm_epsilon", 1e-5), mlp="gelu", act="gelu_tanh",
+                          qkv_bias=True, o_bias=True, mlp_bias=True, fused_qkv="gpt2", rotary_dim=0,
+                          n_positions=d["n_positions"], max_position_embeddings=d["n_positions"],
+                          tie_word_embeddings=True, hf=d)
+        C, H = d["hidden_size"], d["num_attention_heads"]
+        hd = d.get("head_dim") or C // H
+        if t == "gpt_neox":
+            pct = rp.get("partial_rotary_factor", d.get("rotary_pct", 1.0))
+            return Config(model_type=t, vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=H,
+                          n_kv_head=H, n_embd=C, head_dim=hd, intermediate_size=d["intermediate_size"],
+                          norm="layer", norm_eps=d.get("layer_norm_eps", 1e-5), mlp="gelu",
+                          act={"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}[d.get("hidden_act", "gelu")],
+                          qkv_bias=d.get("attention_bias", True), o_bias=d.get("attention_bias", True),
+                          mlp_bias=True, fused_qkv="neox", parallel_residual=d.get("use_parallel_residual", True),
+                          rope_theta=theta, rotary_dim=int(hd * pct), rope_scaling=scaling,
+                          max_position_embeddings=d.get("max_position_embeddings", 2048),
+                          tie_word_embeddings=d.get("tie_word_embeddings", False), hf=d)
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{t}: hidden_act {d.get('hidden_act')!r} is not supported (silu only)")
+        bias = d.get("attention_bias", t == "qwen2")
+        return Config(model_type=t, vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=H,
+                      n_kv_head=d.get("num_key_value_heads") or H, n_embd=C, head_dim=hd,
+                      intermediate_size=d["intermediate_size"], norm="rms", norm_eps=d.get("rms_norm_eps", 1e-6),
+                      qkv_bias=bias, o_bias=bias and t != "qwen2", mlp_bias=d.get("mlp_bias", False),
+                      qk_norm=(t == "qwen3"), rope_theta=theta, rotary_dim=hd, rope_scaling=scaling,
+                      max_position_embeddings=d.get("max_position_embeddings", 2048),
+                      tie_word_embeddings=d.get("tie_word_embeddings", False), hf=d)
+
+    def to_hf(self):
+        """The HF config.json dict: the loaded one when there is one, else a llama config."""
+        if self.hf:
+            return self.hf
+        assert self.model_type == "llama", "a model built from scratch is a llama"
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
+                "hidden_size": self.n_embd, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
+                "num_key_value_heads": self.n_kv_head, "head_dim": self.head_dim, "hidden_act": "silu",
+                "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.norm_eps,
+                "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_word_embeddings,
+                "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+                "bos_token_id": None, "eos_token_id": 256, "pad_token_id": 257}
+
+# -----------------------------------------------------------------------------
+# the network
+
+def rope_inv_freq(cfg):
+    d = cfg.rotary_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = cfg.rope_scaling
+    kind = s.get("rope_type", s.get("type", "default")) if s else "default"
+    if kind == "linear":
+        inv = inv / s["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long waves: slowed down
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (wavelen >= old / hi) & (wavelen <= old / lo)  # in between: interpolated
+        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif kind != "default":
+        raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
+    return inv.float()
+
+def apply_rope(x, cos, sin):
+    # x (B, nh, T, hs); rotates the first rotary_dim channels in the rotate-half layout
+    r = cos.shape[-1]
+    xr, xp = x[..., :r], x[..., r:]
+    x1, x2 = xr.chunk(2, dim=-1)
+    rot = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((xr * cos + rot * sin, xp), dim=-1)
+
+def make_norm(cfg, dim):
+    if cfg.norm == "rms":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+def segment_mask(seg):
+    """seg (B, T): 0 = padding, k > 0 = segment k. Returns bool (B, 1, T, T): causal attention
+    within a segment. Padding rows attend to themselves so no row is empty (no NaN)."""
+    T = seg.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    eye = torch.eye(T, dtype=torch.bool, device=seg.device)
+    return ((same & causal) | eye)[:, None]
+
+try:
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+except ImportError:
+    flash_attn_func = flash_attn_varlen_func = None
+
+def flash_attention(q, k, v, seg):
+    """q, k, v (B, T, nh, hs) on CUDA in bf16/fp16. seg=None: plain causal. Otherwise the tokens
+    of each (row, segment) are gathered into one variable-length sequence."""
+    if seg is None:
+        return flash_attn_func(q, k, v, causal=True)
+    B, T = seg.shape
+    flat = seg.reshape(-1)
+    idx = torch.nonzero(flat > 0).squeeze(1)
+    key = (torch.arange(B, device=seg.device)[:, None] * (T + 1) + seg).reshape(-1)[idx]
+    starts = torch.nonzero(torch.cat([key.new_ones(1, dtype=torch.bool), key[1:] != key[:-1]])).squeeze(1)
+    cu = torch.cat([starts, starts.new_tensor([idx.numel()])]).to(torch.int32)
+    maxlen = int((cu[1:] - cu[:-1]).max())
+    pick = lambda t: t.reshape(B * T, *t.shape[2:])[idx]
+    out = flash_attn_varlen_func(pick(q), pick(k), pick(v), cu, cu, maxlen, maxlen, causal=True)
+    full = out.new_zeros(B * T, *out.shape[1:])
+    full[idx] = out
+    return full.view(B, T, *out.shape[1:])
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, K, hd, C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
+        if cfg.fused_qkv:
+            self.qkv_proj = nn.Linear(C, (H + 2 * K) * hd, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(C, H * hd, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(C, K * hd, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(C, K * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * hd, C, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
+
+    def forward(self, x, rope, mask, seg):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, K, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        if cfg.fused_qkv == "neox":  # per head: [q_h, k_h, v_h]
+            q, k, v = self.qkv_proj(x).view(B, T, H, 3 * hd).split(hd, dim=-1)
+        elif cfg.fused_qkv == "gpt2":  # [q | k | v]
+            q, k, v = (t.view(B, T, H, hd) for t in self.qkv_proj(x).split(H * hd, dim=-1))
+        else:
+            q = self.q_proj(x).view(B, T, H, hd)
+            k = self.k_proj(x).view(B, T, K, hd)
+            v = self.v_proj(x).view(B, T, K, hd)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            y = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seg)
+            y = y.reshape(B, T, H * hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=K != H)
+            y = y.transpose(1, 2).reshape(B, T, H * hd)
+        return self.o_proj(y)
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, I, b = cfg.n_embd, cfg.intermediate_size, cfg.mlp_bias
+        if cfg.mlp == "swiglu":
+            self.gate_proj = nn.Linear(C, I, bias=b)
+        self.up_proj = nn.Linear(C, I, bias=b)
+        self.down_proj = nn.Linear(I, C, bias=b)
+        self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[cfg.act]
+        self.swiglu = cfg.mlp == "swiglu"
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.ln_2 = make_norm(cfg, cfg.n_embd), make_norm(cfg, cfg.n_embd)
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+        self.parallel = cfg.parallel_residual
+
+    def forward(self, x, rope, mask, seg):
+        a = self.attn(self.ln_1(x), rope, mask, seg)
+        if self.parallel:
+            return x + a + self.mlp(self.ln_2(x))
+        x = x + a
+        return x + self.mlp(self.ln_2(x))
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.n_positions:
+            self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, head_fn=None):
+        """input_ids (B, T). attention_mask (B, T) of segment ids: 0 = padding, 1 = token (and
+        1, 2, 3, ... = documents packed into one row). position_ids (B, T), restarting per
+        document when packed. Returns logits (B, T, V), or head_fn(hidden (B, T, C), lm_head
+        weight (V, C)) so a loss can apply the head in token chunks inside this forward (under
+        FSDP2 the weight is only gathered while the module's forward runs)."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.wte(input_ids)
+        if self.config.n_positions:
+            x = x + self.wpe(position_ids)
+        rope = self.rope(position_ids, x.dtype) if self.config.rotary_dim else None
+        seg = attention_mask if attention_mask is not None and not bool((attention_mask == 1).all()) else None
+        mask = segment_mask(seg) if seg is not None else None
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, seg, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, seg)
+        x = self.ln_f(x)
+        if head_fn is not None:
+            return head_fn(x, self.lm_head.weight)
+        return self.lm_head(x)
+
+    def rope(self, position_ids, dtype):
+        inv = rope_inv_freq(self.config).to(position_ids.device)
+        ang = position_ids[..., None].float() * inv  # (B, T, r/2)
+        ang = torch.cat((ang, ang), dim=-1)[:, None]  # (B, 1, T, r)
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # -------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dtype=None, device=None):
+        """A local HF checkpoint dir (config.json + model.safetensors, or shards with an index),
+        or a hub id resolved through huggingface_hub (online only)."""
+        from safetensors import safe_open
+        path = resolve_checkpoint(name_or_dir)
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = Config.from_hf(json.load(f))
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device or "cpu")
+        model.tie_weights()
+        params = dict(model.named_parameters())
+        names, loaded = hf_names(cfg), set()
+        for file in checkpoint_files(path):
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    ours = names.get(key)
+                    if ours is None:
+                        if key.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
+                            continue  # buffers some checkpoints carry
+                        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                            continue
+                        raise ValueError(f"{file}: unexpected tensor {key!r} for model_type {cfg.model_type}")
+                    t = f.get_tensor(key)
+                    if needs_transpose(cfg, key):
+                        t = t.t()
+                    p = params[ours]
+                    if p.shape != t.shape:
+                        raise ValueError(f"{file}: {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                    with torch.no_grad():
+                        p.copy_(t)
+                    loaded.add(ours)
+        missing = set(params) - loaded
+        if cfg.tie_word_embeddings:
+            missing.discard("lm_head.weight")
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {sorted(missing)[:5]} ({len(missing)} tensors)")
+        if dtype is not None:
+            model.to(dtype=dtype)
+        return model
+
+    def save_pretrained(self, out_dir, max_shard_bytes=5 * 2**30):
+        """Writes config.json and model.safetensors (or shards + index) in HF layout."""
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        cfg = self.config
+        to_hf = {v: k for k, v in hf_names(cfg).items()}
+        tensors, seen = {}, set()
+        for name, p in self.state_dict().items():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            key = to_hf[name]
+            t = p.detach()
+            if hasattr(t, "full_tensor"):
+                t = t.full_tensor()
+            if needs_transpose(cfg, key):
+                t = t.t()
+            tensors[key] = t.contiguous().cpu()
+        hf = dict(cfg.to_hf())
+        hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        shards, cur, size = [], {}, 0
+        for k, t in tensors.items():
+            n = t.numel() * t.element_size()
+            if cur and size + n > max_shard_bytes:
+                shards.append(cur); cur, size = {}, 0
+            cur[k] = t; size += n
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+def resolve_checkpoint(name_or_dir):
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name_or_dir, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except Exception as e:
+        raise ValueError(f"{name_or_dir!r} is not a local directory and could not be fetched from the hub: {e}") from e
+
+def checkpoint_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)")
+    return [single]
+
+def needs_transpose(cfg, hf_key):
+    # gpt2's Conv1D stores (in, out)
+    return cfg.model_type == "gpt2" and hf_key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+
+def hf_names(cfg):
+    """{HF tensor name: our parameter name} for this config."""
+    if cfg.model_type == "gpt2":
+        top = {"transformer.wte.weight": "wte.weight", "transformer.wpe.weight": "wpe.weight",
+               "transformer.ln_f.weight": "ln_f.weight", "transformer.ln_f.bias": "ln_f.bias"}
+        pre, layer = "transformer.h.{}.", {"ln_1": "ln_1", "ln_2": "ln_2", "attn.c_attn": "attn.qkv_proj",
+                                            "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up_proj",
+                                            "mlp.c_proj": "mlp.down_proj"}
+    elif cfg.model_type == "gpt_neox":
+        top = {"gpt_neox.embed_in.weight": "wte.weight", "gpt_neox.final_layer_norm.weight": "ln_f.weight",
+               "gpt_neox.final_layer_norm.bias": "ln_f.bias", "embed_out.weight": "lm_head.weight"}
+        pre, layer = "gpt_neox.layers.{}.", {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+                                             "attention.query_key_value": "attn.qkv_proj",
+                                             "attention.dense": "attn.o_proj", "mlp.dense_h_to_4h": "mlp.up_proj",
+                                             "mlp.dense_4h_to_h": "mlp.down_proj"}
+    else:
+        top = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "ln_f.weight",
+               "lm_head.weight": "lm_head.weight"}
+        pre, layer = "model.layers.{}.", {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+                                          **{f"self_attn.{p}": f"attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")},
+                                          **{f"mlp.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
+    names = dict(top)
+    for i in range(cfg.n_layer):
+        for hf_mod, our_mod in layer.items():
+            for leaf in ("weight", "bias"):
+                names[pre.format(i) + f"{hf_mod}.{leaf}"] = f"blocks.{i}.{our_mod}.{leaf}"
+    # keep only names that exist in the model (biases and norms depend on flags)
+    with torch.device("meta"):
+        ours = {n for n, _ in GPT(cfg).named_parameters()}
+    return {k: v for k, v in names.items() if v in ours}
+
+def hf_module_name(cfg, our_module):
+    """Our module path (e.g. 'blocks.0.attn.qkv_proj') -> the HF one ('gpt_neox.layers.0.attention.query_key_value')."""
+    to_hf = {v: k for k, v in hf_names(cfg).items()}
+    return to_hf[our_module + ".weight"].rsplit(".", 1)[0]
