@@ -1,0 +1,142 @@
+"""
+The training objectives (SFT, DPO, KD) as pure functions of final hidden states and the output head.
+Vocabularies of 128k+ make [B, T, V] logits the memory bottleneck, so every loss that needs the
+vocabulary keeps only the labelled positions, then projects and log-softmaxes them in chunks of
+`chunk_size` tokens inside torch.utils.checkpoint: [chunk, V] logits exist one chunk at a time and
+are recomputed in backward. Labels are already shifted: labels[b, t] is predicted from position t.
+"""
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+KD_KINDS = ("forward", "reverse", "jsd")
+
+# -----------------------------------------------------------------------------
+# chunked machinery
+
+def _log_probs(h, w, temperature):
+    # (n, C) @ (C, V) -> (n, V) log-probs, softmax in float32 whatever the input dtype
+    return F.log_softmax((h @ w.t()).float() / temperature, dim=-1)
+
+def _chunked(fn, labels, chunk_size, rows, full):
+    """fn(*row_chunks, *full) -> (n,) per-token values, run on chunks of the labelled positions under
+    checkpoint. rows: tensors [B, T, ...] cut to the labelled positions; full: tensors passed whole
+    (the heads). Returns [B, T] float32, 0.0 where labels == -100."""
+    B, T = labels.shape
+    idx = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+    rows = [r.reshape(B * T, *r.shape[2:])[idx] for r in rows]  # (N, ...) masked tokens dropped first
+    # max(N, 1): an all-masked batch still runs one empty chunk, so the result stays in the graph
+    vals = [checkpoint(fn, *[r[i:i + chunk_size] for r in rows], *full, use_reentrant=False)
+            for i in range(0, max(len(idx), 1), chunk_size)]
+    out = torch.zeros(B * T, dtype=torch.float32, device=labels.device)
+    return out.index_copy(0, idx, torch.cat(vals)).view(B, T)
+
+def count_tokens(labels):
+    """Number of response tokens (labels != -100), as a 0-dim long tensor."""
+    return (labels != IGNORE_INDEX).sum()
+
+def _normalizer(num_tokens, labels):
+    # clamp: a batch without response tokens gives loss 0, not nan
+    return torch.as_tensor(count_tokens(labels) if num_tokens is None else num_tokens).clamp(min=1)
+
+# -----------------------------------------------------------------------------
+# SFT and sequence log-probs
+
+def token_logps(hidden, weight, labels, chunk_size=1024, temperature=1.0):
+    """log p(labels[b, t]) for hidden [B, T, C], weight [V, C] -> [B, T] float32, 0.0 where masked."""
+    def fn(h, y, w):  # (n, C), (n,), (V, C) -> (n,)
+        return _log_probs(h, w, temperature).gather(-1, y[:, None]).squeeze(-1)
+    return _chunked(fn, labels, chunk_size, [hidden, labels], [weight])
+
+def sft_loss(hidden, weight, labels, num_tokens=None, chunk_size=1024):
+    """-sum of response-token log-probs / num_tokens. num_tokens=None uses this batch's count; the
+    training loop passes the count of the whole global batch (all micro-batches, all ranks), so
+    summing the micro-batch losses gives the per-token mean over the global batch whatever the
+    batch x accumulation x world split."""
+    return -token_logps(hidden, weight, labels, chunk_size).sum() / _normalizer(num_tokens, labels)
+
+def per_sample_mean(token_values, labels):
+    """[B, T] per-token values -> [B] mean over each row's response tokens (0 for rows with none)."""
+    mask = labels != IGNORE_INDEX
+    return (token_values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+def sequence_logps(hidden, weight, labels, chunk_size=1024):
+    """[B] SUM of response-token log-probs, log pi(y|x) as DPO uses it."""
+    return token_logps(hidden, weight, labels, chunk_size).sum(-1)
+
+# -----------------------------------------------------------------------------
+# DPO
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             beta=0.1, label_smoothing=0.0, ipo=False):
+    """Per-pair DPO losses from [B] sequence log-probs; returns (losses, chosen_rewards,
+    rejected_rewards), each [B]. With h = beta * ((pc - pr) - (rc - rr)):
+    sigmoid (DPO, cDPO with eps = label_smoothing): -(1 - eps) logsigmoid(h) - eps logsigmoid(-h);
+    ipo=True: (h / beta - 1 / (2 beta))^2 (label_smoothing unused).
+    Rewards are beta * (policy - ref), detached; accuracy = mean(chosen_rewards > rejected_rewards).
+    The caller reduces over the global pair count, and adds the optional NLL term (RPO) itself
+    as c * sft_loss on the chosen half of the batch."""
+    ref_margin = (ref_chosen_logps - ref_rejected_logps).detach()
+    h = beta * ((policy_chosen_logps - policy_rejected_logps) - ref_margin)
+    if ipo:
+        losses = (h / beta - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+# -----------------------------------------------------------------------------
+# KD
+
+def _log_mixture(lpt, lps, beta):
+    # log(beta p_T + (1 - beta) p_S), exactly lps when lpt == lps; expm1 arguments clamped <= 0
+    d = lpt - lps
+    via_s = lps + torch.log1p(beta * torch.expm1(d.clamp(max=0)))
+    via_t = lpt + torch.log1p((1 - beta) * torch.expm1((-d).clamp(max=0)))
+    return torch.where(d <= 0, via_s, via_t)
+
+def _kd_chunk(h, th, w, tw, kind, beta, top_k, temperature):
+    # (n, C), (n, C_T), (V, C), (V, C_T) -> (n,) per-token loss
+    lps = _log_probs(h, w, temperature)  # (n, V) student
+    t_logits = (th @ tw.t()).float() / temperature  # (n, V) teacher, inputs detached
+    if top_k > 0:
+        t_logits, top = t_logits.topk(top_k, dim=-1)  # (n, k)
+        lps = lps.gather(-1, top)  # student log-probs from the full softmax, at the teacher's top k
+    lpt = F.log_softmax(t_logits, dim=-1)
+    if kind == "forward":
+        return -(lpt.exp() * lps).sum(-1)
+    if kind == "reverse":
+        return (lps.exp() * (lps - lpt)).sum(-1)
+    lpm = _log_mixture(lpt, lps, beta)
+    return beta * (lpt.exp() * (lpt - lpm)).sum(-1) + (1 - beta) * (lps.exp() * (lps - lpm)).sum(-1)
+
+def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5,
+                    top_k=0, temperature=1.0, chunk_size=1024):
+    """Per-token distillation loss [B, T] (0.0 where masked), p_T = softmax(teacher_logits / tau),
+    p_S = softmax(student_logits / tau), tau = temperature (no tau^2 factor):
+      forward: -sum_v p_T log p_S  (cross-entropy; KL(p_T || p_S) plus the teacher entropy)
+      reverse: sum_v p_S (log p_S - log p_T) = KL(p_S || p_T)
+      jsd:     beta KL(p_T || m) + (1 - beta) KL(p_S || m), m = beta p_T + (1 - beta) p_S, beta in (0, 1);
+               divided by beta it tends to KL(p_T || p_S) as beta -> 0, divided by 1 - beta to
+               KL(p_S || p_T) as beta -> 1; exactly 0 for identical distributions.
+    top_k > 0 (forward only): p_T is the softmax over the teacher's k largest logits, and the sum
+    runs over those k entries with log p_S taken from the full student softmax.
+    The teacher gets no gradient (its tensors are detached here too)."""
+    if kind not in KD_KINDS:
+        raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
+    if top_k > 0 and kind != "forward":
+        raise ValueError(f"top_k > 0 is supported only with kind='forward', got kind={kind!r}")
+    if kind == "jsd" and not 0 < beta < 1:
+        raise ValueError(f"jsd needs 0 < beta < 1 (use kind='forward' or 'reverse' for the ends), got {beta}")
+    def fn(h, th, w, tw):
+        return _kd_chunk(h, th, w, tw, kind, beta, top_k, temperature)
+    return _chunked(fn, labels, chunk_size, [hidden, teacher_hidden.detach()], [weight, teacher_weight.detach()])
+
+def kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5, top_k=0,
+            temperature=1.0, num_tokens=None, chunk_size=1024):
+    """Sum of kd_token_losses / num_tokens; num_tokens as in sft_loss (the global batch's count)."""
+    losses = kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind, beta, top_k,
+                             temperature, chunk_size)
+    return losses.sum() / _normalizer(num_tokens, labels)
