@@ -1,0 +1,421 @@
+"""
+Data: read rows (local files, save_to_disk folders, hub ids, blends of those), tokenize them
+for SFT/KD and DPO with the prompt masked, collate them (optionally packed), and stream them
+to the ranks of a data-parallel run.
+
+Conventions used everywhere below:
+- every row keeps its original fields plus "_id": its row index in its source (int), or
+  "<source>:<row index>" (str) in a blend. Ids are given before any holdout, sampling or
+  filtering, so they always point back to the original row (the selector keys its logits by them).
+- labels are already shifted: labels[t] is the target of position t, i.e. input_ids[t+1] when
+  token t+1 is a response token, else -100. Prompt tokens and padding never count.
+- attention_mask holds segment ids: 0 = padding, 1, 2, ... = the document within the row. The
+  model attends causally within a segment only, so packed documents never see each other.
+"""
+import json
+import os
+import random
+
+import torch
+
+FILE_EXTS = (".json", ".jsonl", ".parquet", ".csv")
+
+# -----------------------------------------------------------------------------
+# reading rows
+
+def _read_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, found {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+def _read_json(path):
+    # a .json file is either one list of objects or json lines under another name
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.lstrip().startswith("["):
+        return _read_jsonl(path)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: expected a list of JSON objects")
+    return rows
+
+def _is_dataset(eval_split):
+    # an eval_split naming a dataset of its own (a path or a hub id) rather than a split name
+    first = eval_split.split(",")[0].strip()
+    return "/" in first or os.sep in first or first.lower().endswith(FILE_EXTS)
+
+def _read_source(name, split):
+    """The rows of one source as a list of dicts: a local file, a save_to_disk folder, or a hub id."""
+    ext = os.path.splitext(name)[1].lower()
+    is_disk = os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json"))
+    if ext in FILE_EXTS and not os.path.isfile(name):
+        raise ValueError(f"{name}: no such file")
+    if (ext in FILE_EXTS or os.path.exists(os.path.join(name, "state.json"))) and split != "train":
+        raise ValueError(f"{name}: a single file or Dataset has only the 'train' split, not {split!r} "
+                         f"(name the eval set as a file or folder of its own: eval_split=PATH)")
+    if ext in (".json", ".jsonl"):
+        return _read_json(name)
+    import datasets
+    try:
+        if ext == ".parquet":
+            ds = datasets.Dataset.from_parquet(name)
+        elif ext == ".csv":
+            ds = datasets.Dataset.from_csv(name)
+        elif is_disk:
+            ds = datasets.load_from_disk(name)
+        else:  # a hub id, or a folder of data files
+            ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        where = "" if ext or os.path.exists(name) else " (not a local file or folder, so tried the hub)"
+        raise ValueError(f"{name}: could not load split {split!r}{where}: {type(e).__name__}: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{name}: no split {split!r} (splits: {list(ds)})")
+        ds = ds[split]
+    return ds.to_list()
+
+def _read_all(spec, split):
+    """[(name, rows with "_id")] for each comma-separated source of spec."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"no dataset given (spec {spec!r})")
+    sources = []
+    for n in names:
+        rows = _read_source(n, split)
+        if not rows:
+            raise ValueError(f"{n}: the dataset is empty (split {split!r} has 0 rows)")
+        sources.append((n, [{**r, "_id": f"{n}:{i}" if len(names) > 1 else i} for i, r in enumerate(rows)]))
+    return sources
+
+def _holdout(rows, eval_frac):
+    # every (1/eval_frac)-th row, spread evenly over the source and independent of the seed,
+    # so every run and every method is evaluated on the same rows
+    k = max(1, round(len(rows) * eval_frac))
+    if k >= len(rows):
+        raise ValueError(f"eval_frac={eval_frac} would hold out {k} of {len(rows)} rows, leaving nothing to train on")
+    held = {int((j + 0.5) * len(rows) / k) for j in range(k)}
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+def _sample(rows, n, rng):
+    # n rows of a source: whole passes over it, then a random subset (kept in source order)
+    full, rest = divmod(n, len(rows))
+    return rows * full + [rows[i] for i in sorted(rng.sample(range(len(rows)), rest))]
+
+def load_rows(spec, split="train", max_samples=0, probs="", seed=42, eval_split="", eval_frac=0.0):
+    """Training rows of spec: a .json/.jsonl/.parquet/.csv file, a save_to_disk folder, a hub id,
+    or a comma-separated blend of those.
+    - one source: every row of `split` in file order; max_samples > 0 keeps a random subset of
+      that many rows (seeded, kept in file order). Ids are row indices (int).
+    - a blend: the blend has max_samples rows (0: the sum of the sources' sizes), shared out by
+      probs ("0.7,0.3", normalized; default equal). A source asked for more rows than it has is
+      repeated (whole passes plus a random subset), fewer gives a random subset. Ids are
+      "<source>:<row index>". Rows are concatenated source by source; the Loader shuffles.
+    - eval_frac > 0 and no eval_split: the held-out slice of load_splits is left out first, so
+      max_samples and probs never move an eval row into training."""
+    sources = _read_all(spec, split)
+    if eval_frac > 0 and not eval_split:
+        sources = [(n, _holdout(rows, eval_frac)[0]) for n, rows in sources]
+    rng = random.Random(seed)
+    if len(sources) == 1:
+        rows = sources[0][1]
+        return _sample(rows, max_samples, rng) if 0 < max_samples < len(rows) else rows
+    p = [float(x) for x in probs.split(",")] if probs else [1.0] * len(sources)
+    if len(p) != len(sources) or min(p) < 0 or sum(p) <= 0:
+        raise ValueError(f"probs {probs!r} must give one non-negative proportion per source ({len(sources)} sources)")
+    total = max_samples or sum(len(rows) for _, rows in sources)
+    exact = [total * x / sum(p) for x in p]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(p)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
+        counts[i] += 1  # largest remainders, so the counts add up to total
+    return [r for (_, rows), c in zip(sources, counts) for r in _sample(rows, c, rng)]
+
+def load_splits(spec, train_split="train", eval_split="", max_samples=0, probs="", seed=42, eval_frac=0.0):
+    """(train_rows, eval_rows). The eval rows are, in order of precedence:
+    - eval_split naming a dataset of its own (it contains a "/" or ends in .json/.jsonl/.parquet/
+      .csv: a file, "./folder", a hub id, or a comma list of them): its rows, with its own ids;
+    - any other eval_split is a split name: that split of every source (ids as for training);
+    - eval_frac > 0: the deterministic held-out slice of every source (at least one row each);
+    - otherwise none. Eval rows are never resampled, repeated or capped by max_samples."""
+    train = load_rows(spec, train_split, max_samples, probs, seed, eval_split, eval_frac)
+    if eval_split and _is_dataset(eval_split):
+        return train, load_rows(eval_split)
+    if eval_split:
+        return train, [r for _, rows in _read_all(spec, eval_split) for r in rows]
+    if eval_frac > 0:
+        return train, [r for _, rows in _read_all(spec, train_split) for r in _holdout(rows, eval_frac)[1]]
+    return train, []
+
+# -----------------------------------------------------------------------------
+# tokenizing
+
+def _where(source, row, i):
+    return f"{source or 'data'} row {row.get('_id', i)}"
+
+def _keys(row):
+    return [k for k in row if k != "_id"]
+
+def _field(row, key, where):
+    if key not in row:
+        raise ValueError(f"{where}: missing key {key!r} (keys present: {_keys(row)})")
+    if not isinstance(row[key], str):
+        raise ValueError(f"{where}: field {key!r} must be a string, found {type(row[key]).__name__}")
+    return row[key]
+
+def _chat(tokenizer, messages, where, key):
+    # (prompt, response) texts of a conversation: all but the last message rendered with the
+    # generation prompt, and what the full rendering adds after it
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+        raise ValueError(f"{where}: field {key!r} must be a non-empty list of {{'role': str, 'content': str}} messages")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last message of {key!r} must be the assistant's, "
+                         f"found role {messages[-1]['role']!r}")
+    if not tokenizer.chat_template:
+        raise ValueError(f"{where}: chat messages need a tokenizer with a chat template")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError(f"{where}: the chat template does not render {key!r} as prompt + response, "
+                         f"so the prompt cannot be masked")
+    return prompt, full[len(prompt):]
+
+def _prompt(tokenizer, text, template, apply_chat_template, system=""):
+    if apply_chat_template:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if "{}" not in template:
+        raise ValueError(f"template {template!r} has no '{{}}' for the prompt text")
+    return (system + "\n" if system else "") + template.replace("{}", text, 1)
+
+def _encode(tokenizer, prompts, responses):
+    # prompts get the bos a tokenizer adds by default (llama), once; responses end with eos
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token")
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    bos = [bos] if bos is not None and tokenizer("")["input_ids"][:1] == [bos] else []
+    P = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    R = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
+    P = [bos + list(p) if bos and list(p[:1]) != bos else list(p) for p in P]
+    R = [list(r) if list(r[-1:]) == [eos] else list(r) + [eos] for r in R]
+    return P, R
+
+def _example(prompt_ids, response_ids, max_len):
+    # (input_ids, labels, truncated), or None when not one response token fits in max_len
+    ids = (prompt_ids + response_ids)[: max_len or None]
+    labels = [ids[t + 1] if t + 1 >= len(prompt_ids) else -100 for t in range(len(ids) - 1)] + [-100]
+    if all(x == -100 for x in labels):
+        return None
+    return ids, labels, len(ids) < len(prompt_ids) + len(response_ids)
+
+def _report(source, n_rows, n_kept, truncated, max_len, prompts, verbose):
+    name = source or "data"
+    if n_kept == 0 and n_rows > 0:
+        raise ValueError(f"{name}: no examples left: all {n_rows} rows have a prompt that leaves no room for a response "
+                         f"token under max_len={max_len} (shortest prompt: {min(map(len, prompts))} tokens)")
+    if verbose and n_rows > 0:
+        print(f"{name}: {n_kept} examples from {n_rows} rows, {n_rows - n_kept} dropped (prompt too long "
+              f"for max_len={max_len}), {truncated} truncated")
+
+def tokenize_sft(rows, tokenizer, max_len, input_key="input", output_key="output", template="User: {}\nAssistant: ",
+                 apply_chat_template=False, system_key="", source="", verbose=False):
+    """SFT/KD examples {"id", "input_ids", "labels"}. A row is either input/output strings (the
+    prompt is template with {} = input, or the chat template when apply_chat_template; the
+    system_key field, when given, goes first: as a system message, or as a line before the
+    template), or a chat row {"messages": [{role, content}, ...]} rendered with the chat template,
+    whose loss is on the last message only (it must be the assistant's). The response gets eos
+    (unless it already ends with it) and is cut at the end to fit max_len; rows whose prompt
+    leaves no room for a response token are dropped (an error when that leaves nothing; no rows
+    in, no examples out). source names the data in messages and in the verbose counts."""
+    prompts, responses = [], []
+    for i, row in enumerate(rows):
+        where = _where(source, row, i)
+        if "messages" in row and input_key not in row:
+            p, r = _chat(tokenizer, row["messages"], where, "messages")
+        else:
+            system = _field(row, system_key, where) if system_key else ""
+            p = _prompt(tokenizer, _field(row, input_key, where), template, apply_chat_template, system)
+            r = _field(row, output_key, where)
+        prompts.append(p)
+        responses.append(r)
+    P, R = _encode(tokenizer, prompts, responses)
+    out, truncated = [], 0
+    for i, (row, p, r) in enumerate(zip(rows, P, R)):
+        ex = _example(p, r, max_len)
+        if ex is not None:
+            out.append({"id": row.get("_id", i), "input_ids": ex[0], "labels": ex[1]})
+            truncated += ex[2]
+    _report(source, len(rows), len(out), truncated, max_len, P, verbose)
+    return out
+
+def tokenize_dpo(rows, tokenizer, max_len, prompt_key="prompt", chosen_key="chosen", rejected_key="rejected",
+                 template="User: {}\nAssistant: ", apply_chat_template=False, source="", verbose=False):
+    """DPO examples {"id", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}. A row is
+    - prompt/chosen/rejected strings: the prompt is rendered as in tokenize_sft;
+    - chosen and rejected message lists: the prompt is every message but the last (the two lists
+      must agree on it), rendered with the chat template; the responses are the last messages;
+    - hh-rlhf style: no prompt key, chosen and rejected are whole "\\n\\nHuman: ... \\n\\nAssistant: ..."
+      dialogues; the prompt is their longest shared prefix cut after its last "Assistant:", used
+      as is (no template). Truncation and dropping as in tokenize_sft, per pair."""
+    prompts, chosens, rejecteds = [], [], []
+    for i, row in enumerate(rows):
+        where = _where(source, row, i)
+        for key in (chosen_key, rejected_key):
+            if key not in row:
+                _field(row, key, where)  # raises, naming the key
+        if isinstance(row[chosen_key], list) and isinstance(row[rejected_key], list):
+            p, c = _chat(tokenizer, row[chosen_key], where, chosen_key)
+            p2, r = _chat(tokenizer, row[rejected_key], where, rejected_key)
+            if p != p2:
+                raise ValueError(f"{where}: {chosen_key!r} and {rejected_key!r} must share every message but the last")
+        elif prompt_key in row:
+            p = _prompt(tokenizer, _field(row, prompt_key, where), template, apply_chat_template)
+            c, r = _field(row, chosen_key, where), _field(row, rejected_key, where)
+        else:
+            c, r = _field(row, chosen_key, where), _field(row, rejected_key, where)
+            k = os.path.commonprefix([c, r]).rfind("Assistant:")
+            if k < 0:
+                raise ValueError(f"{where}: missing key {prompt_key!r} (keys present: {_keys(row)}), and "
+                                 f"{chosen_key!r}/{rejected_key!r} share no prefix ending in 'Assistant:' (hh-rlhf format)")
+            k += len("Assistant:")
+            p, c, r = c[:k], c[k:], r[k:]
+        prompts.append(p)
+        chosens.append(c)
+        rejecteds.append(r)
+    P, C = _encode(tokenizer, prompts, chosens)
+    _, R = _encode(tokenizer, [], rejecteds)
+    out, truncated = [], 0
+    for i, (row, p, c, r) in enumerate(zip(rows, P, C, R)):
+        ec, er = _example(p, c, max_len), _example(p, r, max_len)
+        if ec is not None and er is not None:
+            out.append({"id": row.get("_id", i), "chosen_ids": ec[0], "chosen_labels": ec[1],
+                        "rejected_ids": er[0], "rejected_labels": er[1]})
+            truncated += ec[2] or er[2]
+    _report(source, len(rows), len(out), truncated, max_len, P, verbose)
+    return out
+
+# -----------------------------------------------------------------------------
+# collating
+
+def _row(docs, ids_key="input_ids", labels_key="labels"):
+    # one row of the batch: documents laid end to end, segment ids 1, 2, ..., positions per document
+    ids, labels, segments, positions = [], [], [], []
+    for j, d in enumerate(docs, 1):
+        n = len(d[ids_key])
+        ids += d[ids_key]
+        labels += d[labels_key]
+        segments += [j] * n
+        positions += range(n)
+    return ids, labels, segments, positions
+
+def _batch(rows, pad_id, ids):
+    T = max(len(r[0]) for r in rows)
+    pad = lambda k, value: torch.tensor([r[k] + [value] * (T - len(r[k])) for r in rows], dtype=torch.long)
+    return {"input_ids": pad(0, pad_id), "labels": pad(1, -100), "attention_mask": pad(2, 0),
+            "position_ids": pad(3, 0), "ids": ids}  # tensors are (B, T), right-padded
+
+def collate_sft(examples, pad_id, packing=False, max_len=0):
+    """A batch of SFT/KD examples. Unpacked: one example per row. packing=True: the examples (one
+    micro-batch of the Loader, so batch_size counts documents, not rows) go first-fit, in order,
+    into rows of at most max_len tokens (max_len=0: the longest example's length), each document
+    a segment of its own. ids lists the example ids row by row, segment by segment."""
+    if not packing:
+        bins = [[e] for e in examples]
+    else:
+        cap, bins, sizes = max_len or max(len(e["input_ids"]) for e in examples), [], []
+        for e in examples:
+            n = len(e["input_ids"])
+            if n > cap:
+                raise ValueError(f"example {e['id']} has {n} tokens, more than the packing length {cap}")
+            j = next((j for j, s in enumerate(sizes) if s + n <= cap), len(bins))
+            if j == len(bins):
+                bins.append([])
+                sizes.append(0)
+            bins[j].append(e)
+            sizes[j] += n
+    return _batch([_row(b) for b in bins], pad_id, [e["id"] for b in bins for e in b])
+
+def collate_dpo(examples, pad_id):
+    """A batch of B pairs as 2B rows, the B chosen first then the B rejected, padded to one length.
+    ids has the B pair ids."""
+    rows = [_row([e], "chosen_ids", "chosen_labels") for e in examples]
+    rows += [_row([e], "rejected_ids", "rejected_labels") for e in examples]
+    return _batch(rows, pad_id, [e["id"] for e in examples])
+
+# -----------------------------------------------------------------------------
+# streaming to ranks
+
+class Loader:
+    """One infinite stream of example indices: epoch e is a permutation of range(N) drawn from a
+    torch.Generator seeded with seed + e (identity when shuffle=False), epochs laid end to end.
+    Each optimizer step takes the next G = batch_size * grad_accum * world_size indices, crossing
+    into the next epoch when needed, so no sample is skipped and every batch is full. Rank r takes
+    the contiguous block [r * batch_size * grad_accum, (r + 1) * batch_size * grad_accum) of them.
+    The state is the number of indices consumed, so resuming continues with the exact next batch."""
+
+    def __init__(self, examples, batch_size, grad_accum, rank, world_size, seed, collate_fn, shuffle=True):
+        if not examples:
+            raise ValueError("Loader: no examples")
+        self.examples, self.batch_size, self.grad_accum = examples, batch_size, grad_accum
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.collate_fn, self.shuffle = collate_fn, shuffle
+        self.pos = 0  # indices of the stream consumed, by all ranks together
+        self._perms = {}  # epoch -> permutation, only the ones in use
+
+    @property
+    def epoch(self):
+        return self.pos // len(self.examples)
+
+    @property
+    def steps_per_epoch(self):
+        return -(-len(self.examples) // (self.batch_size * self.grad_accum * self.world_size))
+
+    def _index(self, p):
+        epoch, i = divmod(p, len(self.examples))
+        if not self.shuffle:
+            return i
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms = {e: q for e, q in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = torch.randperm(len(self.examples), generator=g).tolist()
+        return self._perms[epoch][i]
+
+    def next_step(self):
+        """This rank's grad_accum micro-batches (batch_size examples each) of the next optimizer step."""
+        B, n = self.batch_size, self.batch_size * self.grad_accum
+        idx = [self._index(self.pos + self.rank * n + k) for k in range(n)]
+        self.pos += n * self.world_size
+        return [self.collate_fn([self.examples[i] for i in idx[m * B:(m + 1) * B]]) for m in range(self.grad_accum)]
+
+    def state_dict(self):
+        return {"pos": self.pos, "seed": self.seed}
+
+    def load_state_dict(self, d):
+        self.pos, self.seed, self._perms = int(d["pos"]), int(d["seed"]), {}
+
+def eval_batches(examples, batch_size, rank, world_size, collate_fn):
+    """This rank's evaluation batches, in a fixed order. Rank r gets examples[r::world_size]; a
+    rank one example short gets a filler (a copy of examples[0] with every label -100 and id None),
+    so every rank runs the same number of batches of the same sizes (no rank waits in a collective)
+    and no real example is counted twice. The filler adds nothing to SFT/KD token sums; a DPO loop
+    counts only the pairs whose id is not None."""
+    if not examples:
+        return []
+    per_rank = -(-len(examples) // world_size)
+    shard = examples[rank::world_size]
+    if len(shard) < per_rank:
+        filler = {k: [-100] * len(v) if k.endswith("labels") else v for k, v in examples[0].items()}
+        shard = shard + [{**filler, "id": None}]
+    return [collate_fn(shard[i:i + batch_size]) for i in range(0, per_rank, batch_size)]

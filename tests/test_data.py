@@ -1,0 +1,388 @@
+"""
+data.py: reading every source kind and row format, prompt masking with shifted labels, truncation,
+blends and ids, error messages, packing, the Loader stream and eval sharding, and the toy data.
+Expected token ids are written by hand for the byte tokenizer (byte b = id b, eos = 256, pad = 257).
+"""
+import importlib.util
+import json
+import os
+import sys
+from collections import Counter
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+from model import byte_tokenizer  # noqa: E402
+
+EOS, PAD = 256, 257
+PROMPT_HI = list(b"User: hi\nAssistant: ")  # 20 bytes
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    # datasets caches what it reads; keep that out of the user's cache
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+def shifted(prompt, response):
+    # the labels by definition: position t predicts token t+1 when t+1 is a response token
+    return [-100] * (len(prompt) - 1) + response + [-100]
+
+# -----------------------------------------------------------------------------
+# sources and formats
+
+ROWS = [{"input": "hi", "output": "HI"}, {"input": "yo", "output": "YO"}, {"input": "ok", "output": "OK"}]
+
+def write_source(kind, tmp_path, rows):
+    import datasets
+    ds = datasets.Dataset.from_list(rows)
+    if kind == "jsonl":
+        return write_jsonl(tmp_path / "d.jsonl", rows)
+    if kind == "json":
+        (tmp_path / "d.json").write_text(json.dumps(rows, indent=1))
+        return str(tmp_path / "d.json")
+    if kind == "parquet":
+        ds.to_parquet(str(tmp_path / "d.parquet"))
+        return str(tmp_path / "d.parquet")
+    if kind == "csv":
+        ds.to_csv(str(tmp_path / "d.csv"), index=False)
+        return str(tmp_path / "d.csv")
+    if kind == "disk":
+        ds.save_to_disk(str(tmp_path / "disk"))
+        return str(tmp_path / "disk")
+    if kind == "disk_dict":
+        datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
+        return str(tmp_path / "dd")
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "csv", "disk", "disk_dict"])
+def test_source_kinds_load_same_rows_with_ids(kind, tmp_path, tok):
+    spec = write_source(kind, tmp_path, ROWS)
+    rows = data.load_rows(spec)
+    assert rows == [{**r, "_id": i} for i, r in enumerate(ROWS)]
+    ex = data.tokenize_sft(rows, tok, max_len=64)
+    assert [e["id"] for e in ex] == [0, 1, 2]
+    assert ex[0]["input_ids"] == PROMPT_HI + list(b"HI") + [EOS]
+    assert ex[0]["labels"] == [-100] * 19 + [72, 73, EOS, -100]
+
+def test_split_of_a_dataset_dict_and_eval_split(tmp_path):
+    spec = write_source("disk_dict", tmp_path, ROWS)
+    train, ev = data.load_splits(spec, eval_split="test")
+    assert len(train) == 3 and ev == [{**ROWS[0], "_id": 0}]
+    with pytest.raises(ValueError, match=r"no split 'dev' \(splits: \['train', 'test'\]\)"):
+        data.load_rows(spec, split="dev")
+    f = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    with pytest.raises(ValueError, match="only the 'train' split"):
+        data.load_splits(f, eval_split="test")
+
+def test_sft_template_system_and_chat_template(tok):
+    rows = [{"input": "hi", "output": "HI", "sys": "be loud", "_id": 7}]
+    ex = data.tokenize_sft(rows, tok, 64, template="Q: {} A:", system_key="sys")[0]
+    prompt = list(b"be loud\nQ: hi A:")
+    assert ex["id"] == 7 and ex["input_ids"] == prompt + [72, 73, EOS]
+    assert ex["labels"] == shifted(prompt, [72, 73, EOS])
+    ex = data.tokenize_sft(rows, tok, 64, apply_chat_template=True, system_key="sys")[0]
+    prompt = list(b"System: be loud\nUser: hi\nAssistant: ")
+    assert ex["input_ids"] == prompt + [72, 73, EOS]
+    assert ex["labels"] == shifted(prompt, [72, 73, EOS])
+
+def test_sft_chat_messages_loss_on_last_assistant_only(tok):
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "B"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "D"}]
+    ex = data.tokenize_sft([{"messages": msgs}], tok, 64)[0]
+    prompt = list(b"User: a\nAssistant: B\nUser: c\nAssistant: ")
+    response = list(b"D\n") + [EOS]
+    assert ex["input_ids"] == prompt + response
+    assert ex["labels"] == shifted(prompt, response)
+    assert [x for x in ex["labels"] if x != -100] == [68, 10, EOS]
+
+def test_dpo_prompt_strings(tok):
+    ex = data.tokenize_dpo([{"prompt": "hi", "chosen": "ih", "rejected": "HI"}], tok, 64)[0]
+    assert ex["id"] == 0
+    assert ex["chosen_ids"] == PROMPT_HI + [105, 104, EOS]
+    assert ex["chosen_labels"] == [-100] * 19 + [105, 104, EOS, -100]
+    assert ex["rejected_ids"] == PROMPT_HI + [72, 73, EOS]
+    assert ex["rejected_labels"] == [-100] * 19 + [72, 73, EOS, -100]
+
+def test_dpo_message_lists(tok):
+    user = {"role": "user", "content": "hi"}
+    row = {"chosen": [user, {"role": "assistant", "content": "ih"}], "rejected": [user, {"role": "assistant", "content": "HI"}]}
+    ex = data.tokenize_dpo([row], tok, 64)[0]
+    assert ex["chosen_ids"] == PROMPT_HI + list(b"ih\n") + [EOS]
+    assert ex["chosen_labels"] == shifted(PROMPT_HI, list(b"ih\n") + [EOS])
+    assert ex["rejected_ids"] == PROMPT_HI + list(b"HI\n") + [EOS]
+    bad = {"chosen": row["chosen"], "rejected": [{"role": "user", "content": "yo"}, row["rejected"][1]]}
+    with pytest.raises(ValueError, match="row 0: 'chosen' and 'rejected' must share every message but the last"):
+        data.tokenize_dpo([bad], tok, 64)
+
+def test_dpo_hh_dialogues(tok):
+    head = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    row = {"chosen": head + " same x", "rejected": head + " same yy"}  # shared prefix runs past the last "Assistant:"
+    ex = data.tokenize_dpo([row], tok, 128)[0]
+    prompt = list(head.encode())
+    assert ex["chosen_ids"] == prompt + list(b" same x") + [EOS]
+    assert ex["chosen_labels"] == shifted(prompt, list(b" same x") + [EOS])
+    assert ex["rejected_ids"] == prompt + list(b" same yy") + [EOS]
+    assert ex["rejected_labels"] == shifted(prompt, list(b" same yy") + [EOS])
+
+def test_bos_added_once_for_tokenizers_that_add_one():
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    inner = byte_tokenizer().backend_tokenizer
+    inner.add_special_tokens(["<s>"])  # id 258
+    inner.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 258)])
+    t = PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<s>")
+    t.chat_template = "<s>" + byte_tokenizer().chat_template  # this one renders the bos itself
+    row = [{"input": "hi", "output": "HI"}]
+    for apply in (False, True):
+        ex = data.tokenize_sft(row, t, 64, apply_chat_template=apply)[0]
+        assert ex["input_ids"] == [258] + PROMPT_HI + [72, 73, EOS]
+        assert ex["labels"] == [-100] * 20 + [72, 73, EOS, -100]
+
+# -----------------------------------------------------------------------------
+# blends, sampling, eval holdout
+
+def test_blend_ids_and_probs(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"x": f"a{i}"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"x": f"b{i}"} for i in range(4)])
+    rows = data.load_rows(f"{a},{b}", probs="0.75,0.25", max_samples=8)
+    # 8 rows: 6 drawn from a's 10 without repeats, 2 from b's 4
+    assert Counter(r["_id"].rsplit(":", 1)[0] for r in rows) == {a: 6, b: 2}
+    assert len({r["_id"] for r in rows if r["_id"].startswith(a)}) == 6
+    for r in rows:  # every id points back to its original row
+        name, i = r["_id"].rsplit(":", 1)
+        assert r["x"] == ("a" if name == a else "b") + i
+    # no max_samples: the blend is as long as both sources together (14), shared equally by default,
+    # so b gives 7 rows out of its 4: one whole pass plus 3 rows drawn without repeats
+    rows = data.load_rows(f"{a},{b}")
+    ids = Counter(r["_id"] for r in rows)
+    assert len(rows) == 14 and sum(v for k, v in ids.items() if k.startswith(b)) == 7
+    assert sorted(v for k, v in ids.items() if k.startswith(b)) == [1, 2, 2, 2]
+    # proportions rounded by largest remainder: 0.7 * 10 = 7, 0.3 * 10 = 3
+    rows = data.load_rows(f"{a},{b}", probs="7,3", max_samples=10, seed=1)
+    assert Counter(r["_id"].rsplit(":", 1)[0] for r in rows) == {a: 7, b: 3}
+
+def test_single_source_max_samples_keeps_original_ids(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"x": str(i)} for i in range(10)])
+    rows = data.load_rows(a, max_samples=4, seed=3)
+    assert len(rows) == 4 and [r["_id"] for r in rows] == sorted(r["_id"] for r in rows)
+    assert all(r["x"] == str(r["_id"]) for r in rows)
+    assert rows == data.load_rows(a, max_samples=4, seed=3)  # deterministic
+    assert len(data.load_rows(a, max_samples=99)) == 10
+
+def test_eval_holdout_and_eval_file(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"x": str(i)} for i in range(20)])
+    train, ev = data.load_splits(a, eval_frac=0.1)
+    assert [r["_id"] for r in ev] == [5, 15]  # int((j + 0.5) * 20 / 2)
+    assert [r["_id"] for r in train] == [i for i in range(20) if i not in (5, 15)]
+    assert data.load_rows(a, eval_frac=0.1) == train
+    # held out before max_samples: a smaller train set never takes an eval row
+    train, ev2 = data.load_splits(a, max_samples=5, eval_frac=0.1)
+    assert ev2 == ev and len(train) == 5 and not {5, 15} & {r["_id"] for r in train}
+    assert [r["_id"] for r in data.load_splits(a, eval_frac=0.001)[1]] == [10]  # at least one row
+    e = write_jsonl(tmp_path / "e.jsonl", [{"x": "e0"}, {"x": "e1"}])
+    train, ev = data.load_splits(a, eval_split=e, eval_frac=0.1)  # a file given: no holdout
+    assert len(train) == 20 and ev == [{"x": "e0", "_id": 0}, {"x": "e1", "_id": 1}]
+
+# -----------------------------------------------------------------------------
+# truncation and errors
+
+def test_truncation_dropping_and_ids(tok, capsys):
+    rows = [{"input": "aaaa", "output": "b"},           # 4 + 2 tokens: kept whole
+            {"input": "a" * 8, "output": "b"},          # prompt fills max_len: dropped
+            {"input": "aa", "output": "b" * 8},         # 2 + 9 tokens: cut to 8, eos lost
+            {"input": "a" * 7, "output": "bb"}]         # 7 + 3 tokens: cut to 8, one response token left
+    ex = data.tokenize_sft(rows, tok, 8, template="{}", source="toy", verbose=True)
+    assert "toy: 3 examples from 4 rows, 1 dropped (prompt too long for max_len=8), 2 truncated" in capsys.readouterr().out
+    assert [e["id"] for e in ex] == [0, 2, 3]
+    assert ex[0]["labels"] == [-100, -100, -100, 98, EOS, -100]
+    assert ex[1]["input_ids"] == [97, 97] + [98] * 6 and ex[1]["labels"] == [-100] + [98] * 6 + [-100]
+    assert ex[2]["input_ids"] == [97] * 7 + [98] and ex[2]["labels"] == [-100] * 6 + [98, -100]
+    pairs = [{"prompt": "a" * 8, "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b" * 9, "rejected": "c"}]
+    ex = data.tokenize_dpo(pairs, tok, 8, template="{}", verbose=True)
+    assert "data: 1 examples from 2 rows, 1 dropped (prompt too long for max_len=8), 1 truncated" in capsys.readouterr().out
+    assert ex[0]["id"] == 1 and len(ex[0]["chosen_ids"]) == 8 and ex[0]["rejected_ids"] == [97, 99, EOS]
+
+def test_error_messages(tmp_path, tok):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "output": "A"}\n{"input": "b", "output": "B"}\n{"input": "c", output: "C"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: malformed JSON"):
+        data.load_rows(str(bad))
+    rows = [{"input": "a", "output": "A"}, {"input": "b", "answer": "B"}]
+    with pytest.raises(ValueError, match=r"sft row 1: missing key 'output' \(keys present: \['input', 'answer'\]\)"):
+        data.tokenize_sft(rows, tok, 64, source="sft")
+    with pytest.raises(ValueError, match=r"row 0: field 'output' must be a string, found int"):
+        data.tokenize_sft([{"input": "a", "output": 5}], tok, 64)
+    with pytest.raises(ValueError, match=r"row 0: missing key 'prompt' \(keys present: \['chosen', 'rejected'\]\)"):
+        data.tokenize_dpo([{"chosen": "x", "rejected": "y"}], tok, 64)
+    with pytest.raises(ValueError, match=r"row 0: missing key 'rejected'"):
+        data.tokenize_dpo([{"prompt": "p", "chosen": "x"}], tok, 64)
+    long = [{"input": "a" * 30, "output": "b"}, {"input": "a" * 40, "output": "b"}]
+    with pytest.raises(ValueError, match=r"no examples left: all 2 rows .* max_len=16 \(shortest prompt: 48 tokens\)"):
+        data.tokenize_sft(long, tok, 16)
+    assert data.tokenize_sft([], tok, 16) == []  # e.g. no eval set
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: the dataset is empty \(split 'train' has 0 rows\)"):
+        data.load_rows(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(ValueError, match="nope.jsonl: no such file"):
+        data.load_rows(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ValueError, match="last message of 'messages' must be the assistant's"):
+        data.tokenize_sft([{"messages": [{"role": "user", "content": "a"}]}], tok, 64)
+
+# -----------------------------------------------------------------------------
+# collating
+
+def examples(lengths, prompt=2):
+    # example k: tokens 10k, 10k+1, ...; the first `prompt` tokens are the prompt
+    out = []
+    for k, n in enumerate(lengths):
+        ids = [10 * k + t for t in range(n)]
+        out.append({"id": f"s:{k}", "input_ids": ids, "labels": [-100] * (prompt - 1) + ids[prompt:] + [-100]})
+    return out
+
+def test_collate_unpacked():
+    b = data.collate_sft(examples([3, 5]), PAD)
+    assert b["input_ids"].tolist() == [[0, 1, 2, PAD, PAD], [10, 11, 12, 13, 14]]
+    assert b["labels"].tolist() == [[-100, 2, -100, -100, -100], [-100, 12, 13, 14, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert b["position_ids"][1].tolist() == [0, 1, 2, 3, 4] and b["position_ids"][0, :3].tolist() == [0, 1, 2]
+    assert b["ids"] == ["s:0", "s:1"]
+
+def test_packing_matches_unpacked_per_document():
+    ex = examples([5, 4, 3, 6])
+    plain = data.collate_sft(ex, PAD)
+    packed = data.collate_sft(ex, PAD, packing=True, max_len=9)
+    # first fit in order: [5, 4] fill row 0, 3 and 6 go to row 1
+    assert packed["input_ids"].shape == (2, 9) and packed["ids"] == ["s:0", "s:1", "s:2", "s:3"]
+    assert packed["attention_mask"].tolist() == [[1] * 5 + [2] * 4, [1] * 3 + [2] * 6]
+    where = {"s:0": (0, 0), "s:1": (0, 5), "s:2": (1, 0), "s:3": (1, 3)}  # (row, start)
+    for k, e in enumerate(ex):
+        row, start = where[e["id"]]
+        n = len(e["input_ids"])
+        for key in ("input_ids", "labels", "position_ids"):
+            assert packed[key][row, start:start + n].tolist() == plain[key][k, :n].tolist()
+        assert set(packed["attention_mask"][row, start:start + n].tolist()) == {1 if start == 0 else 2}
+    # a document's labels never reach into the next one
+    assert packed["labels"][0, 4].item() == -100
+    # max_len=0 packs up to the longest example: 2 + 2 + 2 fill one row of 6, then the 6 alone
+    assert data.collate_sft(examples([2, 2, 2, 6]), PAD, packing=True)["attention_mask"].tolist() == [[1, 1, 2, 2, 3, 3], [1] * 6]
+    with pytest.raises(ValueError, match="more than the packing length 4"):
+        data.collate_sft(ex, PAD, packing=True, max_len=4)
+
+def test_collate_dpo():
+    ex = [{"id": 0, "chosen_ids": [1, 2, 3], "chosen_labels": [-100, 3, -100], "rejected_ids": [1, 4], "rejected_labels": [4, -100]},
+          {"id": 1, "chosen_ids": [5], "chosen_labels": [-100], "rejected_ids": [5, 6, 7, 8], "rejected_labels": [6, 7, 8, -100]}]
+    b = data.collate_dpo(ex, PAD)
+    assert b["input_ids"].tolist() == [[1, 2, 3, PAD], [5, PAD, PAD, PAD], [1, 4, PAD, PAD], [5, 6, 7, 8]]
+    assert b["labels"].tolist() == [[-100, 3, -100, -100], [-100] * 4, [4, -100, -100, -100], [6, 7, 8, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert b["ids"] == [0, 1]
+
+# -----------------------------------------------------------------------------
+# loader
+
+ids_of = lambda batch: batch  # collate that keeps the example ids themselves
+
+def steps(loader, n):
+    return [[x for mb in loader.next_step() for x in mb] for _ in range(n)]
+
+def test_two_ranks_cover_an_epoch_once():
+    ex = list(range(16))
+    r0, r1 = (data.Loader(ex, 2, 2, r, 2, seed=0, collate_fn=ids_of) for r in (0, 1))
+    assert r0.steps_per_epoch == 2
+    s0, s1 = steps(r0, 2), steps(r1, 2)
+    assert sorted(sum(s0, []) + sum(s1, [])) == ex
+    assert r0.epoch == 1 and r0.state_dict() == {"pos": 16, "seed": 0}
+    assert steps(r0, 2) != s0  # epoch 1 is a new permutation
+    mbs = data.Loader(ex, 2, 2, 0, 2, seed=0, collate_fn=ids_of).next_step()
+    assert len(mbs) == 2 and all(len(mb) == 2 for mb in mbs)
+
+def test_uneven_epochs_skip_nothing():
+    ex = list(range(10))  # G = 4 does not divide 10
+    loaders = [data.Loader(ex, 1, 2, r, 2, seed=5, collate_fn=ids_of) for r in (0, 1)]
+    seen = Counter()
+    for _ in range(3 * 10 // 4 + 1):  # 32 indices: 3 full epochs and 2 of the 4th
+        for ld in loaders:
+            batch = sum(ld.next_step(), [])
+            assert len(batch) == 2
+            seen.update(batch)
+    assert sum(seen.values()) == 32 and all(3 <= seen[i] <= 4 for i in ex)
+    loaders = [data.Loader(ex, 1, 2, r, 2, seed=5, collate_fn=ids_of) for r in (0, 1)]
+    seen = Counter(x for _ in range(5) for ld in loaders for x in sum(ld.next_step(), []))
+    assert seen == {i: 2 for i in ex}  # 5 steps of 4 = exactly two epochs
+
+def test_resume_continues_with_the_next_batch():
+    ex = list(range(10))
+    a = data.Loader(ex, 3, 1, 0, 1, seed=7, collate_fn=ids_of)
+    steps(a, 4)
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = steps(a, 3)
+    b = data.Loader(ex, 3, 1, 0, 1, seed=123, collate_fn=ids_of)
+    b.load_state_dict(state)
+    assert steps(b, 3) == expected and b.epoch == a.epoch == 2  # 21 indices of 10
+
+def test_batch_accum_world_splits_see_the_same_samples():
+    ex = list(range(13))
+    one = data.Loader(ex, 4, 1, 0, 1, seed=1, collate_fn=ids_of)
+    two = [data.Loader(ex, 1, 2, r, 2, seed=1, collate_fn=ids_of) for r in (0, 1)]
+    for _ in range(8):
+        assert sorted(steps(one, 1)[0]) == sorted(steps(two[0], 1)[0] + steps(two[1], 1)[0])
+    plain = data.Loader(ex, 4, 1, 0, 1, seed=1, collate_fn=ids_of, shuffle=False)
+    assert steps(plain, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 0, 1, 2]]
+
+def test_eval_batches_shard_without_repeats():
+    ex = examples([3, 3, 3, 3, 3])
+    shards = [data.eval_batches(ex, 2, r, 2, lambda b: b) for r in (0, 1)]
+    assert [[len(b) for b in s] for s in shards] == [[2, 1], [2, 1]]
+    assert [[e["id"] for b in s for e in b] for s in shards] == [["s:0", "s:2", "s:4"], ["s:1", "s:3", None]]
+    filler = shards[1][1][0]
+    assert filler["labels"] == [-100] * 3 and filler["input_ids"] == ex[0]["input_ids"]
+    b = data.eval_batches(ex, 2, 1, 2, lambda b: data.collate_sft(b, PAD))[1]
+    assert b["ids"] == [None] and (b["labels"] == -100).all()
+    assert data.eval_batches([], 2, 0, 2, list) == []
+
+# -----------------------------------------------------------------------------
+# toy data
+
+def load_make_toy():
+    spec = importlib.util.spec_from_file_location("make_toy", os.path.join(ROOT, "data", "make_toy.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+def test_make_toy_deterministic_and_files_current():
+    files = load_make_toy().make()
+    assert files == load_make_toy().make()
+    for name, rows in files.items():
+        path = os.path.join(ROOT, "data", name)
+        assert os.path.getsize(path) < 200_000
+        with open(path) as f:
+            assert [json.loads(line) for line in f] == rows, f"{name} is stale: run python data/make_toy.py"
+
+def test_toy_data_rules():
+    files = load_make_toy().make()
+    sft, pref, noisy = files["toy_sft.jsonl"], files["toy_pref.jsonl"], files["toy_noisy.jsonl"]
+    labels = files["toy_noisy_labels.jsonl"]
+    assert len(sft) == len(pref) == 2000 and len(noisy) == len(labels) == 1000 and len(files["toy_trusted.jsonl"]) == 200
+    for r in sft + files["toy_sft_eval.jsonl"] + files["toy_trusted.jsonl"]:
+        assert r["output"] == r["input"].upper() and len(f"User: {r['input']}\nAssistant: {r['output']}") <= 48
+    for r in pref + files["toy_pref_eval.jsonl"]:
+        assert r["chosen"] == r["prompt"].upper() + "!" and r["rejected"] == r["prompt"].upper()
+    assert [x["id"] for x in labels] == list(range(1000))
+    assert sum(x["corrupted"] for x in labels) == 300
+    for r, x in zip(noisy, labels):
+        assert (r["output"] != r["input"].upper()) == x["corrupted"]
+        assert len(r["output"]) == len(r["input"])
+    train_prompts = {r["input"] for r in sft + noisy + files["toy_trusted.jsonl"]} | {r["prompt"] for r in pref}
+    eval_prompts = {r["input"] for r in files["toy_sft_eval.jsonl"]} | {r["prompt"] for r in files["toy_pref_eval.jsonl"]}
+    assert len(eval_prompts) == 400 and not train_prompts & eval_prompts
