@@ -15,22 +15,27 @@ KD_KINDS = ("forward", "reverse", "jsd")
 # -----------------------------------------------------------------------------
 # chunked machinery
 
+def _upcast(x):
+    # half precision -> float32; float32 and float64 stay as they are
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
 def _log_probs(h, w, temperature):
-    # (n, C) @ (C, V) -> (n, V) log-probs, softmax in float32 whatever the input dtype
-    return F.log_softmax((h @ w.t()).float() / temperature, dim=-1)
+    # (n, C) @ (C, V) -> (n, V) log-probs, softmax in float32 (or float64) whatever the input dtype
+    return F.log_softmax(_upcast(h @ w.t()) / temperature, dim=-1)
 
 def _chunked(fn, labels, chunk_size, rows, full):
     """fn(*row_chunks, *full) -> (n,) per-token values, run on chunks of the labelled positions under
     checkpoint. rows: tensors [B, T, ...] cut to the labelled positions; full: tensors passed whole
-    (the heads). Returns [B, T] float32, 0.0 where labels == -100."""
+    (the heads). Returns [B, T] in float32 (float64 for float64 inputs), 0.0 where labels == -100."""
     B, T = labels.shape
     idx = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
     rows = [r.reshape(B * T, *r.shape[2:])[idx] for r in rows]  # (N, ...) masked tokens dropped first
     # max(N, 1): an all-masked batch still runs one empty chunk, so the result stays in the graph
     vals = [checkpoint(fn, *[r[i:i + chunk_size] for r in rows], *full, use_reentrant=False)
             for i in range(0, max(len(idx), 1), chunk_size)]
-    out = torch.zeros(B * T, dtype=torch.float32, device=labels.device)
-    return out.index_copy(0, idx, torch.cat(vals)).view(B, T)
+    vals = torch.cat(vals)
+    out = torch.zeros(B * T, dtype=vals.dtype, device=labels.device)
+    return out.index_copy(0, idx, vals).view(B, T)
 
 def count_tokens(labels):
     """Number of response tokens (labels != -100), as a 0-dim long tensor."""
@@ -100,7 +105,7 @@ def _log_mixture(lpt, lps, beta):
 def _kd_chunk(h, th, w, tw, kind, beta, top_k, temperature):
     # (n, C), (n, C_T), (V, C), (V, C_T) -> (n,) per-token loss
     lps = _log_probs(h, w, temperature)  # (n, V) student
-    t_logits = (th @ tw.t()).float() / temperature  # (n, V) teacher, inputs detached
+    t_logits = _upcast(th @ tw.t()) / temperature  # (n, V) teacher, inputs detached
     if top_k > 0:
         t_logits, top = t_logits.topk(top_k, dim=-1)  # (n, k)
         lps = lps.gather(-1, top)  # student log-probs from the full softmax, at the teacher's top k
