@@ -1,0 +1,168 @@
+"""
+The bilevel data selector (SEAL / BiPOST): one logit per sample of the dataset to filter, indexed
+by the sample's stable original row id. train.py owns the loop; this file owns the logits.
+
+Problem: min_omega l_up(theta*(omega)) s.t. theta*(omega) in argmin_theta (1/N) sum_i w_i(omega) l_i(theta).
+Penalty form: min_{theta,omega} l_up(theta) + gamma [l_ft(theta, omega) - v(omega)], v(omega) = min_theta'
+l_ft(theta', omega). Dividing by 1 + gamma gives rho l_up + (1 - rho)(l_ft - v) with rho = 1/(1 + gamma),
+the `upperlevel_weight`; rho shrinks every epoch (gamma grows). The memory-efficient algorithm drops
+v's gradient (exact for softmax when the l_i(theta*) are equal) and the (1 - rho) factor of omega's
+gradient (omega has its own Adam, invariant to the gradient's scale).
+
+Why Adam for omega: with w = N softmax(omega), d/domega_j of (1/b) sum_{i in batch} w_i l_i is
+(N s_j / b)(l_j [j in batch] - sum_{i in batch} s_i l_i). Every logit NOT in the batch therefore gets a
+tiny negative gradient of the same sign (losses are positive), which Adam normalizes to about +lr per
+step: unvisited logits all rise together. A visited logit gets a far larger gradient, positive unless
+its loss is below sum_{i in batch} s_i l_i (~ b/N of the batch's mean loss), so Adam lowers it.
+The ranking thus reflects per-visit normalized losses, not raw gradient sizes. This is the reference
+behaviour (SEAL, BiPOST): keep Adam.
+"""
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+ACTIVATIONS = ("softmax", "sigmoid")
+
+def _key(i):
+    # ids arrive as ints, numpy ints, 0-d tensors or "source:row" strings; ints stay ints
+    return i if isinstance(i, str) else int(i)
+
+def _write_lines_atomic(path, lines):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+    os.replace(tmp, path)  # a crash never leaves a half-written file under `path`
+
+class Selector(torch.nn.Module):
+    def __init__(self, ids, activation="softmax"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown selector activation {activation!r}; expected one of {ACTIVATIONS}")
+        self.ids = [_key(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
+        self.index = {i: n for n, i in enumerate(self.ids)}
+        if not self.ids or len(self.index) != len(self.ids):
+            raise ValueError(f"selector ids must be non-empty and unique: {len(self.ids)} given, "
+                             f"{len(self.index)} distinct")
+        self.activation = activation
+        # constant init: softmax weights all 1 (average 1), sigmoid weights all 1 in (0, 2)
+        self.logits = torch.nn.Parameter(torch.zeros(len(self.ids), dtype=torch.float32))
+
+    def positions(self, ids):
+        ids = ids.tolist() if torch.is_tensor(ids) else ids
+        try:
+            pos = [self.index[_key(i)] for i in ids]
+        except KeyError as e:
+            raise KeyError(f"id {e.args[0]!r} is not one of the selector's {len(self.ids)} ids") from None
+        return torch.tensor(pos, dtype=torch.long, device=self.logits.device)
+
+    def weights(self, ids=None):
+        if self.activation == "softmax":
+            w = len(self.ids) * torch.softmax(self.logits, dim=0)  # (N,) the full softmax, then indexed
+        else:
+            w = 2 * torch.sigmoid(self.logits)
+        return w if ids is None else w[self.positions(ids)]
+
+    def make_optimizer(self, lr):
+        return torch.optim.Adam([self.logits], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+
+    def step(self, optimizer, max_norm=10.0):
+        """average the logits' grad over data-parallel ranks, clip, step, zero. Returns the grad norm."""
+        if self.logits.grad is None:  # every rank must join the all_reduce, even one without a backward
+            self.logits.grad = torch.zeros_like(self.logits)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.logits.grad)
+            self.logits.grad.div_(dist.get_world_size())
+        norm = torch.nn.utils.clip_grad_norm_([self.logits], max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save_jsonl(self, path):
+        with torch.no_grad():
+            logits, weights = self.logits.float().cpu().tolist(), self.weights().float().cpu().tolist()
+        _write_lines_atomic(path, (json.dumps({"id": i, "logit": l, "weight": w})
+                                   for i, l, w in zip(self.ids, logits, weights)))
+
+    def ranked_ids(self):
+        logits = self.logits.detach().cpu().tolist()
+        return [self.ids[n] for n in sorted(range(len(logits)), key=lambda n: -logits[n])]  # stable
+
+# -----------------------------------------------------------------------------
+# the omega/theta losses of one micro-batch; the caller does (L_theta + L_omega).backward()
+
+def memory_efficient_losses(selector, ids, sample_losses, up_loss, rho, num_samples=None):
+    """L_theta = rho up_loss + (1 - rho) sum_i w_i.detach() l_i / num_samples (grad to theta only),
+    L_omega = sum_i w_i l_i.detach() / num_samples (grad to omega only). sample_losses: (b,) per-sample
+    losses of `ids`; up_loss: scalar, already normalized; num_samples: None = len(ids)."""
+    n = len(ids) if num_samples is None else num_samples
+    w = selector.weights(ids).to(sample_losses.device)  # (b,)
+    l = sample_losses.float()
+    loss_theta = rho * up_loss + (1 - rho) * (w.detach() * l).sum() / n
+    loss_omega = (w * l.detach()).sum() / n
+    return loss_theta, loss_omega
+
+def penalty_omega_loss(selector, ids, losses_theta, losses_aux, num_samples=None):
+    """full penalty algorithm: omega moves along sum_i grad w_i(omega) [l_i(theta) - l_i(theta_hat)] / n,
+    theta_hat being the auxiliary model that tracks theta*(omega). Gradient to omega only."""
+    n = len(ids) if num_samples is None else num_samples
+    w = selector.weights(ids).to(losses_theta.device)
+    return (w * (losses_theta.float() - losses_aux.float()).detach()).sum() / n
+
+def decayed_weight(upperlevel_weight, decay, epoch):
+    """rho at `epoch`: the initial value at epoch 0, minus `decay` at the start of every epoch >= 1."""
+    return min(1.0, max(0.0, upperlevel_weight - decay * max(0, epoch)))
+
+# -----------------------------------------------------------------------------
+# output
+
+def export_selected(rows, selector, ratio, path):
+    """write the top round(ratio * N) rows (at least 1) by logit, original fields, original order."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"select ratio must be in (0, 1], got {ratio}")
+    k = max(1, round(ratio * len(selector.ids)))
+    kept = set(selector.ranked_ids()[:k])
+    out = [{f: v for f, v in row.items() if f != "_id"} for row in rows if row["_id"] in kept]
+    _write_lines_atomic(path, (json.dumps(r, ensure_ascii=False) for r in out))
+    return len(out)
+
+def summary(selector, png_path=None, labels=None, bins=10):
+    """readable text on the weights (and on clean vs corrupted rows when labels = {id: corrupted})."""
+    w = selector.weights().detach().float().cpu()
+    lo, hi = w.min().item(), w.max().item()
+    lines = [f"selector: {len(w)} samples, {selector.activation} weights",
+             f"weight min {lo:.4f} mean {w.mean().item():.4f} max {hi:.4f}"]
+    width = (hi - lo) / bins  # 0 at init: every sample lands in the first bin
+    counts = torch.bincount(((w - lo) / max(width, 1e-30)).long().clamp(0, bins - 1), minlength=bins).tolist()
+    for b, c in enumerate(counts):
+        bar = "#" * (max(1, round(40 * c / max(counts))) if c else 0)
+        lines.append(f"  {lo + b * width:9.4f} .. {lo + (b + 1) * width:9.4f} {c:8d} {bar}")
+    weight = dict(zip(selector.ids, w.tolist()))
+    if labels is not None:
+        known = [i for i in selector.ranked_ids() if i in labels]  # highest logit first
+        clean = [i for i in known if not labels[i]]
+        for p in (0.7, 0.8):
+            top = known[:max(1, round(p * len(known)))]
+            n_clean = sum(not labels[i] for i in top)
+            lines.append(f"clean fraction in kept top {round(100 * p)}%: {n_clean / max(1, len(top)):.4f} "
+                         f"({n_clean}/{len(top)}; all rows {len(clean) / max(1, len(known)):.4f})")
+        mean = {flag: sum(weight[i] for i in xs) / len(xs) if xs else float("nan")
+                for flag, xs in ((False, clean), (True, [i for i in known if labels[i]]))}
+        lines.append(f"mean weight: clean {mean[False]:.4f}, corrupted {mean[True]:.4f}")
+    if png_path:
+        try:
+            from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+            fig = Figure(figsize=(6, 4))
+            ax = fig.add_subplot()
+            edges = [lo + b * width for b in range(bins + 1)] if width > 0 else bins
+            for name, flag in ({"all": None} if labels is None else {"clean": False, "corrupted": True}).items():
+                xs = [weight[i] for i in selector.ids if flag is None or labels.get(i) == flag]
+                ax.hist(xs, bins=edges, alpha=0.6, label=name)
+            ax.set(xlabel="weight", ylabel="samples")
+            ax.legend()
+            fig.savefig(png_path)
+        except ImportError:
+            pass
+    return "\n".join(lines)

@@ -1,0 +1,868 @@
+"""
+The one training loop: single objective, two objectives at once, and bilevel data selection.
+
+    python train.py config/demo_alright.py                       # one process (CPU or one GPU)
+    torchrun --nproc_per_node=8 train.py config/kd_sft.py --lambd=0.3
+
+Methods (ALGORITHMS.md §2; `lambd` is the weight / probability of objective 1):
+  sequential  objective 1 for round(lambd * T) steps, then objective 2          (baseline)
+  mix         every step minimizes lambd f_1 + (1 - lambd) f_2, one backward      (baseline, 2x cost)
+  alright     every step trains objective 1 with probability lambd, else 2      (cost of one)
+  maxright    every step trains the objective with the larger weighted gap to its optimum
+  select      bilevel data selection: learns one weight per row of dataset_2 so that the trusted
+              dataset_1's loss is minimized, then writes the kept rows (selector.py)
+Every default below is a config key: override it in a config file or as --key=value.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from copy import deepcopy
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# default config values
+# I/O
+out_dir = "out"
+log_interval = 1          # iterations between metrics lines
+eval_interval = 50        # iterations between evaluations of both objectives (0 = start and end only)
+eval_iters = 0            # eval on the first eval_iters x train_batch_size examples (0 = the whole eval set)
+save_interval = 0         # iterations between checkpoints (0 = only at the end)
+keep_last = 2             # checkpoints kept in out_dir/ckpt
+resume = False            # True: continue from the latest checkpoint in out_dir
+wandb_log = False
+wandb_project = "bipost"
+wandb_run_name = ""
+tensorboard = False
+# model
+pretrain = ""             # HF hub id or local dir; '' builds a fresh llama from the model_* keys
+model_n_layer = 2
+model_n_head = 4
+model_n_kv_head = 2
+model_n_embd = 64
+model_intermediate_size = 176
+model_max_len = 512
+ref_model = ""            # DPO reference / KD teacher of objective 1 ('' = the initial policy)
+ref_model_2 = ""          # the same for objective 2 ('' = ref_model when only objective 2 needs one)
+dtype = ""                # '' = bfloat16 where the GPU supports it, else float32 | float32 | bfloat16 | float16 | float64 (exactness tests)
+compile = False
+gradient_checkpointing = False
+device = ""               # '' = cuda:LOCAL_RANK when available, else cpu
+# LoRA
+lora_rank = 0             # 0 = full fine-tuning
+lora_alpha = 16
+lora_dropout = 0.0
+target_modules = "all-linear"  # or names such as 'q_proj,v_proj' / 'query_key_value'
+# objectives
+obj_1 = "sft"             # sft | dpo | kd
+obj_2 = ""                # '' = single-objective training
+method = "alright"        # sequential | mix | alright | maxright | select
+lambd = 0.5
+obj_opt_1 = -1.0          # f_1* for maxright and the metrics (-1 = estimate it with a short run)
+obj_opt_2 = -1.0
+opt_estimate_iters = 0    # steps of the single-objective runs that estimate f* (0 = max(10, T // 10))
+maxright_interval = 10    # maxright re-evaluates both objectives every k steps
+eps = 0.0                 # early stop when a gap f_i - f_i* <= eps (0 = off)
+pareto_front = ""         # JSON file of [[f_1, f_2], ...]: early stop when weakly dominated within eps
+precompute_ref = False    # DPO reference log-probs once, cached on disk; the reference model is dropped
+dpo_beta = 0.1
+dpo_ipo = False
+dpo_label_smoothing = 0.0
+dpo_nll_loss_coef = 0.0
+dpo_beta_2 = 0.1          # the _2 keys configure objective 2 when both objectives are dpo
+dpo_ipo_2 = False
+dpo_label_smoothing_2 = 0.0
+dpo_nll_loss_coef_2 = 0.0
+kd_loss = "forward"       # forward | reverse | jsd
+kd_beta = 0.5             # jsd mixing
+kd_top_k = 0              # 0 = full vocabulary
+kd_temperature = 1.0
+loss_chunk_size = 1024    # tokens per chunk of the output head
+# data
+dataset_1 = ""            # hub id, file, folder, or comma-separated blend
+dataset_2 = ""
+dataset_probs_1 = ""
+dataset_probs_2 = ""
+train_split_1 = "train"
+train_split_2 = "train"
+eval_split_1 = ""         # a split name, or a separate file/folder; '' = a held-out slice of eval_frac
+eval_split_2 = ""
+eval_frac = 0.05          # (method=select holds nothing out of dataset_2: every row gets a weight)
+input_key = "input"
+output_key = "output"
+prompt_key = "prompt"
+chosen_key = "chosen"
+rejected_key = "rejected"
+input_key_2 = ""          # '' = the objective-1 key
+output_key_2 = ""
+prompt_key_2 = ""
+chosen_key_2 = ""
+rejected_key_2 = ""
+input_template_1 = "User: {}\nAssistant: "
+input_template_2 = "User: {}\nAssistant: "
+apply_chat_template_1 = False
+apply_chat_template_2 = False
+max_len_1 = 512
+max_len_2 = 512
+max_samples_1 = 0         # 0 = all
+max_samples_2 = 0
+packing = False           # sft/kd: concatenate documents up to max_len
+# selector (method = select)
+selector_activation = "softmax"  # softmax | sigmoid
+selector_learning_rate = 1e-4
+selector_algorithm = "memory"    # memory (one forward feeds both updates)
+upperlevel_weight = 0.5          # rho = 1 / (1 + gamma)
+upperlevel_weight_decay = 0.1    # rho -= decay at the start of every epoch >= 1
+select_ratio = 0.8
+selector_labels = ""             # optional {"id", "corrupted"} jsonl, for the summary only
+# optimization
+train_batch_size = 8      # global batch in samples (pairs for dpo)
+micro_train_batch_size = 2  # per rank
+learning_rate = 5e-5
+lr_scheduler = "constant"  # constant | cosine
+warmup_ratio = 0.0
+min_lr_ratio = 0.1        # cosine floor, as a fraction of learning_rate
+weight_decay = 0.0
+adam_betas = (0.9, 0.95)
+max_norm = 1.0
+max_epochs = 1
+max_iters = 0             # optimizer steps; > 0 overrides max_epochs
+seed = 42
+# distributed
+zero_stage = 0            # 0 DDP | 1 + sharded optimizer state | 2 FSDP2, no reshard after forward | 3 FSDP2 full
+cpu_offload = False       # FSDP2 parameters and optimizer on CPU
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+if __name__ == "__main__":
+    import configurator
+    _cfg = {k: globals()[k] for k in config_keys}
+    configurator.apply(sys.argv[1:], _cfg)
+    globals().update(_cfg)
+config = {k: globals()[k] for k in config_keys}
+# -----------------------------------------------------------------------------
+
+from tqdm import tqdm
+
+import data as D
+import losses as L
+from lora import disabled, inject, lora_parameters, merge, save_adapter
+from model import GPT, Config, load_tokenizer
+
+def check(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+# distributed set-up: one process per GPU under torchrun, keyed on RANK
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+else:
+    rank, world_size, local_rank = 0, 1, 0
+master = rank == 0
+if not device:
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda":
+    torch.cuda.set_device(device)
+if not dtype:
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+check(dtype in ("float32", "bfloat16", "float16", "float64"), f"config key dtype: {dtype!r} is not float32, bfloat16, float16 or float64")
+ptdtype = getattr(torch, dtype)
+master_dtype = torch.float64 if ptdtype == torch.float64 else torch.float32  # trained weights
+half = ptdtype in (torch.bfloat16, torch.float16)
+autocast = torch.autocast(device_type, dtype=ptdtype) if half else contextlib.nullcontext()
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+def log(*a):
+    if master:
+        tqdm.write(" ".join(str(x) for x in a))
+
+def all_sum(x):
+    """sum over ranks of a float / tensor (returned as a float tensor on the device)."""
+    t = torch.as_tensor(x, dtype=torch.float64, device=device).clone()
+    if ddp:
+        dist.all_reduce(t)
+    return t
+
+# -----------------------------------------------------------------------------
+# checks of the config that fail early and name the key
+
+objs = [o for o in (obj_1, obj_2) if o]
+for _k, _v in (("obj_1", obj_1), ("obj_2", obj_2)):
+    check(_v in ("", "sft", "dpo", "kd"), f"config key {_k}: {_v!r} is not one of sft, dpo, kd")
+check(bool(obj_1), "config key obj_1 must be set")
+check(method in ("sequential", "mix", "alright", "maxright", "select"),
+      f"config key method: {method!r} is not one of sequential, mix, alright, maxright, select")
+check(0.0 <= lambd <= 1.0, f"config key lambd must lie in [0, 1], got {lambd}")
+check(dataset_1 != "", "config key dataset_1 must be set")
+check(not obj_2 or dataset_2 != "", "config key dataset_2 must be set when obj_2 is")
+check(method != "select" or (obj_2 and obj_1 in ("sft", "kd") and obj_2 in ("sft", "kd")),
+      "method=select needs obj_1 and obj_2 in (sft, kd): dataset_1 is the trusted set, dataset_2 the one to filter")
+_per_step = micro_train_batch_size * world_size
+check(train_batch_size % _per_step == 0,
+      f"config key train_batch_size ({train_batch_size}) must be a multiple of micro_train_batch_size x world size ({_per_step})")
+grad_accum = train_batch_size // _per_step
+check(zero_stage in (0, 1, 2, 3), f"config key zero_stage must be 0..3, got {zero_stage}")
+check(lr_scheduler in ("constant", "cosine"), f"config key lr_scheduler: {lr_scheduler!r} is not constant or cosine")
+
+# -----------------------------------------------------------------------------
+# model, tokenizer, LoRA
+os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)  # the same initial weights on every rank
+tokenizer = load_tokenizer(pretrain)
+if pretrain:
+    raw_model = GPT.from_pretrained(pretrain, dtype=ptdtype if lora_rank else master_dtype, device=device)
+else:
+    raw_model = GPT(Config(vocab_size=len(tokenizer), n_layer=model_n_layer, n_head=model_n_head,
+                           n_kv_head=model_n_kv_head, n_embd=model_n_embd, head_dim=model_n_embd // model_n_head,
+                           intermediate_size=model_intermediate_size, max_position_embeddings=model_max_len,
+                           norm_eps=1e-5)).to(device=device, dtype=master_dtype)
+raw_model.gradient_checkpointing = gradient_checkpointing
+if lora_rank:
+    inject(raw_model, lora_rank, lora_alpha, lora_dropout, target_modules)
+    for _, p in lora_parameters(raw_model):
+        p.data = p.data.to(master_dtype)  # adapters train in float32; the frozen base may be bf16
+
+# -----------------------------------------------------------------------------
+# data: one namespace per objective
+def build_objective(i):
+    kind = obj_1 if i == 1 else obj_2
+    g = lambda k: globals()[f"{k}_{i}"]
+    key = lambda k: (globals()[f"{k}_2"] or globals()[k]) if i == 2 else globals()[k]
+    spec, max_len = g("dataset"), g("max_len")
+    frac = 0.0 if method == "select" and i == 2 else eval_frac
+    train_rows, eval_rows = D.load_splits(spec, g("train_split"), g("eval_split"), g("max_samples"),
+                                          g("dataset_probs"), seed, frac)
+    common = dict(tokenizer=tokenizer, max_len=max_len, template=g("input_template"),
+                  apply_chat_template=g("apply_chat_template"), verbose=master)
+    if kind == "dpo":
+        tok = lambda rows, src: D.tokenize_dpo(rows, prompt_key=key("prompt_key"), chosen_key=key("chosen_key"),
+                                               rejected_key=key("rejected_key"), source=src, **common)
+        collate = lambda b: D.collate_dpo(b, tokenizer.pad_token_id)
+    else:
+        tok = lambda rows, src: D.tokenize_sft(rows, input_key=key("input_key"), output_key=key("output_key"),
+                                               source=src, **common)
+        collate = lambda b: D.collate_sft(b, tokenizer.pad_token_id, packing=packing, max_len=max_len)
+    train, evals = tok(train_rows, spec), tok(eval_rows, f"{spec} (eval)")
+    o = SimpleNamespace(i=i, kind=kind, rows=train_rows, train=train, eval=evals, collate=collate,
+                        loader=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + i, collate),
+                        probe=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + 100 + i, collate),
+                        ref=None, ref_cache=None, opt=obj_opt_1 if i == 1 else obj_opt_2)
+    if kind == "dpo":
+        sfx = "_2" if i == 2 and obj_1 == "dpo" else ""  # the _2 keys are for a second dpo objective
+        o.beta, o.ipo = globals()["dpo_beta" + sfx], globals()["dpo_ipo" + sfx]
+        o.label_smoothing, o.nll_coef = globals()["dpo_label_smoothing" + sfx], globals()["dpo_nll_loss_coef" + sfx]
+    return o
+
+O = {1: build_objective(1)}
+if obj_2:
+    O[2] = build_objective(2)
+steps_per_epoch = max(math.ceil(len(o.train) / train_batch_size) for o in O.values())
+if method == "select":
+    steps_per_epoch = math.ceil(len(O[2].train) / train_batch_size)
+total_iters = max_iters if max_iters > 0 else max_epochs * steps_per_epoch
+log(f"objectives: " + ", ".join(f"{o.i}: {o.kind} ({len(o.train)} train / {len(o.eval)} eval)" for o in O.values())
+    + f" | method {method if obj_2 else 'single'} | {total_iters} iterations of {train_batch_size} samples "
+    f"({grad_accum} x {micro_train_batch_size} x {world_size} ranks)")
+
+# reference models and teachers: frozen, replicated on every rank, in the compute dtype
+_frozen = {}
+def frozen_model(path):
+    if path not in _frozen:
+        m = GPT.from_pretrained(path, dtype=ptdtype, device=device) if path else deepcopy(raw_model).to(ptdtype)
+        _frozen[path] = m.eval().requires_grad_(False)
+    return _frozen[path]
+
+for o in O.values():
+    if o.kind == "sft":
+        continue
+    path = ref_model if o.i == 1 else (ref_model_2 or (ref_model if O[1].kind == "sft" else ""))
+    check(o.kind == "dpo" or path or lora_rank, f"objective {o.i} is kd: set ref_model{'' if o.i == 1 else '_2'} to the teacher")
+    o.ref = "self" if not path and lora_rank else frozen_model(path)  # 'self': the policy with adapters off
+    if o.ref != "self":
+        check(o.ref.config.vocab_size == raw_model.config.vocab_size,
+              f"objective {o.i}: reference/teacher vocabulary {o.ref.config.vocab_size} != policy's {raw_model.config.vocab_size}")
+
+# -----------------------------------------------------------------------------
+# wrap for data parallel / sharding, optimizer
+model = raw_model
+if ddp and zero_stage <= 1:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
+elif ddp:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=master_dtype)
+    kw = dict(mp_policy=mp, reshard_after_forward=zero_stage == 3)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for block in raw_model.blocks:
+        fully_shard(block, **kw)
+    fully_shard(raw_model, **kw)
+fsdp = ddp and zero_stage >= 2
+params = [p for p in raw_model.parameters() if p.requires_grad]
+decay = [p for p in params if p.dim() >= 2]
+no_decay = [p for p in params if p.dim() < 2]
+groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+adam_kw = dict(lr=learning_rate, betas=adam_betas, eps=1e-8)
+if device_type == "cuda" and not cpu_offload:
+    adam_kw["fused"] = True
+if ddp and zero_stage == 1:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, weight_decay=weight_decay, **adam_kw)
+else:
+    optimizer = torch.optim.AdamW(groups, **adam_kw)
+if compile:
+    model = torch.compile(model)
+
+def get_lr(it):
+    warmup = round(warmup_ratio * total_iters)
+    if it < warmup:
+        return learning_rate * (it + 1) / warmup
+    if lr_scheduler == "constant":
+        return learning_rate
+    progress = (it - warmup) / max(1, total_iters - warmup)
+    min_lr = learning_rate * min_lr_ratio
+    return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+# -----------------------------------------------------------------------------
+# losses of one forward: parts = [(objective, micro-batch, weight, normalizers)]
+def pad_cat(batches):
+    """concatenates micro-batches of different objectives into one (rows padded to one length)."""
+    T = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": tokenizer.pad_token_id, "labels": -100, "attention_mask": 0, "position_ids": 0}
+    return {k: torch.cat([torch.nn.functional.pad(b[k], (0, T - b[k].shape[1]), value=v) for b in batches]).to(device)
+            for k, v in fill.items()}
+
+def reference_hidden(o, x):
+    """hidden states and head weight of o's teacher / reference for rows x (no grad)."""
+    with torch.no_grad(), autocast:
+        if o.ref == "self":
+            with disabled(raw_model):
+                return model(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w: (h, w.detach().clone()))
+        return o.ref(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w: (h, w))
+
+def ref_logps(o, b):
+    if o.ref_cache is not None:
+        c = torch.tensor([o.ref_cache[i] if i is not None else (0.0, 0.0) for i in b["ids"]], device=device)  # (B, 2)
+        return c[:, 0], c[:, 1]
+    h, w = reference_hidden(o, {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")})
+    s = L.sequence_logps(h, w, b["labels"].to(device), loss_chunk_size)
+    return s.chunk(2)
+
+def objective_losses(parts):
+    """One forward of the policy over all parts' rows. Each part (objective, micro-batch, norm)
+    gives (loss, stats): with norm (global counts) this rank's share of the global-batch mean
+    (sum / global count * world, as DDP/FSDP average gradients over ranks); with norm=None
+    (sft/kd only) the per-sample mean losses [B] that the data selector weighs."""
+    x = pad_cat([b for _, b, _ in parts])
+    aux = []
+    for o, b, norm in parts:  # everything that needs no grad, before the policy forward
+        aux.append(reference_hidden(o, pad_cat([b])) if o.kind == "kd" else ref_logps(o, b) if o.kind == "dpo" else None)
+
+    def head(h, w):  # h (rows, T, C), w (V, C)
+        out, r = [], 0
+        for (o, b, norm), a in zip(parts, aux):
+            n, T = b["input_ids"].shape
+            hh, yy = h[r:r + n, :T], x["labels"][r:r + n, :T]
+            r += n
+            if o.kind == "dpo":
+                tok = L.token_logps(hh, w, yy, loss_chunk_size)  # (2B, T)
+                pc, pr = tok.sum(-1).chunk(2)
+                losses, cr, rr = L.dpo_loss(pc, pr, *a, o.beta, o.label_smoothing, o.ipo)
+                real = torch.tensor([i is not None for i in b["ids"]], device=device)  # eval fillers have id None
+                losses, cr, rr = losses * real, cr * real, rr * real
+                loss = losses.sum() / norm["pairs"] * world_size
+                if o.nll_coef:
+                    loss = loss - o.nll_coef * tok[: n // 2].sum() / norm["chosen_tokens"] * world_size
+                out.append((loss, {"acc": ((cr > rr) & real).float().sum().item(), "chosen_reward": cr.sum().item(),
+                                   "rejected_reward": rr.sum().item()}))
+                continue
+            if o.kind == "kd":
+                th, tw = a
+                tok = L.kd_token_losses(hh, w, th[:, :T], tw, yy, kd_loss, kd_beta, kd_top_k, kd_temperature, loss_chunk_size)
+            else:
+                tok = -L.token_logps(hh, w, yy, loss_chunk_size)
+            out.append((L.per_sample_mean(tok, yy) if norm is None else tok.sum() / norm["tokens"] * world_size, {}))
+        return out
+
+    with autocast:
+        return model(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=head)
+
+def normalizers(o, micro_batches):
+    """global (all ranks, all micro-batches) token / pair counts of one objective's step."""
+    if o.kind == "dpo":
+        B = sum(sum(i is not None for i in b["ids"]) for b in micro_batches)
+        ct = sum(L.count_tokens(b["labels"][: b["labels"].shape[0] // 2]).item() for b in micro_batches)
+        c = all_sum([B, ct])
+        return {"pairs": c[0].item(), "chosen_tokens": max(c[1].item(), 1)}
+    return {"tokens": max(all_sum(sum(L.count_tokens(b["labels"]).item() for b in micro_batches)).item(), 1)}
+
+def sync_ctx(last):
+    """gradient all-reduce only on the last micro-step of an optimizer step."""
+    if fsdp:
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return model.no_sync() if ddp and not last else contextlib.nullcontext()
+
+def train_step(chosen):
+    """one optimizer step's micro-steps for the objectives in `chosen` (weights lambd / 1 - lambd
+    for mix, 1 otherwise). Returns {objective: (mean loss, stats)} and the global token count."""
+    steps = {i: O[i].loader.next_step() for i in chosen}
+    norms = {i: normalizers(O[i], steps[i]) for i in chosen}
+    weight = {i: (lambd if i == 1 else 1 - lambd) if len(chosen) == 2 else 1.0 for i in chosen}
+    totals = {i: [0.0, {}] for i in chosen}
+    tokens = 0
+    for m in range(grad_accum):
+        with sync_ctx(m == grad_accum - 1):
+            outs = objective_losses([(O[i], steps[i][m], norms[i]) for i in chosen])
+            loss = sum(weight[i] * l for i, (l, _) in zip(chosen, outs))
+            loss.backward()
+        for i, (l, st) in zip(chosen, outs):
+            totals[i][0] += l.item()
+            for k, v in st.items():
+                totals[i][1][k] = totals[i][1].get(k, 0.0) + v
+            tokens += int((steps[i][m]["attention_mask"] > 0).sum())
+    return finish_stats(totals, norms), int(all_sum(tokens).item())
+
+def finish_stats(totals, norms):
+    res = {}
+    for i, (l, st) in totals.items():
+        v = all_sum([l] + list(st.values())) / world_size
+        stats = {k: v[j + 1].item() * world_size / norms[i]["pairs"] for j, k in enumerate(st)}
+        res[i] = (v[0].item(), stats)
+    return res
+
+@torch.no_grad()
+def eval_objective(o, batches=None):
+    """global mean loss of objective o on its eval set (or on `batches`), as trained."""
+    was_training = raw_model.training
+    raw_model.eval()
+    if batches is None:
+        examples = o.eval[: eval_iters * train_batch_size] if eval_iters else o.eval
+        batches = D.eval_batches(examples, micro_train_batch_size, rank, world_size, o.collate)
+    norm = normalizers(o, batches)
+    total, stats = 0.0, {}
+    for b in batches:
+        (l, st), = objective_losses([(o, b, norm)])
+        total += l.item()
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + v
+    raw_model.train(was_training)
+    res = finish_stats({o.i: [total, stats]}, {o.i: norm})[o.i]
+    return res[0], res[1]
+
+def clip_and_step(it):
+    lr = get_lr(it)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.zeros(())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+
+# -----------------------------------------------------------------------------
+# DPO reference log-probs computed once (precompute_ref) and cached on disk
+def precompute_reference(o):
+    import hashlib
+    ident = json.dumps([pretrain, ref_model if o.i == 1 else ref_model_2, lora_rank, dtype,
+                        [e["id"] for e in o.train + o.eval], len(o.train), sum(len(e["chosen_ids"]) for e in o.train)])
+    path = os.path.join(out_dir, f"ref_logps_{o.i}_{hashlib.sha1(ident.encode()).hexdigest()[:12]}.pt")
+    if os.path.exists(path):
+        o.ref_cache = torch.load(path)
+    else:
+        cache = {}
+        examples = o.train + o.eval
+        mine = examples[rank::world_size]
+        for s in tqdm(range(0, len(mine), micro_train_batch_size), disable=not master, desc=f"reference log-probs {o.i}"):
+            b = o.collate(mine[s:s + micro_train_batch_size])
+            rc, rr = ref_logps(o, b)
+            cache.update({i: (c, r) for i, c, r in zip(b["ids"], rc.tolist(), rr.tolist())})
+        if ddp:
+            parts = [None] * world_size
+            dist.all_gather_object(parts, cache)
+            cache = {k: v for p in parts for k, v in p.items()}
+        if master:
+            torch.save(cache, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        o.ref_cache = cache
+    log(f"objective {o.i}: reference log-probs of {len(o.ref_cache)} pairs cached in {path}")
+
+if precompute_ref:
+    for o in O.values():
+        if o.kind == "dpo":
+            precompute_reference(o)
+    for o in O.values():
+        if o.kind == "dpo" and o.ref != "self":
+            o.ref = None  # the cache replaces it
+    for p in list(_frozen):
+        if all(o.ref is not _frozen[p] for o in O.values()):
+            del _frozen[p]
+
+# -----------------------------------------------------------------------------
+# checkpoints: out_dir/ckpt/iter_NNNNNNN, written to a temporary dir and renamed
+ckpt_root = os.path.join(out_dir, "ckpt")
+
+def trainable_names():
+    return {n for n, p in raw_model.named_parameters() if p.requires_grad}
+
+def full_model_state():
+    """{name: tensor} of the trainable parameters, full (unsharded) on rank 0."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().cpu() for k, v in raw_model.state_dict().items()}
+    keep = trainable_names()
+    return {k: v for k, v in sd.items() if k in keep}
+
+def full_optimizer_state():
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(raw_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ddp and zero_stage == 1:
+        optimizer.consolidate_state_dict(to=0)
+        return optimizer.state_dict() if master else None
+    return optimizer.state_dict()
+
+def save_checkpoint(it, state):
+    msd, osd = full_model_state(), full_optimizer_state()
+    tmp = os.path.join(ckpt_root, f"tmp_iter_{it:07d}")
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save(msd, os.path.join(tmp, "model.pt"))
+        torch.save(osd, os.path.join(tmp, "optimizer.pt"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    if ddp:
+        dist.barrier()
+    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
+                "python": random.getstate()}, os.path.join(tmp, f"rng_{rank}.pt"))
+    if ddp:
+        dist.barrier()
+    if master:
+        final = os.path.join(ckpt_root, f"iter_{it:07d}")
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)  # atomic: a crash leaves the previous iter_ dir as the newest complete one
+        kept = sorted(d for d in os.listdir(ckpt_root) if d.startswith("iter_"))
+        for d in kept[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+    if ddp:
+        dist.barrier()
+
+def latest_checkpoint():
+    """the newest complete checkpoint: iter_ dirs appear only by an atomic rename."""
+    if not os.path.isdir(ckpt_root):
+        return None
+    dirs = sorted(d for d in os.listdir(ckpt_root) if d.startswith("iter_"))
+    return os.path.join(ckpt_root, dirs[-1]) if dirs else None
+
+def load_checkpoint(path):
+    msd = torch.load(os.path.join(path, "model.pt"), map_location="cpu")
+    osd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(raw_model, msd, options=opts)
+        set_optimizer_state_dict(raw_model, optimizer, osd, options=opts)
+    else:
+        missing = trainable_names() - set(msd)
+        check(not missing, f"{path}/model.pt lacks {sorted(missing)[:3]}")
+        raw_model.load_state_dict(msd, strict=False)
+        optimizer.load_state_dict(osd)
+    rng = torch.load(os.path.join(path, f"rng_{rank}.pt"), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    random.setstate(rng["python"])
+    return torch.load(os.path.join(path, "state.pt"), weights_only=False)
+
+# -----------------------------------------------------------------------------
+# logging: metrics.jsonl on rank 0, plus optional wandb / tensorboard
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+def write_metrics(line):
+    if not master:
+        return
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    step = line["iter"]
+    scalars = {f"{line['kind']}/{k}": v for k, v in line.items() if isinstance(v, (int, float)) and k not in ("iter", "kind")}
+    if wandb_log:
+        wandb.log(scalars, step=step)
+    if tensorboard:
+        for k, v in scalars.items():
+            tb.add_scalar(k, v, step)
+
+if master and wandb_log:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+if master and tensorboard:
+    from torch.utils.tensorboard import SummaryWriter
+    tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+def peak_memory_mb():
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
+
+# -----------------------------------------------------------------------------
+# f* (the loss each objective reaches alone), for maxright and the optimality gaps
+def estimate_opt(i, n):
+    """f_i* from n steps of objective i alone from the current weights, then everything restored."""
+    saved = [p.detach().clone() for p in params]
+    opt_state = deepcopy(optimizer.state_dict())
+    loaders = {j: O[j].loader.state_dict() for j in O}
+    rng = torch.get_rng_state()
+    for it in tqdm(range(n), disable=not master, desc=f"estimating f_{i}*", leave=False):
+        train_step([i])
+        clip_and_step(it)
+    value = eval_objective(O[i])[0]
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    optimizer.load_state_dict(opt_state)
+    for j in O:
+        O[j].loader.load_state_dict(loaders[j])
+    torch.set_rng_state(rng)
+    return value
+
+# -----------------------------------------------------------------------------
+# state of the run (everything resume needs besides model and optimizer)
+joint = len(O) == 2 and method != "select"
+state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "counts": {1: 0, 2: 0}, "obj_rng": random.Random(seed).getstate(),
+         "s": {}, "opt": {i: o.opt for i, o in O.items()}}
+if method == "select":
+    from selector import Selector, decayed_weight, export_selected, memory_efficient_losses, summary
+    selector = Selector([e["id"] for e in O[2].train], selector_activation).to(device)
+    selector_opt = selector.make_optimizer(selector_learning_rate)
+
+if resume:
+    path = latest_checkpoint()
+    check(path is not None, f"resume=True but {ckpt_root} holds no checkpoint")
+    state = load_checkpoint(path)
+    for i, o in O.items():
+        o.loader.load_state_dict(state["loaders"][i])
+        o.probe.load_state_dict(state["probes"][i])
+    if method == "select":
+        selector.load_state_dict(state["selector"])
+        selector_opt.load_state_dict(state["selector_opt"])
+    log(f"resumed from {path} at iteration {state['iter']}")
+    if master and os.path.exists(metrics_path):  # drop lines written after that checkpoint
+        with open(metrics_path) as f:
+            lines = [json.loads(l) for l in f if l.strip()]
+        keep = [l for l in lines if l["iter"] < state["iter"] or (l["kind"] == "train" and l["iter"] == state["iter"])]
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(l) + "\n" for l in keep)
+elif master:
+    open(metrics_path, "w").close()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+if joint and not resume:
+    n_est = opt_estimate_iters or max(10, total_iters // 10)
+    for i in (1, 2):
+        if state["opt"][i] < 0 and method == "maxright":
+            state["opt"][i] = estimate_opt(i, n_est)
+            log(f"f_{i}* estimated as {state['opt'][i]:.4f}: eval loss after {n_est} steps of objective {i} alone "
+                f"(set obj_opt_{i} to use a known value)")
+w_obj = {1: lambd, 2: 1 - lambd}
+
+def gaps(ev):
+    """optimality gaps and ideal distance, where f* is known."""
+    out = {}
+    if all(state["opt"][i] >= 0 for i in O) and len(ev) == len(O):
+        g = [ev[i] - state["opt"][i] for i in O]
+        out = {f"gap_{i}": x for i, x in zip(O, g)}
+        out["ideal_distance"] = math.sqrt(sum(x * x for x in g))
+    return out
+
+def pick_objectives(it):
+    """the objective(s) trained at step `it` (same on every rank: nothing here is rank-dependent)."""
+    if len(O) == 1:
+        return [1]
+    if method == "sequential":
+        return [1] if it < round(lambd * total_iters) else [2]
+    if method in ("mix", "select"):
+        return [1, 2]
+    if method == "alright":
+        r = random.Random()
+        r.setstate(state["obj_rng"])
+        i = 1 if r.random() < lambd else 2
+        state["obj_rng"] = r.getstate()
+        return [i]
+    # maxright: refresh both weighted gaps every k steps on a fresh global batch, then argmax
+    if it % maxright_interval == 0 or len(state["s"]) < 2:
+        for i in (1, 2):
+            state["s"][i] = w_obj[i] * (eval_objective(O[i], O[i].probe.next_step())[0] - state["opt"][i])
+    return [1 if state["s"][1] >= state["s"][2] else 2]
+
+def select_step():
+    """bilevel selection step (ALGORITHMS.md §3, memory-efficient): one forward gives the trusted
+    set's loss and the noisy set's per-sample losses; theta and the selector logits both update."""
+    rho = decayed_weight(upperlevel_weight, upperlevel_weight_decay, O[2].loader.epoch)
+    up, ft = O[1].loader.next_step(), O[2].loader.next_step()
+    n_up = all_sum(sum(len(b["ids"]) for b in up)).item()
+    n_ft = all_sum(sum(len(b["ids"]) for b in ft)).item()
+    total, tokens = 0.0, 0
+    for m in range(grad_accum):
+        with sync_ctx(m == grad_accum - 1):
+            (l_up, _), (l_vec, _) = objective_losses([(O[1], up[m], None), (O[2], ft[m], None)])
+            up_loss = l_up.sum() / n_up * world_size
+            loss_theta, loss_omega = memory_efficient_losses(selector, ft[m]["ids"], l_vec, up_loss, rho, n_ft / world_size)
+            (loss_theta + loss_omega).backward()
+        total += loss_theta.item()
+        tokens += int((up[m]["attention_mask"] > 0).sum() + (ft[m]["attention_mask"] > 0).sum())
+    selector.step(selector_opt)
+    return {1: (all_sum(total).item() / world_size, {"rho": rho})}, int(all_sum(tokens).item())
+
+# Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit (ranks agree through an all-reduce)
+interrupted = False
+def _on_signal(signum, frame):
+    global interrupted
+    interrupted = True
+signal.signal(signal.SIGINT, _on_signal)
+signal.signal(signal.SIGTERM, _on_signal)
+
+def checkpoint_state(it):
+    st = dict(state, iter=it, loaders={i: o.loader.state_dict() for i, o in O.items()},
+              probes={i: o.probe.state_dict() for i, o in O.items()})
+    if method == "select":
+        st.update(selector=selector.state_dict(), selector_opt=selector_opt.state_dict())
+    return st
+
+def save_selection(final=False):
+    if master:
+        selector.save_jsonl(os.path.join(out_dir, "selector.jsonl"))
+        if final:
+            n = export_selected(O[2].rows, selector, select_ratio, os.path.join(out_dir, "selected.jsonl"))
+            log(f"selected {n} of {len(O[2].rows)} rows of {dataset_2} -> {out_dir}/selected.jsonl")
+
+# -----------------------------------------------------------------------------
+# the loop
+pareto = json.load(open(pareto_front)) if pareto_front else []
+it = state["iter"]
+t0 = time.time() - state["elapsed"]
+last_eval = {}
+pbar = tqdm(total=total_iters, initial=it, disable=not master, desc=method if len(O) == 2 else obj_1, dynamic_ncols=True)
+raw_model.train()
+while True:
+    # evaluate both objectives (and maybe stop early)
+    if it == total_iters or (eval_interval > 0 and it % eval_interval == 0) or it == 0:
+        ev, extra = {}, {}
+        for i, o in O.items():
+            ev[i], st = eval_objective(o)
+            extra.update({f"eval_{k}_{i}": v for k, v in st.items()})
+        last_eval = dict({f"eval_loss_{i}": v for i, v in ev.items()}, **gaps(ev), **extra)
+        write_metrics(dict(kind="eval", iter=it, **last_eval, elapsed_s=time.time() - t0))
+        log(f"iter {it}: " + ", ".join(f"eval_loss_{i} {v:.4f}" for i, v in ev.items()))
+        if eps > 0 and joint and all(state["opt"][i] >= 0 for i in O):
+            near = any(ev[i] - state["opt"][i] <= eps for i in O)
+            dominated = any(ev[1] <= p[0] + eps and ev[2] <= p[1] + eps for p in pareto)
+            if near or dominated:
+                log(f"early stop at iteration {it}: " + ("an objective is within eps of its optimum" if near else "the reference Pareto front is reached"))
+                break
+    if it >= total_iters:
+        break
+
+    # one optimizer step
+    chosen = pick_objectives(it)
+    gaps_seen = {f"s_{i}": v for i, v in state["s"].items()}  # maxright's weighted gaps behind this choice
+    if method == "select":
+        res, tokens = select_step()
+    else:
+        res, tokens = train_step(chosen)
+    lr, gnorm = clip_and_step(it)
+    it += 1
+    state["tokens"] += tokens
+    for i in chosen:
+        state["counts"][i] += 1
+    if method == "maxright":
+        state["s"][chosen[0]] = w_obj[chosen[0]] * (res[chosen[0]][0] - state["opt"][chosen[0]])
+    loss = sum(w_obj[i] * res[i][0] for i in res) if len(res) == 2 else next(iter(res.values()))[0]
+    if not math.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {loss} at iteration {it} (objective {', '.join(map(str, chosen))}); "
+                           f"the last good checkpoint in {ckpt_root} is kept")
+    if it % log_interval == 0 or it == total_iters:
+        line = dict(kind="train", iter=it, obj=chosen[0] if len(chosen) == 1 else 0, loss=loss, lr=lr,
+                    tokens=state["tokens"], elapsed_s=time.time() - t0, grad_norm=gnorm, **gaps_seen)
+        for i, (l, st) in res.items():
+            if len(res) == 2:
+                line[f"loss_{i}"] = l
+            line.update({f"{k}_{i}" if len(res) == 2 else k: v for k, v in st.items()})
+        write_metrics(line)
+    pbar.update(1)
+    pbar.set_postfix(obj="+".join(map(str, chosen)), loss=f"{loss:.4f}")
+    if method == "select" and O[2].loader.epoch != state.get("sel_epoch", 0):
+        state["sel_epoch"] = O[2].loader.epoch
+        save_selection()
+
+    stop = all_sum(float(interrupted)).item() > 0
+    if (save_interval > 0 and it % save_interval == 0) or stop:
+        state["elapsed"] = time.time() - t0
+        save_checkpoint(it, checkpoint_state(it))
+    if stop:
+        log(f"interrupted: checkpoint saved at iteration {it}; resume with --resume=True")
+        sys.exit(130)
+pbar.close()
+
+# -----------------------------------------------------------------------------
+# the end: last checkpoint, final/ export, summary
+state["elapsed"] = time.time() - t0
+if not (save_interval > 0 and it % save_interval == 0):
+    save_checkpoint(it, checkpoint_state(it))
+if fsdp:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+else:
+    full = raw_model.state_dict()
+if master:
+    final_dir = os.path.join(out_dir, "final")
+    tmp_dir = final_dir + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    with torch.device("meta"):
+        export = GPT(raw_model.config)
+    if lora_rank:
+        inject(export, lora_rank, lora_alpha, 0.0, target_modules)
+    export.to_empty(device="cpu")
+    export.tie_weights()
+    export.load_state_dict({k: v.cpu() for k, v in full.items()})
+    if lora_rank:
+        save_adapter(export, os.path.join(tmp_dir, "adapter"), base_model_name_or_path=pretrain)
+        export = merge(export)
+    export.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.rename(tmp_dir, final_dir)
+if method == "select":
+    save_selection(final=True)
+    if master:
+        labels = {}
+        if selector_labels:
+            with open(selector_labels) as f:
+                labels = {r["id"]: r["corrupted"] for r in map(json.loads, f) if r}
+        log(summary(selector, os.path.join(out_dir, "selector_weights.png"), labels or None))
+
+result = dict(method=method if len(O) == 2 else "single", iters=it, counts=state["counts"], wall_s=state["elapsed"],
+              peak_memory_mb=peak_memory_mb(), tokens=state["tokens"], opt=state["opt"], **last_eval)
+if master:
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    rows = [("iterations", f"{it} (objective 1: {state['counts'][1]}, objective 2: {state['counts'][2]})"),
+            *((k, f"{v:.4f}") for k, v in last_eval.items()),
+            *((f"f_{i}*", f"{v:.4f}") for i, v in state["opt"].items() if v >= 0),
+            ("wall time", f"{state['elapsed']:.1f} s"), ("peak memory", f"{result['peak_memory_mb']:.0f} MiB"),
+            ("tokens", f"{state['tokens']:,}"), ("final model", os.path.join(out_dir, "final"))]
+    print("\n".join(f"{k:>22}  {v}" for k, v in rows))
+if ddp:
+    dist.destroy_process_group()
