@@ -253,7 +253,7 @@ def build_objective(i):
         tok = lambda rows, src: D.tokenize_sft(rows, input_key=key("input_key"), output_key=key("output_key"),
                                                source=src, **common)
         collate = lambda b: D.collate_sft(b, tokenizer.pad_token_id, packing=packing, max_len=max_len)
-    train, evals = tok(train_rows, spec), tok(eval_rows, f"{spec} (eval)")
+    train, evals = tok(train_rows, spec), tok(eval_rows, f"{g('eval_split') or spec} (eval)")
     o = SimpleNamespace(i=i, kind=kind, rows=train_rows, train=train, eval=evals, collate=collate,
                         loader=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + i, collate),
                         probe=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + 100 + i, collate),
@@ -761,6 +761,8 @@ while True:
     if it == total_iters or (eval_interval > 0 and it % eval_interval == 0) or it == 0:
         ev, extra = {}, {}
         for i, o in O.items():
+            if not o.eval:
+                continue  # e.g. the set a selector filters
             ev[i], st = eval_objective(o)
             extra.update({f"eval_{k}_{i}": v for k, v in st.items()})
         last_eval = dict({f"eval_loss_{i}": v for i, v in ev.items()}, **gaps(ev), **extra)

@@ -19,9 +19,9 @@ def free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-def run_train(out_dir, *args, nproc=1, check=True):
-    """runs train.py (under torchrun when nproc > 1); returns the CompletedProcess."""
-    cmd = [sys.executable, "train.py", *TINY, f"--out_dir={out_dir}", *args]
+def run_train(out_dir, *args, nproc=1, check=True, base=TINY):
+    """runs train.py with `base` then `args` (under torchrun when nproc > 1); returns the CompletedProcess."""
+    cmd = [sys.executable, "train.py", *base, *args, f"--out_dir={out_dir}"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                "--master_addr=127.0.0.1", *cmd[1:]]
