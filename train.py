@@ -254,6 +254,8 @@ def build_objective(i):
                                                source=src, **common)
         collate = lambda b: D.collate_sft(b, tokenizer.pad_token_id, packing=packing, max_len=max_len)
     train, evals = tok(train_rows, spec), tok(eval_rows, f"{g('eval_split') or spec} (eval)")
+    for e in evals:
+        e["id"] = ("eval", e["id"])  # a separate eval file numbers its rows from 0 too: keep cache keys apart
     o = SimpleNamespace(i=i, kind=kind, rows=train_rows, train=train, eval=evals, collate=collate,
                         loader=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + i, collate),
                         probe=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + 100 + i, collate),
@@ -353,7 +355,7 @@ def reference_hidden(o, x):
 
 def ref_logps(o, b):
     if o.ref_cache is not None:
-        c = torch.tensor([o.ref_cache[i] if i is not None else (0.0, 0.0) for i in b["ids"]], device=device)  # (B, 2)
+        c = torch.tensor([o.ref_cache[i] if i is not None else (0.0, 0.0) for i in b["ids"]], device=device, dtype=master_dtype)  # (B, 2)
         return c[:, 0], c[:, 1]
     h, w = reference_hidden(o, {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")})
     s = L.sequence_logps(h, w, b["labels"].to(device), loss_chunk_size)
@@ -640,7 +642,7 @@ def estimate_opt(i, n):
 # -----------------------------------------------------------------------------
 # state of the run (everything resume needs besides model and optimizer)
 joint = len(O) == 2 and method != "select"
-state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "counts": {1: 0, 2: 0}, "obj_rng": random.Random(seed).getstate(),
+state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "train_s": 0.0, "counts": {1: 0, 2: 0}, "obj_rng": random.Random(seed).getstate(),
          "s": {}, "opt": {i: o.opt for i, o in O.items()}}
 if method == "select":
     from selector import Selector, decayed_weight, export_selected, memory_efficient_losses, summary
@@ -778,6 +780,7 @@ while True:
         break
 
     # one optimizer step
+    t_step = time.time()
     chosen = pick_objectives(it)
     gaps_seen = {f"s_{i}": v for i, v in state["s"].items()}  # maxright's weighted gaps behind this choice
     if method == "select":
@@ -786,6 +789,7 @@ while True:
         res, tokens = train_step(chosen)
     lr, gnorm = clip_and_step(it)
     it += 1
+    state["train_s"] += time.time() - t_step  # steps only, no eval/checkpoint
     state["tokens"] += tokens
     for i in chosen:
         state["counts"][i] += 1
@@ -856,6 +860,7 @@ if method == "select":
         log(summary(selector, os.path.join(out_dir, "selector_weights.png"), labels or None))
 
 result = dict(method=method if len(O) == 2 else "single", iters=it, counts=state["counts"], wall_s=state["elapsed"],
+              train_s=state["train_s"],
               peak_memory_mb=peak_memory_mb(), tokens=state["tokens"], opt=state["opt"], **last_eval)
 if master:
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
@@ -863,7 +868,7 @@ if master:
     rows = [("iterations", f"{it} (objective 1: {state['counts'][1]}, objective 2: {state['counts'][2]})"),
             *((k, f"{v:.4f}") for k, v in last_eval.items()),
             *((f"f_{i}*", f"{v:.4f}") for i, v in state["opt"].items() if v >= 0),
-            ("wall time", f"{state['elapsed']:.1f} s"), ("peak memory", f"{result['peak_memory_mb']:.0f} MiB"),
+            ("wall time", f"{state['elapsed']:.1f} s ({result['train_s']:.1f} s in training steps)"), ("peak memory", f"{result['peak_memory_mb']:.0f} MiB"),
             ("tokens", f"{state['tokens']:,}"), ("final model", os.path.join(out_dir, "final"))]
     print("\n".join(f"{k:>22}  {v}" for k, v in rows))
 if ddp:

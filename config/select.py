@@ -1,25 +1,34 @@
-# bilevel data selection on the shipped toy data (CPU, about a minute): dataset_1 is the small
-# trusted set, dataset_2 the noisy set to filter; writes selector.jsonl and selected.jsonl.
-# The original tool's Pythia-1b / OpenOrca / alpaca-cleaned recipe is config/select_pythia.py.
-out_dir = "out/select"
+# the original BiPOST data-selection example: Pythia-1b learns one weight per row of
+# alpaca-cleaned (the set to filter) so that the loss on OpenOrca (trusted) is minimized.
+# torchrun --nproc_per_node=2 train.py config/select.py     (then config/sft_selected.py)
+out_dir = "out/select_pythia1b"
 method = "select"
-obj_1 = "sft"
-obj_2 = "sft"
-dataset_1 = "data/toy_trusted.jsonl"
-dataset_2 = "data/toy_noisy.jsonl"
-selector_labels = "data/toy_noisy_labels.jsonl"  # for the summary only
-max_len_1 = max_len_2 = 48
-model_n_layer = 2
-model_n_embd = 64
-model_intermediate_size = 176
-train_batch_size = 64  # few steps per epoch: Adam drifts unvisited logits, visits carry the signal
-micro_train_batch_size = 32
-learning_rate = 3e-3
-selector_learning_rate = 5e-2
-selector_activation = "softmax"
-upperlevel_weight = 0.5
+pretrain = "EleutherAI/pythia-1b"
+lora_rank = 16
+lora_alpha = 16
+target_modules = "query_key_value"
+upperlevel_weight = 0.5          # the original's --lambd 0.5 (rho, the upper-level weight)
 upperlevel_weight_decay = 0.1
-select_ratio = 0.7
-max_epochs = 10
-eval_interval = 0
-log_interval = 10
+train_batch_size = 16            # 1 per GPU x 8 accumulation x 2 GPUs
+micro_train_batch_size = 1
+learning_rate = 1e-5
+obj_1 = "sft"
+dataset_1 = "Open-Orca/OpenOrca"
+input_key = "question"
+output_key = "response"
+max_samples_1 = 9600
+obj_2 = "sft"
+dataset_2 = "yahma/alpaca-cleaned"
+input_key_2 = "instruction"      # alpaca rows: instruction (+ often empty input) -> output
+output_key_2 = "output"
+max_samples_2 = 9600
+selector_learning_rate = 1e-4
+selector_activation = "softmax"
+select_ratio = 0.8
+max_epochs = 3
+zero_stage = 2
+dtype = "bfloat16"
+gradient_checkpointing = True
+eval_interval = 0                # the original's --eval_steps -1
+save_interval = 0                # the original's --save_steps -1: one checkpoint at the end
+log_interval = 1

@@ -1,0 +1,106 @@
+"""
+The embedded default: the toy trade-off end to end on CPU (a few minutes on 2 cores).
+
+    python demo.py            # writes out/demo/: one folder per run, pareto.png, demo.json
+    python demo.py --quick    # a seconds-long smoke version (what the test suite runs)
+
+1. objective 1 alone (SFT) and objective 2 alone (DPO) give f_1*, f_2*;
+2. sequential, mix, alright and maxright at lambd = 0.5 with the same step budget;
+3. one table: final eval losses, optimality gaps, ideal distance, time, peak memory;
+4. bilevel data selection on the noisy toy set: the fraction of clean rows kept.
+Every run is a plain `python train.py config/demo.py --key=value` subprocess, printed as it starts.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+METHODS = ("sequential", "mix", "alright", "maxright")
+
+def train(out_dir, *args, config="config/demo.py"):
+    cmd = [sys.executable, "train.py", config, f"--out_dir={out_dir}", *args]
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        sys.exit(f"run failed ({' '.join(cmd)}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    with open(os.path.join(ROOT, out_dir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(ROOT, out_dir, "metrics.jsonl")) as f:
+        summary["evals"] = [l for l in map(json.loads, f) if l["kind"] == "eval"]
+    summary["process_s"] = time.time() - t0
+    return summary
+
+def plot(results, opt, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m, r in results.items():
+        xs = [e["eval_loss_1"] for e in r["evals"]]
+        ys = [e["eval_loss_2"] for e in r["evals"]]
+        ax.plot(xs, ys, marker=".", label=m, alpha=0.8)
+        ax.scatter(xs[-1:], ys[-1:], s=60, edgecolors="black", zorder=3)
+    ax.scatter([opt[0]], [opt[1]], marker="*", s=200, color="gold", edgecolors="black", zorder=4, label="(f_1*, f_2*)")
+    ax.set_xlabel("objective 1: SFT eval loss")
+    ax.set_ylabel("objective 2: DPO eval loss")
+    ax.set_xscale("log")
+    ax.set_title("toy trade-off, lambd = 0.5 (big dot: end of run)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+def main(quick=False):
+    out = "out/demo_quick" if quick else "out/demo"
+    budget = ["--max_iters=16", "--eval_interval=8", "--max_samples_1=128", "--max_samples_2=128"] if quick else []
+    t0 = time.time()
+    # f* of each objective: its eval loss after training it alone with the same budget
+    sft_alone = train(f"{out}/sft_alone", "--obj_2=", *budget)
+    dpo_alone = train(f"{out}/dpo_alone", "--obj_1=dpo", "--dataset_1=data/toy_pref.jsonl",
+                      "--eval_split_1=data/toy_pref_eval.jsonl", "--obj_2=", *budget)
+    opt = (sft_alone["eval_loss_1"], dpo_alone["eval_loss_1"])
+    results = {m: train(f"{out}/{m}", f"--method={m}", f"--obj_opt_1={opt[0]}", f"--obj_opt_2={opt[1]}", *budget)
+               for m in METHODS}
+    sel_budget = ["--max_epochs=1", "--max_samples_2=256"] if quick else []
+    select = train(f"{out}/select", *sel_budget, config="config/demo_select.py")
+
+    base = results["sequential"]
+    print(f"\nf_1* (SFT alone) = {opt[0]:.4f}   f_2* (DPO alone) = {opt[1]:.4f}   lambd = 0.5, "
+          f"{base['iters']} steps each\n")
+    head = f"{'method':>10}  {'f_1':>7}  {'f_2':>7}  {'gap_1':>7}  {'gap_2':>7}  {'ideal dist':>10}  {'train s':>7}  {'x seq':>5}  {'peak MiB':>8}"
+    print(head)
+    print("-" * len(head))
+    table = {}
+    for m, r in results.items():
+        g1, g2 = r["eval_loss_1"] - opt[0], r["eval_loss_2"] - opt[1]
+        row = dict(f_1=r["eval_loss_1"], f_2=r["eval_loss_2"], gap_1=g1, gap_2=g2, ideal_distance=math.hypot(g1, g2),
+                   train_s=r["train_s"], time_vs_sequential=r["train_s"] / base["train_s"],
+                   peak_memory_mb=r["peak_memory_mb"], steps=r["counts"])
+        table[m] = row
+        print(f"{m:>10}  {row['f_1']:7.4f}  {row['f_2']:7.4f}  {g1:7.4f}  {g2:7.4f}  {row['ideal_distance']:10.4f}  "
+              f"{row['train_s']:7.1f}  {row['time_vs_sequential']:5.2f}  {row['peak_memory_mb']:8.0f}")
+    with open(os.path.join(ROOT, "data/toy_noisy_labels.jsonl")) as f:
+        corrupted = {r["id"]: r["corrupted"] for r in map(json.loads, f)}
+    with open(os.path.join(ROOT, out, "select", "selector.jsonl")) as f:
+        ranked = sorted((json.loads(l) for l in f), key=lambda r: -r["logit"])
+    n_kept = sum(1 for _ in open(os.path.join(ROOT, out, "select", "selected.jsonl")))
+    clean = sum(not corrupted[r["id"]] for r in ranked[:n_kept]) / n_kept
+    base_rate = sum(not corrupted[r["id"]] for r in ranked) / len(ranked)
+    print(f"\nselection: kept {n_kept} of {len(ranked)} noisy rows; {clean:.1%} of the kept rows are clean "
+          f"(the set is {base_rate:.0%} clean)")
+    plot(results, opt, os.path.join(ROOT, out, "pareto.png"))
+    with open(os.path.join(ROOT, out, "demo.json"), "w") as f:
+        json.dump({"opt": opt, "methods": table, "selection_clean_fraction": clean}, f, indent=2)
+    print(f"demo done in {time.time() - t0:.0f} s; runs, metrics and final models under {out}/")
+    return table, clean
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv[1:])

@@ -1,0 +1,140 @@
+"""The config files, the demo, and the loop's behaviour around objectives that need a second
+model (KD teacher, DPO reference), interruption and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+
+import configurator
+from helpers import ROOT, metrics, run_train
+
+def train_defaults():
+    """train.py's config globals, read from its header without running it."""
+    src = open(os.path.join(ROOT, "train.py")).read()
+    head = src[: src.index("config_keys = ")]
+    scope = {}
+    exec(compile(head, "train.py", "exec"), scope)
+    return {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py")))
+def test_every_config_applies(name):
+    cfg = train_defaults()
+    configurator.apply([os.path.join(ROOT, "config", name)], cfg, verbose=False)
+
+def test_seed_recipes_are_faithful():
+    """config/kd_sft.py and config/select.py carry the original tool's example commands."""
+    kd = train_defaults()
+    configurator.apply([os.path.join(ROOT, "config/kd_sft.py")], kd, verbose=False)
+    want = dict(pretrain="meta-llama/Meta-Llama-3-8B", ref_model="meta-llama/Meta-Llama-3-8B-Instruct", lora_rank=16,
+                lora_alpha=16, target_modules="q_proj,v_proj", train_batch_size=32, micro_train_batch_size=1,
+                learning_rate=1e-5, obj_1="kd", dataset_1="Open-Orca/OpenOrca", input_key="question",
+                output_key="response", max_samples_1=6400, obj_2="sft", dataset_2="Open-Orca/OpenOrca",
+                max_samples_2=6400, max_epochs=2, zero_stage=3, dtype="bfloat16", gradient_checkpointing=True)
+    assert {k: kd[k] for k in want} == want
+    sel = train_defaults()
+    configurator.apply([os.path.join(ROOT, "config/select.py")], sel, verbose=False)
+    want = dict(method="select", pretrain="EleutherAI/pythia-1b", lora_rank=16, lora_alpha=16,
+                target_modules="query_key_value", upperlevel_weight=0.5, train_batch_size=16, micro_train_batch_size=1,
+                learning_rate=1e-5, obj_1="sft", dataset_1="Open-Orca/OpenOrca", input_key="question",
+                output_key="response", max_samples_1=9600, obj_2="sft", dataset_2="yahma/alpaca-cleaned",
+                selector_learning_rate=1e-4, selector_activation="softmax", max_samples_2=9600, max_epochs=3,
+                zero_stage=2, dtype="bfloat16", gradient_checkpointing=True)
+    assert {k: sel[k] for k in want} == want
+
+def test_demo_quick(tmp_path):
+    p = subprocess.run([sys.executable, "-c", "import demo; demo.main(quick=True)"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.load(open(os.path.join(ROOT, "out/demo_quick/demo.json")))
+    assert set(res["methods"]) == {"sequential", "mix", "alright", "maxright"}
+    for row in res["methods"].values():
+        assert abs(row["ideal_distance"] - (row["gap_1"] ** 2 + row["gap_2"] ** 2) ** 0.5) < 1e-9
+    assert os.path.exists(os.path.join(ROOT, "out/demo_quick/pareto.png"))
+    assert "ideal dist" in p.stdout and "selection: kept" in p.stdout
+
+def tiny_hf(path, seed=0):
+    from model import byte_tokenizer
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = transformers.AutoModelForCausalLM.from_config(cfg)
+    m.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return m.float().eval()
+
+def test_kd_eval_loss_is_the_teacher_cross_entropy(tmp_path):
+    """KD (forward, cross-entropy form) with teacher = a different tiny model: the logged eval loss
+    at iteration 0 equals -sum_v p_T log p_S averaged over response tokens, computed here with
+    transformers' own models and full logits."""
+    import data as D
+    student, teacher = tiny_hf(tmp_path / "student", 0), tiny_hf(tmp_path / "teacher", 1)
+    run_train(tmp_path / "run", f"--pretrain={tmp_path / 'student'}", f"--ref_model={tmp_path / 'teacher'}",
+              "--obj_1=kd", "--obj_2=", "--max_iters=2", "--eval_iters=1", "--train_batch_size=4",
+              "--micro_train_batch_size=2")
+    ev0 = metrics(tmp_path / "run", "eval")[0]
+    from model import byte_tokenizer
+    rows = D.load_rows(os.path.join(ROOT, "data/toy_sft_eval.jsonl"))[:4]
+    total, n = 0.0, 0
+    for e in D.tokenize_sft(rows, byte_tokenizer(), 40):
+        ids = torch.tensor([e["input_ids"]])
+        y = torch.tensor(e["labels"])
+        with torch.no_grad():
+            ls, lt = student(ids).logits[0].log_softmax(-1), teacher(ids).logits[0].log_softmax(-1)
+        keep = y != -100
+        total += -(lt[keep].exp() * ls[keep]).sum().item()
+        n += int(keep.sum())
+    assert abs(ev0["eval_loss_1"] - total / n) <= 1e-4
+
+def test_precomputed_reference_gives_the_same_losses(tmp_path):
+    args = ["--obj_1=dpo", "--dataset_1=data/toy_pref.jsonl", "--eval_split_1=data/toy_pref_eval.jsonl", "--obj_2=",
+            "--max_iters=4", "--train_batch_size=4", "--micro_train_batch_size=2", "--dtype=float64"]
+    run_train(tmp_path / "live", *args)
+    run_train(tmp_path / "cached", *args, "--precompute_ref=True")
+    a, b = metrics(tmp_path / "live"), metrics(tmp_path / "cached")
+    assert [round(l["loss"], 10) for l in a] == [round(l["loss"], 10) for l in b]
+    assert any(f.startswith("ref_logps_1_") for f in os.listdir(tmp_path / "cached"))
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    from helpers import TINY
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *TINY, "--max_iters=100000", "--train_batch_size=4",
+           "--micro_train_batch_size=4", "--log_interval=1", f"--out_dir={out}"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(out / "metrics.jsonl") and len(metrics(out)) >= 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    ckpts = os.listdir(out / "ckpt")
+    assert len(ckpts) == 1 and ckpts[0].startswith("iter_")
+    stopped = int(ckpts[0][5:])
+    assert stopped == metrics(out)[-1]["iter"]
+    run_train(out, "--resume=True", f"--max_iters={stopped + 2}", "--train_batch_size=4", "--micro_train_batch_size=4")
+    assert [l["iter"] for l in metrics(out)] == list(range(1, stopped + 3))
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    p = run_train(tmp_path, "--learning_rate=1e12", "--max_iters=50", "--save_interval=1", "--keep_last=1",
+                  "--train_batch_size=4", "--micro_train_batch_size=4", "--max_norm=0", check=False)
+    assert p.returncode != 0 and "non-finite loss" in p.stderr and "at iteration" in p.stderr
+    ckpts = [d for d in os.listdir(tmp_path / "ckpt")]
+    assert len(ckpts) == 1 and ckpts[0].startswith("iter_")
+    state = torch.load(tmp_path / "ckpt" / ckpts[0] / "state.pt", weights_only=False)
+    model = torch.load(tmp_path / "ckpt" / ckpts[0] / "model.pt")
+    assert all(torch.isfinite(v).all() for v in model.values()) and state["iter"] == int(ckpts[0][5:])
+
+@pytest.mark.parametrize("arg,message", [
+    ("--lamda=0.3", "unknown config key 'lamda' (did you mean 'lambd'?)"),
+    ("--obj_2=ppo", "config key obj_2: 'ppo' is not one of sft, dpo, kd"),
+    ("--train_batch_size=6", "config key train_batch_size (6) must be a multiple"),
+    ("--method=maxleft", "config key method: 'maxleft' is not one of"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, arg, message):
+    p = run_train(tmp_path, "--micro_train_batch_size=4", arg, check=False)
+    assert p.returncode != 0 and message in p.stderr
