@@ -11,7 +11,7 @@ from helpers import ROOT
 
 run_train = partial(helpers.run_train, base=[])
 
-SELECT = ["config/select.py"]
+SELECT = ["config/demo_select.py"]
 
 def read_jsonl(path):
     with open(path) as f:
