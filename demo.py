@@ -70,7 +70,7 @@ def main(quick=False):
     results = {m: train(f"{out}/{m}", f"--method={m}", f"--obj_opt_1={opt[0]}", f"--obj_opt_2={opt[1]}", *budget)
                for m in METHODS}
     sel_budget = ["--max_epochs=1", "--max_samples_2=256"] if quick else []
-    select = train(f"{out}/select", *sel_budget, config="config/demo_select.py")
+    train(f"{out}/select", *sel_budget, config="config/demo_select.py")
 
     base = results["sequential"]
     print(f"\nf_1* (SFT alone) = {opt[0]:.4f}   f_2* (DPO alone) = {opt[1]:.4f}   lambd = 0.5, "

@@ -8,7 +8,7 @@ models built from scratch.
 import json
 import math
 import os
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -399,7 +399,7 @@ class GPT(nn.Module):
         os.makedirs(out_dir, exist_ok=True)
         cfg = self.config
         to_hf = {v: k for k, v in hf_names(cfg).items()}
-        tensors, seen = {}, set()
+        tensors = {}
         for name, p in self.state_dict().items():
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue

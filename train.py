@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -151,9 +150,10 @@ config = {k: globals()[k] for k in config_keys}
 
 from tqdm import tqdm
 
+import checkpoint
 import data as D
 import losses as L
-from lora import disabled, inject, lora_parameters, merge, save_adapter
+from lora import disabled, inject, lora_parameters
 from model import GPT, Config, load_tokenizer
 
 def check(cond, msg):
@@ -273,7 +273,7 @@ steps_per_epoch = max(math.ceil(len(o.train) / train_batch_size) for o in O.valu
 if method == "select":
     steps_per_epoch = math.ceil(len(O[2].train) / train_batch_size)
 total_iters = max_iters if max_iters > 0 else max_epochs * steps_per_epoch
-log(f"objectives: " + ", ".join(f"{o.i}: {o.kind} ({len(o.train)} train / {len(o.eval)} eval)" for o in O.values())
+log("objectives: " + ", ".join(f"{o.i}: {o.kind} ({len(o.train)} train / {len(o.eval)} eval)" for o in O.values())
     + f" | method {method if obj_2 else 'single'} | {total_iters} iterations of {train_batch_size} samples "
     f"({grad_accum} x {micro_train_batch_size} x {world_size} ranks)")
 
@@ -510,83 +510,7 @@ if precompute_ref:
         if all(o.ref is not _frozen[p] for o in O.values()):
             del _frozen[p]
 
-# -----------------------------------------------------------------------------
-# checkpoints: out_dir/ckpt/iter_NNNNNNN, written to a temporary dir and renamed
 ckpt_root = os.path.join(out_dir, "ckpt")
-
-def trainable_names():
-    return {n for n, p in raw_model.named_parameters() if p.requires_grad}
-
-def full_model_state():
-    """{name: tensor} of the trainable parameters, full (unsharded) on rank 0."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = {k: v.detach().cpu() for k, v in raw_model.state_dict().items()}
-    keep = trainable_names()
-    return {k: v for k, v in sd.items() if k in keep}
-
-def full_optimizer_state():
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(raw_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if ddp and zero_stage == 1:
-        optimizer.consolidate_state_dict(to=0)
-        return optimizer.state_dict() if master else None
-    return optimizer.state_dict()
-
-def save_checkpoint(it, state):
-    msd, osd = full_model_state(), full_optimizer_state()
-    tmp = os.path.join(ckpt_root, f"tmp_iter_{it:07d}")
-    if master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save(msd, os.path.join(tmp, "model.pt"))
-        torch.save(osd, os.path.join(tmp, "optimizer.pt"))
-        torch.save(state, os.path.join(tmp, "state.pt"))
-    if ddp:
-        dist.barrier()
-    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
-                "python": random.getstate()}, os.path.join(tmp, f"rng_{rank}.pt"))
-    if ddp:
-        dist.barrier()
-    if master:
-        final = os.path.join(ckpt_root, f"iter_{it:07d}")
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)  # atomic: a crash leaves the previous iter_ dir as the newest complete one
-        kept = sorted(d for d in os.listdir(ckpt_root) if d.startswith("iter_"))
-        for d in kept[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
-    if ddp:
-        dist.barrier()
-
-def latest_checkpoint():
-    """the newest complete checkpoint: iter_ dirs appear only by an atomic rename."""
-    if not os.path.isdir(ckpt_root):
-        return None
-    dirs = sorted(d for d in os.listdir(ckpt_root) if d.startswith("iter_"))
-    return os.path.join(ckpt_root, dirs[-1]) if dirs else None
-
-def load_checkpoint(path):
-    msd = torch.load(os.path.join(path, "model.pt"), map_location="cpu")
-    osd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-        opts = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(raw_model, msd, options=opts)
-        set_optimizer_state_dict(raw_model, optimizer, osd, options=opts)
-    else:
-        missing = trainable_names() - set(msd)
-        check(not missing, f"{path}/model.pt lacks {sorted(missing)[:3]}")
-        raw_model.load_state_dict(msd, strict=False)
-        optimizer.load_state_dict(osd)
-    rng = torch.load(os.path.join(path, f"rng_{rank}.pt"), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    random.setstate(rng["python"])
-    return torch.load(os.path.join(path, "state.pt"), weights_only=False)
 
 # -----------------------------------------------------------------------------
 # logging: metrics.jsonl on rank 0, plus optional wandb / tensorboard
@@ -650,9 +574,9 @@ if method == "select":
     selector_opt = selector.make_optimizer(selector_learning_rate)
 
 if resume:
-    path = latest_checkpoint()
+    path = checkpoint.latest(ckpt_root)
     check(path is not None, f"resume=True but {ckpt_root} holds no checkpoint")
-    state = load_checkpoint(path)
+    state = checkpoint.load(path, raw_model, optimizer, fsdp)
     for i, o in O.items():
         o.loader.load_state_dict(state["loaders"][i])
         o.probe.load_state_dict(state["probes"][i])
@@ -816,7 +740,7 @@ while True:
     stop = all_sum(float(interrupted)).item() > 0
     if (save_interval > 0 and it % save_interval == 0) or stop:
         state["elapsed"] = time.time() - t0
-        save_checkpoint(it, checkpoint_state(it))
+        checkpoint.save(ckpt_root, it, raw_model, optimizer, checkpoint_state(it), keep_last, fsdp)
     if stop:
         log(f"interrupted: checkpoint saved at iteration {it}; resume with --resume=True")
         sys.exit(130)
@@ -826,30 +750,9 @@ pbar.close()
 # the end: last checkpoint, final/ export, summary
 state["elapsed"] = time.time() - t0
 if not (save_interval > 0 and it % save_interval == 0):
-    save_checkpoint(it, checkpoint_state(it))
-if fsdp:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    full = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-else:
-    full = raw_model.state_dict()
-if master:
-    final_dir = os.path.join(out_dir, "final")
-    tmp_dir = final_dir + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    with torch.device("meta"):
-        export = GPT(raw_model.config)
-    if lora_rank:
-        inject(export, lora_rank, lora_alpha, 0.0, target_modules)
-    export.to_empty(device="cpu")
-    export.tie_weights()
-    export.load_state_dict({k: v.cpu() for k, v in full.items()})
-    if lora_rank:
-        save_adapter(export, os.path.join(tmp_dir, "adapter"), base_model_name_or_path=pretrain)
-        export = merge(export)
-    export.save_pretrained(tmp_dir)
-    tokenizer.save_pretrained(tmp_dir)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    os.rename(tmp_dir, final_dir)
+    checkpoint.save(ckpt_root, it, raw_model, optimizer, checkpoint_state(it), keep_last, fsdp)
+checkpoint.export_final(out_dir, raw_model, fsdp, tokenizer, base_model=pretrain,
+                        lora=dict(rank=lora_rank, alpha=lora_alpha, target_modules=target_modules) if lora_rank else None)
 if method == "select":
     save_selection(final=True)
     if master:

@@ -1,0 +1,127 @@
+"""
+Checkpoints and the final export, for plain, DDP, ZeRO-1 and FSDP2-sharded models alike.
+
+    out_dir/ckpt/iter_0000500/  model.pt (trainable parameters, full), optimizer.pt (full),
+                                state.pt (loop state: data positions, method state, selector),
+                                rng_<rank>.pt (each rank's RNG states)
+    out_dir/final/              Hugging Face layout (+ adapter/ in PEFT layout under LoRA)
+
+A checkpoint is written into tmp_iter_N and renamed to iter_N when complete, so a crash or
+Ctrl-C at any moment leaves the newest iter_ directory loadable.
+"""
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+def full_state_dict(model, fsdp, trainable_only=True):
+    """{name: tensor} of the model (its trainable parameters by default), unsharded, on rank 0's CPU."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if not trainable_only:
+        return sd
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in sd.items() if k in keep}
+
+def _full_optimizer_state(model, optimizer, fsdp):
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1: the shards meet on rank 0
+        optimizer.consolidate_state_dict(to=0)
+        return optimizer.state_dict() if _rank() == 0 else None
+    return optimizer.state_dict()
+
+def save(ckpt_root, it, model, optimizer, state, keep_last=2, fsdp=False):
+    """Every rank calls this (the gathers are collective); rank 0 writes."""
+    msd, osd = full_state_dict(model, fsdp), _full_optimizer_state(model, optimizer, fsdp)
+    master = _rank() == 0
+    tmp = os.path.join(ckpt_root, f"tmp_iter_{it:07d}")
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save(msd, os.path.join(tmp, "model.pt"))
+        torch.save(osd, os.path.join(tmp, "optimizer.pt"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    _barrier()
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               os.path.join(tmp, f"rng_{_rank()}.pt"))
+    _barrier()
+    if master:
+        final = os.path.join(ckpt_root, f"iter_{it:07d}")
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)  # atomic: until here the previous iter_ dir is the newest complete one
+        kept = sorted(d for d in os.listdir(ckpt_root) if d.startswith("iter_"))
+        for d in kept[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+    _barrier()
+
+def latest(ckpt_root):
+    """the newest complete checkpoint dir, or None: iter_ dirs appear only by an atomic rename."""
+    if not os.path.isdir(ckpt_root):
+        return None
+    dirs = sorted(d for d in os.listdir(ckpt_root) if d.startswith("iter_"))
+    return os.path.join(ckpt_root, dirs[-1]) if dirs else None
+
+def load(path, model, optimizer, fsdp=False):
+    """restores model, optimizer and this rank's RNGs; returns the loop state."""
+    msd = torch.load(os.path.join(path, "model.pt"), map_location="cpu")
+    osd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, msd, options=opts)
+        set_optimizer_state_dict(model, optimizer, osd, options=opts)
+    else:
+        missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(msd)
+        if missing:
+            raise ValueError(f"{path}/model.pt lacks {sorted(missing)[:3]} ({len(missing)} tensors): "
+                             f"was it written by a run with other LoRA settings?")
+        model.load_state_dict(msd, strict=False)
+        optimizer.load_state_dict(osd)
+    rng = torch.load(os.path.join(path, f"rng_{_rank()}.pt"), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return torch.load(os.path.join(path, "state.pt"), weights_only=False)
+
+def export_final(out_dir, model, fsdp, tokenizer, lora=None, base_model=""):
+    """out_dir/final: the model in HF layout (LoRA merged) and, with lora = dict(rank, alpha,
+    target_modules), the adapter in PEFT layout under final/adapter. Written to final.tmp and
+    renamed. Every rank calls this; rank 0 writes."""
+    from lora import inject, merge, save_adapter
+    from model import GPT
+    full = full_state_dict(model, fsdp, trainable_only=False)
+    if _rank() == 0:
+        final_dir = os.path.join(out_dir, "final")
+        tmp_dir = final_dir + ".tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        with torch.device("meta"):
+            export = GPT(model.config)
+        if lora:
+            inject(export, lora["rank"], lora["alpha"], 0.0, lora["target_modules"])
+        export.to_empty(device="cpu")
+        export.tie_weights()
+        export.load_state_dict({k: v.cpu() for k, v in full.items()})
+        if lora:
+            save_adapter(export, os.path.join(tmp_dir, "adapter"), base_model_name_or_path=base_model)
+            export = merge(export)
+        export.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.rename(tmp_dir, final_dir)
+    _barrier()
