@@ -117,7 +117,9 @@ packing = False           # sft/kd: concatenate documents up to max_len
 # selector (method = select)
 selector_activation = "softmax"  # softmax | sigmoid
 selector_learning_rate = 1e-4
-selector_algorithm = "memory"    # memory (one forward feeds both updates)
+selector_algorithm = "memory"    # memory (one forward feeds both updates) | penalty (auxiliary theta-hat)
+aux_learning_rate = 1e-3         # penalty: Adam lr of theta-hat, which tracks argmin of the weighted noisy loss
+aux_steps = 1                    # penalty: theta-hat steps per selector step
 upperlevel_weight = 0.5          # rho = 1 / (1 + gamma)
 upperlevel_weight_decay = 0.1    # rho -= decay at the start of every epoch >= 1
 select_ratio = 0.8
@@ -569,9 +571,13 @@ joint = len(O) == 2 and method != "select"
 state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "train_s": 0.0, "counts": {1: 0, 2: 0}, "obj_rng": random.Random(seed).getstate(),
          "s": {}, "opt": {i: o.opt for i, o in O.items()}}
 if method == "select":
-    from selector import Selector, decayed_weight, export_selected, memory_efficient_losses, summary
+    from selector import Selector, decayed_weight, export_selected, memory_efficient_losses, penalty_omega_loss, summary
     selector = Selector([e["id"] for e in O[2].train], selector_activation).to(device)
     selector_opt = selector.make_optimizer(selector_learning_rate)
+    check(selector_algorithm in ("memory", "penalty"), f"config key selector_algorithm: {selector_algorithm!r} is not memory or penalty")
+    check(selector_algorithm == "memory" or not fsdp, "selector_algorithm=penalty supports zero_stage 0 and 1")
+    aux = [p.detach().clone() for p in params]  # theta-hat starts at theta
+    aux_opt = torch.optim.AdamW(params, lr=aux_learning_rate, betas=adam_betas, weight_decay=0.0)  # its own state
 
 if resume:
     path = checkpoint.latest(ckpt_root)
@@ -583,6 +589,10 @@ if resume:
     if method == "select":
         selector.load_state_dict(state["selector"])
         selector_opt.load_state_dict(state["selector_opt"])
+        aux_opt.load_state_dict(state["aux_opt"])
+        with torch.no_grad():
+            for q, s in zip(aux, state["aux"]):
+                q.copy_(s)
     log(f"resumed from {path} at iteration {state['iter']}")
     if master and os.path.exists(metrics_path):  # drop lines written after that checkpoint
         with open(metrics_path) as f:
@@ -633,19 +643,54 @@ def pick_objectives(it):
             state["s"][i] = w_obj[i] * (eval_objective(O[i], O[i].probe.next_step())[0] - state["opt"][i])
     return [1 if state["s"][1] >= state["s"][2] else 2]
 
+def swap_aux():
+    """exchanges the trainable parameters' values with theta-hat's (penalty algorithm): the same
+    modules then compute l_i(theta-hat); under LoRA theta-hat is a second adapter, cheap in memory."""
+    with torch.no_grad():
+        for p, q in zip(params, aux):
+            tmp = p.detach().clone()
+            p.copy_(q)
+            q.copy_(tmp)
+
+def aux_steps_on(ft, n_ft):
+    """theta-hat <- theta-hat - Adam(grad of the selector-weighted noisy loss); returns the per-sample
+    losses l_i(theta-hat) of each micro-batch, from the first of these steps (before its update)."""
+    swap_aux()
+    seen = None
+    for _ in range(aux_steps):
+        losses = []
+        for m in range(grad_accum):
+            with sync_ctx(m == grad_accum - 1):
+                (l_hat, _), = objective_losses([(O[2], ft[m], None)])
+                w = selector.weights(ft[m]["ids"]).detach().to(l_hat.dtype)
+                ((w * l_hat).sum() / n_ft * world_size).backward()
+            losses.append(l_hat.detach())
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        aux_opt.step()
+        aux_opt.zero_grad(set_to_none=True)
+        seen = seen or losses
+    swap_aux()
+    return seen
+
 def select_step():
-    """bilevel selection step (ALGORITHMS.md §3, memory-efficient): one forward gives the trusted
-    set's loss and the noisy set's per-sample losses; theta and the selector logits both update."""
+    """bilevel selection step (ALGORITHMS.md §3). memory: one forward gives the trusted set's loss
+    and the noisy set's per-sample losses; theta and the selector logits both update from it.
+    penalty: theta-hat takes aux_steps on the weighted noisy loss first, and the logits follow
+    sum_i grad w_i [l_i(theta) - l_i(theta-hat)] instead."""
     rho = decayed_weight(upperlevel_weight, upperlevel_weight_decay, O[2].loader.epoch)
     up, ft = O[1].loader.next_step(), O[2].loader.next_step()
     n_up = all_sum(sum(len(b["ids"]) for b in up)).item()
     n_ft = all_sum(sum(len(b["ids"]) for b in ft)).item()
+    hat = aux_steps_on(ft, n_ft) if selector_algorithm == "penalty" else None
     total, tokens = 0.0, 0
     for m in range(grad_accum):
         with sync_ctx(m == grad_accum - 1):
             (l_up, _), (l_vec, _) = objective_losses([(O[1], up[m], None), (O[2], ft[m], None)])
             up_loss = l_up.sum() / n_up * world_size
             loss_theta, loss_omega = memory_efficient_losses(selector, ft[m]["ids"], l_vec, up_loss, rho, n_ft / world_size)
+            if hat is not None:
+                loss_omega = penalty_omega_loss(selector, ft[m]["ids"], l_vec, hat[m], n_ft / world_size)
             (loss_theta + loss_omega).backward()
         total += loss_theta.item()
         tokens += int((up[m]["attention_mask"] > 0).sum() + (ft[m]["attention_mask"] > 0).sum())
@@ -664,7 +709,8 @@ def checkpoint_state(it):
     st = dict(state, iter=it, loaders={i: o.loader.state_dict() for i, o in O.items()},
               probes={i: o.probe.state_dict() for i, o in O.items()})
     if method == "select":
-        st.update(selector=selector.state_dict(), selector_opt=selector_opt.state_dict())
+        st.update(selector=selector.state_dict(), selector_opt=selector_opt.state_dict(),
+                  aux=[q.cpu() for q in aux], aux_opt=aux_opt.state_dict())
     return st
 
 def save_selection(final=False):

@@ -66,11 +66,13 @@ def test_two_processes_give_the_same_logits(tmp_path):
     assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) <= 1e-6
     assert max(a.values()) - min(a.values()) > 0.1  # the logits moved
 
-def test_resume_mid_epoch_gives_the_same_logits(tmp_path):
+@pytest.mark.parametrize("algorithm", ["memory", "penalty"])
+def test_resume_mid_epoch_gives_the_same_logits(tmp_path, algorithm):
+    """also for the penalty algorithm, whose theta-hat and its optimizer live in the checkpoint."""
     import shutil
     # 96 rows / 16 per step = 6 steps per epoch; checkpoint at step 4 is mid-epoch
     args = [*SELECT, "--max_samples_1=64", "--max_samples_2=96", "--train_batch_size=16", "--micro_train_batch_size=8",
-            "--max_epochs=2", "--save_interval=4", "--keep_last=5"]
+            "--max_epochs=2", "--save_interval=4", "--keep_last=5", f"--selector_algorithm={algorithm}"]
     run_train(tmp_path / "straight", *args)
     shutil.copytree(tmp_path / "straight", tmp_path / "cut")
     for d in ("iter_0000008", "iter_0000012"):
