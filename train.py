@@ -199,7 +199,6 @@ def all_sum(x):
 # -----------------------------------------------------------------------------
 # checks of the config that fail early and name the key
 
-objs = [o for o in (obj_1, obj_2) if o]
 for _k, _v in (("obj_1", obj_1), ("obj_2", obj_2)):
     check(_v in ("", "sft", "dpo", "kd"), f"config key {_k}: {_v!r} is not one of sft, dpo, kd")
 check(bool(obj_1), "config key obj_1 must be set")
@@ -322,7 +321,7 @@ if device_type == "cuda" and not cpu_offload:
     adam_kw["fused"] = True
 if ddp and zero_stage == 1:
     from torch.distributed.optim import ZeroRedundancyOptimizer
-    optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, weight_decay=weight_decay, **adam_kw)
+    optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adam_kw)
 else:
     optimizer = torch.optim.AdamW(groups, **adam_kw)
 if compile:
@@ -485,12 +484,11 @@ def precompute_reference(o):
         o.ref_cache = torch.load(path)
     else:
         cache = {}
-        examples = o.train + o.eval
-        mine = examples[rank::world_size]
-        for s in tqdm(range(0, len(mine), micro_train_batch_size), disable=not master, desc=f"reference log-probs {o.i}"):
-            b = o.collate(mine[s:s + micro_train_batch_size])
+        # every rank runs the same number of batches (a sharded policy forward is collective)
+        batches = D.eval_batches(o.train + o.eval, micro_train_batch_size, rank, world_size, o.collate)
+        for b in tqdm(batches, disable=not master, desc=f"reference log-probs {o.i}"):
             rc, rr = ref_logps(o, b)
-            cache.update({i: (c, r) for i, c, r in zip(b["ids"], rc.tolist(), rr.tolist())})
+            cache.update({i: (c, r) for i, c, r in zip(b["ids"], rc.tolist(), rr.tolist()) if i is not None})
         if ddp:
             parts = [None] * world_size
             dist.all_gather_object(parts, cache)
@@ -576,8 +574,9 @@ if method == "select":
     selector_opt = selector.make_optimizer(selector_learning_rate)
     check(selector_algorithm in ("memory", "penalty"), f"config key selector_algorithm: {selector_algorithm!r} is not memory or penalty")
     check(selector_algorithm == "memory" or not fsdp, "selector_algorithm=penalty supports zero_stage 0 and 1")
-    aux = [p.detach().clone() for p in params]  # theta-hat starts at theta
-    aux_opt = torch.optim.AdamW(params, lr=aux_learning_rate, betas=adam_betas, weight_decay=0.0)  # its own state
+    if selector_algorithm == "penalty":
+        aux = [p.detach().clone() for p in params]  # theta-hat starts at theta
+        aux_opt = torch.optim.AdamW(params, lr=aux_learning_rate, betas=adam_betas, weight_decay=0.0)  # its own state
 
 if resume:
     path = checkpoint.latest(ckpt_root)
@@ -589,10 +588,11 @@ if resume:
     if method == "select":
         selector.load_state_dict(state["selector"])
         selector_opt.load_state_dict(state["selector_opt"])
-        aux_opt.load_state_dict(state["aux_opt"])
-        with torch.no_grad():
-            for q, s in zip(aux, state["aux"]):
-                q.copy_(s)
+        if selector_algorithm == "penalty":
+            aux_opt.load_state_dict(state["aux_opt"])
+            with torch.no_grad():
+                for q, s in zip(aux, state["aux"]):
+                    q.copy_(s)
     log(f"resumed from {path} at iteration {state['iter']}")
     if master and os.path.exists(metrics_path):  # drop lines written after that checkpoint
         with open(metrics_path) as f:
@@ -709,8 +709,9 @@ def checkpoint_state(it):
     st = dict(state, iter=it, loaders={i: o.loader.state_dict() for i, o in O.items()},
               probes={i: o.probe.state_dict() for i, o in O.items()})
     if method == "select":
-        st.update(selector=selector.state_dict(), selector_opt=selector_opt.state_dict(),
-                  aux=[q.cpu() for q in aux], aux_opt=aux_opt.state_dict())
+        st.update(selector=selector.state_dict(), selector_opt=selector_opt.state_dict())
+        if selector_algorithm == "penalty":
+            st.update(aux=[q.cpu() for q in aux], aux_opt=aux_opt.state_dict())
     return st
 
 def save_selection(final=False):
@@ -757,6 +758,10 @@ while True:
         res, tokens = select_step()
     else:
         res, tokens = train_step(chosen)
+    loss = sum(w_obj[i] * res[i][0] for i in res) if len(res) == 2 else next(iter(res.values()))[0]
+    if not math.isfinite(loss):  # before the update: the weights in memory stay finite too
+        raise RuntimeError(f"non-finite loss {loss} at iteration {it + 1} (objective {', '.join(map(str, chosen))}); "
+                           f"the last good checkpoint in {ckpt_root} is kept")
     lr, gnorm = clip_and_step(it)
     it += 1
     state["train_s"] += time.time() - t_step  # steps only, no eval/checkpoint
@@ -765,10 +770,6 @@ while True:
         state["counts"][i] += 1
     if method == "maxright":
         state["s"][chosen[0]] = w_obj[chosen[0]] * (res[chosen[0]][0] - state["opt"][chosen[0]])
-    loss = sum(w_obj[i] * res[i][0] for i in res) if len(res) == 2 else next(iter(res.values()))[0]
-    if not math.isfinite(loss):
-        raise RuntimeError(f"non-finite loss {loss} at iteration {it} (objective {', '.join(map(str, chosen))}); "
-                           f"the last good checkpoint in {ckpt_root} is kept")
     if it % log_interval == 0 or it == total_iters:
         line = dict(kind="train", iter=it, obj=chosen[0] if len(chosen) == 1 else 0, loss=loss, lr=lr,
                     tokens=state["tokens"], elapsed_s=time.time() - t0, grad_norm=gnorm, **gaps_seen)

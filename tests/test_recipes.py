@@ -138,3 +138,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 def test_bad_config_is_a_clear_error(tmp_path, arg, message):
     p = run_train(tmp_path, "--micro_train_batch_size=4", arg, check=False)
     assert p.returncode != 0 and message in p.stderr
+
+def test_early_stop_on_gap_and_on_pareto_front(tmp_path):
+    """eps > 0: stop at the first evaluation where a gap f_i - f_i* <= eps, or where the eval point
+    weakly dominates (within eps) a point of the given reference front."""
+    args = ["--method=alright", "--max_iters=40", "--eval_interval=5", "--train_batch_size=4", "--micro_train_batch_size=4"]
+    run_train(tmp_path / "gap", *args, "--obj_opt_1=0.0", "--obj_opt_2=0.68", "--eps=0.01")
+    ev = metrics(tmp_path / "gap", "eval")
+    stop = ev[-1]
+    assert stop["iter"] < 40 and stop["eval_loss_2"] - 0.68 <= 0.01
+    assert all(e["eval_loss_2"] - 0.68 > 0.01 and e["eval_loss_1"] > 0.01 for e in ev[:-1])
+    front = tmp_path / "front.json"
+    front.write_text(json.dumps([[5.0, 0.7]]))
+    run_train(tmp_path / "front", *args, "--obj_opt_1=0.0", "--obj_opt_2=0.0", "--eps=1e-4", f"--pareto_front={front}")
+    ev = metrics(tmp_path / "front", "eval")
+    assert ev[-1]["iter"] < 40 and ev[-1]["eval_loss_1"] <= 5.0 + 1e-4 and ev[-1]["eval_loss_2"] <= 0.7 + 1e-4
+    assert all(e["eval_loss_1"] > 5.0 + 1e-4 or e["eval_loss_2"] > 0.7 + 1e-4 for e in ev[:-1])
