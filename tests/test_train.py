@@ -101,6 +101,7 @@ def test_final_export_loads_in_transformers_and_peft(tmp_path):
     byte_tokenizer().save_pretrained(tmp_path / "base")
     out = tmp_path / "run"
     run_train(out, f"--pretrain={tmp_path / 'base'}", "--lora_rank=4", "--lora_alpha=8", "--target_modules=q_proj,v_proj",
+              "--gradient_checkpointing=True",
               "--method=alright", "--train_batch_size=4", "--micro_train_batch_size=4", "--max_iters=5")
     ids = torch.randint(0, 258, (2, 11))
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "final").float().eval()
@@ -138,3 +139,12 @@ def test_sequential_forgets_objective_1(tmp_path):
     assert switch["eval_loss_1"] < start["eval_loss_1"] - 0.5
     assert end["eval_loss_2"] < switch["eval_loss_2"] - 0.1
     assert end["eval_loss_1"] > switch["eval_loss_1"] + 0.5
+
+def test_packing_gives_the_same_losses(tmp_path):
+    """SFT with documents packed into rows (segment-masked attention, positions restarting per
+    document) trains exactly like padded rows: losses are per token over the global batch."""
+    args = ["--obj_2=", "--train_batch_size=8", "--micro_train_batch_size=8", "--max_iters=4", "--max_len_1=96", *EXACT]
+    run_train(tmp_path / "padded", *args)
+    run_train(tmp_path / "packed", *args, "--packing=True")
+    assert_same_losses(losses(tmp_path / "padded"), losses(tmp_path / "packed"), tol=1e-10)
+    assert metrics(tmp_path / "packed")[-1]["tokens"] == metrics(tmp_path / "padded")[-1]["tokens"]
