@@ -154,3 +154,26 @@ def test_early_stop_on_gap_and_on_pareto_front(tmp_path):
     ev = metrics(tmp_path / "front", "eval")
     assert ev[-1]["iter"] < 40 and ev[-1]["eval_loss_1"] <= 5.0 + 1e-4 and ev[-1]["eval_loss_2"] <= 0.7 + 1e-4
     assert all(e["eval_loss_1"] > 5.0 + 1e-4 or e["eval_loss_2"] > 0.7 + 1e-4 for e in ev[:-1])
+
+def test_bfloat16_autocast_path_matches_float32(tmp_path):
+    """dtype=bfloat16 (autocast; LoRA base weights stored in bf16, adapters in float32) runs the
+    same math as float32 within bf16 rounding. Slow matmuls on CPUs without bf16 units: tiny run."""
+    tiny_hf(tmp_path / "base")
+    args = [f"--pretrain={tmp_path / 'base'}", "--lora_rank=4", "--max_iters=3", "--train_batch_size=4",
+            "--micro_train_batch_size=4", "--method=alright"]
+    run_train(tmp_path / "f32", *args, "--dtype=float32")
+    run_train(tmp_path / "bf16", *args, "--dtype=bfloat16")
+    a, b = metrics(tmp_path / "f32"), metrics(tmp_path / "bf16")
+    assert [l["obj"] for l in a] == [l["obj"] for l in b]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 0.02 * abs(x["loss"]) + 1e-3
+
+def test_hub_ids_fail_clearly_offline(monkeypatch):
+    """hub ids go through huggingface_hub / datasets; offline, the error names what was asked for."""
+    import data as D
+    from model import GPT
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="'nobody/no-such-model' is not a local directory"):
+        GPT.from_pretrained("nobody/no-such-model")
+    with pytest.raises(ValueError, match="nobody/no-such-dataset"):
+        D.load_rows("nobody/no-such-dataset")
