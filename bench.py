@@ -1,0 +1,738 @@
+"""
+Throughput and peak memory of BiPOST training steps, computed as train.py computes them (one
+forward of model.GPT with the losses of losses.py applied through head_fn, one backward, gradient
+clipping, one AdamW step):
+
+    python bench.py                                   # tiny llama on CPU, every case
+    python bench.py --compare=True                    # + the same DPO step in plain transformers and TRL
+    python bench.py --mode=memory                     # loss peak memory: chunked vs full logits, 128k vocab
+    python bench.py --pretrain=meta-llama/Llama-3.2-1B --dtype=bfloat16 --batch_size=4 --seq_len=2048 --prompt_len=512
+
+Cases (--cases=...): sft; dpo (the frozen initial policy as reference, forwarded every step);
+dpo_precomputed (reference log-probs computed once before timing: no reference forward); kd (a
+second frozen model of the same shape as teacher); mix (sft and dpo rows in one forward, both
+losses, one backward); alright (sft with probability lambd, else dpo, drawn per step); maxright
+(like alright, plus a no-grad evaluation of both objectives every maxright_interval steps).
+Data: random token ids, every row seq_len tokens, the first prompt_len of them a masked prompt.
+Step time: the median of `iters` timed steps after `warmup_iters` untimed ones, one case after the
+other in this process (alright and maxright: per-objective medians, see summarize); tokens/s
+counts the policy's input tokens of a step (reference and teacher forwards not counted). With
+--compare=True the peers run in the same process, on the same weights, batches and dtype.
+Peak memory of a case, measured in a fresh process per case over its warm-up and two steps: on
+CUDA torch.cuda.max_memory_allocated minus the memory allocated before the first step; on CPU the
+peak RSS (VmHWM, reset through /proc/self/clear_refs after the case is built) minus the RSS
+before the first step. Both count gradients, AdamW state, activations and logits, not the weights
+and data that exist before the first step; the CPU figure also counts allocator overhead.
+"""
+import contextlib
+import json as json_lib
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from copy import deepcopy
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import losses as L
+from lora import disabled, inject
+from model import GPT, Config
+
+# -----------------------------------------------------------------------------
+# default config values
+mode = "steps"            # steps: optimizer steps of each case | memory: one loss + backward, chunked vs full logits
+cases = "sft,dpo,dpo_precomputed,kd,mix,alright,maxright"
+compare = False           # also the dpo step in plain transformers and in TRL's DPOTrainer (needs trl)
+json = ""                 # write the figures to this file as JSON
+# model
+pretrain = ""             # HF hub id or local dir; '' builds a fresh llama from the model_* keys
+model_vocab_size = 8192
+model_n_layer = 4
+model_n_head = 8
+model_n_kv_head = 4
+model_n_embd = 256
+model_intermediate_size = 688
+dtype = "float32"         # float32 | bfloat16 | float16: autocast over float32 weights, as train.py
+device = ""               # '' = cuda when available, else cpu
+gradient_checkpointing = False
+lora_rank = 0             # 0 = full fine-tuning
+lora_alpha = 16
+target_modules = "all-linear"
+# data: random token ids
+batch_size = 8            # samples per step (pairs for dpo; mix takes batch_size of each)
+seq_len = 256             # tokens per row, prompt included
+prompt_len = 64           # masked prompt tokens at the start of each row
+# the step
+learning_rate = 5e-5
+adam_betas = (0.9, 0.95)
+max_norm = 1.0
+dpo_beta = 0.1
+kd_loss = "forward"       # forward | reverse | jsd
+loss_chunk_size = 1024    # tokens per chunk of the output head
+lambd = 0.5               # mix: weight of sft; alright: probability of sft (dpo is the other objective)
+maxright_interval = 10    # maxright evaluates both objectives every k steps
+# timing
+warmup_iters = 2          # untimed steps per case (of each objective for alright and maxright)
+iters = 10                # timed steps per case (the median is reported)
+memory = True             # peak memory per case, each in a fresh process
+peak_flops = 0.0          # the device's peak FLOP/s in dtype (e.g. 989e12 for H100 bf16 dense); > 0 reports MFU
+seed = 1337
+# memory mode: one loss + backward from hidden states, no model
+mem_vocab_size = 128256
+mem_seq_len = 2048
+mem_n_embd = 1024
+mem_chunk_size = 1024
+mem_cases = "sft_full,sft_chunked,kd_full,kd_chunked"
+mem_train_head = True     # False: the output head is frozen (LoRA trains no head), so no weight gradient
+case = ""                 # set by the benchmark itself: measure this one case's memory in a fresh process
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+
+IGNORE_INDEX = L.IGNORE_INDEX
+
+# -----------------------------------------------------------------------------
+# data: random token ids with a realistic prompt / response mask
+
+def random_pairs(n, seq_len, prompt_len, vocab_size, generator):
+    """n preference pairs [(prompt, chosen, rejected)] of token id lists: a prompt of prompt_len
+    ids, then responses that fill the row to seq_len and end with eos = vocab_size - 1. Ordinary
+    ids stay below vocab_size - 2 (vocab_size - 2 is the pad id of word_tokenizer)."""
+    prompts = torch.randint(vocab_size - 2, (n, prompt_len), generator=generator)
+    responses = torch.randint(vocab_size - 2, (2, n, seq_len - prompt_len), generator=generator)
+    responses[..., -1] = vocab_size - 1
+    return [(prompts[i].tolist(), responses[0, i].tolist(), responses[1, i].tolist()) for i in range(n)]
+
+def make_batch(rows, prompt_lens, ids, device="cpu"):
+    """rows of equal length -> the batch dict of data.py's collators, plus completion_mask (1 on
+    response tokens) for the transformers side. labels[b, t] is the token predicted at position t."""
+    x = torch.tensor(rows)  # (N, T)
+    N, T = x.shape
+    labels = torch.full_like(x, IGNORE_INDEX)
+    completion_mask = torch.zeros_like(x)
+    for b, p in enumerate(prompt_lens):
+        labels[b, p - 1:T - 1] = x[b, p:]
+        completion_mask[b, p:] = 1
+    return {"input_ids": x.to(device), "labels": labels.to(device), "completion_mask": completion_mask.to(device),
+            "attention_mask": torch.ones_like(x).to(device), "position_ids": torch.arange(T).expand(N, T).to(device),
+            "ids": list(ids)}
+
+def sft_batch(pairs, ids, device="cpu"):
+    """prompt + chosen response of each pair, one row each."""
+    return make_batch([p + c for p, c, _ in pairs], [len(p) for p, _, _ in pairs], ids, device)
+
+def dpo_batch(pairs, ids, device="cpu"):
+    """B pairs as 2B rows, the B chosen first then the B rejected (data.collate_dpo's layout)."""
+    rows = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+    return make_batch(rows, [len(p) for p, _, _ in pairs] * 2, ids, device)
+
+# -----------------------------------------------------------------------------
+# the BiPOST step: train.py's objective_losses / normalizers / train_step / clip_and_step on one process
+
+def objective(kind, ref=None, beta=0.1, kd_kind="forward"):
+    """what train.py keeps per objective: kind, reference / teacher (a frozen GPT, or 'self' for
+    the policy with its LoRA adapters off), cached reference log-probs, loss options."""
+    return SimpleNamespace(kind=kind, ref=ref, ref_cache=None, beta=beta, label_smoothing=0.0, ipo=False,
+                           nll_coef=0.0, kd_kind=kd_kind)
+
+def reference_hidden(model, o, x, autocast):
+    """hidden states and head weight of o's teacher / reference for rows x (no grad)."""
+    with torch.no_grad(), autocast:
+        if o.ref == "self":
+            with disabled(model):
+                return model(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w: (h, w.detach().clone()))
+        return o.ref(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w: (h, w))
+
+def ref_logps(model, o, b, autocast, chunk_size):
+    if o.ref_cache is not None:
+        c = torch.tensor([o.ref_cache[i] for i in b["ids"]], device=b["input_ids"].device)  # (B, 2)
+        return c[:, 0], c[:, 1]
+    h, w = reference_hidden(model, o, b, autocast)
+    return L.sequence_logps(h, w, b["labels"], chunk_size).chunk(2)
+
+def normalizers(o, b):
+    """token / pair counts of one objective's (single micro-batch, single rank) step."""
+    if o.kind == "dpo":
+        n = b["labels"].shape[0] // 2
+        return {"pairs": n, "chosen_tokens": max(L.count_tokens(b["labels"][:n]).item(), 1)}
+    return {"tokens": max(L.count_tokens(b["labels"]).item(), 1)}
+
+def objective_losses(model, parts, autocast=contextlib.nullcontext(), chunk_size=1024):
+    """One forward of the policy over all parts' rows, parts = [(objective, batch, norm)];
+    returns [(loss, stats)] per part, each loss the part's global-batch mean."""
+    keys = ("input_ids", "labels", "attention_mask", "position_ids")
+    x = {k: torch.cat([b[k] for _, b, _ in parts]) for k in keys}  # rows of one length: no padding needed
+    aux = []
+    for o, b, norm in parts:  # everything that needs no grad, before the policy forward
+        aux.append(reference_hidden(model, o, b, autocast) if o.kind == "kd"
+                   else ref_logps(model, o, b, autocast, chunk_size) if o.kind == "dpo" else None)
+
+    def head(h, w):  # h (rows, T, C), w (V, C)
+        out, r = [], 0
+        for (o, b, norm), a in zip(parts, aux):
+            n, T = b["input_ids"].shape
+            hh, yy = h[r:r + n, :T], x["labels"][r:r + n, :T]
+            r += n
+            if o.kind == "dpo":
+                tok = L.token_logps(hh, w, yy, chunk_size)  # (2B, T)
+                pc, pr = tok.sum(-1).chunk(2)
+                losses, cr, rr = L.dpo_loss(pc, pr, *a, o.beta, o.label_smoothing, o.ipo)
+                real = torch.tensor([i is not None for i in b["ids"]], device=h.device)
+                losses, cr, rr = losses * real, cr * real, rr * real
+                loss = losses.sum() / norm["pairs"]
+                if o.nll_coef:
+                    loss = loss - o.nll_coef * tok[: n // 2].sum() / norm["chosen_tokens"]
+                out.append((loss, {"acc": ((cr > rr) & real).float().sum().item(), "chosen_reward": cr.sum().item(),
+                                   "rejected_reward": rr.sum().item()}))
+                continue
+            if o.kind == "kd":
+                th, tw = a
+                tok = L.kd_token_losses(hh, w, th[:, :T], tw, yy, o.kd_kind, chunk_size=chunk_size)
+            else:
+                tok = -L.token_logps(hh, w, yy, chunk_size)
+            out.append((tok.sum() / norm["tokens"], {}))
+        return out
+
+    with autocast:
+        return model(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=head)
+
+def make_optimizer(model, lr=5e-5, betas=(0.9, 0.95)):
+    """train.py's AdamW: weight decay 0 (two groups), fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.0},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = params[0].is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **({"fused": True} if fused else {})), params
+
+def bipost_step(model, optimizer, params, parts, autocast=contextlib.nullcontext(), chunk_size=1024, max_norm=1.0):
+    """one optimizer step: parts = [(objective, batch, weight)]; returns each part's loss."""
+    outs = objective_losses(model, [(o, b, normalizers(o, b)) for o, b, _ in parts], autocast, chunk_size)
+    loss = sum(wt * l for (_, _, wt), (l, _) in zip(parts, outs))
+    loss.backward()
+    values = [l.item() for l, _ in outs]
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return values
+
+@torch.no_grad()
+def eval_loss(model, o, b, autocast=contextlib.nullcontext(), chunk_size=1024):
+    """objective o's loss on batch b, no grad, model in eval mode (maxright's evaluation)."""
+    model.eval()
+    (l, _), = objective_losses(model, [(o, b, normalizers(o, b))], autocast, chunk_size)
+    model.train()
+    return l.item()
+
+def precompute_ref_logps(model, o, batches, autocast, chunk_size):
+    """reference log-probs of every pair once, keyed by pair id (train.py's precompute_ref)."""
+    cache = {}
+    for b in batches:
+        rc, rr = ref_logps(model, o, b, autocast, chunk_size)
+        cache.update({i: (c, r) for i, c, r in zip(b["ids"], rc.tolist(), rr.tolist())})
+    o.ref_cache = cache
+
+# -----------------------------------------------------------------------------
+# the same DPO step written plainly with transformers: full logits, log_softmax, gather
+
+def to_hf(gpt, dtype=torch.float32):
+    """a transformers model with gpt's weights (through the HF checkpoint layout)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    transformers.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as d:
+        gpt.save_pretrained(d)
+        with open(os.path.join(d, "config.json")) as f:
+            hf = json_lib.load(f)
+        V = hf["vocab_size"]
+        for k, v in (("pad_token_id", V - 2), ("eos_token_id", V - 1)):  # word_tokenizer's ids
+            if isinstance(hf.get(k), int) and hf[k] >= V:
+                hf[k] = v
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json_lib.dump(hf, f)
+        return AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+
+def hf_model(S, dtype):
+    """the transformers model the peers train: the checkpoint itself, or the random init's weights."""
+    if S.cfg["pretrain"]:
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(S.cfg["pretrain"], dtype=dtype)
+    return to_hf(S.base, dtype)
+
+def hf_sequence_logps(model, b):
+    """[2B] sum of response-token log-probs, from full [2B, T, V] logits."""
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+    return (logps * b["completion_mask"][:, 1:]).sum(-1)
+
+def hf_dpo_step(model, ref, optimizer, b, beta=0.1, autocast=contextlib.nullcontext(), max_norm=1.0):
+    with autocast:
+        pc, pr = hf_sequence_logps(model, b).chunk(2)
+        with torch.no_grad():
+            rc, rr = hf_sequence_logps(ref, b).chunk(2)
+        loss = -F.logsigmoid(beta * ((pc - pr) - (rc - rr))).mean()
+    loss.backward()
+    value = loss.item()
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value
+
+def word_tokenizer(vocab_size):
+    """a transformers tokenizer whose text 't17 t4 <eos>' is ids [17, 4, vocab_size - 1]: any id
+    sequence goes through TRL's text pipeline unchanged (pad = vocab_size - 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"t{i}": i for i in range(vocab_size - 2)}
+    vocab.update({"<pad>": vocab_size - 2, "<eos>": vocab_size - 1})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+def trl_dpo_step_times(S, n_steps):
+    """TRL's DPOTrainer on the dpo case's pairs, weights, lengths and dtype, configured like the
+    BiPOST step. Returns the seconds of each optimizer step, on_step_begin to on_step_end (batch
+    loading is outside)."""
+    import datasets
+    import transformers
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import DPOConfig, DPOTrainer
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    cfg = S.cfg
+    model = hf_model(S, S.master_dtype).to(S.device)
+    ref = hf_model(S, S.master_dtype).to(S.device)  # TRL's own default: the policy's dtype
+    V = model.config.vocab_size
+    text = lambda ids: " ".join("<eos>" if i == V - 1 else f"t{i}" for i in ids)
+    rows = [{"prompt": text(p), "chosen": " " + text(c), "rejected": " " + text(r)}
+            for p, c, r in S.pairs[:n_steps * cfg["batch_size"]]]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            S.sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            S.sync()
+            self.times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=cfg["batch_size"], gradient_accumulation_steps=1,
+                         max_steps=n_steps, learning_rate=cfg["learning_rate"], adam_beta1=cfg["adam_betas"][0],
+                         adam_beta2=cfg["adam_betas"][1], weight_decay=0.0, max_grad_norm=cfg["max_norm"],
+                         lr_scheduler_type="constant", warmup_steps=0, beta=cfg["dpo_beta"],
+                         bf16=cfg["dtype"] == "bfloat16", fp16=cfg["dtype"] == "float16",
+                         activation_checkpointing=False, gradient_checkpointing=False,
+                         max_length=cfg["seq_len"], precompute_ref_log_probs=False, eval_strategy="no",
+                         save_strategy="no", logging_strategy="no", report_to="none", use_cpu=S.device_type == "cpu",
+                         dataloader_num_workers=0, disable_tqdm=True, seed=cfg["seed"])
+        timer = Timer()
+        trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=word_tokenizer(V), callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line
+        lengths = {len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in trainer.train_dataset}
+        assert lengths == {cfg["seq_len"]}, f"TRL tokenized the rows to lengths {lengths}, not {cfg['seq_len']}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated names used inside transformers/TRL
+            trainer.train()
+    return timer.times
+
+# -----------------------------------------------------------------------------
+# memory mode: one loss + backward from hidden states, chunked (losses.py) vs full logits
+
+def full_sft_loss(hidden, weight, labels):
+    logps = F.log_softmax((hidden @ weight.t()).float(), dim=-1)  # (B, T, V)
+    mask = labels != IGNORE_INDEX
+    picked = logps.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return -(picked * mask).sum() / mask.sum()
+
+def full_kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels):
+    logps = F.log_softmax((hidden @ weight.t()).float(), dim=-1)  # (B, T, V)
+    with torch.no_grad():
+        teacher_probs = F.softmax((teacher_hidden @ teacher_weight.t()).float(), dim=-1)
+    mask = labels != IGNORE_INDEX
+    return (-(teacher_probs * logps).sum(-1) * mask).sum() / mask.sum()
+
+def loss_memory_case(name, vocab_size, seq_len, n_embd, chunk_size, device, dtype, train_head=True):
+    """peak memory (MiB) of one loss + backward above what its inputs occupy, the loss value, seconds."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, seq_len, n_embd, generator=g, dtype=dtype).to(device).requires_grad_()
+    weight = (0.02 * torch.randn(vocab_size, n_embd, generator=g, dtype=dtype)).to(device).requires_grad_(train_head)
+    labels = torch.randint(vocab_size, (1, seq_len), generator=g).to(device)
+    labels[:, -1] = IGNORE_INDEX  # every position but the last has a next token
+    teacher_hidden = teacher_weight = None
+    if name.startswith("kd"):
+        teacher_hidden = torch.randn(1, seq_len, n_embd, generator=g, dtype=dtype).to(device)
+        teacher_weight = (0.02 * torch.randn(vocab_size, n_embd, generator=g, dtype=dtype)).to(device)
+    base = memory_mark(device)
+    t0 = time.perf_counter()
+    if name == "sft_full":
+        loss = full_sft_loss(hidden, weight, labels)
+    elif name == "sft_chunked":
+        loss = L.sft_loss(hidden, weight, labels, chunk_size=chunk_size)
+    elif name == "kd_full":
+        loss = full_kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels)
+    elif name == "kd_chunked":
+        loss = L.kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, chunk_size=chunk_size)
+    else:
+        raise ValueError(f"unknown memory case {name!r}")
+    loss.backward()
+    value = loss.item()
+    seconds = time.perf_counter() - t0
+    return {"case": name, "peak_mib": memory_peak(device, base), "loss": value, "seconds": seconds}
+
+# -----------------------------------------------------------------------------
+# measuring
+
+def _proc_status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+def memory_mark(device):
+    """starts a peak measurement; returns the baseline in bytes."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets this process' peak RSS (VmHWM) to the current RSS
+    return _proc_status_kib("VmRSS") * 1024
+
+def memory_peak(device, base):
+    """MiB above the baseline at the peak since memory_mark."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return (_proc_status_kib("VmHWM") * 1024 - base) / 2**20
+
+def machine():
+    cpu = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+def loadavg():
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+# -----------------------------------------------------------------------------
+# steps mode: every case is a runner whose step() runs and times one optimizer step
+
+def build_start(cfg):
+    """the state every case starts from: config, device, initial weights, teacher, batches."""
+    device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ptdtype = getattr(torch, cfg["dtype"])
+    master_dtype = torch.float64 if ptdtype == torch.float64 else torch.float32
+    half = ptdtype in (torch.bfloat16, torch.float16)
+    S = SimpleNamespace(cfg=dict(cfg, device=device, device_type=device_type), device=device, device_type=device_type,
+                        ptdtype=ptdtype, master_dtype=master_dtype,
+                        autocast=torch.autocast(device_type, dtype=ptdtype) if half else contextlib.nullcontext(),
+                        sync=torch.cuda.synchronize if device_type == "cuda" else (lambda: None))
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg["seed"])
+    if cfg["pretrain"]:
+        S.base = GPT.from_pretrained(cfg["pretrain"], dtype=ptdtype if cfg["lora_rank"] else master_dtype, device="cpu")
+        S.teacher = S.base  # the teacher: a frozen copy of the same checkpoint
+    else:
+        mc = Config(vocab_size=cfg["model_vocab_size"], n_layer=cfg["model_n_layer"], n_head=cfg["model_n_head"],
+                    n_kv_head=cfg["model_n_kv_head"], n_embd=cfg["model_n_embd"],
+                    head_dim=cfg["model_n_embd"] // cfg["model_n_head"], intermediate_size=cfg["model_intermediate_size"],
+                    max_position_embeddings=max(2048, cfg["seq_len"]), norm_eps=1e-5)
+        S.base = GPT(mc).to(master_dtype)
+        S.teacher = GPT(mc).to(master_dtype)  # another random init
+    V, B, T, P = S.base.config.vocab_size, cfg["batch_size"], cfg["seq_len"], cfg["prompt_len"]
+    assert 1 <= P < T, "prompt_len must lie in [1, seq_len)"
+    n_batches = 4  # cycled through; the content does not change the cost
+    S.pairs = random_pairs(B * max(n_batches, cfg["warmup_iters"] + cfg["iters"]), T, P, V,
+                           torch.Generator().manual_seed(cfg["seed"]))
+    S.sft_batches = [sft_batch(S.pairs[i * B:(i + 1) * B], range(i * B, (i + 1) * B), device) for i in range(n_batches)]
+    S.dpo_batches = [dpo_batch(S.pairs[i * B:(i + 1) * B], range(i * B, (i + 1) * B), device) for i in range(n_batches)]
+    return S
+
+def timed(S, fn):
+    S.sync()
+    t0 = time.perf_counter()
+    out = fn()
+    S.sync()
+    return time.perf_counter() - t0, out
+
+def make_runner(name, S):
+    """a fresh policy (and reference / teacher) for case `name`. Returns a namespace with warm(n)
+    (untimed steps) and step() (one timed optimizer step, appended to .times / .objs / .evals)."""
+    cfg, ac, chunk = S.cfg, S.autocast, S.cfg["loss_chunk_size"]
+    R = SimpleNamespace(name=name, times=[], objs=[], tokens=[], evals=[], k=0)
+    if name == "transformers":  # the plain transformers loop, same weights and batches
+        model = hf_model(S, S.master_dtype).to(S.device).train()
+        ref = hf_model(S, S.ptdtype).to(S.device).eval().requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], betas=cfg["adam_betas"], eps=1e-8,
+                                weight_decay=0.0, **({"fused": True} if S.device_type == "cuda" else {}))
+        def train(kind, k):
+            b = S.dpo_batches[k % len(S.dpo_batches)]
+            dt, _ = timed(S, lambda: hf_dpo_step(model, ref, opt, b, cfg["dpo_beta"], ac, cfg["max_norm"]))
+            return dt, int(b["attention_mask"].sum())
+    else:
+        model = deepcopy(S.base).to(S.device)
+        model.gradient_checkpointing = cfg["gradient_checkpointing"]
+        if cfg["lora_rank"]:
+            inject(model, cfg["lora_rank"], cfg["lora_alpha"], 0.0, cfg["target_modules"])
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(S.master_dtype)  # adapters train in float32
+        model.train()
+        optimizer, params = make_optimizer(model, cfg["learning_rate"], cfg["adam_betas"])
+        ref = "self" if cfg["lora_rank"] else None  # 'self': the policy with its adapters off
+        if name in ("dpo", "dpo_precomputed", "mix", "alright", "maxright") and ref is None:
+            ref = deepcopy(S.base).to(S.device, S.ptdtype).eval().requires_grad_(False)
+        sft, dpo = objective("sft"), objective("dpo", ref=ref, beta=cfg["dpo_beta"])
+        kd = objective("kd", kd_kind=cfg["kd_loss"])
+        if name == "kd":
+            kd.ref = deepcopy(S.teacher).to(S.device, S.ptdtype).eval().requires_grad_(False)
+        if name == "dpo_precomputed":
+            precompute_ref_logps(model, dpo, S.dpo_batches, ac, chunk)
+            if ref != "self":
+                dpo.ref = ref = None  # the cache replaces the reference model
+        lambd = cfg["lambd"]
+        parts = {"sft": lambda k: [(sft, S.sft_batches[k % len(S.sft_batches)], 1.0)],
+                 "dpo": lambda k: [(dpo, S.dpo_batches[k % len(S.dpo_batches)], 1.0)],
+                 "kd": lambda k: [(kd, S.sft_batches[k % len(S.sft_batches)], 1.0)],
+                 "mix": lambda k: [(sft, S.sft_batches[k % len(S.sft_batches)], lambd),
+                                   (dpo, S.dpo_batches[k % len(S.dpo_batches)], 1 - lambd)]}
+        parts["dpo_precomputed"] = parts["dpo"]
+        def train(kind, k):
+            ps = parts[kind](k)
+            dt, losses = timed(S, lambda: bipost_step(model, optimizer, params, ps, ac, chunk, cfg["max_norm"]))
+            R.last_loss = losses[0]
+            return dt, sum(int(b["attention_mask"].sum()) for _, b, _ in ps)
+        R.eval = {"sft": lambda k: eval_loss(model, sft, S.sft_batches[k % len(S.sft_batches)], ac, chunk),
+                  "dpo": lambda k: eval_loss(model, dpo, S.dpo_batches[k % len(S.dpo_batches)], ac, chunk)}
+    joint = name in ("alright", "maxright")
+    rng, w, s, opt_f = random.Random(cfg["seed"]), {"sft": cfg["lambd"], "dpo": 1 - cfg["lambd"]}, {}, {}
+
+    def warm(n):
+        for k in range(n):
+            for kind in (("sft", "dpo") if joint else ("dpo",) if name == "transformers" else (name,)):
+                train(kind, k)
+        if name == "maxright":
+            # f* stand-ins: 0.1 below each current loss, so both weighted gaps start equal and the
+            # choice alternates as the losses move; it only decides which step cost is paid
+            opt_f.update({kind: R.eval[kind](0) - 0.1 for kind in ("sft", "dpo")})
+
+    def step():
+        k, t_eval = R.k, 0.0
+        R.k += 1
+        if name == "alright":  # objective 1 (sft) with probability lambd, drawn once per step
+            kind = "sft" if rng.random() < cfg["lambd"] else "dpo"
+        elif name == "maxright":  # the larger weighted gap; both refreshed every k steps, no grad
+            if k % cfg["maxright_interval"] == 0:
+                t_eval, s_new = timed(S, lambda: {i: w[i] * (R.eval[i](k + 1) - opt_f[i]) for i in ("sft", "dpo")})
+                s.update(s_new)
+            kind = "sft" if s["sft"] >= s["dpo"] else "dpo"
+        else:
+            kind = "dpo" if name == "transformers" else name
+        dt, n = train(kind, k)
+        if name == "maxright":
+            s[kind] = w[kind] * (R.last_loss - opt_f[kind])  # the chosen one's pre-update loss
+        R.times.append(dt + t_eval)
+        R.evals.append(t_eval)
+        R.objs.append(kind)
+        R.tokens.append(n)
+
+    R.warm, R.step = warm, step
+    return R
+
+def summarize(R, results, lambd):
+    """step time (median) and tokens/s of a runner; alright / maxright also against the
+    single-objective runners of the same run: per-objective medians of their training steps,
+    weighted by lambd (alright) or by the realized counts (maxright, plus its evaluations)."""
+    out = {"case": R.name, "times": R.times, "tokens_per_step": statistics.mean(R.tokens)}
+    out["step_s"] = statistics.median(R.times)
+    if R.name in ("alright", "maxright"):
+        by = {i: [t - e for t, e, o in zip(R.times, R.evals, R.objs) if o == i] for i in ("sft", "dpo")}
+        med = {i: statistics.median(v) for i, v in by.items() if v}
+        n = len(R.times)
+        out.update(counts={i: len(v) for i, v in by.items()}, median_step_s=med, eval_s=[e for e in R.evals if e],
+                   mean_step_s=statistics.mean(R.times))
+        # weights: lambd for alright (when both objectives were drawn), else the realized counts
+        wt = ({"sft": lambd, "dpo": 1 - lambd} if R.name == "alright" and len(med) == 2 else
+              {i: len(by[i]) / n for i in med})
+        out["step_s"] = sum(wt[i] * med[i] for i in med) + sum(R.evals) / n
+        out["tokens_per_step"] = sum(wt[i] * statistics.mean(t for t, o in zip(R.tokens, R.objs) if o == i) for i in med)
+        if "sft" in results and "dpo" in results:
+            out["single_step_s"] = sum(wt[i] * results[i]["step_s"] for i in med)
+            out["vs_single"] = out["step_s"] / out["single_step_s"]
+    out["tokens_per_s"] = out["tokens_per_step"] / out["step_s"]
+    return out
+
+def case_memory_subprocess(name, argv):
+    """this case's peak memory, measured in a fresh process."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, f"--case={name}", "--compare=False"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    for line in p.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json_lib.loads(line[len("BENCH_RESULT "):])
+    raise RuntimeError(f"memory subprocess for {name} failed (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+
+def flops_per_token(model_cfg, n_params, T):
+    """training FLOPs per token of one forward + backward (PaLM / nanoGPT estimate: 6N + 12 L H hd T)."""
+    return 6 * n_params + 12 * model_cfg.n_layer * model_cfg.n_head * model_cfg.head_dim * T
+
+def print_table(rows, header):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(v).rjust(w) for v, w in zip(r, widths))
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(line(r))
+
+def main_steps(cfg, argv):
+    S = build_start(cfg)
+    names = [c.strip() for c in cfg["cases"].split(",") if c.strip()]
+    known = ("sft", "dpo", "dpo_precomputed", "kd", "mix", "alright", "maxright")
+    for c in names:
+        assert c in known, f"unknown case {c!r}; cases are {', '.join(known)}"
+    if cfg["case"]:  # a memory subprocess: build, then peak memory over warm-up and two steps
+        R = make_runner(cfg["case"], S)
+        base = memory_mark(S.device)
+        R.warm(1)
+        R.step()
+        R.step()
+        print("BENCH_RESULT " + json_lib.dumps({"case": cfg["case"], "peak_mib": memory_peak(S.device, base)}))
+        return
+
+    mcfg, B, T = S.base.config, cfg["batch_size"], cfg["seq_len"]
+    info = dict(machine(), device=S.device, dtype=cfg["dtype"], load_start=loadavg())
+    n_params = S.base.num_params() - S.base.wte.weight.numel()
+    print(f"bench: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, {info['torch_threads']} threads, "
+          f"torch {info['torch']}, {S.device} {cfg['dtype']}, {n_params / 1e6:.2f}M non-embedding params, vocab "
+          f"{mcfg.vocab_size}, {B} x {T} tokens ({cfg['prompt_len']} prompt), load {info['load_start']}")
+    compare = cfg["compare"] and not cfg["lora_rank"]
+    if cfg["compare"] and cfg["lora_rank"]:
+        print("compare: skipped (the peers run full fine-tuning; use lora_rank=0)")
+    if compare:
+        names.append("transformers")
+    trl = None
+    if compare:
+        try:
+            import trl
+        except ImportError:
+            print("compare: trl is not installed, TRL skipped")
+    W, n = cfg["warmup_iters"], cfg["iters"]
+    results = {}
+    # one case after the other, each freed before the next, as separate training runs would be
+    for c in sorted(names, key=lambda c: (c in ("alright", "maxright")) + 2 * (c == "transformers")):  # singles first
+        R = make_runner(c, S)
+        R.warm(W)
+        for _ in range(n):
+            R.step()
+        results[c] = summarize(R, results, cfg["lambd"])
+        print(f"  {c:<16} {results[c]['step_s'] * 1e3:9.1f} ms/step  {results[c]['tokens_per_s']:9.0f} tok/s  (load {loadavg()})")
+        del R
+    if trl is not None:
+        times = trl_dpo_step_times(S, W + n)[W:]
+        results["trl"] = {"case": "trl", "times": times, "step_s": statistics.median(times), "version": trl.__version__,
+                          "tokens_per_step": 2 * B * T}
+        results["trl"]["tokens_per_s"] = 2 * B * T / results["trl"]["step_s"]
+        print(f"  {'trl':<16} {results['trl']['step_s'] * 1e3:9.1f} ms/step  {results['trl']['tokens_per_s']:9.0f} tok/s  (load {loadavg()})")
+    info["load_end"] = loadavg()
+    if cfg["memory"]:
+        for c in names:
+            if c != "transformers":
+                results[c]["peak_mib"] = case_memory_subprocess(c, argv)["peak_mib"]
+    if cfg["peak_flops"] > 0 and "sft" in results:
+        results["sft"]["mfu"] = results["sft"]["tokens_per_s"] * flops_per_token(mcfg, n_params, T) / cfg["peak_flops"]
+
+    rows = []
+    for c, r in results.items():
+        note = ""
+        if "vs_single" in r:
+            note = (f"{r['vs_single']:.3f}x the single-objective steps ({r['step_s'] * 1e3:.1f} vs "
+                    f"{r['single_step_s'] * 1e3:.1f} ms; sft/dpo steps {r['counts']['sft']}/{r['counts']['dpo']})")
+        if c == "dpo_precomputed" and "dpo" in results:
+            r["vs_dpo"] = r["step_s"] / results["dpo"]["step_s"]
+            note = f"{r['vs_dpo']:.3f}x the time of the dpo step"
+        if c in ("transformers", "trl") and "dpo" in results:
+            r["bipost_speedup"] = r["step_s"] / results["dpo"]["step_s"]  # = BiPOST tokens/s over this one's
+            note = f"dpo: BiPOST tokens/s = {r['bipost_speedup']:.2f}x this"
+        if "mfu" in r:
+            note = f"MFU {100 * r['mfu']:.1f}%"
+        mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+        rows.append([c, f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}", mem, note])
+    print(f"\n{S.device} {cfg['dtype']}, batch {B} x {T} tokens (dpo: {B} pairs = {2 * B} rows), median of {n} steps "
+          f"after {W} warmup, load {info['load_start']} -> {info['load_end']}")
+    print_table(rows, ["case", "ms/step", "tokens/s", "peak MiB", "note"])
+    mem_note = ("peak memory: max_memory_allocated above the pre-step allocation" if S.device_type == "cuda" else
+                "peak memory: peak RSS above the pre-step RSS") + ", a fresh process per case"
+    print(mem_note)
+    if cfg["json"]:
+        with open(cfg["json"], "w") as f:
+            json_lib.dump({"machine": info, "config": cfg, "results": results, "memory": mem_note}, f, indent=2)
+        print(f"wrote {cfg['json']}")
+
+def main_memory(cfg, argv):
+    device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    ptdtype = getattr(torch, cfg["dtype"])
+    args = (cfg["mem_vocab_size"], cfg["mem_seq_len"], cfg["mem_n_embd"], cfg["mem_chunk_size"], device, ptdtype,
+            cfg["mem_train_head"])
+    if cfg["case"]:
+        print("BENCH_RESULT " + json_lib.dumps(loss_memory_case(cfg["case"], *args)))
+        return
+    info = dict(machine(), device=device, dtype=cfg["dtype"], load_start=loadavg())
+    V, T, C = args[:3]
+    print(f"bench memory: loss + backward from hidden (1, {T}, {C}), head ({V}, {C}), {device} {cfg['dtype']}, "
+          f"chunk {cfg['mem_chunk_size']}, head {'trained' if cfg['mem_train_head'] else 'frozen'}; one fresh process per case")
+    results = {}
+    for name in [c.strip() for c in cfg["mem_cases"].split(",") if c.strip()]:
+        results[name] = case_memory_subprocess(name, argv)
+        print(f"  {name:<12} {results[name]['peak_mib']:8.0f} MiB  loss {results[name]['loss']:.6f}  "
+              f"{results[name]['seconds']:.1f} s  (load {loadavg()})")
+    info["load_end"] = loadavg()
+    logits_mib = T * V * ptdtype.itemsize / 2**20
+    rows = []
+    for kind in ("sft", "kd"):
+        if f"{kind}_full" not in results or f"{kind}_chunked" not in results:
+            continue
+        full, chunked = results[f"{kind}_full"], results[f"{kind}_chunked"]
+        ratio = chunked["peak_mib"] / full["peak_mib"]
+        results[f"{kind}_ratio"] = ratio
+        rows.append([kind, f"{full['peak_mib']:.0f}", f"{chunked['peak_mib']:.0f}", f"{ratio:.3f}",
+                     f"{abs(full['loss'] - chunked['loss']):.1e}"])
+    print(f"\npeak memory above the inputs (MiB; one [T, V] logits copy = {logits_mib:.0f} MiB), load "
+          f"{info['load_start']} -> {info['load_end']}")
+    print_table(rows, ["loss", "full logits", "chunked", "chunked/full", "|loss diff|"])
+    print("peak memory: " + ("max_memory_allocated above the inputs" if device.startswith("cuda") else
+                             "peak RSS above the RSS after the inputs are allocated, a fresh process per case"))
+    if cfg["json"]:
+        with open(cfg["json"], "w") as f:
+            json_lib.dump({"machine": info, "config": cfg, "results": results}, f, indent=2)
+        print(f"wrote {cfg['json']}")
+
+if __name__ == "__main__":
+    import configurator
+    _cfg = {k: globals()[k] for k in config_keys}
+    configurator.apply(sys.argv[1:], _cfg, verbose=False)
+    globals().update(_cfg)
+    if mode not in ("steps", "memory"):
+        raise ValueError(f"config key mode: {mode!r} is not steps or memory")
+    (main_memory if mode == "memory" else main_steps)(_cfg, sys.argv[1:])
