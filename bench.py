@@ -74,7 +74,7 @@ adam_betas = (0.9, 0.95)
 max_norm = 1.0
 dpo_beta = 0.1
 kd_loss = "forward"       # forward | reverse | jsd
-loss_chunk_size = 1024    # tokens per chunk of the output head
+loss_chunk_size = 128     # tokens per chunk of the output head (train.py's default)
 lambd = 0.5               # mix: weight of sft; alright: probability of sft (dpo is the other objective)
 maxright_interval = 10    # maxright evaluates both objectives every k steps
 # timing
@@ -87,7 +87,7 @@ seed = 1337
 mem_vocab_size = 128256
 mem_seq_len = 2048
 mem_n_embd = 1024
-mem_chunk_size = 1024
+mem_chunk_size = 128
 mem_cases = "sft_full,sft_chunked,kd_full,kd_chunked"
 mem_train_head = True     # False: the output head is frozen (LoRA trains no head), so no weight gradient
 case = ""                 # set by the benchmark itself: measure this one case's memory in a fresh process
@@ -162,7 +162,7 @@ def normalizers(o, b):
         return {"pairs": n, "chosen_tokens": max(L.count_tokens(b["labels"][:n]).item(), 1)}
     return {"tokens": max(L.count_tokens(b["labels"]).item(), 1)}
 
-def objective_losses(model, parts, autocast=contextlib.nullcontext(), chunk_size=1024):
+def objective_losses(model, parts, autocast=contextlib.nullcontext(), chunk_size=128):
     """One forward of the policy over all parts' rows, parts = [(objective, batch, norm)];
     returns [(loss, stats)] per part, each loss the part's global-batch mean."""
     keys = ("input_ids", "labels", "attention_mask", "position_ids")
@@ -209,7 +209,7 @@ def make_optimizer(model, lr=5e-5, betas=(0.9, 0.95)):
     fused = params[0].is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **({"fused": True} if fused else {})), params
 
-def bipost_step(model, optimizer, params, parts, autocast=contextlib.nullcontext(), chunk_size=1024, max_norm=1.0):
+def bipost_step(model, optimizer, params, parts, autocast=contextlib.nullcontext(), chunk_size=128, max_norm=1.0):
     """one optimizer step: parts = [(objective, batch, weight)]; returns each part's loss."""
     outs = objective_losses(model, [(o, b, normalizers(o, b)) for o, b, _ in parts], autocast, chunk_size)
     loss = sum(wt * l for (_, _, wt), (l, _) in zip(parts, outs))
@@ -222,7 +222,7 @@ def bipost_step(model, optimizer, params, parts, autocast=contextlib.nullcontext
     return values
 
 @torch.no_grad()
-def eval_loss(model, o, b, autocast=contextlib.nullcontext(), chunk_size=1024):
+def eval_loss(model, o, b, autocast=contextlib.nullcontext(), chunk_size=128):
     """objective o's loss on batch b, no grad, model in eval mode (maxright's evaluation)."""
     model.eval()
     (l, _), = objective_losses(model, [(o, b, normalizers(o, b))], autocast, chunk_size)

@@ -1,13 +1,13 @@
 """
 The training objectives (SFT, DPO, KD) as pure functions of final hidden states and the output head.
 Vocabularies of 128k+ make [B, T, V] logits the memory bottleneck, so every loss that needs the
-vocabulary keeps only the labelled positions, then projects and log-softmaxes them in chunks of
-`chunk_size` tokens inside torch.utils.checkpoint: [chunk, V] logits exist one chunk at a time and
-are recomputed in backward. Labels are already shifted: labels[b, t] is predicted from position t.
+vocabulary keeps only the labelled positions, then projects them in chunks of `chunk_size` tokens:
+[chunk, V] logits exist one chunk at a time, are recomputed in backward, and the head's gradient
+is accumulated in place into one buffer (autograd would allocate a fresh [V, C] per chunk).
+Labels are already shifted: labels[b, t] is predicted from position t.
 """
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 KD_KINDS = ("forward", "reverse", "jsd")
@@ -19,21 +19,51 @@ def _upcast(x):
     # half precision -> float32; float32 and float64 stay as they are
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
-def _log_probs(h, w, temperature):
-    # (n, C) @ (C, V) -> (n, V) log-probs, softmax in float32 (or float64) whatever the input dtype
-    return F.log_softmax(_upcast(h @ w.t()) / temperature, dim=-1)
+def _scaled(logits, temperature):
+    # (n, V) logits in float32 (or float64), divided by the temperature when it is not 1
+    z = _upcast(logits)
+    return z if temperature == 1.0 else z / temperature
 
-def _chunked(fn, labels, chunk_size, rows, full):
-    """fn(*row_chunks, *full) -> (n,) per-token values, run on chunks of the labelled positions under
-    checkpoint. rows: tensors [B, T, ...] cut to the labelled positions; full: tensors passed whole
-    (the heads). Returns [B, T] in float32 (float64 for float64 inputs), 0.0 where labels == -100."""
+class _ChunkedHead(torch.autograd.Function):
+    """vals = fn(h @ w.T, *rest) chunk by chunk, for h (N, C) and w (V, C); fn maps (n, V) logits
+    (and the rest's chunks) to (n,) values. Backward recomputes each chunk's logits, gets their
+    gradient from fn, and adds grad_logits.T @ h into a single buffer for w."""
+
+    @staticmethod
+    def forward(ctx, fn, chunk_size, w, h, *rest):
+        ctx.fn, ctx.chunk_size = fn, chunk_size
+        ctx.save_for_backward(w, h, *rest)
+        wc = w.to(h.dtype)
+        vals = [fn(h[i:i + chunk_size] @ wc.t(), *[r[i:i + chunk_size] for r in rest])
+                for i in range(0, h.shape[0], chunk_size)]
+        return torch.cat(vals) if vals else h.new_zeros(0, dtype=_upcast(h).dtype)
+
+    @staticmethod
+    def backward(ctx, grad_vals):
+        w, h, *rest = ctx.saved_tensors
+        wc, cs = w.to(h.dtype), ctx.chunk_size
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[3] else None
+        grad_w = torch.zeros_like(w, dtype=_upcast(w).dtype) if ctx.needs_input_grad[2] else None
+        for i in range(0, h.shape[0], cs):
+            hc = h[i:i + cs]
+            with torch.enable_grad():
+                z = (hc @ wc.t()).detach().requires_grad_()  # (n, V)
+                gz, = torch.autograd.grad(ctx.fn(z, *[r[i:i + cs] for r in rest]), z, grad_vals[i:i + cs])
+            if grad_h is not None:
+                grad_h[i:i + cs] = gz @ wc
+            if grad_w is not None:
+                grad_w.addmm_(gz.t().to(grad_w.dtype), hc.to(grad_w.dtype))  # in place: one (V, C) buffer
+        return None, None, None if grad_w is None else grad_w.to(w.dtype), grad_h, *[None] * len(rest)
+
+def _chunked(fn, hidden, weight, labels, chunk_size, rows=()):
+    """fn(logits (n, V), *row_chunks) -> (n,) per-token values over the labelled positions of
+    hidden [B, T, C] with head weight [V, C]; rows: more [B, T, ...] tensors cut the same way
+    (labels, teacher hidden). Returns [B, T] in float32 (float64 for float64 inputs), 0.0 where
+    labels == -100."""
     B, T = labels.shape
     idx = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
-    rows = [r.reshape(B * T, *r.shape[2:])[idx] for r in rows]  # (N, ...) masked tokens dropped first
-    # max(N, 1): an all-masked batch still runs one empty chunk, so the result stays in the graph
-    vals = [checkpoint(fn, *[r[i:i + chunk_size] for r in rows], *full, use_reentrant=False)
-            for i in range(0, max(len(idx), 1), chunk_size)]
-    vals = torch.cat(vals)
+    cut = lambda r: r.reshape(B * T, *r.shape[2:])[idx]  # (N, ...) masked tokens dropped first
+    vals = _ChunkedHead.apply(fn, chunk_size, weight, cut(hidden), *[cut(r) for r in rows])
     out = torch.zeros(B * T, dtype=vals.dtype, device=labels.device)
     return out.index_copy(0, idx, vals).view(B, T)
 
@@ -48,13 +78,13 @@ def _normalizer(num_tokens, labels):
 # -----------------------------------------------------------------------------
 # SFT and sequence log-probs
 
-def token_logps(hidden, weight, labels, chunk_size=1024, temperature=1.0):
+def token_logps(hidden, weight, labels, chunk_size=128, temperature=1.0):
     """log p(labels[b, t]) for hidden [B, T, C], weight [V, C] -> [B, T] float32, 0.0 where masked."""
-    def fn(h, y, w):  # (n, C), (n,), (V, C) -> (n,)
-        return _log_probs(h, w, temperature).gather(-1, y[:, None]).squeeze(-1)
-    return _chunked(fn, labels, chunk_size, [hidden, labels], [weight])
+    def fn(z, y):  # (n, V) logits, (n,) targets -> (n,)
+        return F.log_softmax(_scaled(z, temperature), dim=-1).gather(-1, y[:, None]).squeeze(-1)
+    return _chunked(fn, hidden, weight, labels, chunk_size, [labels])
 
-def sft_loss(hidden, weight, labels, num_tokens=None, chunk_size=1024):
+def sft_loss(hidden, weight, labels, num_tokens=None, chunk_size=128):
     """-sum of response-token log-probs / num_tokens. num_tokens=None uses this batch's count; the
     training loop passes the count of the whole global batch (all micro-batches, all ranks), so
     summing the micro-batch losses gives the per-token mean over the global batch whatever the
@@ -66,7 +96,7 @@ def per_sample_mean(token_values, labels):
     mask = labels != IGNORE_INDEX
     return (token_values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
-def sequence_logps(hidden, weight, labels, chunk_size=1024):
+def sequence_logps(hidden, weight, labels, chunk_size=128):
     """[B] SUM of response-token log-probs, log pi(y|x) as DPO uses it."""
     return token_logps(hidden, weight, labels, chunk_size).sum(-1)
 
@@ -102,14 +132,22 @@ def _log_mixture(lpt, lps, beta):
     via_t = lpt + torch.log1p((1 - beta) * torch.expm1((-d).clamp(max=0)))
     return torch.where(d <= 0, via_s, via_t)
 
-def _kd_chunk(h, th, w, tw, kind, beta, top_k, temperature):
-    # (n, C), (n, C_T), (V, C), (V, C_T) -> (n,) per-token loss
-    lps = _log_probs(h, w, temperature)  # (n, V) student
-    t_logits = _upcast(th @ tw.t()) / temperature  # (n, V) teacher, inputs detached
-    if top_k > 0:
-        t_logits, top = t_logits.topk(top_k, dim=-1)  # (n, k)
+@torch.no_grad()
+def _teacher_logps(th, tw, top_k, temperature):
+    # (n, V) teacher log-probs, or (n, k) over its top k with their indices; a function of its own
+    # so the teacher's logits are freed before the student's backward
+    t_logits = _scaled(th @ tw.t(), temperature)
+    if top_k <= 0:
+        return F.log_softmax(t_logits, dim=-1), None
+    t_logits, top = t_logits.topk(top_k, dim=-1)
+    return F.log_softmax(t_logits, dim=-1), top
+
+def _kd_chunk(z, th, tw, kind, beta, top_k, temperature):
+    # (n, V) student logits, (n, C_T) teacher hidden, (V, C_T) teacher head -> (n,) per-token loss
+    lps = F.log_softmax(_scaled(z, temperature), dim=-1)  # (n, V) student
+    lpt, top = _teacher_logps(th, tw, top_k, temperature)
+    if top is not None:
         lps = lps.gather(-1, top)  # student log-probs from the full softmax, at the teacher's top k
-    lpt = F.log_softmax(t_logits, dim=-1)
     if kind == "forward":
         return -(lpt.exp() * lps).sum(-1)
     if kind == "reverse":
@@ -118,7 +156,7 @@ def _kd_chunk(h, th, w, tw, kind, beta, top_k, temperature):
     return beta * (lpt.exp() * (lpt - lpm)).sum(-1) + (1 - beta) * (lps.exp() * (lps - lpm)).sum(-1)
 
 def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5,
-                    top_k=0, temperature=1.0, chunk_size=1024):
+                    top_k=0, temperature=1.0, chunk_size=128):
     """Per-token distillation loss [B, T] (0.0 where masked), p_T = softmax(teacher_logits / tau),
     p_S = softmax(student_logits / tau), tau = temperature (no tau^2 factor):
       forward: -sum_v p_T log p_S  (cross-entropy; KL(p_T || p_S) plus the teacher entropy)
@@ -135,12 +173,13 @@ def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind
         raise ValueError(f"top_k > 0 is supported only with kind='forward', got kind={kind!r}")
     if kind == "jsd" and not 0 < beta < 1:
         raise ValueError(f"jsd needs 0 < beta < 1 (use kind='forward' or 'reverse' for the ends), got {beta}")
-    def fn(h, th, w, tw):
-        return _kd_chunk(h, th, w, tw, kind, beta, top_k, temperature)
-    return _chunked(fn, labels, chunk_size, [hidden, teacher_hidden.detach()], [weight, teacher_weight.detach()])
+    tw = teacher_weight.detach()
+    def fn(z, th):
+        return _kd_chunk(z, th, tw, kind, beta, top_k, temperature)
+    return _chunked(fn, hidden, weight, labels, chunk_size, [teacher_hidden.detach()])
 
 def kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5, top_k=0,
-            temperature=1.0, num_tokens=None, chunk_size=1024):
+            temperature=1.0, num_tokens=None, chunk_size=128):
     """Sum of kd_token_losses / num_tokens; num_tokens as in sft_loss (the global batch's count)."""
     losses = kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind, beta, top_k,
                              temperature, chunk_size)

@@ -84,7 +84,7 @@ kd_loss = "forward"       # forward | reverse | jsd
 kd_beta = 0.5             # jsd mixing
 kd_top_k = 0              # 0 = full vocabulary
 kd_temperature = 1.0
-loss_chunk_size = 1024    # tokens per chunk of the output head
+loss_chunk_size = 128     # tokens per chunk of the output head ([chunk, V] logits at a time)
 # data
 dataset_1 = ""            # hub id, file, folder, or comma-separated blend
 dataset_2 = ""
