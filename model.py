@@ -486,8 +486,3 @@ def hf_names(cfg):
     with torch.device("meta"):
         ours = {n for n, _ in GPT(cfg).named_parameters()}
     return {k: v for k, v in names.items() if v in ours}
-
-def hf_module_name(cfg, our_module):
-    """Our module path (e.g. 'blocks.0.attn.qkv_proj') -> the HF one ('gpt_neox.layers.0.attention.query_key_value')."""
-    to_hf = {v: k for k, v in hf_names(cfg).items()}
-    return to_hf[our_module + ".weight"].rsplit(".", 1)[0]

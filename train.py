@@ -270,9 +270,8 @@ def build_objective(i):
 O = {1: build_objective(1)}
 if obj_2:
     O[2] = build_objective(2)
-steps_per_epoch = max(math.ceil(len(o.train) / train_batch_size) for o in O.values())
-if method == "select":
-    steps_per_epoch = math.ceil(len(O[2].train) / train_batch_size)
+# an epoch of a joint run is one pass over the longer dataset; of a selection run, over dataset_2
+steps_per_epoch = O[2].loader.steps_per_epoch if method == "select" else max(o.loader.steps_per_epoch for o in O.values())
 total_iters = max_iters if max_iters > 0 else max_epochs * steps_per_epoch
 log("objectives: " + ", ".join(f"{o.i}: {o.kind} ({len(o.train)} train / {len(o.eval)} eval)" for o in O.values())
     + f" | method {method if obj_2 else 'single'} | {total_iters} iterations of {train_batch_size} samples "
