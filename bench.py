@@ -74,7 +74,7 @@ adam_betas = (0.9, 0.95)
 max_norm = 1.0
 dpo_beta = 0.1
 kd_loss = "forward"       # forward | reverse | jsd
-loss_chunk_size = 128     # tokens per chunk of the output head (train.py's default)
+loss_chunk_size = 0       # tokens per chunk of the output head; 0: max(128, 2^22 / V), train.py's default
 lambd = 0.5               # mix: weight of sft; alright: probability of sft (dpo is the other objective)
 maxright_interval = 10    # maxright evaluates both objectives every k steps
 # timing
@@ -162,7 +162,7 @@ def normalizers(o, b):
         return {"pairs": n, "chosen_tokens": max(L.count_tokens(b["labels"][:n]).item(), 1)}
     return {"tokens": max(L.count_tokens(b["labels"]).item(), 1)}
 
-def objective_losses(model, parts, autocast=contextlib.nullcontext(), chunk_size=128):
+def objective_losses(model, parts, autocast=contextlib.nullcontext(), chunk_size=0):
     """One forward of the policy over all parts' rows, parts = [(objective, batch, norm)];
     returns [(loss, stats)] per part, each loss the part's global-batch mean."""
     keys = ("input_ids", "labels", "attention_mask", "position_ids")
@@ -209,7 +209,7 @@ def make_optimizer(model, lr=5e-5, betas=(0.9, 0.95)):
     fused = params[0].is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **({"fused": True} if fused else {})), params
 
-def bipost_step(model, optimizer, params, parts, autocast=contextlib.nullcontext(), chunk_size=128, max_norm=1.0):
+def bipost_step(model, optimizer, params, parts, autocast=contextlib.nullcontext(), chunk_size=0, max_norm=1.0):
     """one optimizer step: parts = [(objective, batch, weight)]; returns each part's loss."""
     outs = objective_losses(model, [(o, b, normalizers(o, b)) for o, b, _ in parts], autocast, chunk_size)
     loss = sum(wt * l for (_, _, wt), (l, _) in zip(parts, outs))
@@ -222,7 +222,7 @@ def bipost_step(model, optimizer, params, parts, autocast=contextlib.nullcontext
     return values
 
 @torch.no_grad()
-def eval_loss(model, o, b, autocast=contextlib.nullcontext(), chunk_size=128):
+def eval_loss(model, o, b, autocast=contextlib.nullcontext(), chunk_size=0):
     """objective o's loss on batch b, no grad, model in eval mode (maxright's evaluation)."""
     model.eval()
     (l, _), = objective_losses(model, [(o, b, normalizers(o, b))], autocast, chunk_size)

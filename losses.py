@@ -1,8 +1,8 @@
 """
 The training objectives (SFT, DPO, KD) as pure functions of final hidden states and the output head.
 Vocabularies of 128k+ make [B, T, V] logits the memory bottleneck, so every loss that needs the
-vocabulary keeps only the labelled positions, then projects them in chunks of `chunk_size` tokens:
-[chunk, V] logits exist one chunk at a time, are recomputed in backward, and the head's gradient
+vocabulary keeps only the labelled positions, then projects them in chunks of `chunk_size` tokens
+(0: auto_chunk_size(V)): [chunk, V] logits exist one chunk at a time, are recomputed in backward, and the head's gradient
 is accumulated in place into one buffer (autograd would allocate a fresh [V, C] per chunk).
 Labels are already shifted: labels[b, t] is predicted from position t.
 """
@@ -19,45 +19,63 @@ def _upcast(x):
     # half precision -> float32; float32 and float64 stay as they are
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
-def _scaled(logits, temperature):
-    # (n, V) logits in float32 (or float64), divided by the temperature when it is not 1
+def _scaled(logits, temperature, inplace=False):
+    # (n, V) logits in float32 (or float64), divided by the temperature when it is not 1; inplace:
+    # float32 / float64 logits are divided in place (a scratch buffer), half precision is upcast first
     z = _upcast(logits)
-    return z if temperature == 1.0 else z / temperature
+    if temperature == 1.0:
+        return z
+    return z.div_(temperature) if inplace else z / temperature
 
 class _ChunkedHead(torch.autograd.Function):
     """vals = fn(h @ w.T, *rest) chunk by chunk, for h (N, C) and w (V, C); fn maps (n, V) logits
     (and the rest's chunks) to (n,) values. Backward recomputes each chunk's logits, gets their
-    gradient from fn, and adds grad_logits.T @ h into a single buffer for w."""
+    gradient from fn (or from fn.logits_grad, a closed form that is also given the forward's
+    values), and adds grad_logits.T @ h into a single buffer for w.
+    Every chunk's logits are written into one scratch [chunk, V] buffer, which fn and logits_grad
+    may overwrite: a fresh [chunk, V] tensor per chunk costs more than the softmax itself on CPU
+    (fresh pages are faulted in and zeroed), and one buffer is also the smallest peak on GPU."""
 
     @staticmethod
     def forward(ctx, fn, chunk_size, w, h, *rest):
         ctx.fn, ctx.chunk_size = fn, chunk_size
-        ctx.save_for_backward(w, h, *rest)
-        wc = w.to(h.dtype)
-        vals = [fn(h[i:i + chunk_size] @ wc.t(), *[r[i:i + chunk_size] for r in rest])
-                for i in range(0, h.shape[0], chunk_size)]
-        return torch.cat(vals) if vals else h.new_zeros(0, dtype=_upcast(h).dtype)
+        wt, N = w.to(h.dtype).t(), h.shape[0]
+        buf = h.new_empty(min(chunk_size, N), w.shape[0])
+        vals = [fn(torch.mm(h[i:i + chunk_size], wt, out=buf[:min(chunk_size, N - i)]),
+                   *[r[i:i + chunk_size] for r in rest]) for i in range(0, N, chunk_size)]
+        vals = torch.cat(vals) if vals else h.new_zeros(0, dtype=_upcast(h).dtype)
+        ctx.save_for_backward(w, h, vals, *rest)
+        return vals
 
     @staticmethod
     def backward(ctx, grad_vals):
-        w, h, *rest = ctx.saved_tensors
-        wc, cs = w.to(h.dtype), ctx.chunk_size
+        w, h, vals, *rest = ctx.saved_tensors
+        wc, cs, N = w.to(h.dtype), ctx.chunk_size, h.shape[0]
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[3] else None
         grad_w = torch.zeros_like(w, dtype=_upcast(w).dtype) if ctx.needs_input_grad[2] else None
-        for i in range(0, h.shape[0], cs):
-            hc = h[i:i + cs]
-            z = hc @ wc.t()  # (n, V)
+        buf = h.new_empty(min(cs, N), w.shape[0])
+        for i in range(0, N, cs):
+            hc, n = h[i:i + cs], min(cs, N - i)
+            z = torch.mm(hc, wc.t(), out=buf[:n])  # (n, V)
+            chunk = [r[i:i + cs] for r in rest]
             if hasattr(ctx.fn, "logits_grad"):  # a closed form: fewer passes over (n, V) than autograd
-                gz = ctx.fn.logits_grad(z, grad_vals[i:i + cs], *[r[i:i + cs] for r in rest])
+                gz = ctx.fn.logits_grad(z, grad_vals[i:i + cs], vals[i:i + cs], *chunk)
             else:
                 with torch.enable_grad():
-                    z.requires_grad_()
-                    gz, = torch.autograd.grad(ctx.fn(z, *[r[i:i + cs] for r in rest]), z, grad_vals[i:i + cs])
+                    z = z.detach().requires_grad_()
+                    gz, = torch.autograd.grad(ctx.fn(z, *chunk), z, grad_vals[i:i + cs])
             if grad_h is not None:
-                grad_h[i:i + cs] = gz @ wc
+                torch.mm(gz, wc, out=grad_h[i:i + n])
             if grad_w is not None:
                 grad_w.addmm_(gz.t().to(grad_w.dtype), hc.to(grad_w.dtype))  # in place: one (V, C) buffer
         return None, None, None if grad_w is None else grad_w.to(w.dtype), grad_h, *[None] * len(rest)
+
+CHUNK_LOGITS = 2**22  # auto chunk: logits per chunk (16 MiB in float32)
+
+def auto_chunk_size(vocab_size):
+    """tokens per chunk when chunk_size is 0: at least 128, more for small vocabularies so that a
+    chunk holds about CHUNK_LOGITS logits (512 tokens at V = 8192; fewer, larger matmuls)."""
+    return max(128, CHUNK_LOGITS // vocab_size)
 
 def _chunked(fn, hidden, weight, labels, chunk_size, rows=()):
     """fn(logits (n, V), *row_chunks) -> (n,) per-token values over the labelled positions of
@@ -67,6 +85,7 @@ def _chunked(fn, hidden, weight, labels, chunk_size, rows=()):
     B, T = labels.shape
     idx = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
     cut = lambda r: r.reshape(B * T, *r.shape[2:])[idx]  # (N, ...) masked tokens dropped first
+    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
     vals = _ChunkedHead.apply(fn, chunk_size, weight, cut(hidden), *[cut(r) for r in rows])
     out = torch.zeros(B * T, dtype=vals.dtype, device=labels.device)
     return out.index_copy(0, idx, vals).view(B, T)
@@ -82,19 +101,25 @@ def _normalizer(num_tokens, labels):
 # -----------------------------------------------------------------------------
 # SFT and sequence log-probs
 
-def token_logps(hidden, weight, labels, chunk_size=128, temperature=1.0):
+def token_logps(hidden, weight, labels, chunk_size=0, temperature=1.0):
     """log p(labels[b, t]) for hidden [B, T, C], weight [V, C] -> [B, T] float32, 0.0 where masked."""
-    def fn(z, y):  # (n, V) logits, (n,) targets -> (n,)
-        return F.log_softmax(_scaled(z, temperature), dim=-1).gather(-1, y[:, None]).squeeze(-1)
+    def fn(z, y):  # (n, V) logits (overwritten), (n,) targets -> (n,) log p(y) = z_y - logsumexp(z)
+        z = _scaled(z, temperature, inplace=True)
+        zy = z.gather(1, y[:, None]).squeeze(1)
+        m = z.detach().amax(1, keepdim=True)  # the shift that keeps exp() finite; no gradient flows through it
+        return zy - m.squeeze(1) - z.sub_(m).exp_().sum(1).log()
 
-    def logits_grad(z, g, y):  # d(sum g * logp[y]) / dz = g (onehot(y) - softmax(z / tau)) / tau
-        gz = torch.softmax(_scaled(z, temperature), dim=-1).mul_(-g[:, None])
+    def logits_grad(z, g, logp, y):  # d(sum g * logp[y]) / dz = g (onehot(y) - softmax(z / tau)) / tau
+        dtype = z.dtype
+        z = _scaled(z, temperature, inplace=True)
+        lse = z.gather(1, y[:, None]).squeeze(1) - logp  # each row's logsumexp, from the forward's log p(y)
+        gz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # in place: -g softmax(z / tau)
         gz[torch.arange(len(y), device=y.device), y] += g
-        return (gz if temperature == 1.0 else gz / temperature).to(z.dtype)
+        return (gz if temperature == 1.0 else gz.div_(temperature)).to(dtype)
     fn.logits_grad = logits_grad
     return _chunked(fn, hidden, weight, labels, chunk_size, [labels])
 
-def sft_loss(hidden, weight, labels, num_tokens=None, chunk_size=128):
+def sft_loss(hidden, weight, labels, num_tokens=None, chunk_size=0):
     """-sum of response-token log-probs / num_tokens. num_tokens=None uses this batch's count; the
     training loop passes the count of the whole global batch (all micro-batches, all ranks), so
     summing the micro-batch losses gives the per-token mean over the global batch whatever the
@@ -106,7 +131,7 @@ def per_sample_mean(token_values, labels):
     mask = labels != IGNORE_INDEX
     return (token_values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
-def sequence_logps(hidden, weight, labels, chunk_size=128):
+def sequence_logps(hidden, weight, labels, chunk_size=0):
     """[B] SUM of response-token log-probs, log pi(y|x) as DPO uses it."""
     return token_logps(hidden, weight, labels, chunk_size).sum(-1)
 
@@ -166,7 +191,7 @@ def _kd_chunk(z, th, tw, kind, beta, top_k, temperature):
     return beta * (lpt.exp() * (lpt - lpm)).sum(-1) + (1 - beta) * (lps.exp() * (lps - lpm)).sum(-1)
 
 def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5,
-                    top_k=0, temperature=1.0, chunk_size=128):
+                    top_k=0, temperature=1.0, chunk_size=0):
     """Per-token distillation loss [B, T] (0.0 where masked), p_T = softmax(teacher_logits / tau),
     p_S = softmax(student_logits / tau), tau = temperature (no tau^2 factor):
       forward: -sum_v p_T log p_S  (cross-entropy; KL(p_T || p_S) plus the teacher entropy)
@@ -189,7 +214,7 @@ def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind
     return _chunked(fn, hidden, weight, labels, chunk_size, [teacher_hidden.detach()])
 
 def kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5, top_k=0,
-            temperature=1.0, num_tokens=None, chunk_size=128):
+            temperature=1.0, num_tokens=None, chunk_size=0):
     """Sum of kd_token_losses / num_tokens; num_tokens as in sft_loss (the global batch's count)."""
     losses = kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind, beta, top_k,
                              temperature, chunk_size)

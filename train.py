@@ -84,7 +84,7 @@ kd_loss = "forward"       # forward | reverse | jsd
 kd_beta = 0.5             # jsd mixing
 kd_top_k = 0              # 0 = full vocabulary
 kd_temperature = 1.0
-loss_chunk_size = 128     # tokens per chunk of the output head ([chunk, V] logits at a time)
+loss_chunk_size = 0       # tokens per chunk of the output head ([chunk, V] logits at a time); 0: max(128, 2^22 / V)
 # data
 dataset_1 = ""            # hub id, file, folder, or comma-separated blend
 dataset_2 = ""
@@ -215,6 +215,7 @@ check(train_batch_size % _per_step == 0,
 grad_accum = train_batch_size // _per_step
 check(zero_stage in (0, 1, 2, 3), f"config key zero_stage must be 0..3, got {zero_stage}")
 check(lr_scheduler in ("constant", "cosine"), f"config key lr_scheduler: {lr_scheduler!r} is not constant or cosine")
+check(loss_chunk_size >= 0, f"config key loss_chunk_size must be >= 0 (0 = automatic), got {loss_chunk_size}")
 
 # -----------------------------------------------------------------------------
 # model, tokenizer, LoRA

@@ -21,7 +21,7 @@ MASK = torch.tensor([
     [1, 0, 1, 1, 0, 1, 1, 1],
 ], dtype=torch.bool)
 N = int(MASK.sum())
-CHUNKS = [1, 4, N, 100]  # 4 does not divide N, 100 > N
+CHUNKS = [1, 4, N, 100, 0]  # 4 does not divide N, 100 > N, 0 = auto (one chunk at V = 64)
 
 def make_batch(seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -126,6 +126,20 @@ def test_bf16_inputs_give_float32_logps():
     out = losses.token_logps(h, w, labels, chunk_size=4)
     assert out.dtype == torch.float32
     assert_same(out, ref_token_logps(h.float(), w.float(), labels), atol=5e-2)
+    # gradients through the bf16 scratch buffer (upcast before the in-place softmax) match float32
+    g = torch.randn(B, T)
+    h32, w32 = h.float().requires_grad_(), w.float().requires_grad_()
+    h, w = h.requires_grad_(), w.requires_grad_()
+    ours = grads((losses.token_logps(h, w, labels, chunk_size=4) * g).sum(), h, w)
+    ref = grads((ref_token_logps(h32, w32, labels) * g).sum(), h32, w32)
+    for a, b in zip(ours, ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, atol=0.05, rtol=0.05)
+
+def test_auto_chunk_size():
+    # at least 128 tokens; small vocabularies get chunks of about 2^22 logits
+    assert losses.auto_chunk_size(128256) == 128 and losses.auto_chunk_size(32000) == 131
+    assert losses.auto_chunk_size(8192) == 512 and losses.auto_chunk_size(258) == 16256
 
 # -----------------------------------------------------------------------------
 # KD
