@@ -4,7 +4,7 @@ forward of model.GPT with the losses of losses.py applied through head_fn, one b
 clipping, one AdamW step):
 
     python bench.py                                   # tiny llama on CPU, every case
-    python bench.py --compare=True                    # + the same DPO step in plain transformers and TRL
+    python bench.py --compare=True --rounds=3         # + the same DPO step in plain transformers and TRL
     python bench.py --mode=memory                     # loss peak memory: chunked vs full logits, 128k vocab
     python bench.py --pretrain=meta-llama/Llama-3.2-1B --dtype=bfloat16 --batch_size=4 --seq_len=2048 --prompt_len=512
 
@@ -15,7 +15,9 @@ losses, one backward); alright (sft with probability lambd, else dpo, drawn per 
 (like alright, plus a no-grad evaluation of both objectives every maxright_interval steps).
 Data: random token ids, every row seq_len tokens, the first prompt_len of them a masked prompt.
 Step time: the median of `iters` timed steps after `warmup_iters` untimed ones, one case after the
-other in this process (alright and maxright: per-objective medians, see summarize); tokens/s
+other in this process (alright and maxright: per-objective medians, see summarize); with rounds > 1
+every case (the peers too) runs again in each round, and each figure and ratio is the median over
+the rounds of the per-round values, every ratio taken between cases of the same round; tokens/s
 counts the policy's input tokens of a step (reference and teacher forwards not counted). With
 --compare=True the peers run in the same process, on the same weights, batches and dtype.
 Peak memory of a case, measured in a fresh process per case over its warm-up and two steps: on
@@ -80,6 +82,7 @@ maxright_interval = 10    # maxright evaluates both objectives every k steps
 # timing
 warmup_iters = 2          # untimed steps per case (of each objective for alright and maxright)
 iters = 10                # timed steps per case (the median is reported)
+rounds = 1                # run every case (and the peers) this many times, one round after the other; report medians
 memory = True             # peak memory per case, each in a fresh process
 peak_flops = 0.0          # the device's peak FLOP/s in dtype (e.g. 989e12 for H100 bf16 dense); > 0 reports MFU
 seed = 1337
@@ -87,7 +90,7 @@ seed = 1337
 mem_vocab_size = 128256
 mem_seq_len = 2048
 mem_n_embd = 1024
-mem_chunk_size = 128
+mem_chunk_size = 0        # 0: auto_chunk_size (128 tokens at this vocabulary)
 mem_cases = "sft_full,sft_chunked,kd_full,kd_chunked"
 mem_train_head = True     # False: the output head is frozen (LoRA trains no head), so no weight gradient
 case = ""                 # set by the benchmark itself: measure this one case's memory in a fresh process
@@ -585,6 +588,31 @@ def summarize(R, results, lambd):
     out["tokens_per_s"] = out["tokens_per_step"] / out["step_s"]
     return out
 
+RATIOS = ("vs_single", "vs_dpo", "bipost_speedup")
+
+def ratios(res):
+    """the ratios of one round, each between cases of that round: precomputed vs dpo time, and the
+    peers' step time over BiPOST's dpo step (= BiPOST tokens/s over theirs)."""
+    if "dpo" not in res:
+        return
+    if "dpo_precomputed" in res:
+        res["dpo_precomputed"]["vs_dpo"] = res["dpo_precomputed"]["step_s"] / res["dpo"]["step_s"]
+    for c in ("transformers", "trl"):
+        if c in res:
+            res[c]["bipost_speedup"] = res[c]["step_s"] / res["dpo"]["step_s"]
+
+def combine(rounds):
+    """one result per case over the rounds: the last round's details, with step time, tokens/s and
+    every ratio replaced by the median over the rounds (each round's values kept under 'rounds')."""
+    out = {}
+    for c, r in rounds[-1].items():
+        r = dict(r, rounds={k: [rr[c][k] for rr in rounds if k in rr[c]] for k in ("step_s", "tokens_per_s") + RATIOS})
+        for k, vals in r["rounds"].items():
+            if vals:
+                r[k] = statistics.median(vals)
+        out[c] = r
+    return out
+
 def case_memory_subprocess(name, argv):
     """this case's peak memory, measured in a fresh process."""
     cmd = [sys.executable, os.path.abspath(__file__), *argv, f"--case={name}", "--compare=False"]
@@ -639,22 +667,31 @@ def main_steps(cfg, argv):
         except ImportError:
             print("compare: trl is not installed, TRL skipped")
     W, n = cfg["warmup_iters"], cfg["iters"]
-    results = {}
-    # one case after the other, each freed before the next, as separate training runs would be
-    for c in sorted(names, key=lambda c: (c in ("alright", "maxright")) + 2 * (c == "transformers")):  # singles first
-        R = make_runner(c, S)
-        R.warm(W)
-        for _ in range(n):
-            R.step()
-        results[c] = summarize(R, results, cfg["lambd"])
-        print(f"  {c:<16} {results[c]['step_s'] * 1e3:9.1f} ms/step  {results[c]['tokens_per_s']:9.0f} tok/s  (load {loadavg()})")
-        del R
-    if trl is not None:
-        times = trl_dpo_step_times(S, W + n)[W:]
-        results["trl"] = {"case": "trl", "times": times, "step_s": statistics.median(times), "version": trl.__version__,
+    order = sorted(names, key=lambda c: (c in ("alright", "maxright")) + 2 * (c == "transformers"))  # singles first
+    rounds = []
+    for rnd in range(cfg["rounds"]):
+        # one case after the other, each freed before the next, as separate training runs would be;
+        # every round runs them all again, so slow drift of the machine reaches every case alike
+        res = {}
+        for c in order:
+            R = make_runner(c, S)
+            R.warm(W)
+            for _ in range(n):
+                R.step()
+            res[c] = summarize(R, res, cfg["lambd"])
+            print(f"  {c:<16} {res[c]['step_s'] * 1e3:9.1f} ms/step  {res[c]['tokens_per_s']:9.0f} tok/s  "
+                  f"(round {rnd + 1}, load {loadavg()})")
+            del R
+        if trl is not None:
+            times = trl_dpo_step_times(S, W + n)[W:]
+            res["trl"] = {"case": "trl", "times": times, "step_s": statistics.median(times), "version": trl.__version__,
                           "tokens_per_step": 2 * B * T}
-        results["trl"]["tokens_per_s"] = 2 * B * T / results["trl"]["step_s"]
-        print(f"  {'trl':<16} {results['trl']['step_s'] * 1e3:9.1f} ms/step  {results['trl']['tokens_per_s']:9.0f} tok/s  (load {loadavg()})")
+            res["trl"]["tokens_per_s"] = 2 * B * T / res["trl"]["step_s"]
+            print(f"  {'trl':<16} {res['trl']['step_s'] * 1e3:9.1f} ms/step  {res['trl']['tokens_per_s']:9.0f} tok/s  "
+                  f"(round {rnd + 1}, load {loadavg()})")
+        ratios(res)
+        rounds.append(res)
+    results = combine(rounds)
     info["load_end"] = loadavg()
     if cfg["memory"]:
         for c in names:
@@ -666,21 +703,22 @@ def main_steps(cfg, argv):
     rows = []
     for c, r in results.items():
         note = ""
+        each = lambda key: (f" (rounds: {', '.join(f'{v:.2f}' for v in r['rounds'][key])})"
+                            if len(r["rounds"][key]) > 1 else "")
         if "vs_single" in r:
-            note = (f"{r['vs_single']:.3f}x the single-objective steps ({r['step_s'] * 1e3:.1f} vs "
-                    f"{r['single_step_s'] * 1e3:.1f} ms; sft/dpo steps {r['counts']['sft']}/{r['counts']['dpo']})")
-        if c == "dpo_precomputed" and "dpo" in results:
-            r["vs_dpo"] = r["step_s"] / results["dpo"]["step_s"]
-            note = f"{r['vs_dpo']:.3f}x the time of the dpo step"
-        if c in ("transformers", "trl") and "dpo" in results:
-            r["bipost_speedup"] = r["step_s"] / results["dpo"]["step_s"]  # = BiPOST tokens/s over this one's
-            note = f"dpo: BiPOST tokens/s = {r['bipost_speedup']:.2f}x this"
+            note = (f"{r['vs_single']:.3f}x the single-objective steps{each('vs_single')}; sft/dpo steps "
+                    f"{r['counts']['sft']}/{r['counts']['dpo']}")
+        if "vs_dpo" in r:
+            note = f"{r['vs_dpo']:.3f}x the time of the dpo step{each('vs_dpo')}"
+        if "bipost_speedup" in r:
+            note = f"dpo: BiPOST tokens/s = {r['bipost_speedup']:.2f}x this{each('bipost_speedup')}"
         if "mfu" in r:
             note = f"MFU {100 * r['mfu']:.1f}%"
         mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
         rows.append([c, f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}", mem, note])
     print(f"\n{S.device} {cfg['dtype']}, batch {B} x {T} tokens (dpo: {B} pairs = {2 * B} rows), median of {n} steps "
-          f"after {W} warmup, load {info['load_start']} -> {info['load_end']}")
+          f"after {W} warmup{f', median over {len(rounds)} rounds' if len(rounds) > 1 else ''}, "
+          f"load {info['load_start']} -> {info['load_end']}")
     print_table(rows, ["case", "ms/step", "tokens/s", "peak MiB", "note"])
     mem_note = ("peak memory: max_memory_allocated above the pre-step allocation" if S.device_type == "cuda" else
                 "peak memory: peak RSS above the pre-step RSS") + ", a fresh process per case"
@@ -701,7 +739,7 @@ def main_memory(cfg, argv):
     info = dict(machine(), device=device, dtype=cfg["dtype"], load_start=loadavg())
     V, T, C = args[:3]
     print(f"bench memory: loss + backward from hidden (1, {T}, {C}), head ({V}, {C}), {device} {cfg['dtype']}, "
-          f"chunk {cfg['mem_chunk_size']}, head {'trained' if cfg['mem_train_head'] else 'frozen'}; one fresh process per case")
+          f"chunk {cfg['mem_chunk_size'] or L.auto_chunk_size(V)} tokens, head {'trained' if cfg['mem_train_head'] else 'frozen'}; one fresh process per case")
     results = {}
     for name in [c.strip() for c in cfg["mem_cases"].split(",") if c.strip()]:
         results[name] = case_memory_subprocess(name, argv)
