@@ -168,23 +168,53 @@ def _log_mixture(lpt, lps, beta):
     return torch.where(d <= 0, via_s, via_t)
 
 @torch.no_grad()
-def _teacher_logps(th, tw, top_k, temperature):
-    # (n, V) teacher log-probs, or (n, k) over its top k with their indices; a function of its own
-    # so the teacher's logits are freed before the student's backward
-    t_logits = _scaled(th @ tw.t(), temperature)
-    if top_k <= 0:
-        return F.log_softmax(t_logits, dim=-1), None
-    t_logits, top = t_logits.topk(top_k, dim=-1)
-    return F.log_softmax(t_logits, dim=-1), top
+def _teacher_logps(th, tw, temperature):
+    # (n, V) teacher log-probs; a function of its own so the teacher's logits are freed before the
+    # student's backward
+    return F.log_softmax(_scaled(th @ tw.t(), temperature), dim=-1)
 
-def _kd_chunk(z, th, tw, kind, beta, top_k, temperature):
-    # (n, V) student logits, (n, C_T) teacher hidden, (V, C_T) teacher head -> (n,) per-token loss
+@torch.no_grad()
+def _teacher_probs(th, tw, top_k, temperature):
+    # (n, V) teacher probabilities computed in place in one (n, V) tile, or (n, k) over its top k
+    # with their indices
+    t = _scaled(th @ tw.t(), temperature, inplace=True)
+    top = None
+    if top_k > 0:
+        t, top = t.topk(top_k, dim=-1)
+    t = t.sub_(t.amax(1, keepdim=True)).exp_()
+    return t.div_(t.sum(1, keepdim=True)), top
+
+def _forward_kd_fn(tw, top_k, temperature):
+    """Forward KD on a chunk with a closed-form gradient, in place on the scratch logits: with
+    z = logits / tau, -sum_v p_T log p_S = logsumexp(z) - sum_v p_T z_v (sum_v p_T = 1), and its
+    gradient in z is softmax(z) - p_T. Peak: the scratch tile and the teacher's."""
+    def dot(pt, z, top):  # sum_v p_T z_v per row, without an (n, V) product
+        zt = z if top is None else z.gather(1, top)
+        return torch.bmm(pt[:, None, :], zt[:, :, None]).view(-1)
+
+    def fn(z, th):
+        z = _scaled(z, temperature, inplace=True)
+        pt, top = _teacher_probs(th, tw, top_k, temperature)
+        pz = dot(pt, z, top)
+        m = z.detach().amax(1)
+        return m + z.sub_(m[:, None]).exp_().sum(1).log() - pz
+
+    def logits_grad(z, g, vals, th):  # g (softmax(z) - p_T) / tau
+        dtype = z.dtype
+        z = _scaled(z, temperature, inplace=True)
+        z = z.sub_(z.amax(1, keepdim=True)).exp_()
+        z = z.div_(z.sum(1, keepdim=True))
+        pt, top = _teacher_probs(th, tw, top_k, temperature)
+        z = z.sub_(pt) if top is None else z.scatter_add_(1, top, -pt)
+        return z.mul_((g / temperature)[:, None]).to(dtype)
+    fn.logits_grad = logits_grad
+    return fn
+
+def _kd_chunk(z, th, tw, kind, beta, temperature):
+    # reverse KL or JSD through autograd: (n, V) student logits (not modified), (n, C_T) teacher
+    # hidden, (V, C_T) teacher head -> (n,) per-token loss
     lps = F.log_softmax(_scaled(z, temperature), dim=-1)  # (n, V) student
-    lpt, top = _teacher_logps(th, tw, top_k, temperature)
-    if top is not None:
-        lps = lps.gather(-1, top)  # student log-probs from the full softmax, at the teacher's top k
-    if kind == "forward":
-        return -(lpt.exp() * lps).sum(-1)
+    lpt = _teacher_logps(th, tw, temperature)
     if kind == "reverse":
         return (lps.exp() * (lps - lpt)).sum(-1)
     lpm = _log_mixture(lpt, lps, beta)
@@ -209,8 +239,11 @@ def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind
     if kind == "jsd" and not 0 < beta < 1:
         raise ValueError(f"jsd needs 0 < beta < 1 (use kind='forward' or 'reverse' for the ends), got {beta}")
     tw = teacher_weight.detach()
-    def fn(z, th):
-        return _kd_chunk(z, th, tw, kind, beta, top_k, temperature)
+    if kind == "forward":
+        fn = _forward_kd_fn(tw, top_k, temperature)
+    else:
+        def fn(z, th):
+            return _kd_chunk(z, th, tw, kind, beta, temperature)
     return _chunked(fn, hidden, weight, labels, chunk_size, [teacher_hidden.detach()])
 
 def kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5, top_k=0,

@@ -161,6 +161,22 @@ def test_kd_matches_reference(kind, top_k, chunk_size):
         assert_same(a, b)
 
 @pytest.mark.parametrize("kind,top_k", KD_CASES)
+def test_kd_bf16_inputs_match_float32(kind, top_k):
+    # bf16 student and teacher: loss in float32 and gradients (closed form for forward KD, through the
+    # bf16 scratch buffer) match the float32 reference on the same bf16-rounded values
+    hidden, weight, teacher_hidden, teacher_weight, labels = make_batch()
+    h, w, th, tw = (x.detach().bfloat16().requires_grad_() for x in (hidden, weight, teacher_hidden, teacher_weight))
+    ref_in = [x.detach().float().requires_grad_() for x in (h, w)]
+    kw = dict(kind=kind, beta=0.3, top_k=top_k, temperature=2.0)
+    out = losses.kd_loss(h, w, th, tw, labels, chunk_size=4, **kw)
+    ref = ref_kd(*ref_in, th.float(), tw.float(), labels, **kw).sum() / N
+    assert out.dtype == torch.float32
+    assert_same(out, ref, atol=1e-4)  # bf16 logits are upcast before any softmax
+    for a, b in zip(grads(out, h, w), grads(ref, *ref_in)):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, atol=0.02, rtol=0.05)
+
+@pytest.mark.parametrize("kind,top_k", KD_CASES)
 def test_kd_teacher_gets_no_gradient(kind, top_k):
     hidden, weight, teacher_hidden, teacher_weight, labels = make_batch()
     loss = losses.kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind=kind, top_k=top_k, chunk_size=4)
