@@ -173,6 +173,11 @@ def _teacher_logps(th, tw, temperature):
     # student's backward
     return F.log_softmax(_scaled(th @ tw.t(), temperature), dim=-1)
 
+def _softmax_(z):
+    # row-wise softmax of (n, V) float logits, in place
+    z = z.sub_(z.amax(1, keepdim=True)).exp_()
+    return z.div_(z.sum(1, keepdim=True))
+
 @torch.no_grad()
 def _teacher_probs(th, tw, top_k, temperature):
     # (n, V) teacher probabilities computed in place in one (n, V) tile, or (n, k) over its top k
@@ -181,8 +186,7 @@ def _teacher_probs(th, tw, top_k, temperature):
     top = None
     if top_k > 0:
         t, top = t.topk(top_k, dim=-1)
-    t = t.sub_(t.amax(1, keepdim=True)).exp_()
-    return t.div_(t.sum(1, keepdim=True)), top
+    return _softmax_(t), top
 
 def _forward_kd_fn(tw, top_k, temperature):
     """Forward KD on a chunk with a closed-form gradient, in place on the scratch logits: with
@@ -201,9 +205,7 @@ def _forward_kd_fn(tw, top_k, temperature):
 
     def logits_grad(z, g, vals, th):  # g (softmax(z) - p_T) / tau
         dtype = z.dtype
-        z = _scaled(z, temperature, inplace=True)
-        z = z.sub_(z.amax(1, keepdim=True)).exp_()
-        z = z.div_(z.sum(1, keepdim=True))
+        z = _softmax_(_scaled(z, temperature, inplace=True))
         pt, top = _teacher_probs(th, tw, top_k, temperature)
         z = z.sub_(pt) if top is None else z.scatter_add_(1, top, -pt)
         return z.mul_((g / temperature)[:, None]).to(dtype)
