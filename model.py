@@ -186,6 +186,13 @@ def make_norm(cfg, dim):
         return nn.RMSNorm(dim, eps=cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
 
+def needs_mask(seg):
+    """False when plain causal attention is exact for every real token: each row is one segment
+    followed only by padding (right-padded). Then attention runs with is_causal and no mask (the
+    fastest SDPA / flash kernels); padded positions see real tokens, but no loss reads them."""
+    after_pad = (seg[:, 1:] > 0) & (seg[:, :-1] == 0)
+    return bool((after_pad.any() | (seg > 1).any()).item())  # one host sync per forward
+
 def segment_mask(seg):
     """seg (B, T): 0 = padding, k > 0 = segment k. Returns bool (B, 1, T, T): causal attention
     within a segment. Padding rows attend to themselves so no row is empty (no NaN)."""
@@ -249,9 +256,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        if rope is not None:  # rotated in float32 under autocast, back to the projections' dtype
+            q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
+        if flash_attn_func is not None and v.is_cuda and v.dtype in (torch.float16, torch.bfloat16):
             y = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seg)
             y = y.reshape(B, T, H * hd)
         else:
@@ -327,7 +334,7 @@ class GPT(nn.Module):
         if self.config.n_positions:
             x = x + self.wpe(position_ids)
         rope = self.rope(position_ids, x.dtype) if self.config.rotary_dim else None
-        seg = attention_mask if attention_mask is not None and not bool((attention_mask == 1).all()) else None
+        seg = attention_mask if attention_mask is not None and needs_mask(attention_mask) else None
         mask = segment_mask(seg) if seg is not None else None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -99,6 +99,22 @@ def test_padding_and_packing(name, tmp_path):
         assert (out[:11] - la).abs().max() <= 1e-5 and (out[11:17] - lb).abs().max() <= 1e-5
         assert torch.isfinite(out).all()
 
+def test_mask_only_where_causal_is_not_exact(tmp_path):
+    """right padding runs with is_causal and no mask; left padding and packing need the mask."""
+    from model import needs_mask
+    assert not needs_mask(torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]]))
+    assert needs_mask(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding
+    assert needs_mask(torch.tensor([[1, 1, 2], [1, 1, 1]]))  # packed
+    make_hf("llama", tmp_path)
+    m = GPT.from_pretrained(str(tmp_path)).eval()
+    a = torch.randint(0, V, (6,), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([torch.zeros(3, dtype=torch.long), a])[None]
+    mask = torch.tensor([[0] * 3 + [1] * 6])
+    pos = torch.tensor([[0] * 3 + list(range(6))])
+    with torch.no_grad():
+        out = m(ids, attention_mask=mask, position_ids=pos)[0, 3:]
+        assert (out - m(a[None])[0]).abs().max() <= 1e-5
+
 def test_flash_varlen_unpadding_matches_sdpa(monkeypatch, tmp_path):
     """The flash-attn path (CUDA only) gathers each (row, segment) into one sequence; here the
     kernel is replaced by a plain per-sequence attention to check that gathering on CPU."""
