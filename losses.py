@@ -27,36 +27,74 @@ def _scaled(logits, temperature, inplace=False):
         return z
     return z.div_(temperature) if inplace else z / temperature
 
+def compute_dtype(x):
+    """the dtype the head's GEMMs run in: autocast's when it is on for x's device (bf16 on a GPU,
+    over float32 master weights), else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+_out_dtype_ok = {}  # device type -> whether torch.mm(..., out_dtype=float32) runs there
+
+def mm_into(a, b, out):
+    """out = a @ b with a, b in the compute dtype and out float32 (float64): half-precision GEMMs
+    with float32 accumulation write float32 logits straight into the scratch tile (CUDA, torch >=
+    2.8); elsewhere through a half-precision temporary (CPU has no such kernel)."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    dev = a.device.type
+    if _out_dtype_ok.get(dev, True):
+        try:
+            return torch.mm(a, b, out_dtype=out.dtype, out=out)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _out_dtype_ok[dev] = False
+    return out.copy_(torch.mm(a, b))
+
+def addmm_into(acc, a, b):
+    """acc += a @ b in place (the head's weight gradient), a and b in the compute dtype, acc float32."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    dev = a.device.type
+    if _out_dtype_ok.get(dev, True):
+        try:
+            return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _out_dtype_ok[dev] = False
+    return acc.add_(torch.mm(a, b))
+
 class _ChunkedHead(torch.autograd.Function):
     """vals = fn(h @ w.T, *rest) chunk by chunk, for h (N, C) and w (V, C); fn maps (n, V) logits
     (and the rest's chunks) to (n,) values. Backward recomputes each chunk's logits, gets their
     gradient from fn (or from fn.logits_grad, a closed form that is also given the forward's
     values), and adds grad_logits.T @ h into a single buffer for w.
+    GEMMs run in the compute dtype (bf16 under autocast on a GPU: tensor cores, float32
+    accumulation); logits, softmax statistics and gradients are float32 (float64 for float64).
     Every chunk's logits are written into one scratch [chunk, V] buffer, which fn and logits_grad
     may overwrite: a fresh [chunk, V] tensor per chunk costs more than the softmax itself on CPU
     (fresh pages are faulted in and zeroed), and one buffer is also the smallest peak on GPU."""
 
     @staticmethod
     def forward(ctx, fn, chunk_size, w, h, *rest):
-        ctx.fn, ctx.chunk_size = fn, chunk_size
-        wt, N = w.to(h.dtype).t(), h.shape[0]
-        buf = h.new_empty(min(chunk_size, N), w.shape[0])
-        vals = [fn(torch.mm(h[i:i + chunk_size], wt, out=buf[:min(chunk_size, N - i)]),
+        cdt = compute_dtype(h)
+        ctx.fn, ctx.chunk_size, ctx.cdt = fn, chunk_size, cdt
+        wt, hc, N = w.to(cdt).t(), h.to(cdt), h.shape[0]
+        buf = h.new_empty(min(chunk_size, N), w.shape[0], dtype=_upcast(hc).dtype)
+        vals = [fn(mm_into(hc[i:i + chunk_size], wt, buf[:min(chunk_size, N - i)]),
                    *[r[i:i + chunk_size] for r in rest]) for i in range(0, N, chunk_size)]
-        vals = torch.cat(vals) if vals else h.new_zeros(0, dtype=_upcast(h).dtype)
+        vals = torch.cat(vals) if vals else buf.new_zeros(0)
         ctx.save_for_backward(w, h, vals, *rest)
         return vals
 
     @staticmethod
     def backward(ctx, grad_vals):
         w, h, vals, *rest = ctx.saved_tensors
-        wc, cs, N = w.to(h.dtype), ctx.chunk_size, h.shape[0]
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[3] else None
+        cs, N, cdt = ctx.chunk_size, h.shape[0], ctx.cdt
+        wc, hcd = w.to(cdt), h.to(cdt)
+        grad_h = torch.empty_like(h, dtype=_upcast(h).dtype) if ctx.needs_input_grad[3] else None
         grad_w = torch.zeros_like(w, dtype=_upcast(w).dtype) if ctx.needs_input_grad[2] else None
-        buf = h.new_empty(min(cs, N), w.shape[0])
+        buf = h.new_empty(min(cs, N), w.shape[0], dtype=_upcast(hcd).dtype)
         for i in range(0, N, cs):
-            hc, n = h[i:i + cs], min(cs, N - i)
-            z = torch.mm(hc, wc.t(), out=buf[:n])  # (n, V)
+            hc, n = hcd[i:i + cs], min(cs, N - i)
+            z = mm_into(hc, wc.t(), buf[:n])  # (n, V)
             chunk = [r[i:i + cs] for r in rest]
             if hasattr(ctx.fn, "logits_grad"):  # a closed form: fewer passes over (n, V) than autograd
                 gz = ctx.fn.logits_grad(z, grad_vals[i:i + cs], vals[i:i + cs], *chunk)
@@ -64,11 +102,13 @@ class _ChunkedHead(torch.autograd.Function):
                 with torch.enable_grad():
                     z = z.detach().requires_grad_()
                     gz, = torch.autograd.grad(ctx.fn(z, *chunk), z, grad_vals[i:i + cs])
+            gz = gz.to(cdt)
             if grad_h is not None:
-                torch.mm(gz, wc, out=grad_h[i:i + n])
+                mm_into(gz, wc, grad_h[i:i + n])
             if grad_w is not None:
-                grad_w.addmm_(gz.t().to(grad_w.dtype), hc.to(grad_w.dtype))  # in place: one (V, C) buffer
-        return None, None, None if grad_w is None else grad_w.to(w.dtype), grad_h, *[None] * len(rest)
+                addmm_into(grad_w, gz.t(), hc)  # in place: one (V, C) buffer
+        return (None, None, None if grad_w is None else grad_w.to(w.dtype),
+                None if grad_h is None else grad_h.to(h.dtype), *[None] * len(rest))
 
 CHUNK_LOGITS = 2**22  # auto chunk: logits per chunk (16 MiB in float32)
 
@@ -179,16 +219,17 @@ def _softmax_(z):
     return z.div_(z.sum(1, keepdim=True))
 
 @torch.no_grad()
-def _teacher_probs(th, tw, top_k, temperature):
+def _teacher_probs(th, tw, top_k, temperature, cdt):
     # (n, V) teacher probabilities computed in place in one (n, V) tile, or (n, k) over its top k
-    # with their indices
-    t = _scaled(th @ tw.t(), temperature, inplace=True)
+    # with their indices; the GEMM in cdt, the softmax in float32
+    t = mm_into(th.to(cdt), tw.to(cdt).t(), th.new_empty(th.shape[0], tw.shape[0], dtype=_upcast(th.to(cdt)).dtype))
+    t = _scaled(t, temperature, inplace=True)
     top = None
     if top_k > 0:
         t, top = t.topk(top_k, dim=-1)
     return _softmax_(t), top
 
-def _forward_kd_fn(tw, top_k, temperature):
+def _forward_kd_fn(tw, top_k, temperature, cdt):
     """Forward KD on a chunk with a closed-form gradient, in place on the scratch logits: with
     z = logits / tau, -sum_v p_T log p_S = logsumexp(z) - sum_v p_T z_v (sum_v p_T = 1), and its
     gradient in z is softmax(z) - p_T. Peak: the scratch tile and the teacher's."""
@@ -198,7 +239,7 @@ def _forward_kd_fn(tw, top_k, temperature):
 
     def fn(z, th):
         z = _scaled(z, temperature, inplace=True)
-        pt, top = _teacher_probs(th, tw, top_k, temperature)
+        pt, top = _teacher_probs(th, tw, top_k, temperature, cdt)
         pz = dot(pt, z, top)
         m = z.detach().amax(1)
         return m + z.sub_(m[:, None]).exp_().sum(1).log() - pz
@@ -206,7 +247,7 @@ def _forward_kd_fn(tw, top_k, temperature):
     def logits_grad(z, g, vals, th):  # g (softmax(z) - p_T) / tau
         dtype = z.dtype
         z = _softmax_(_scaled(z, temperature, inplace=True))
-        pt, top = _teacher_probs(th, tw, top_k, temperature)
+        pt, top = _teacher_probs(th, tw, top_k, temperature, cdt)
         z = z.sub_(pt) if top is None else z.scatter_add_(1, top, -pt)
         return z.mul_((g / temperature)[:, None]).to(dtype)
     fn.logits_grad = logits_grad
@@ -242,7 +283,8 @@ def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind
         raise ValueError(f"jsd needs 0 < beta < 1 (use kind='forward' or 'reverse' for the ends), got {beta}")
     tw = teacher_weight.detach()
     if kind == "forward":
-        fn = _forward_kd_fn(tw, top_k, temperature)
+        # the teacher's GEMMs in the compute dtype of the forward, in backward's recompute too
+        fn = _forward_kd_fn(tw, top_k, temperature, compute_dtype(teacher_hidden))
     else:
         def fn(z, th):
             return _kd_chunk(z, th, tw, kind, beta, temperature)

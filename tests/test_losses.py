@@ -136,6 +136,32 @@ def test_bf16_inputs_give_float32_logps():
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, atol=0.05, rtol=0.05)
 
+@pytest.mark.parametrize("kind", ["sft", "kd"])
+def test_autocast_head_runs_in_bf16_with_float32_statistics(kind, monkeypatch):
+    """float32 master weights under bf16 autocast (the GPU training set-up): every head GEMM gets
+    bf16 operands (tensor cores) and writes float32 logits; loss and gradients stay float32 and
+    match the float32 reference within bf16 rounding (atol 2e-2 on values ~1: 8 mantissa bits)."""
+    hidden, weight, teacher_hidden, teacher_weight, labels = make_batch()
+    seen = []
+    for name, ops in (("mm_into", (0, 1)), ("addmm_into", (1, 2))):  # (a, b, out), (acc, a, b)
+        real = getattr(losses, name)
+        monkeypatch.setattr(losses, name, lambda *a, _r=real, _o=ops: (seen.append(tuple(a[i].dtype for i in _o)), _r(*a))[1])
+    g = torch.randn(B, T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if kind == "sft":
+            out = losses.token_logps(hidden, weight, labels, chunk_size=4)
+        else:
+            out = losses.kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, chunk_size=4)
+    ours = grads((out * g).sum(), hidden, weight)
+    ref = (ref_token_logps(hidden, weight, labels) if kind == "sft"
+           else ref_kd(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward"))
+    assert out.dtype == torch.float32 and seen
+    assert all(d == (torch.bfloat16, torch.bfloat16) for d in seen)  # bf16 operands, float32 results
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for a, b in zip(ours, grads((ref * g).sum(), hidden, weight)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=5e-2)
+
 def test_auto_chunk_size():
     # at least 128 tokens; small vocabularies get chunks of about 2^22 logits
     assert losses.auto_chunk_size(128256) == 128 and losses.auto_chunk_size(32000) == 131
