@@ -7,14 +7,21 @@ Checkpoints and the final export, for plain, DDP, ZeRO-1 and FSDP2-sharded model
     out_dir/final/              Hugging Face layout (+ adapter/ in PEFT layout under LoRA)
 
 A checkpoint is written into tmp_iter_N and renamed to iter_N when complete, so a crash or
-Ctrl-C at any moment leaves the newest iter_ directory loadable.
+Ctrl-C at any moment leaves the newest iter_ directory loadable. Every file is fsynced before the
+rename and the directory after it, so a power loss cannot leave a renamed but empty file. Files
+hold tensors and plain containers only and load with weights_only=True: a planted object in a
+checkpoint is refused, never run.
 """
+import errno
 import os
+import pickle
 import random
 import shutil
 
 import torch
 import torch.distributed as dist
+
+from configurator import ConfigError
 
 def _rank():
     return dist.get_rank() if dist.is_initialized() else 0
@@ -44,26 +51,55 @@ def _full_optimizer_state(model, optimizer, fsdp):
         return optimizer.state_dict() if _rank() == 0 else None
     return optimizer.state_dict()
 
+def fsync_dir(path):
+    """makes a rename or a new file in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def _write(obj, path):
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+def _no_space(e):
+    return (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "unexpected pos" in str(e)
+
 def save(ckpt_root, it, model, optimizer, state, keep_last=2, fsdp=False):
-    """Every rank calls this (the gathers are collective); rank 0 writes."""
+    """Every rank calls this (the gathers are collective); rank 0 writes. A full disk removes the
+    partial tmp_iter_ dir and raises an OSError (ENOSPC) naming the path; older checkpoints stay."""
     msd, osd = full_state_dict(model, fsdp), _full_optimizer_state(model, optimizer, fsdp)
     master = _rank() == 0
     tmp = os.path.join(ckpt_root, f"tmp_iter_{it:07d}")
-    if master:
+    path = tmp
+    try:
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            for name, obj in (("model.pt", msd), ("optimizer.pt", osd), ("state.pt", state)):
+                path = os.path.join(tmp, name)
+                _write(obj, path)
+        _barrier()
+        path = os.path.join(tmp, f"rng_{_rank()}.pt")
+        _write({"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, path)
+    except (OSError, RuntimeError) as e:
+        if not _no_space(e):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save(msd, os.path.join(tmp, "model.pt"))
-        torch.save(osd, os.path.join(tmp, "optimizer.pt"))
-        torch.save(state, os.path.join(tmp, "state.pt"))
-    _barrier()
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               os.path.join(tmp, f"rng_{_rank()}.pt"))
+        prev = latest(ckpt_root)
+        raise OSError(errno.ENOSPC, f"writing {path}: no space left on device ({shutil.disk_usage(ckpt_root).free:,} "
+                      f"bytes free); the previous checkpoint {prev or '(none was written)'} is kept") from e
     _barrier()
     if master:
+        fsync_dir(tmp)
         final = os.path.join(ckpt_root, f"iter_{it:07d}")
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)  # atomic: until here the previous iter_ dir is the newest complete one
+        fsync_dir(ckpt_root)
         kept = sorted(d for d in os.listdir(ckpt_root) if d.startswith("iter_"))
         for d in kept[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
@@ -76,10 +112,27 @@ def latest(ckpt_root):
     dirs = sorted(d for d in os.listdir(ckpt_root) if d.startswith("iter_"))
     return os.path.join(ckpt_root, dirs[-1]) if dirs else None
 
+def _load(path):
+    # weights_only: tensors and plain containers; anything else (code to run) is refused
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: refused to load: it holds more than tensors and plain containers ({first})") from None
+
+def check_shapes(path, msd, model):
+    """a tensor of the checkpoint whose shape is not the model's is an error naming it."""
+    own = model.state_dict()
+    for k, v in msd.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):  # a DTensor's shape is the full one
+            raise ConfigError(f"{path}/model.pt: {k} has shape {tuple(v.shape)}, this model's is {tuple(own[k].shape)}: "
+                              f"the checkpoint was written with other model_* / pretrain / lora_rank keys")
+
 def load(path, model, optimizer, fsdp=False):
     """restores model, optimizer and this rank's RNGs; returns the loop state."""
-    msd = torch.load(os.path.join(path, "model.pt"), map_location="cpu")
-    osd = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
+    msd = _load(os.path.join(path, "model.pt"))
+    check_shapes(path, msd, model)
+    osd = _load(os.path.join(path, "optimizer.pt"))
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
         opts = StateDictOptions(full_state_dict=True, strict=False)
@@ -88,16 +141,16 @@ def load(path, model, optimizer, fsdp=False):
     else:
         missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(msd)
         if missing:
-            raise ValueError(f"{path}/model.pt lacks {sorted(missing)[:3]} ({len(missing)} tensors): "
+            raise ConfigError(f"{path}/model.pt lacks {sorted(missing)[:3]} ({len(missing)} tensors): "
                              f"was it written by a run with other LoRA settings?")
         model.load_state_dict(msd, strict=False)
         optimizer.load_state_dict(osd)
-    rng = torch.load(os.path.join(path, f"rng_{_rank()}.pt"), weights_only=False)
+    rng = _load(os.path.join(path, f"rng_{_rank()}.pt"))
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    return _load(os.path.join(path, "state.pt"))
 
 def export_final(out_dir, model, fsdp, tokenizer, lora=None, base_model=""):
     """out_dir/final: the model in HF layout (LoRA merged) and, with lora = dict(rank, alpha,
@@ -120,8 +173,21 @@ def export_final(out_dir, model, fsdp, tokenizer, lora=None, base_model=""):
         if lora:
             save_adapter(export, os.path.join(tmp_dir, "adapter"), base_model_name_or_path=base_model)
             export = merge(export)
-        export.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
+        try:
+            export.save_pretrained(tmp_dir)
+            tokenizer.save_pretrained(tmp_dir)
+            for d, _, files in os.walk(tmp_dir):
+                for name in files:
+                    with open(os.path.join(d, name), "rb+") as f:
+                        os.fsync(f.fileno())
+                fsync_dir(d)
+        except (OSError, RuntimeError) as e:
+            if not _no_space(e):
+                raise
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise OSError(errno.ENOSPC, f"writing {tmp_dir}: no space left on device; the checkpoints in "
+                          f"{out_dir}/ckpt are kept") from e
         shutil.rmtree(final_dir, ignore_errors=True)
         os.rename(tmp_dir, final_dir)
+        fsync_dir(out_dir)
     _barrier()

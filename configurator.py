@@ -10,8 +10,27 @@ accepted for a float key, true/false for a bool key, and a str key takes the tex
 """
 import ast
 import difflib
+import errno
 import os
+import sys
 import types
+
+class ConfigError(ValueError):
+    """a bad config key or bad input data: the script prints it as one line, without a traceback."""
+
+def one_line_errors():
+    """sys.excepthook for train.py: a ConfigError (and a full disk) ends the run with `error: ...`
+    on stderr (rank 0 only under torchrun) and exit status 2 (1 for the disk); any other
+    exception keeps its traceback."""
+    def hook(kind, e, tb):
+        disk = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (isinstance(e, ConfigError) or disk):
+            return sys.__excepthook__(kind, e, tb)
+        sys.stdout.flush()
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e.strerror if disk and e.strerror else e}", file=sys.stderr, flush=True)
+        os._exit(1 if disk else 2)  # skips the process group's teardown, which would wait for the other ranks
+    sys.excepthook = hook
 
 def _closest(key, known):
     m = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
@@ -26,7 +45,7 @@ def _coerce(key, value, default, where):
         return float(value)
     if want is tuple and isinstance(value, list):
         return tuple(value)
-    raise ValueError(f"{where}: config key {key!r} expects {want.__name__} (default {default!r}), "
+    raise ConfigError(f"{where}: config key {key!r} expects {want.__name__} (default {default!r}), "
                      f"got {type(value).__name__} {value!r}")
 
 def _parse(key, text, default, where):
@@ -37,7 +56,7 @@ def _parse(key, text, default, where):
     try:
         value = ast.literal_eval(text)
     except (SyntaxError, ValueError):
-        raise ValueError(f"{where}: config key {key!r} expects {type(default).__name__} "
+        raise ConfigError(f"{where}: config key {key!r} expects {type(default).__name__} "
                          f"(default {default!r}), cannot read {text!r}") from None
     return _coerce(key, value, default, where)
 
@@ -54,7 +73,7 @@ def apply(args, config, verbose=None):
     for arg in args:
         if not arg.startswith("--"):
             if not os.path.exists(arg):
-                raise ValueError(f"config file {arg!r} not found")
+                raise ConfigError(f"config file {arg!r} not found")
             if verbose:
                 print(f"overriding config with {arg}")
             scope = dict(config)
@@ -64,7 +83,7 @@ def apply(args, config, verbose=None):
                 if k == "__builtins__" or not _is_config(k, v):
                     continue
                 if k not in config:
-                    raise ValueError(f"{arg}: unknown config key {k!r}{_closest(k, known)} "
+                    raise ConfigError(f"{arg}: unknown config key {k!r}{_closest(k, known)} "
                                      f"(prefix helper names with '_')")
                 if v is not config[k]:
                     config[k] = _coerce(k, v, config[k], arg)
@@ -72,9 +91,9 @@ def apply(args, config, verbose=None):
         else:
             key, sep, text = arg[2:].partition("=")
             if not sep:
-                raise ValueError(f"argument {arg!r}: expected --key=value")
+                raise ConfigError(f"argument {arg!r}: expected --key=value")
             if key not in config:
-                raise ValueError(f"unknown config key {key!r}{_closest(key, known)}")
+                raise ConfigError(f"unknown config key {key!r}{_closest(key, known)}")
             config[key] = _parse(key, text, config[key], f"--{key}")
             changed.append(key)
             if verbose:

@@ -18,38 +18,49 @@ import random
 
 import torch
 
+from configurator import ConfigError  # a bad row or file: one line naming it, no traceback
+
 FILE_EXTS = (".json", ".jsonl", ".parquet", ".csv")
 
 # -----------------------------------------------------------------------------
 # reading rows
 
-def _read_jsonl(path):
+def _decode(path, raw):
+    # the text of a file, or an error naming the file, line and byte that are not UTF-8
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+                          f"re-encode the file as UTF-8") from None
+
+def _read_jsonl(path, text):
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, found {type(row).__name__}")
-            rows.append(row)
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}, line {lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}, line {lineno}: expected a JSON object, found {type(row).__name__}")
+        rows.append(row)
     return rows
 
 def _read_json(path):
     # a .json file is either one list of objects or json lines under another name
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = _decode(path, f.read())
     if not text.lstrip().startswith("["):
-        return _read_jsonl(path)
+        return _read_jsonl(path, text)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+        raise ConfigError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
     if not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: expected a list of JSON objects")
+        raise ConfigError(f"{path}: expected a list of JSON objects")
     return rows
 
 def _is_dataset(eval_split):
@@ -62,9 +73,9 @@ def _read_source(name, split):
     ext = os.path.splitext(name)[1].lower()
     is_disk = os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json"))
     if ext in FILE_EXTS and not os.path.isfile(name):
-        raise ValueError(f"{name}: no such file")
+        raise ConfigError(f"{name}: no such file")
     if (ext in FILE_EXTS or os.path.exists(os.path.join(name, "state.json"))) and split != "train":
-        raise ValueError(f"{name}: a single file or Dataset has only the 'train' split, not {split!r} "
+        raise ConfigError(f"{name}: a single file or Dataset has only the 'train' split, not {split!r} "
                          f"(name the eval set as a file or folder of its own: eval_split=PATH)")
     if ext in (".json", ".jsonl"):
         return _read_json(name)
@@ -80,10 +91,10 @@ def _read_source(name, split):
             ds = datasets.load_dataset(name, split=split)
     except Exception as e:
         where = "" if ext or os.path.exists(name) else " (not a local file or folder, so tried the hub)"
-        raise ValueError(f"{name}: could not load split {split!r}{where}: {type(e).__name__}: {e}") from e
+        raise ConfigError(f"{name}: could not load split {split!r}{where}: {type(e).__name__}: {e}") from e
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"{name}: no split {split!r} (splits: {list(ds)})")
+            raise ConfigError(f"{name}: no split {split!r} (splits: {list(ds)})")
         ds = ds[split]
     return ds.to_list()
 
@@ -91,12 +102,12 @@ def _read_all(spec, split):
     """[(name, rows with "_id")] for each comma-separated source of spec."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise ValueError(f"no dataset given (spec {spec!r})")
+        raise ConfigError(f"no dataset given (spec {spec!r})")
     sources = []
     for n in names:
         rows = _read_source(n, split)
         if not rows:
-            raise ValueError(f"{n}: the dataset is empty (split {split!r} has 0 rows)")
+            raise ConfigError(f"{n}: the dataset is empty (split {split!r} has 0 rows)")
         sources.append((n, [{**r, "_id": f"{n}:{i}" if len(names) > 1 else i} for i, r in enumerate(rows)]))
     return sources
 
@@ -105,7 +116,7 @@ def _holdout(rows, eval_frac):
     # so every run and every method is evaluated on the same rows
     k = max(1, round(len(rows) * eval_frac))
     if k >= len(rows):
-        raise ValueError(f"eval_frac={eval_frac} would hold out {k} of {len(rows)} rows, leaving nothing to train on")
+        raise ConfigError(f"eval_frac={eval_frac} would hold out {k} of {len(rows)} rows, leaving nothing to train on")
     held = {int((j + 0.5) * len(rows) / k) for j in range(k)}
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
@@ -134,7 +145,7 @@ def load_rows(spec, split="train", max_samples=0, probs="", seed=42, eval_split=
         return _sample(rows, max_samples, rng) if 0 < max_samples < len(rows) else rows
     p = [float(x) for x in probs.split(",")] if probs else [1.0] * len(sources)
     if len(p) != len(sources) or min(p) < 0 or sum(p) <= 0:
-        raise ValueError(f"probs {probs!r} must give one non-negative proportion per source ({len(sources)} sources)")
+        raise ConfigError(f"probs {probs!r} must give one non-negative proportion per source ({len(sources)} sources)")
     total = max_samples or sum(len(rows) for _, rows in sources)
     exact = [total * x / sum(p) for x in p]
     counts = [int(x) for x in exact]
@@ -169,9 +180,9 @@ def _keys(row):
 
 def _field(row, key, where):
     if key not in row:
-        raise ValueError(f"{where}: missing key {key!r} (keys present: {_keys(row)})")
+        raise ConfigError(f"{where}: missing key {key!r} (keys present: {_keys(row)})")
     if not isinstance(row[key], str):
-        raise ValueError(f"{where}: field {key!r} must be a string, found {type(row[key]).__name__}")
+        raise ConfigError(f"{where}: field {key!r} must be a string, found {type(row[key]).__name__}")
     return row[key]
 
 def _chat(tokenizer, messages, where, key):
@@ -179,16 +190,16 @@ def _chat(tokenizer, messages, where, key):
     # generation prompt, and what the full rendering adds after it
     if not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
-        raise ValueError(f"{where}: field {key!r} must be a non-empty list of {{'role': str, 'content': str}} messages")
+        raise ConfigError(f"{where}: field {key!r} must be a non-empty list of {{'role': str, 'content': str}} messages")
     if messages[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the last message of {key!r} must be the assistant's, "
+        raise ConfigError(f"{where}: the last message of {key!r} must be the assistant's, "
                          f"found role {messages[-1]['role']!r}")
     if not tokenizer.chat_template:
-        raise ValueError(f"{where}: chat messages need a tokenizer with a chat template")
+        raise ConfigError(f"{where}: chat messages need a tokenizer with a chat template")
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
-        raise ValueError(f"{where}: the chat template does not render {key!r} as prompt + response, "
+        raise ConfigError(f"{where}: the chat template does not render {key!r} as prompt + response, "
                          f"so the prompt cannot be masked")
     return prompt, full[len(prompt):]
 
@@ -197,13 +208,13 @@ def _prompt(tokenizer, text, template, apply_chat_template, system=""):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if "{}" not in template:
-        raise ValueError(f"template {template!r} has no '{{}}' for the prompt text")
+        raise ConfigError(f"template {template!r} has no '{{}}' for the prompt text")
     return (system + "\n" if system else "") + template.replace("{}", text, 1)
 
 def _encode(tokenizer, prompts, responses):
     # prompts get the bos a tokenizer adds by default (llama), once; responses end with eos
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token")
+        raise ConfigError("the tokenizer has no eos token")
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     bos = [bos] if bos is not None and tokenizer("")["input_ids"][:1] == [bos] else []
     P = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
@@ -223,7 +234,7 @@ def _example(prompt_ids, response_ids, max_len):
 def _report(source, n_rows, n_kept, truncated, max_len, prompts, verbose):
     name = source or "data"
     if n_kept == 0 and n_rows > 0:
-        raise ValueError(f"{name}: no examples left: all {n_rows} rows have a prompt that leaves no room for a response "
+        raise ConfigError(f"{name}: no examples left: all {n_rows} rows have a prompt that leaves no room for a response "
                          f"token under max_len={max_len} (shortest prompt: {min(map(len, prompts))} tokens)")
     if verbose and n_rows > 0:
         print(f"{name}: {n_kept} examples from {n_rows} rows, {n_rows - n_kept} dropped (prompt too long "
@@ -279,7 +290,7 @@ def tokenize_dpo(rows, tokenizer, max_len, prompt_key="prompt", chosen_key="chos
             p, c = _chat(tokenizer, row[chosen_key], where, chosen_key)
             p2, r = _chat(tokenizer, row[rejected_key], where, rejected_key)
             if p != p2:
-                raise ValueError(f"{where}: {chosen_key!r} and {rejected_key!r} must share every message but the last")
+                raise ConfigError(f"{where}: {chosen_key!r} and {rejected_key!r} must share every message but the last")
         elif prompt_key in row:
             p = _prompt(tokenizer, _field(row, prompt_key, where), template, apply_chat_template)
             c, r = _field(row, chosen_key, where), _field(row, rejected_key, where)
@@ -287,10 +298,12 @@ def tokenize_dpo(rows, tokenizer, max_len, prompt_key="prompt", chosen_key="chos
             c, r = _field(row, chosen_key, where), _field(row, rejected_key, where)
             k = os.path.commonprefix([c, r]).rfind("Assistant:")
             if k < 0:
-                raise ValueError(f"{where}: missing key {prompt_key!r} (keys present: {_keys(row)}), and "
+                raise ConfigError(f"{where}: missing key {prompt_key!r} (keys present: {_keys(row)}), and "
                                  f"{chosen_key!r}/{rejected_key!r} share no prefix ending in 'Assistant:' (hh-rlhf format)")
             k += len("Assistant:")
             p, c, r = c[:k], c[k:], r[k:]
+        if c == r:  # the pair teaches nothing: its DPO loss stays ln 2 and its gradient 0
+            raise ConfigError(f"{where}: {chosen_key!r} and {rejected_key!r} are the same response; fix or remove the row")
         prompts.append(p)
         chosens.append(c)
         rejecteds.append(r)
@@ -338,7 +351,7 @@ def collate_sft(examples, pad_id, packing=False, max_len=0):
         for e in examples:
             n = len(e["input_ids"])
             if n > cap:
-                raise ValueError(f"example {e['id']} has {n} tokens, more than the packing length {cap}")
+                raise ConfigError(f"example {e['id']} has {n} tokens, more than the packing length {cap}")
             j = next((j for j, s in enumerate(sizes) if s + n <= cap), len(bins))
             if j == len(bins):
                 bins.append([])
@@ -367,7 +380,7 @@ class Loader:
 
     def __init__(self, examples, batch_size, grad_accum, rank, world_size, seed, collate_fn, shuffle=True):
         if not examples:
-            raise ValueError("Loader: no examples")
+            raise ConfigError("Loader: no examples")
         self.examples, self.batch_size, self.grad_accum = examples, batch_size, grad_accum
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.collate_fn, self.shuffle = collate_fn, shuffle
