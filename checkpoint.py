@@ -59,6 +59,16 @@ def fsync_dir(path):
     finally:
         os.close(fd)
 
+def write_text(path, text):
+    """replaces the file's content atomically: a crash leaves the old text or the new, never a mix."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
 def _write(obj, path):
     with open(path, "wb") as f:
         torch.save(obj, f)
