@@ -225,6 +225,31 @@ def flash_attention(q, k, v, seg):
     full[idx] = out
     return full.view(B, T, *out.shape[1:])
 
+class KVCache:
+    """Keys and values of every layer for batched decoding, preallocated for max_len positions:
+    k, v (n_layer, B, n_kv_head, max_len, head_dim); valid (B, max_len) is False at padding."""
+    def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos = 0          # positions filled so far
+        self.padded = False   # any padding among them: decoding steps then need a mask
+
+    def attn_mask(self, attention_mask, T):
+        """records which of the T new positions are padding (attention_mask 0); returns the bool
+        mask (B, 1, T, pos + T) of the keys each new query sees, or None when all of them."""
+        t0 = self.pos
+        if attention_mask is not None:
+            self.valid[:, t0:t0 + T] = attention_mask > 0
+            self.padded = self.padded or not bool(self.valid[:, :t0 + T].all())  # host sync, at prefill
+        if T == 1:
+            return self.valid[:, None, None, :t0 + 1] if self.padded else None
+        causal = torch.ones(T, t0 + T, dtype=torch.bool, device=self.valid.device).tril(diagonal=t0)
+        own = torch.eye(T, t0 + T, dtype=torch.bool, device=self.valid.device).roll(t0, dims=1)
+        # a padding query still sees its own key, so no row is empty (no NaN)
+        return ((causal & self.valid[:, None, :t0 + T]) | own)[:, None]
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -241,7 +266,7 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
 
-    def forward(self, x, rope, mask, seg):
+    def forward(self, x, rope, mask, seg, cache=None):
         cfg = self.cfg
         B, T, _ = x.shape
         H, K, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -258,6 +283,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         if rope is not None:  # rotated in float32 under autocast, back to the projections' dtype
             q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
+        if cache is not None:  # decoding: write the new keys/values, attend over the cache so far
+            kc, vc, t0 = cache  # (B, nkv, max_len, hs) each
+            kc[:, :, t0:t0 + T], vc[:, :, t0:t0 + T] = k, v
+            y = F.scaled_dot_product_attention(q, kc[:, :, :t0 + T], vc[:, :, :t0 + T], attn_mask=mask,
+                                               enable_gqa=K != H)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
         if flash_attn_func is not None and v.is_cuda and v.dtype in (torch.float16, torch.bfloat16):
             y = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seg)
             y = y.reshape(B, T, H * hd)
@@ -290,8 +321,8 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.parallel = cfg.parallel_residual
 
-    def forward(self, x, rope, mask, seg):
-        a = self.attn(self.ln_1(x), rope, mask, seg)
+    def forward(self, x, rope, mask, seg, cache=None):
+        a = self.attn(self.ln_1(x), rope, mask, seg, cache)
         if self.parallel:
             return x + a + self.mlp(self.ln_2(x))
         x = x + a
@@ -321,26 +352,36 @@ class GPT(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, head_fn=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, head_fn=None, kv_cache=None):
         """input_ids (B, T). attention_mask (B, T) of segment ids: 0 = padding, 1 = token (and
         1, 2, 3, ... = documents packed into one row). position_ids (B, T), restarting per
         document when packed. Returns logits (B, T, V), or head_fn(hidden (B, T, C), lm_head
         weight (V, C)) so a loss can apply the head in token chunks inside this forward (under
-        FSDP2 the weight is only gathered while the module's forward runs)."""
+        FSDP2 the weight is only gathered while the module's forward runs).
+        kv_cache (a KVCache): the T tokens continue the cached ones; attention_mask is then 0/1 for
+        the new tokens only (None = no padding) and position_ids should be given per row."""
         B, T = input_ids.shape
+        t0 = kv_cache.pos if kv_cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(t0, t0 + T, device=input_ids.device).expand(B, T)
         x = self.wte(input_ids)
         if self.config.n_positions:
             x = x + self.wpe(position_ids)
         rope = self.rope(position_ids, x.dtype) if self.config.rotary_dim else None
-        seg = attention_mask if attention_mask is not None and needs_mask(attention_mask) else None
-        mask = segment_mask(seg) if seg is not None else None
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if kv_cache is not None:
+            seg, mask = None, kv_cache.attn_mask(attention_mask, T)
+        else:
+            seg = attention_mask if attention_mask is not None and needs_mask(attention_mask) else None
+            mask = segment_mask(seg) if seg is not None else None
+        for i, block in enumerate(self.blocks):
+            if kv_cache is not None:
+                x = block(x, rope, mask, None, (kv_cache.k[i], kv_cache.v[i], t0))
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, seg, use_reentrant=False)
             else:
                 x = block(x, rope, mask, seg)
+        if kv_cache is not None:
+            kv_cache.pos = t0 + T
         x = self.ln_f(x)
         if head_fn is not None:
             return head_fn(x, self.lm_head.weight)

@@ -1,0 +1,343 @@
+"""
+Batched generation from a trained run or any Hugging Face checkpoint, with a KV cache.
+
+    python generate.py --out_dir=out/demo/alright --prompt="red fox" --temperature=0
+    python generate.py --pretrain=DIR_OR_HUB_ID --prompts=in.jsonl --out=out.jsonl --max_new_tokens=64 --temperature=0
+    python generate.py --out_dir=RUN --objective=1 --out=eval_gen_1.jsonl   # the run's held-out prompts
+
+The model: --out_dir=RUN reads RUN/final (LoRA already merged there); --pretrain=DIR_OR_HUB_ID
+any checkpoint, plus --adapter=DIR for an unmerged PEFT-layout LoRA adapter (e.g. RUN/final/adapter).
+Prompts: --prompt=TEXT, --prompts=FILE.jsonl (a row's text is its prompt_key field, else the first
+of "prompt", input_key, "instruction"; a {"messages": [...]} row ends with the user's turn, a
+trailing assistant turn is dropped), or --objective=i: the eval split of the run's objective i.
+Formatting is train.py's: input_template (--input_template={} passes a prompt unchanged) or the
+tokenizer's chat template (apply_chat_template: '' = the run's setting when --out_dir has one, else
+input_template when given, else the chat template when the tokenizer has one). Output rows keep the prompt row's fields and add
+`instruction` (the prompt text), `output` and `generator` (AlpacaEval's format).
+Stop: at eos, and at any of --stop (a string or a JSON list of strings, matched on the text with
+special tokens; the output ends before it). Limits: a prompt longer than the model's context
+(max_position_embeddings) is an error; generation ends at the context length. An empty prompt
+text is an error, as is a stop string the tokenizer cannot encode (it maps to the unknown token).
+Every default below is a config key: override it as --key=value (or in a config file).
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+out_dir = ""              # a training run: generates from out_dir/final
+pretrain = ""             # or a HF checkpoint dir / hub id
+adapter = ""              # a PEFT-layout LoRA adapter dir to apply on pretrain (unmerged)
+prompt = ""               # one prompt
+prompts = ""              # a JSONL of prompt rows (or a .json list)
+objective = 0             # i > 0: the eval split of the run's objective i (needs out_dir)
+out = ""                  # JSONL of output rows (.json: one JSON list; '' = print)
+generator_name = ""       # the `generator` field ('' = the run's / checkpoint's name)
+max_new_tokens = 64
+temperature = 0.0         # 0 = greedy
+top_k = 0                 # sample among the k most likely tokens (0 = all)
+top_p = 1.0               # nucleus: the smallest set of tokens with probability >= top_p (1 = all)
+stop = ""                 # a stop string, or a JSON list of them
+num_samples = 1           # completions per prompt (rows get a `sample` index when > 1)
+batch_size = 32
+seed = 1337
+prompt_key = ""           # '' = "prompt", else input_key, else "instruction"
+input_key = "input"
+input_template = "User: {}\nAssistant: "  # train.py's input_template_1 default
+apply_chat_template = ""  # '' = auto (see above) | true | false
+max_prompts = 0           # 0 = all
+device = ""               # '' = cuda when available, else cpu
+dtype = ""                # '' = bfloat16 where the GPU supports it, else float32 | float16 | float64
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+# -----------------------------------------------------------------------------
+# decoding
+
+def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """logits (B, V) float -> next tokens (B,). Temperature, then top-k, then top-p, as in
+    transformers; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = logits.sort(dim=-1, descending=True)
+        p = srt.softmax(dim=-1)
+        drop = p.cumsum(dim=-1) - p >= top_p  # the better tokens already hold top_p (never the first)
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+def left_align(input_ids, attention_mask):
+    """moves each row's tokens to the right end, padding to the left (a stable sort of the mask
+    keeps token order): generation continues every row from its last token."""
+    order = torch.sort(attention_mask.long(), dim=1, stable=True).indices
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None,
+             generator=None, attention_mask=None, pad_token_id=None, stop_fn=None, use_cache=True):
+    """Extends input_ids (B, T) by up to max_new_tokens; returns (B, T + n), n <= max_new_tokens.
+    attention_mask (B, T) 0/1 marks padding (left, right or anywhere: rows are left-aligned first,
+    and the result is left-padded). A row is done after eos_token_id or when stop_fn(row index,
+    its new tokens) says so; done rows are filled with pad_token_id (default eos) and generation
+    ends once every row is done. use_cache=False recomputes the full forward every step (the slow
+    reference). generator (on the model's device) makes sampling reproducible."""
+    from model import KVCache
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ids, mask = left_align(input_ids, attention_mask)
+    if not bool(mask[:, -1].all()):
+        raise ValueError("generate: a prompt has no tokens")
+    ctx = model.config.max_position_embeddings
+    if T > ctx:
+        raise ValueError(f"generate: prompts of {T} tokens exceed the model's context of {ctx} positions")
+    n_new = min(max_new_tokens, ctx - T)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    pos = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): each row's positions start at its first token
+    last = lambda h, w: F.linear(h[:, -1], w)  # only the last position's logits: (B, V)
+    cache = KVCache(model.config, B, T + n_new, ids.device, next(model.parameters()).dtype) if use_cache else None
+    if use_cache:
+        logits = model(ids, attention_mask=mask, position_ids=pos, head_fn=last, kv_cache=cache)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    out = [ids]
+    for step in range(n_new):
+        if not use_cache:
+            full = torch.cat(out, dim=1)
+            m = torch.cat([mask, mask.new_ones(B, step)], dim=1)
+            p = torch.cat([pos, pos[:, -1:] + torch.arange(1, step + 1, device=ids.device)], dim=1)
+            logits = model(full, attention_mask=m, position_ids=p, head_fn=last)
+        nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
+        if pad is not None:
+            nxt = nxt.masked_fill(done, pad)
+        out.append(nxt[:, None])
+        if eos_token_id is not None:
+            done = done | (nxt == eos_token_id)
+        if stop_fn is not None:
+            new = torch.cat(out[1:], dim=1)
+            for b in (~done).nonzero().flatten().tolist():
+                if stop_fn(b, new[b]):
+                    done[b] = True
+        if (eos_token_id is not None or stop_fn is not None) and bool(done.all()):
+            break
+        if use_cache and step + 1 < n_new:
+            logits = model(nxt[:, None], position_ids=pos[:, -1:] + step + 1, head_fn=last, kv_cache=cache)
+    return torch.cat(out, dim=1)
+
+# -----------------------------------------------------------------------------
+# prompts and text
+
+def prompt_ids(tokenizer, text):
+    """token ids of a formatted prompt, as training saw them: a bos where the tokenizer adds one
+    by default, once."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("")["input_ids"][:1] == [bos] and ids[:1] != [bos]:
+        ids = [bos] + ids
+    return ids
+
+def format_prompt(tokenizer, row, i, key="", input_key="input", template="User: {}\nAssistant: ", chat=False):
+    """(text shown as `instruction`, formatted prompt) of a prompt row."""
+    if "messages" in row and not key:
+        msgs = row["messages"]
+        if msgs and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+        if not msgs or not tokenizer.chat_template:
+            raise ValueError(f"prompt row {i}: 'messages' need a user turn and a tokenizer with a chat template")
+        return msgs[-1]["content"], tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    keys = [key] if key else ["prompt", input_key, "instruction"]
+    k = next((k for k in keys if k in row), None)
+    if k is None:
+        raise ValueError(f"prompt row {i}: none of the keys {keys} (keys present: {list(row)})")
+    text = row[k]
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"prompt row {i}: empty prompt in {k!r}")
+    if chat:
+        if not tokenizer.chat_template:
+            raise ValueError("apply_chat_template: the tokenizer has no chat template; use input_template")
+        return text, tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                   add_generation_prompt=True)
+    if "{}" not in template:
+        raise ValueError(f"input_template {template!r} has no '{{}}' for the prompt text")
+    return text, template.replace("{}", text, 1)
+
+def parse_stop(tokenizer, stop):
+    """the stop strings of --stop (a string or a JSON list); an empty one, or one with characters
+    the tokenizer cannot encode (its unknown token), is an error: it could never be generated."""
+    if not stop:
+        return []
+    stops = json.loads(stop) if stop.lstrip().startswith("[") else [stop]
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop: {s!r} is not a non-empty string")
+        unk = tokenizer.unk_token_id
+        if unk is not None and unk in tokenizer(s, add_special_tokens=False)["input_ids"]:
+            raise ValueError(f"stop: {s!r} contains text this tokenizer cannot encode (it maps to "
+                             f"{tokenizer.unk_token!r}), so it could never be generated")
+    return stops
+
+def stop_checker(tokenizer, stops):
+    """stop_fn for generate: does a stop string end the text of a row's new tokens? Decodes only a
+    tail long enough to hold the longest stop string (checked every step)."""
+    n = max(len(s.encode("utf-8")) for s in stops) + 2  # a token is at least one byte
+    return lambda b, row: any(s in tokenizer.decode(row[-n:].tolist()) for s in stops)
+
+def completion(tokenizer, new_ids, eos_token_id, stops):
+    """the text of one row's new tokens: up to eos, then up to the first stop string; special
+    tokens removed."""
+    if eos_token_id is not None and eos_token_id in new_ids:
+        new_ids = new_ids[:new_ids.index(eos_token_id)]
+    text = tokenizer.decode(new_ids)
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    if cut >= 0:
+        text = text[:cut]
+    for t in tokenizer.all_special_tokens:
+        text = text.replace(t, "")
+    return text
+
+def generate_texts(model, tokenizer, texts, max_new_tokens, batch_size=32, stops=(), **kw):
+    """completions of formatted prompt texts, in batches of similar length (less padding)."""
+    dev = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    seqs = [prompt_ids(tokenizer, t) for t in texts]
+    for i, s in enumerate(seqs):
+        if not s:
+            raise ValueError(f"prompt {i}: no tokens")
+    stop_fn = stop_checker(tokenizer, stops) if stops else None
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    outs = [None] * len(seqs)
+    for j in range(0, len(order), batch_size):
+        idx = order[j:j + batch_size]
+        T = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad if pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        for r, i in enumerate(idx):  # left-padded
+            ids[r, T - len(seqs[i]):], mask[r, T - len(seqs[i]):] = torch.tensor(seqs[i]), 1
+        y = generate(model, ids.to(dev), max_new_tokens, eos_token_id=eos, attention_mask=mask.to(dev),
+                     pad_token_id=pad, stop_fn=stop_fn, **kw)
+        for r, i in enumerate(idx):
+            outs[i] = completion(tokenizer, y[r, T:].tolist(), eos, stops)
+    return outs
+
+# -----------------------------------------------------------------------------
+# loading
+
+def run_config(run_dir):
+    p = os.path.join(run_dir, "config.json")
+    if not os.path.exists(p):
+        return {}
+    with open(p) as f:
+        return json.load(f)
+
+def obj_key(cfg, key, i):
+    """a per-objective key of a run's config: key_i, else ('' or absent, as input_key_2) key."""
+    v = cfg.get(f"{key}_{i}")
+    return cfg.get(key) if v is None or v == "" else v
+
+def load_model(out_dir="", pretrain="", adapter="", device="cpu", dtype=torch.float32):
+    """(model, tokenizer, path) from out_dir/final or pretrain (+ a PEFT adapter)."""
+    from model import GPT, load_tokenizer
+    if out_dir:
+        path = os.path.join(out_dir, "final")
+        if not os.path.isdir(path):
+            raise ValueError(f"{path} does not exist: train first (python train.py ... --out_dir={out_dir}) "
+                             f"or pass --pretrain=<HF checkpoint dir or hub id>")
+    elif pretrain:
+        path = pretrain
+    else:
+        raise ValueError("give --out_dir=RUN (its final/) or --pretrain=<HF checkpoint dir or hub id>")
+    model = GPT.from_pretrained(path, dtype=dtype, device=device)
+    if adapter:
+        from lora import load_adapter, merge
+        load_adapter(model, adapter)
+        model = merge(model).to(device=device, dtype=dtype)
+    return model.eval(), load_tokenizer(path), path
+
+def read_prompt_rows(prompt="", prompts="", objective=0, run_cfg=None):
+    if prompt:
+        return [{"prompt": prompt}]
+    if prompts:
+        with open(prompts, encoding="utf-8") as f:
+            if prompts.endswith(".json"):  # a JSON list, as AlpacaEval ships its prompts
+                return json.load(f)
+            return [json.loads(l) for l in f if l.strip()]
+    if objective:
+        import data as D
+        if not run_cfg:
+            raise ValueError("objective: needs --out_dir of a run (its config.json names the data)")
+        g = lambda k: obj_key(run_cfg, k, objective)
+        if not g("dataset"):
+            raise ValueError(f"objective {objective}: the run has no dataset_{objective}")
+        _, rows = D.load_splits(g("dataset"), g("train_split") or "train", g("eval_split") or "",
+                                0, g("dataset_probs") or "", run_cfg.get("seed", 42), run_cfg.get("eval_frac", 0.0))
+        return rows
+    raise ValueError("give --prompt=TEXT, --prompts=FILE.jsonl or --objective=i")
+
+def main(argv):
+    import configurator
+    c = {k: globals()[k] for k in config_keys}
+    changed = set(configurator.apply(argv, c))
+    dev = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    dt = c["dtype"] or ("bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32")
+    model, tok, path = load_model(c["out_dir"], c["pretrain"], c["adapter"], dev, getattr(torch, dt))
+    run_cfg = run_config(c["out_dir"]) if c["out_dir"] else {}
+    i = c["objective"] or 1
+    # the run's formatting unless given here
+    if run_cfg and "input_template" not in changed and obj_key(run_cfg, "input_template", i) is not None:
+        c["input_template"] = obj_key(run_cfg, "input_template", i)
+    if run_cfg and "input_key" not in changed and c["objective"]:
+        c["input_key"] = obj_key(run_cfg, "input_key", i) or c["input_key"]
+    if run_cfg and "prompt_key" not in changed and c["objective"]:
+        kind = obj_key(run_cfg, "obj", i)
+        c["prompt_key"] = obj_key(run_cfg, "prompt_key" if kind == "dpo" else "input_key", i) or ""
+    chat = c["apply_chat_template"].lower()
+    if chat not in ("", "true", "false"):
+        raise ValueError(f"apply_chat_template: {c['apply_chat_template']!r} is not '', true or false")
+    if chat == "":
+        run_chat = obj_key(run_cfg, "apply_chat_template", i) if run_cfg else None
+        chat = bool(run_chat) if run_chat is not None else "input_template" not in changed and bool(tok.chat_template)
+    else:
+        chat = chat == "true"
+    rows = read_prompt_rows(c["prompt"], c["prompts"], c["objective"], run_cfg)
+    if c["max_prompts"]:
+        rows = rows[:c["max_prompts"]]
+    shown, texts = zip(*[format_prompt(tok, r, j, c["prompt_key"], c["input_key"], c["input_template"], chat)
+                         for j, r in enumerate(rows)]) if rows else ((), ())
+    stops = parse_stop(tok, c["stop"])
+    torch.manual_seed(c["seed"])
+    gen = torch.Generator(device=dev).manual_seed(c["seed"])
+    n = c["num_samples"] if c["temperature"] > 0 else 1
+    outs = generate_texts(model, tok, [t for t in texts for _ in range(n)], c["max_new_tokens"], c["batch_size"],
+                          stops, temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"], generator=gen)
+    name = c["generator_name"] or os.path.basename(os.path.normpath(c["out_dir"] or path))
+    result = []
+    for j, row in enumerate(rows):
+        for s in range(n):
+            r = {**row, "instruction": row.get("instruction", shown[j]), "output": outs[j * n + s], "generator": name}
+            if n > 1:
+                r["sample"] = s
+            result.append(r)
+    if c["out"]:
+        os.makedirs(os.path.dirname(os.path.abspath(c["out"])), exist_ok=True)
+        with open(c["out"], "w", encoding="utf-8") as f:
+            if c["out"].endswith(".json"):  # a JSON list: AlpacaEval's model_outputs
+                json.dump(result, f, ensure_ascii=False, indent=1)
+            for r in result if not c["out"].endswith(".json") else []:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    else:
+        for j, r in enumerate(result):
+            print(texts[j // n] + r["output"])
+            print("---------------")
+    return result
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"generate.py: {e}")
