@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 
 import losses as L
-from lora import disabled, inject
+from lora import inject
 from model import GPT, Config
+from step import Step, objective, optimizer_step
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -135,74 +136,7 @@ def dpo_batch(pairs, ids, device="cpu"):
     return make_batch(rows, [len(p) for p, _, _ in pairs] * 2, ids, device)
 
 # -----------------------------------------------------------------------------
-# the BiPOST step: train.py's objective_losses / normalizers / train_step / clip_and_step on one process
-
-def objective(kind, ref=None, beta=0.1, kd_kind="forward"):
-    """what train.py keeps per objective: kind, reference / teacher (a frozen GPT, or 'self' for
-    the policy with its LoRA adapters off), cached reference log-probs, loss options."""
-    return SimpleNamespace(kind=kind, ref=ref, ref_cache=None, beta=beta, label_smoothing=0.0, ipo=False,
-                           nll_coef=0.0, kd_kind=kd_kind)
-
-def reference_hidden(model, o, x, autocast):
-    """hidden states and head weight of o's teacher / reference for rows x (no grad)."""
-    with torch.no_grad(), autocast:
-        if o.ref == "self":
-            with disabled(model):
-                return model(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w: (h, w.detach().clone()))
-        return o.ref(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w: (h, w))
-
-def ref_logps(model, o, b, autocast, chunk_size):
-    if o.ref_cache is not None:
-        c = torch.tensor([o.ref_cache[i] for i in b["ids"]], device=b["input_ids"].device)  # (B, 2)
-        return c[:, 0], c[:, 1]
-    h, w = reference_hidden(model, o, b, autocast)
-    return L.sequence_logps(h, w, b["labels"], chunk_size).chunk(2)
-
-def normalizers(o, b):
-    """token / pair counts of one objective's (single micro-batch, single rank) step."""
-    if o.kind == "dpo":
-        n = b["labels"].shape[0] // 2
-        return {"pairs": n, "chosen_tokens": max(L.count_tokens(b["labels"][:n]).item(), 1)}
-    return {"tokens": max(L.count_tokens(b["labels"]).item(), 1)}
-
-def objective_losses(model, parts, autocast=contextlib.nullcontext(), chunk_size=0):
-    """One forward of the policy over all parts' rows, parts = [(objective, batch, norm)];
-    returns [(loss, stats)] per part, each loss the part's global-batch mean."""
-    keys = ("input_ids", "labels", "attention_mask", "position_ids")
-    x = {k: torch.cat([b[k] for _, b, _ in parts]) for k in keys}  # rows of one length: no padding needed
-    aux = []
-    for o, b, norm in parts:  # everything that needs no grad, before the policy forward
-        aux.append(reference_hidden(model, o, b, autocast) if o.kind == "kd"
-                   else ref_logps(model, o, b, autocast, chunk_size) if o.kind == "dpo" else None)
-
-    def head(h, w):  # h (rows, T, C), w (V, C)
-        out, r = [], 0
-        for (o, b, norm), a in zip(parts, aux):
-            n, T = b["input_ids"].shape
-            hh, yy = h[r:r + n, :T], x["labels"][r:r + n, :T]
-            r += n
-            if o.kind == "dpo":
-                tok = L.token_logps(hh, w, yy, chunk_size)  # (2B, T)
-                pc, pr = tok.sum(-1).chunk(2)
-                losses, cr, rr = L.dpo_loss(pc, pr, *a, o.beta, o.label_smoothing, o.ipo)
-                real = torch.tensor([i is not None for i in b["ids"]], device=h.device)
-                losses, cr, rr = losses * real, cr * real, rr * real
-                loss = losses.sum() / norm["pairs"]
-                if o.nll_coef:
-                    loss = loss - o.nll_coef * tok[: n // 2].sum() / norm["chosen_tokens"]
-                out.append((loss, {"acc": ((cr > rr) & real).float().sum().item(), "chosen_reward": cr.sum().item(),
-                                   "rejected_reward": rr.sum().item()}))
-                continue
-            if o.kind == "kd":
-                th, tw = a
-                tok = L.kd_token_losses(hh, w, th[:, :T], tw, yy, o.kd_kind, chunk_size=chunk_size)
-            else:
-                tok = -L.token_logps(hh, w, yy, chunk_size)
-            out.append((tok.sum() / norm["tokens"], {}))
-        return out
-
-    with autocast:
-        return model(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=head)
+# the BiPOST step: step.py's Step, the code train.py runs, on one process
 
 def make_optimizer(model, lr=5e-5, betas=(0.9, 0.95)):
     """train.py's AdamW: weight decay 0 (two groups), fused on CUDA."""
@@ -212,31 +146,18 @@ def make_optimizer(model, lr=5e-5, betas=(0.9, 0.95)):
     fused = params[0].is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **({"fused": True} if fused else {})), params
 
-def bipost_step(model, optimizer, params, parts, autocast=contextlib.nullcontext(), chunk_size=0, max_norm=1.0):
-    """one optimizer step: parts = [(objective, batch, weight)]; returns each part's loss."""
-    outs = objective_losses(model, [(o, b, normalizers(o, b)) for o, b, _ in parts], autocast, chunk_size)
-    loss = sum(wt * l for (_, _, wt), (l, _) in zip(parts, outs))
-    loss.backward()
-    values = [l.item() for l, _ in outs]
-    if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return values
+def bipost_step(step, optimizer, params, parts, max_norm=1.0):
+    """one optimizer step as train.py's train_step + clip_and_step run it: parts = [(objective,
+    batch, weight)], one micro-batch each; returns each part's loss."""
+    res = step.train([o for o, _, _ in parts], [[b] for _, b, _ in parts], [wt for _, _, wt in parts])
+    optimizer_step(optimizer, params, max_norm)
+    return [l for l, _ in res]
 
-@torch.no_grad()
-def eval_loss(model, o, b, autocast=contextlib.nullcontext(), chunk_size=0):
-    """objective o's loss on batch b, no grad, model in eval mode (maxright's evaluation)."""
-    model.eval()
-    (l, _), = objective_losses(model, [(o, b, normalizers(o, b))], autocast, chunk_size)
-    model.train()
-    return l.item()
-
-def precompute_ref_logps(model, o, batches, autocast, chunk_size):
+def precompute_ref_logps(step, o, batches):
     """reference log-probs of every pair once, keyed by pair id (train.py's precompute_ref)."""
     cache = {}
     for b in batches:
-        rc, rr = ref_logps(model, o, b, autocast, chunk_size)
+        rc, rr = step.ref_logps(o, b)
         cache.update({i: (c, r) for i, c, r in zip(b["ids"], rc.tolist(), rr.tolist())})
     o.ref_cache = cache
 
@@ -270,7 +191,7 @@ def hf_model(S, dtype):
 def hf_sequence_logps(model, b):
     """[2B] sum of response-token log-probs, from full [2B, T, V] logits."""
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+    logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
     return (logps * b["completion_mask"][:, 1:]).sum(-1)
 
 def hf_dpo_step(model, ref, optimizer, b, beta=0.1, autocast=contextlib.nullcontext(), max_norm=1.0):
@@ -509,11 +430,12 @@ def make_runner(name, S):
         if name in ("dpo", "dpo_precomputed", "mix", "alright", "maxright") and ref is None:
             ref = deepcopy(S.base).to(S.device, S.ptdtype).eval().requires_grad_(False)
         sft, dpo = objective("sft"), objective("dpo", ref=ref, beta=cfg["dpo_beta"])
-        kd = objective("kd", kd_kind=cfg["kd_loss"])
+        kd = objective("kd", kd_loss=cfg["kd_loss"])
         if name == "kd":
             kd.ref = deepcopy(S.teacher).to(S.device, S.ptdtype).eval().requires_grad_(False)
+        core = Step(model, model, ac, chunk, 0, S.device)  # train.py's step computation
         if name == "dpo_precomputed":
-            precompute_ref_logps(model, dpo, S.dpo_batches, ac, chunk)
+            precompute_ref_logps(core, dpo, S.dpo_batches)
             if ref != "self":
                 dpo.ref = ref = None  # the cache replaces the reference model
         lambd = cfg["lambd"]
@@ -525,11 +447,11 @@ def make_runner(name, S):
         parts["dpo_precomputed"] = parts["dpo"]
         def train(kind, k):
             ps = parts[kind](k)
-            dt, losses = timed(S, lambda: bipost_step(model, optimizer, params, ps, ac, chunk, cfg["max_norm"]))
+            dt, losses = timed(S, lambda: bipost_step(core, optimizer, params, ps, cfg["max_norm"]))
             R.last_loss = losses[0]
             return dt, sum(int(b["attention_mask"].sum()) for _, b, _ in ps)
-        R.eval = {"sft": lambda k: eval_loss(model, sft, S.sft_batches[k % len(S.sft_batches)], ac, chunk),
-                  "dpo": lambda k: eval_loss(model, dpo, S.dpo_batches[k % len(S.dpo_batches)], ac, chunk)}
+        R.eval = {"sft": lambda k: core.evaluate(sft, [S.sft_batches[k % len(S.sft_batches)]])[0],
+                  "dpo": lambda k: core.evaluate(dpo, [S.dpo_batches[k % len(S.dpo_batches)]])[0]}
     joint = name in ("alright", "maxright")
     rng, w, s, opt_f = random.Random(cfg["seed"]), {"sft": cfg["lambd"], "dpo": 1 - cfg["lambd"]}, {}, {}
 
@@ -766,11 +688,72 @@ def main_memory(cfg, argv):
             json_lib.dump({"machine": info, "config": cfg, "results": results}, f, indent=2)
         print(f"wrote {cfg['json']}")
 
+# -----------------------------------------------------------------------------
+# generate mode: batched greedy decoding, generate.py against transformers' generate and no cache
+
+def bench_generate(cfg):
+    """tokens/s of batched greedy generation: batch_size random prompts of prompt_len tokens, seq_len
+    new tokens per row (no eos), on the same weights and batch: generate.py (KV cache), transformers'
+    generate (its default dynamic cache), generate.py with use_cache=False (the full forward every
+    step). KV cache and transformers alternate for `rounds` runs after one warm-up each (medians);
+    the no-cache loop runs once. tokens/s counts new tokens."""
+    import transformers
+    from generate import generate
+    S = build_start(cfg)
+    dt = S.ptdtype  # generation runs in the compute dtype itself (no autocast)
+    hf = hf_model(S, dt).to(S.device).eval()
+    ours = S.base.to(device=S.device, dtype=dt).eval()
+    hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None  # no early stop
+    B, P, N, V = cfg["batch_size"], cfg["prompt_len"], cfg["seq_len"], ours.config.vocab_size
+    x = torch.randint(0, V, (B, P), generator=torch.Generator().manual_seed(cfg["seed"])).to(S.device)
+    mask = torch.ones_like(x)
+    runs = {
+        "generate.py": lambda n: generate(ours, x, n),
+        "transformers": lambda n: hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                              min_new_tokens=n, pad_token_id=0),
+        "no_cache": lambda n: generate(ours, x, n, use_cache=False),
+    }
+    info = dict(machine(), device=S.device, dtype=cfg["dtype"], load_start=loadavg())
+    print(f"bench generate: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, {info['torch_threads']} threads, "
+          f"torch {info['torch']}, transformers {transformers.__version__}, {S.device} {cfg['dtype']}, "
+          f"{ours.num_params() / 1e6:.2f}M params, vocab {V}, batch {B}, prompt {P}, {N} new tokens")
+    times, outs = {k: [] for k in runs}, {}
+    with torch.no_grad():
+        for k in runs:
+            runs[k](8)  # warm-up
+        for rnd in range(cfg["rounds"]):
+            for k in ("generate.py", "transformers") + (("no_cache",) if rnd == 0 else ()):
+                dt_s, outs[k] = timed(S, lambda: runs[k](N))
+                times[k].append(dt_s)
+                print(f"  {k:<14} {dt_s:8.2f} s  {B * N / dt_s:9.0f} tok/s  (round {rnd + 1}, load {loadavg()})")
+    res = {k: {"seconds": statistics.median(v), "tokens_per_s": B * N / statistics.median(v), "runs_s": v}
+           for k, v in times.items()}
+    res["vs_transformers"] = res["generate.py"]["tokens_per_s"] / res["transformers"]["tokens_per_s"]
+    res["vs_no_cache"] = res["generate.py"]["tokens_per_s"] / res["no_cache"]["tokens_per_s"]
+    same = lambda a, b: float((outs[a][:, P:] == outs[b][:, P:]).float().mean())
+    res["same_tokens_transformers"], res["same_tokens_no_cache"] = same("generate.py", "transformers"), same("generate.py", "no_cache")
+    info["load_end"] = loadavg()
+    print(f"\n{S.device} {cfg['dtype']}, batch {B}, prompt {P}, {N} new tokens, median of {cfg['rounds']} runs, "
+          f"load {info['load_start']} -> {info['load_end']}")
+    print_table([[k, f"{res[k]['seconds']:.2f}", f"{res[k]['tokens_per_s']:.0f}",
+                  f"{res['generate.py']['tokens_per_s'] / res[k]['tokens_per_s']:.2f}x"] for k in runs],
+                ["generator", "seconds", "new tokens/s", "generate.py is"])
+    print(f"same greedy tokens as generate.py: transformers {res['same_tokens_transformers']:.3f}, "
+          f"no cache {res['same_tokens_no_cache']:.3f} (random weights in {cfg['dtype']}: near-ties may differ)")
+    if cfg["json"]:
+        with open(cfg["json"], "w") as f:
+            json_lib.dump({"machine": info, "config": cfg, "results": res}, f, indent=2)
+        print(f"wrote {cfg['json']}")
+    return res
+
 if __name__ == "__main__":
     import configurator
     _cfg = {k: globals()[k] for k in config_keys}
     configurator.apply(sys.argv[1:], _cfg, verbose=False)
     globals().update(_cfg)
+    if mode == "generate":
+        bench_generate(_cfg)
+        sys.exit()
     if mode not in ("steps", "memory"):
         raise ValueError(f"config key mode: {mode!r} is not steps or memory")
     (main_memory if mode == "memory" else main_steps)(_cfg, sys.argv[1:])

@@ -22,7 +22,6 @@ import signal
 import sys
 import time
 from copy import deepcopy
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -157,6 +156,7 @@ import data as D
 import losses as L
 from lora import disabled, inject, lora_parameters
 from model import GPT, Config, load_tokenizer
+from step import Step, objective, optimizer_step
 
 def check(cond, msg):
     if not cond:
@@ -258,10 +258,11 @@ def build_objective(i):
     train, evals = tok(train_rows, spec), tok(eval_rows, f"{g('eval_split') or spec} (eval)")
     for e in evals:
         e["id"] = ("eval", e["id"])  # a separate eval file numbers its rows from 0 too: keep cache keys apart
-    o = SimpleNamespace(i=i, kind=kind, rows=train_rows, train=train, eval=evals, collate=collate,
-                        loader=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + i, collate),
-                        probe=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + 100 + i, collate),
-                        ref=None, ref_cache=None, opt=obj_opt_1 if i == 1 else obj_opt_2)
+    o = objective(kind, i=i, rows=train_rows, train=train, eval=evals, collate=collate,
+                  loader=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + i, collate),
+                  probe=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + 100 + i, collate),
+                  opt=obj_opt_1 if i == 1 else obj_opt_2, kd_loss=kd_loss, kd_beta=kd_beta, kd_top_k=kd_top_k,
+                  kd_temperature=kd_temperature)
     if kind == "dpo":
         sfx = "_2" if i == 2 and obj_1 == "dpo" else ""  # the _2 keys are for a second dpo objective
         o.beta, o.ipo = globals()["dpo_beta" + sfx], globals()["dpo_ipo" + sfx]
@@ -338,77 +339,9 @@ def get_lr(it):
     return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 # -----------------------------------------------------------------------------
-# losses of one forward: parts = [(objective, micro-batch, weight, normalizers)]
-def pad_cat(batches):
-    """concatenates micro-batches of different objectives into one (rows padded to one length)."""
-    T = max(b["input_ids"].shape[1] for b in batches)
-    fill = {"input_ids": tokenizer.pad_token_id, "labels": -100, "attention_mask": 0, "position_ids": 0}
-    return {k: torch.cat([torch.nn.functional.pad(b[k], (0, T - b[k].shape[1]), value=v) for b in batches]).to(device)
-            for k, v in fill.items()}
-
-def reference_hidden(o, x):
-    """hidden states and head weight of o's teacher / reference for rows x (no grad)."""
-    with torch.no_grad(), autocast:
-        if o.ref == "self":
-            with disabled(raw_model):
-                return model(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w: (h, w.detach().clone()))
-        return o.ref(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w: (h, w))
-
-def ref_logps(o, b):
-    if o.ref_cache is not None:
-        c = torch.tensor([o.ref_cache[i] if i is not None else (0.0, 0.0) for i in b["ids"]], device=device, dtype=master_dtype)  # (B, 2)
-        return c[:, 0], c[:, 1]
-    h, w = reference_hidden(o, {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")})
-    s = L.sequence_logps(h, w, b["labels"].to(device), loss_chunk_size)
-    return s.chunk(2)
-
-def objective_losses(parts):
-    """One forward of the policy over all parts' rows. Each part (objective, micro-batch, norm)
-    gives (loss, stats): with norm (global counts) this rank's share of the global-batch mean
-    (sum / global count * world, as DDP/FSDP average gradients over ranks); with norm=None
-    (sft/kd only) the per-sample mean losses [B] that the data selector weighs."""
-    x = pad_cat([b for _, b, _ in parts])
-    aux = []
-    for o, b, norm in parts:  # everything that needs no grad, before the policy forward
-        aux.append(reference_hidden(o, pad_cat([b])) if o.kind == "kd" else ref_logps(o, b) if o.kind == "dpo" else None)
-
-    def head(h, w):  # h (rows, T, C), w (V, C)
-        out, r = [], 0
-        for (o, b, norm), a in zip(parts, aux):
-            n, T = b["input_ids"].shape
-            hh, yy = h[r:r + n, :T], x["labels"][r:r + n, :T]
-            r += n
-            if o.kind == "dpo":
-                tok = L.token_logps(hh, w, yy, loss_chunk_size)  # (2B, T)
-                pc, pr = tok.sum(-1).chunk(2)
-                losses, cr, rr = L.dpo_loss(pc, pr, *a, o.beta, o.label_smoothing, o.ipo)
-                real = torch.tensor([i is not None for i in b["ids"]], device=device)  # eval fillers have id None
-                losses, cr, rr = losses * real, cr * real, rr * real
-                loss = losses.sum() / norm["pairs"] * world_size
-                if o.nll_coef:
-                    loss = loss - o.nll_coef * tok[: n // 2].sum() / norm["chosen_tokens"] * world_size
-                out.append((loss, {"acc": ((cr > rr) & real).float().sum().item(), "chosen_reward": cr.sum().item(),
-                                   "rejected_reward": rr.sum().item()}))
-                continue
-            if o.kind == "kd":
-                th, tw = a
-                tok = L.kd_token_losses(hh, w, th[:, :T], tw, yy, kd_loss, kd_beta, kd_top_k, kd_temperature, loss_chunk_size)
-            else:
-                tok = -L.token_logps(hh, w, yy, loss_chunk_size)
-            out.append((L.per_sample_mean(tok, yy) if norm is None else tok.sum() / norm["tokens"] * world_size, {}))
-        return out
-
-    with autocast:
-        return model(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=head)
-
-def normalizers(o, micro_batches):
-    """global (all ranks, all micro-batches) token / pair counts of one objective's step."""
-    if o.kind == "dpo":
-        B = sum(sum(i is not None for i in b["ids"]) for b in micro_batches)
-        ct = sum(L.count_tokens(b["labels"][: b["labels"].shape[0] // 2]).item() for b in micro_batches)
-        c = all_sum([B, ct])
-        return {"pairs": c[0].item(), "chosen_tokens": max(c[1].item(), 1)}
-    return {"tokens": max(all_sum(sum(L.count_tokens(b["labels"]).item() for b in micro_batches)).item(), 1)}
+# the step's computation (step.py): one forward over the chosen objectives' rows, losses from the
+# hidden states, backward per micro-step; bench.py measures this same code
+step = Step(model, raw_model, autocast, loss_chunk_size, tokenizer.pad_token_id, device, world_size, all_sum)
 
 def sync_ctx(last):
     """gradient all-reduce only on the last micro-step of an optimizer step."""
@@ -421,56 +354,21 @@ def train_step(chosen):
     """one optimizer step's micro-steps for the objectives in `chosen` (weights lambd / 1 - lambd
     for mix, 1 otherwise). Returns {objective: (mean loss, stats)} and the global token count."""
     steps = {i: O[i].loader.next_step() for i in chosen}
-    norms = {i: normalizers(O[i], steps[i]) for i in chosen}
-    weight = {i: (lambd if i == 1 else 1 - lambd) if len(chosen) == 2 else 1.0 for i in chosen}
-    totals = {i: [0.0, {}] for i in chosen}
-    tokens = 0
-    for m in range(grad_accum):
-        with sync_ctx(m == grad_accum - 1):
-            outs = objective_losses([(O[i], steps[i][m], norms[i]) for i in chosen])
-            loss = sum(weight[i] * l for i, (l, _) in zip(chosen, outs))
-            loss.backward()
-        for i, (l, st) in zip(chosen, outs):
-            totals[i][0] += l.item()
-            for k, v in st.items():
-                totals[i][1][k] = totals[i][1].get(k, 0.0) + v
-            tokens += int((steps[i][m]["attention_mask"] > 0).sum())
-    return finish_stats(totals, norms), int(all_sum(tokens).item())
+    weights = [(lambd if i == 1 else 1 - lambd) if len(chosen) == 2 else 1.0 for i in chosen]
+    res = step.train([O[i] for i in chosen], [steps[i] for i in chosen], weights, sync_ctx)
+    tokens = sum(int((b["attention_mask"] > 0).sum()) for i in chosen for b in steps[i])
+    return dict(zip(chosen, res)), int(all_sum(tokens).item())
 
-def finish_stats(totals, norms):
-    res = {}
-    for i, (l, st) in totals.items():
-        v = all_sum([l] + list(st.values())) / world_size
-        stats = {k: v[j + 1].item() * world_size / norms[i]["pairs"] for j, k in enumerate(st)}
-        res[i] = (v[0].item(), stats)
-    return res
-
-@torch.no_grad()
 def eval_objective(o, batches=None):
     """global mean loss of objective o on its eval set (or on `batches`), as trained."""
-    was_training = raw_model.training
-    raw_model.eval()
     if batches is None:
         examples = o.eval[: eval_iters * train_batch_size] if eval_iters else o.eval
         batches = D.eval_batches(examples, micro_train_batch_size, rank, world_size, o.collate)
-    norm = normalizers(o, batches)
-    total, stats = 0.0, {}
-    for b in batches:
-        (l, st), = objective_losses([(o, b, norm)])
-        total += l.item()
-        for k, v in st.items():
-            stats[k] = stats.get(k, 0.0) + v
-    raw_model.train(was_training)
-    res = finish_stats({o.i: [total, stats]}, {o.i: norm})[o.i]
-    return res[0], res[1]
+    return step.evaluate(o, batches)
 
 def clip_and_step(it):
     lr = get_lr(it)
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.zeros(())
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    gnorm = optimizer_step(optimizer, params, max_norm, lr)
     return lr, float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
 
 # -----------------------------------------------------------------------------
@@ -487,7 +385,7 @@ def precompute_reference(o):
         # every rank runs the same number of batches (a sharded policy forward is collective)
         batches = D.eval_batches(o.train + o.eval, micro_train_batch_size, rank, world_size, o.collate)
         for b in tqdm(batches, disable=not master, desc=f"reference log-probs {o.i}"):
-            rc, rr = ref_logps(o, b)
+            rc, rr = step.ref_logps(o, b)
             cache.update({i: (c, r) for i, c, r in zip(b["ids"], rc.tolist(), rr.tolist()) if i is not None})
         if ddp:
             parts = [None] * world_size
@@ -521,13 +419,13 @@ def write_metrics(line):
         return
     with open(metrics_path, "a") as f:
         f.write(json.dumps(line) + "\n")
-    step = line["iter"]
+    n = line["iter"]
     scalars = {f"{line['kind']}/{k}": v for k, v in line.items() if isinstance(v, (int, float)) and k not in ("iter", "kind")}
     if wandb_log:
-        wandb.log(scalars, step=step)
+        wandb.log(scalars, step=n)
     if tensorboard:
         for k, v in scalars.items():
-            tb.add_scalar(k, v, step)
+            tb.add_scalar(k, v, n)
 
 if master and wandb_log:
     import wandb
@@ -661,7 +559,7 @@ def aux_steps_on(ft, n_ft):
         losses = []
         for m in range(grad_accum):
             with sync_ctx(m == grad_accum - 1):
-                (l_hat, _), = objective_losses([(O[2], ft[m], None)])
+                (l_hat, _), = step.losses([(O[2], ft[m], None)])
                 w = selector.weights(ft[m]["ids"]).detach().to(l_hat.dtype)
                 ((w * l_hat).sum() / n_ft * world_size).backward()
             losses.append(l_hat.detach())
@@ -686,7 +584,7 @@ def select_step():
     total, tokens = 0.0, 0
     for m in range(grad_accum):
         with sync_ctx(m == grad_accum - 1):
-            (l_up, _), (l_vec, _) = objective_losses([(O[1], up[m], None), (O[2], ft[m], None)])
+            (l_up, _), (l_vec, _) = step.losses([(O[1], up[m], None), (O[2], ft[m], None)])
             up_loss = l_up.sum() / n_up * world_size
             loss_theta, loss_omega = memory_efficient_losses(selector, ft[m]["ids"], l_vec, up_loss, rho, n_ft / world_size)
             if hat is not None:

@@ -1,6 +1,7 @@
 """bench.py's two sides of the DPO comparison do the same work: the BiPOST step (model.GPT +
 losses.py through head_fn) and the plain transformers step (full logits, log_softmax, gather)
 give the same losses on the same weights and batch, before and after one AdamW step."""
+import math
 import os
 import sys
 from copy import deepcopy
@@ -10,6 +11,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
 from model import GPT, Config  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def test_bipost_dpo_step_equals_plain_transformers_step():
     torch.manual_seed(0)
@@ -23,7 +26,8 @@ def test_bipost_dpo_step_equals_plain_transformers_step():
 
     o = bench.objective("dpo", ref=deepcopy(ref).eval().requires_grad_(False), beta=0.5)
     opt, params = bench.make_optimizer(policy, lr=1e-3)
-    ours = [bench.bipost_step(policy, opt, params, [(o, b, 1.0)], chunk_size=5)[0] for _ in range(2)]
+    step = bench.Step(policy, policy, chunk_size=5)
+    ours = [bench.bipost_step(step, opt, params, [(o, b, 1.0)])[0] for _ in range(2)]
 
     hf_opt = torch.optim.AdamW(hf_policy.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     plain = [bench.hf_dpo_step(hf_policy, hf_ref, hf_opt, b, beta=0.5) for _ in range(2)]
@@ -32,3 +36,37 @@ def test_bipost_dpo_step_equals_plain_transformers_step():
     assert abs(ours[0] - plain[0]) <= 1e-5, (ours, plain)
     assert abs(ours[1] - plain[1]) <= 1e-4, (ours, plain)  # one clipped AdamW step later
     assert ours[1] < ours[0]
+
+def test_bench_step_is_train_py_step(tmp_path):
+    """bench.py measures the code train.py runs: train.py's DPO losses on a real command equal
+    bench's step (step.py) and the plain transformers step on the same weights and rows, step for
+    step, in float64. The step-2 loss (after one clipped AdamW update) is what can differ."""
+    import data as D
+    from helpers import metrics, run_train
+    from model import load_tokenizer
+    dpo = ["--obj_1=dpo", "--dataset_1=data/toy_pref.jsonl", "--eval_split_1=data/toy_pref_eval.jsonl",
+           "--max_samples_1=8", "--max_len_1=40", "--train_batch_size=8", "--micro_train_batch_size=8",
+           "--model_n_layer=2", "--model_n_embd=32", "--model_n_head=4", "--model_n_kv_head=2",
+           "--model_intermediate_size=64", "--eval_iters=1", "--eval_interval=0", "--dtype=float64"]
+    run_train(tmp_path / "init", *dpo, "--max_iters=1", "--learning_rate=0", base=[])  # final/ = the initial weights
+    init = str(tmp_path / "init" / "final")
+    run_train(tmp_path / "run", *dpo, f"--pretrain={init}", "--max_iters=2", "--learning_rate=3e-3", "--dpo_beta=0.5", base=[])
+    theirs = [l["loss"] for l in metrics(tmp_path / "run")]
+
+    tok = load_tokenizer(init)
+    rows, _ = D.load_splits("data/toy_pref.jsonl", max_samples=8, seed=42, eval_split="data/toy_pref_eval.jsonl")
+    b = D.collate_dpo(D.tokenize_dpo(rows, tok, 40), tok.pad_token_id)  # the whole global batch: order-free sums
+    b["completion_mask"] = torch.nn.functional.pad((b["labels"] != -100).long(), (1, 0))[:, :-1]  # the peer's mask
+    policy = GPT.from_pretrained(init, dtype=torch.float64)
+    ref = GPT.from_pretrained(init, dtype=torch.float64).eval().requires_grad_(False)
+    hf_policy, hf_ref = bench.to_hf(policy, torch.float64), bench.to_hf(ref, torch.float64).requires_grad_(False)
+    o = bench.objective("dpo", ref=ref, beta=0.5)
+    opt, params = bench.make_optimizer(policy, lr=3e-3)
+    step = bench.Step(policy, policy, pad_id=tok.pad_token_id)
+    ours = [bench.bipost_step(step, opt, params, [(o, b, 1.0)])[0] for _ in range(2)]
+    hf_opt = torch.optim.AdamW(hf_policy.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    plain = [bench.hf_dpo_step(hf_policy, hf_ref, hf_opt, b, beta=0.5) for _ in range(2)]
+    assert abs(theirs[0] - math.log(2)) < 1e-9 and abs(theirs[1] - theirs[0]) > 1e-3
+    for a, c, d in zip(theirs, ours, plain):
+        # transformers computes the rotary angles in float32 even for a float64 model: ~1e-8 apart
+        assert abs(a - c) <= 1e-12 and abs(a - d) <= 1e-6, (theirs, ours, plain)
