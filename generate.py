@@ -79,7 +79,6 @@ def left_align(input_ids, attention_mask):
     order = torch.sort(attention_mask.long(), dim=1, stable=True).indices
     return input_ids.gather(1, order), attention_mask.gather(1, order)
 
-@torch.no_grad()
 def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None,
              generator=None, attention_mask=None, pad_token_id=None, stop_fn=None, use_cache=True):
     """Extends input_ids (B, T) by up to max_new_tokens; returns (B, T + n), n <= max_new_tokens.
@@ -88,6 +87,13 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1
     its new tokens) says so; done rows are filled with pad_token_id (default eos) and generation
     ends once every row is done. use_cache=False recomputes the full forward every step (the slow
     reference). generator (on the model's device) makes sampling reproducible."""
+    with torch.inference_mode():  # no autograd bookkeeping at all: ~10% of a small model's step
+        y = _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
+                      attention_mask, pad_token_id, stop_fn, use_cache)
+    return y.clone()  # a normal tensor: an inference tensor cannot enter a later backward
+
+def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
+              attention_mask, pad_token_id, stop_fn, use_cache):
     from model import KVCache
     B, T = input_ids.shape
     if attention_mask is None:

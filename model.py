@@ -235,6 +235,14 @@ class KVCache:
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = 0          # positions filled so far
         self.padded = False   # any padding among them: decoding steps then need a mask
+        self.table = None     # rope cos, sin of positions 0..max_len-1, (max_len, r) each
+
+    def rope(self, model, position_ids, dtype):
+        # computed once, then looked up per step: (B, 1, T, r) each
+        if self.table is None:
+            pos = torch.arange(self.k.shape[3], device=position_ids.device)[None]
+            self.table = [t[0, 0] for t in model.rope(pos, dtype)]
+        return tuple(t[position_ids][:, None] for t in self.table)
 
     def attn_mask(self, attention_mask, T):
         """records which of the T new positions are padding (attention_mask 0); returns the bool
@@ -367,7 +375,9 @@ class GPT(nn.Module):
         x = self.wte(input_ids)
         if self.config.n_positions:
             x = x + self.wpe(position_ids)
-        rope = self.rope(position_ids, x.dtype) if self.config.rotary_dim else None
+        rope = None
+        if self.config.rotary_dim:
+            rope = self.rope(position_ids, x.dtype) if kv_cache is None else kv_cache.rope(self, position_ids, x.dtype)
         if kv_cache is not None:
             seg, mask = None, kv_cache.attn_mask(attention_mask, T)
         else:
