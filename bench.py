@@ -95,6 +95,7 @@ mem_chunk_size = 0        # 0: auto_chunk_size (128 tokens at this vocabulary)
 mem_cases = "sft_full,sft_chunked,kd_full,kd_chunked"
 mem_train_head = True     # False: the output head is frozen (LoRA trains no head), so no weight gradient
 case = ""                 # set by the benchmark itself: measure this one case's memory in a fresh process
+profile = ""              # a case name: torch.profiler over 3 of its steps (top kernels, host vs device time), nothing else
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
 
@@ -164,29 +165,37 @@ def precompute_ref_logps(step, o, batches):
 # -----------------------------------------------------------------------------
 # the same DPO step written plainly with transformers: full logits, log_softmax, gather
 
+def hf_checkpoint(gpt, d):
+    """writes gpt as a transformers checkpoint into d, its special ids those of word_tokenizer."""
+    gpt.save_pretrained(d)
+    with open(os.path.join(d, "config.json")) as f:
+        hf = json_lib.load(f)
+    V = hf["vocab_size"]
+    for k, v in (("pad_token_id", V - 2), ("eos_token_id", V - 1)):  # word_tokenizer's ids
+        if isinstance(hf.get(k), int) and hf[k] >= V:
+            hf[k] = v
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json_lib.dump(hf, f)
+    return d
+
 def to_hf(gpt, dtype=torch.float32):
     """a transformers model with gpt's weights (through the HF checkpoint layout)."""
     import transformers
     from transformers import AutoModelForCausalLM
     transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as d:
-        gpt.save_pretrained(d)
-        with open(os.path.join(d, "config.json")) as f:
-            hf = json_lib.load(f)
-        V = hf["vocab_size"]
-        for k, v in (("pad_token_id", V - 2), ("eos_token_id", V - 1)):  # word_tokenizer's ids
-            if isinstance(hf.get(k), int) and hf[k] >= V:
-                hf[k] = v
-        with open(os.path.join(d, "config.json"), "w") as f:
-            json_lib.dump(hf, f)
-        return AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(hf_checkpoint(gpt, d), dtype=dtype)
 
 def hf_model(S, dtype):
-    """the transformers model the peers train: the checkpoint itself, or the random init's weights."""
-    if S.cfg["pretrain"]:
-        from transformers import AutoModelForCausalLM
-        return AutoModelForCausalLM.from_pretrained(S.cfg["pretrain"], dtype=dtype)
-    return to_hf(S.base, dtype)
+    """the transformers model the peers train: the checkpoint itself, or the random init's weights
+    (written once per process: at 1B parameters a checkpoint takes seconds to write)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    transformers.logging.disable_progress_bar()
+    if not S.cfg["pretrain"] and getattr(S, "hf_dir", None) is None:
+        S._hf_tmp = tempfile.TemporaryDirectory()
+        S.hf_dir = hf_checkpoint(S.base, S._hf_tmp.name)
+    return AutoModelForCausalLM.from_pretrained(S.cfg["pretrain"] or S.hf_dir, dtype=dtype)
 
 def hf_sequence_logps(model, b):
     """[2B] sum of response-token log-probs, from full [2B, T, V] logits."""
@@ -200,6 +209,20 @@ def hf_dpo_step(model, ref, optimizer, b, beta=0.1, autocast=contextlib.nullcont
         with torch.no_grad():
             rc, rr = hf_sequence_logps(ref, b).chunk(2)
         loss = -F.logsigmoid(beta * ((pc - pr) - (rc - rr))).mean()
+    loss.backward()
+    value = loss.item()
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value
+
+def hf_sft_step(model, optimizer, b, autocast=contextlib.nullcontext(), max_norm=1.0):
+    """the SFT step as a plain transformers loop writes it: full logits, cross-entropy on the
+    response tokens (mean over the batch's tokens)."""
+    with autocast:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
     loss.backward()
     value = loss.item()
     if max_norm > 0:
@@ -232,8 +255,15 @@ def trl_dpo_step_times(S, n_steps):
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     cfg = S.cfg
-    model = hf_model(S, S.master_dtype).to(S.device)
-    ref = hf_model(S, S.master_dtype).to(S.device)  # TRL's own default: the policy's dtype
+    peft_config = None
+    if cfg["lora_rank"]:  # TRL + PEFT: a LoRA of the same rank and targets; the reference is the adapter-off policy
+        from peft import LoraConfig
+        targets = "all-linear" if cfg["target_modules"] == "all-linear" else cfg["target_modules"].split(",")
+        peft_config = LoraConfig(r=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,
+                                 target_modules=targets, task_type="CAUSAL_LM")
+    # the frozen LoRA base in the compute dtype, as BiPOST stores it
+    model = hf_model(S, S.ptdtype if cfg["lora_rank"] else S.master_dtype).to(S.device)
+    ref = None if cfg["lora_rank"] else hf_model(S, S.master_dtype).to(S.device)  # TRL's own default: the policy's dtype
     V = model.config.vocab_size
     text = lambda ids: " ".join("<eos>" if i == V - 1 else f"t{i}" for i in ids)
     rows = [{"prompt": text(p), "chosen": " " + text(c), "rejected": " " + text(r)}
@@ -252,25 +282,44 @@ def trl_dpo_step_times(S, n_steps):
             self.times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(output_dir=out, per_device_train_batch_size=cfg["batch_size"], gradient_accumulation_steps=1,
-                         max_steps=n_steps, learning_rate=cfg["learning_rate"], adam_beta1=cfg["adam_betas"][0],
-                         adam_beta2=cfg["adam_betas"][1], weight_decay=0.0, max_grad_norm=cfg["max_norm"],
-                         lr_scheduler_type="constant", warmup_steps=0, beta=cfg["dpo_beta"],
-                         bf16=cfg["dtype"] == "bfloat16", fp16=cfg["dtype"] == "float16",
-                         activation_checkpointing=False, gradient_checkpointing=False,
-                         max_length=cfg["seq_len"], precompute_ref_log_probs=False, eval_strategy="no",
-                         save_strategy="no", logging_strategy="no", report_to="none", use_cpu=S.device_type == "cpu",
-                         dataloader_num_workers=0, disable_tqdm=True, seed=cfg["seed"])
+        kw = dict(output_dir=out, per_device_train_batch_size=cfg["batch_size"], gradient_accumulation_steps=1,
+                  max_steps=n_steps, learning_rate=cfg["learning_rate"], adam_beta1=cfg["adam_betas"][0],
+                  adam_beta2=cfg["adam_betas"][1], weight_decay=0.0, max_grad_norm=cfg["max_norm"],
+                  lr_scheduler_type="constant", warmup_steps=0, beta=cfg["dpo_beta"],
+                  bf16=cfg["dtype"] == "bfloat16", fp16=cfg["dtype"] == "float16",
+                  gradient_checkpointing=cfg["gradient_checkpointing"],
+                  max_length=cfg["seq_len"], precompute_ref_log_probs=False, eval_strategy="no",
+                  save_strategy="no", logging_strategy="no", report_to="none", use_cpu=S.device_type == "cpu",
+                  dataloader_num_workers=0, disable_tqdm=True, seed=cfg["seed"])
+        args = DPOConfig(**trl_config_kwargs(DPOConfig, kw))
         timer = Timer()
         trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=word_tokenizer(V), callbacks=[timer])
+                             processing_class=word_tokenizer(V), callbacks=[timer], peft_config=peft_config)
         trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line
         lengths = {len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in trainer.train_dataset}
         assert lengths == {cfg["seq_len"]}, f"TRL tokenized the rows to lengths {lengths}, not {cfg['seq_len']}"
+        base = memory_mark(S.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # deprecated names used inside transformers/TRL
             trainer.train()
-    return timer.times
+        peak = memory_peak(S.device, base) if S.device_type == "cuda" else None
+    return timer.times, peak
+
+def trl_config_kwargs(config_class, kw):
+    """kw for TRL's config across its and transformers' versions: renamed keys mapped to the
+    installed names, keys it does not know dropped (each said once)."""
+    import dataclasses
+    known = {f.name for f in dataclasses.fields(config_class)}
+    renames = {"eval_strategy": "evaluation_strategy", "use_cpu": "no_cuda"}
+    out = {}
+    for k, v in kw.items():
+        if k in known:
+            out[k] = v
+        elif renames.get(k) in known:
+            out[renames[k]] = v
+        else:
+            print(f"compare: {config_class.__name__} has no {k!r}; left at its default")
+    return out
 
 # -----------------------------------------------------------------------------
 # memory mode: one loss + backward from hidden states, chunked (losses.py) vs full logits
@@ -360,9 +409,14 @@ def loadavg():
 # -----------------------------------------------------------------------------
 # steps mode: every case is a runner whose step() runs and times one optimizer step
 
+def default_device(device):
+    """'' -> cuda:0 when a GPU is there, else cpu; 'cuda' -> cuda:0 (set_device needs an index)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return "cuda:0" if device == "cuda" else device
+
 def build_start(cfg):
     """the state every case starts from: config, device, initial weights, teacher, batches."""
-    device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(cfg["device"])
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     ptdtype = getattr(torch, cfg["dtype"])
     master_dtype = torch.float64 if ptdtype == torch.float64 else torch.float32
@@ -407,14 +461,21 @@ def make_runner(name, S):
     (untimed steps) and step() (one timed optimizer step, appended to .times / .objs / .evals)."""
     cfg, ac, chunk = S.cfg, S.autocast, S.cfg["loss_chunk_size"]
     R = SimpleNamespace(name=name, times=[], objs=[], tokens=[], evals=[], k=0)
-    if name == "transformers":  # the plain transformers loop, same weights and batches
+    if name in ("transformers", "transformers_sft"):  # the plain transformers loop, same weights and batches
         model = hf_model(S, S.master_dtype).to(S.device).train()
-        ref = hf_model(S, S.ptdtype).to(S.device).eval().requires_grad_(False)
+        model.config.use_cache = False
+        if cfg["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ref = hf_model(S, S.ptdtype).to(S.device).eval().requires_grad_(False) if name == "transformers" else None
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], betas=cfg["adam_betas"], eps=1e-8,
                                 weight_decay=0.0, **({"fused": True} if S.device_type == "cuda" else {}))
         def train(kind, k):
-            b = S.dpo_batches[k % len(S.dpo_batches)]
-            dt, _ = timed(S, lambda: hf_dpo_step(model, ref, opt, b, cfg["dpo_beta"], ac, cfg["max_norm"]))
+            if name == "transformers_sft":
+                b = S.sft_batches[k % len(S.sft_batches)]
+                dt, _ = timed(S, lambda: hf_sft_step(model, opt, b, ac, cfg["max_norm"]))
+            else:
+                b = S.dpo_batches[k % len(S.dpo_batches)]
+                dt, _ = timed(S, lambda: hf_dpo_step(model, ref, opt, b, cfg["dpo_beta"], ac, cfg["max_norm"]))
             return dt, int(b["attention_mask"].sum())
     else:
         model = deepcopy(S.base).to(S.device)
@@ -457,7 +518,7 @@ def make_runner(name, S):
 
     def warm(n):
         for k in range(n):
-            for kind in (("sft", "dpo") if joint else ("dpo",) if name == "transformers" else (name,)):
+            for kind in (("sft", "dpo") if joint else ("dpo",) if name.startswith("transformers") else (name,)):
                 train(kind, k)
         if name == "maxright":
             # f* stand-ins: 0.1 below each current loss, so both weighted gaps start equal and the
@@ -475,7 +536,7 @@ def make_runner(name, S):
                 s.update(s_new)
             kind = "sft" if s["sft"] >= s["dpo"] else "dpo"
         else:
-            kind = "dpo" if name == "transformers" else name
+            kind = "dpo" if name.startswith("transformers") else name
         dt, n = train(kind, k)
         if name == "maxright":
             s[kind] = w[kind] * (R.last_loss - opt_f[kind])  # the chosen one's pre-update loss
@@ -514,14 +575,15 @@ RATIOS = ("vs_single", "vs_dpo", "bipost_speedup")
 
 def ratios(res):
     """the ratios of one round, each between cases of that round: precomputed vs dpo time, and the
-    peers' step time over BiPOST's dpo step (= BiPOST tokens/s over theirs)."""
-    if "dpo" not in res:
-        return
-    if "dpo_precomputed" in res:
-        res["dpo_precomputed"]["vs_dpo"] = res["dpo_precomputed"]["step_s"] / res["dpo"]["step_s"]
-    for c in ("transformers", "trl"):
-        if c in res:
-            res[c]["bipost_speedup"] = res[c]["step_s"] / res["dpo"]["step_s"]
+    peers' step time over BiPOST's step of the same objective (= BiPOST tokens/s over theirs)."""
+    if "dpo" in res:
+        if "dpo_precomputed" in res:
+            res["dpo_precomputed"]["vs_dpo"] = res["dpo_precomputed"]["step_s"] / res["dpo"]["step_s"]
+        for c in ("transformers", "trl"):
+            if c in res:
+                res[c]["bipost_speedup"] = res[c]["step_s"] / res["dpo"]["step_s"]
+    if "transformers_sft" in res and "sft" in res:
+        res["transformers_sft"]["bipost_speedup"] = res["transformers_sft"]["step_s"] / res["sft"]["step_s"]
 
 def combine(rounds):
     """one result per case over the rounds: the last round's details, with step time, tokens/s and
@@ -571,25 +633,27 @@ def main_steps(cfg, argv):
         print("BENCH_RESULT " + json_lib.dumps({"case": cfg["case"], "peak_mib": memory_peak(S.device, base)}))
         return
 
+    if cfg["profile"]:
+        return profile_case(cfg["profile"], S)
     mcfg, B, T = S.base.config, cfg["batch_size"], cfg["seq_len"]
     info = dict(machine(), device=S.device, dtype=cfg["dtype"], load_start=loadavg())
     n_params = S.base.num_params() - S.base.wte.weight.numel()
     print(f"bench: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, {info['torch_threads']} threads, "
           f"torch {info['torch']}, {S.device} {cfg['dtype']}, {n_params / 1e6:.2f}M non-embedding params, vocab "
           f"{mcfg.vocab_size}, {B} x {T} tokens ({cfg['prompt_len']} prompt), load {info['load_start']}")
-    compare = cfg["compare"] and not cfg["lora_rank"]
-    if cfg["compare"] and cfg["lora_rank"]:
-        print("compare: skipped (the peers run full fine-tuning; use lora_rank=0)")
-    if compare:
-        names.append("transformers")
+    compare = cfg["compare"]
+    if compare and cfg["lora_rank"]:
+        print("compare: LoRA runs compare with TRL + PEFT only (the plain transformers peers train the full model)")
+    elif compare:
+        names += ["transformers"] * ("dpo" in names) + ["transformers_sft"] * ("sft" in names)
     trl = None
-    if compare:
+    if compare and "dpo" in names:
         try:
             import trl
         except ImportError:
             print("compare: trl is not installed, TRL skipped")
     W, n = cfg["warmup_iters"], cfg["iters"]
-    order = sorted(names, key=lambda c: (c in ("alright", "maxright")) + 2 * (c == "transformers"))  # singles first
+    order = sorted(names, key=lambda c: (c in ("alright", "maxright")) + 2 * c.startswith("transformers"))  # singles first
     rounds = []
     for rnd in range(cfg["rounds"]):
         # one case after the other, each freed before the next, as separate training runs would be;
@@ -605,9 +669,12 @@ def main_steps(cfg, argv):
                   f"(round {rnd + 1}, load {loadavg()})")
             del R
         if trl is not None:
-            times = trl_dpo_step_times(S, W + n)[W:]
+            times, peak = trl_dpo_step_times(S, W + n)
+            times = times[W:]
             res["trl"] = {"case": "trl", "times": times, "step_s": statistics.median(times), "version": trl.__version__,
                           "tokens_per_step": 2 * B * T}
+            if peak is not None:
+                res["trl"]["peak_mib"] = peak
             res["trl"]["tokens_per_s"] = 2 * B * T / res["trl"]["step_s"]
             print(f"  {'trl':<16} {res['trl']['step_s'] * 1e3:9.1f} ms/step  {res['trl']['tokens_per_s']:9.0f} tok/s  "
                   f"(round {rnd + 1}, load {loadavg()})")
@@ -617,8 +684,10 @@ def main_steps(cfg, argv):
     info["load_end"] = loadavg()
     if cfg["memory"]:
         for c in names:
-            if c != "transformers":
+            if not c.startswith("transformers"):
                 results[c]["peak_mib"] = case_memory_subprocess(c, argv)["peak_mib"]
+    if "peak_mib" in results.get("trl", {}) and "peak_mib" in results.get("dpo", {}):
+        results["trl"]["memory_ratio"] = results["dpo"]["peak_mib"] / results["trl"]["peak_mib"]
     if cfg["peak_flops"] > 0 and "sft" in results:
         results["sft"]["mfu"] = results["sft"]["tokens_per_s"] * flops_per_token(mcfg, n_params, T) / cfg["peak_flops"]
 
@@ -633,7 +702,10 @@ def main_steps(cfg, argv):
         if "vs_dpo" in r:
             note = f"{r['vs_dpo']:.3f}x the time of the dpo step{each('vs_dpo')}"
         if "bipost_speedup" in r:
-            note = f"dpo: BiPOST tokens/s = {r['bipost_speedup']:.2f}x this{each('bipost_speedup')}"
+            note = (f"{'sft' if c == 'transformers_sft' else 'dpo'}: BiPOST tokens/s = {r['bipost_speedup']:.2f}x "
+                    f"this{each('bipost_speedup')}")
+        if "memory_ratio" in r:
+            note += f"; BiPOST dpo peak memory = {r['memory_ratio']:.2f}x this"
         if "mfu" in r:
             note = f"MFU {100 * r['mfu']:.1f}%"
         mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
@@ -650,8 +722,29 @@ def main_steps(cfg, argv):
             json_lib.dump({"machine": info, "config": cfg, "results": results, "memory": mem_note}, f, indent=2)
         print(f"wrote {cfg['json']}")
 
+def profile_case(name, S, steps=3):
+    """torch.profiler over a few steps of one case: the kernels that take the time, and host vs
+    device time (a host time well above the device time means the step is launch-bound)."""
+    from torch.profiler import ProfilerActivity, profile
+    R = make_runner(name, S)
+    R.warm(max(1, S.cfg["warmup_iters"]))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if S.device_type == "cuda" else [])
+    S.sync()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            R.step()
+        S.sync()
+    wall = (time.perf_counter() - t0) / steps
+    key = "self_cuda_time_total" if S.device_type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
+    ev = prof.key_averages()
+    dev = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1e3 / steps
+    print(f"profile {name}: {wall * 1e3:.1f} ms/step wall, device (kernel) time {dev:.1f} ms/step, "
+          f"{S.device} {S.cfg['dtype']}")
+
 def main_memory(cfg, argv):
-    device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(cfg["device"])
     ptdtype = getattr(torch, cfg["dtype"])
     args = (cfg["mem_vocab_size"], cfg["mem_seq_len"], cfg["mem_n_embd"], cfg["mem_chunk_size"], device, ptdtype,
             cfg["mem_train_head"])
