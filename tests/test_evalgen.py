@@ -1,0 +1,156 @@
+"""evalgen.py against values worked out by hand and against transformers' own logits on the same
+weights: ROUGE-L, exact match, win rate, token agreement, answer log-probs, sequence KL, the
+implicit-reward and reward-model judges, and each objective's metrics end to end."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+import data as D
+import evalgen as E
+from model import GPT, byte_tokenizer
+
+def test_text_metrics_by_hand():
+    # LCS of [the cat sat on the mat] and [the cat is on the mat] = the cat on the mat: P = R = 5/6
+    assert E.rouge_l("The cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    # [a b c] vs [a c d e]: LCS a c = 2, P = 2/3, R = 2/4, F = 2PR / (P + R) = 4/7
+    assert E.rouge_l("a b c", "a, c d e!") == pytest.approx(4 / 7)
+    assert E.rouge_l("x y", "z") == 0.0 and E.rouge_l("", "") == 1.0 and E.rouge_l("", "a") == 0.0
+    assert E.exact_match(" PEACH RAT\n", "PEACH RAT") == 1.0 and E.exact_match("PEACH RAT!", "PEACH RAT") == 0.0
+    m = E.sft_metrics(["PEACH RAT", "HAND", "x"], ["PEACH RAT", "HAND SOFT", "EAGLE INK"])
+    assert m["exact_match"] == pytest.approx(1 / 3)
+    assert m["rouge_l"] == pytest.approx((1 + 2 * 1 * 0.5 / 1.5 + 0) / 3)  # HAND vs HAND SOFT: P 1, R 1/2
+    assert E.win_rate([1, 2, 3], [0, 2, 4]) == pytest.approx((1 + 0.5 + 0) / 3)
+    assert E.token_agreement([1, 2, 3], [1, 5, 3, 4]) == 0.5 and E.token_agreement([], []) == 1.0
+
+def test_split_example_matches_data_py():
+    tok = byte_tokenizer()
+    ex = D.tokenize_sft([{"input": "owl", "output": "OWL"}], tok, 64)[0]
+    p, r = E.split_example(ex["input_ids"], ex["labels"])
+    assert tok.decode(p) == "User: owl\nAssistant: " and r == list(b"OWL") + [tok.eos_token_id]
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """two random tiny byte-level llamas (policy, reference) as GPT and as transformers models."""
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       initializer_range=0.2, bos_token_id=None, eos_token_id=256, pad_token_id=257)
+        hf = transformers.LlamaForCausalLM(cfg).double().eval()
+        path = str(tmp_path_factory.mktemp(f"m{seed}"))
+        hf.save_pretrained(path)
+        out.append((GPT.from_pretrained(path, dtype=torch.float64).eval(), hf))
+    return out
+
+PROMPTS = [list(b"User: owl\nAssistant: "), list(b"User: red fox\nAssistant: ")]
+ANSWERS = [list(b"OWL!") + [256], list(b"RED")]
+
+def hf_logps(hf, p, a):
+    """(T, V) log-probs of the positions that predict a, from transformers on prompt + answer."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([p + a])).logits[0].double()
+    return F.log_softmax(logits[len(p) - 1:len(p) + len(a) - 1], dim=-1)
+
+def test_answer_logps_and_sequence_kl_against_transformers(pair):
+    (pol, hf_pol), (ref, hf_ref) = pair
+    got = E.answer_logps(pol, PROMPTS, ANSWERS, pad=257)
+    want = [hf_logps(hf_pol, p, a).gather(-1, torch.tensor(a)[:, None]).sum().item() for p, a in zip(PROMPTS, ANSWERS)]
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+    kl = E.sequence_kl(pol, ref, PROMPTS, ANSWERS, pad=257)
+    want = []
+    for p, a in zip(PROMPTS, ANSWERS):
+        s, t = hf_logps(hf_pol, p, a), hf_logps(hf_ref, p, a)
+        want.append(sum((s[i].exp() * (s[i] - t[i])).sum().item() for i in range(len(a))))
+    assert kl.tolist() == pytest.approx(want, rel=1e-6)
+    assert E.sequence_kl(pol, pol, PROMPTS, ANSWERS, pad=257).abs().max().item() < 1e-12
+
+def test_implicit_reward_judge(pair):
+    (pol, hf_pol), (ref, hf_ref) = pair
+    beta = 0.3
+    got = E.judge(pol, ref, byte_tokenizer(), PROMPTS, ANSWERS, beta)
+    for g, p, a in zip(got.tolist(), PROMPTS, ANSWERS):
+        lp = lambda hf: hf_logps(hf, p, a).gather(-1, torch.tensor(a)[:, None]).sum().item()
+        assert g == pytest.approx(beta * (lp(hf_pol) - lp(hf_ref)), rel=1e-6)
+
+def hf_greedy_answer(hf, p, n):
+    with torch.no_grad():
+        y = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=n, eos_token_id=256, pad_token_id=257)[0, len(p):].tolist()
+    return y[:y.index(256)] if 256 in y else y
+
+def test_sft_evaluate_end_to_end(pair):
+    (pol, hf_pol), _ = pair
+    tok = byte_tokenizer()
+    greedy = tok.decode(hf_greedy_answer(hf_pol, PROMPTS[0], 12))
+    rows = [{"input": "owl", "output": greedy}, {"input": "red fox", "output": "zzz qqq"}]
+    m, gens = E.evaluate("sft", pol, None, tok, D.tokenize_sft(rows, tok, 80), max_new_tokens=12)
+    assert gens[0]["output"] == greedy and gens[1]["reference"] == "zzz qqq"
+    assert m["exact_match"] == 0.5
+    assert m["rouge_l"] == pytest.approx((1.0 + E.rouge_l(gens[1]["output"], "zzz qqq")) / 2)
+
+def test_dpo_and_kd_evaluate_end_to_end(pair):
+    (pol, hf_pol), (ref, hf_ref) = pair
+    tok, n, beta = byte_tokenizer(), 10, 0.5
+    rows = [{"prompt": "owl", "chosen": "OWL!", "rejected": "OWL"}, {"prompt": "red fox", "chosen": "RED!", "rejected": "RED"}]
+    ex = D.tokenize_dpo(rows, tok, 80)
+    m, gens = E.evaluate("dpo", pol, ref, tok, ex, max_new_tokens=n, beta=beta)
+    # by hand from transformers: greedy answers of both models, their implicit rewards, then the pairs
+    lp = lambda hf, p, a: hf_logps(hf, p, a).gather(-1, torch.tensor(a)[:, None]).sum().item()
+    r = lambda p, a: beta * (lp(hf_pol, p, a) - lp(hf_ref, p, a))
+    close = lambda a: a + [256] if len(a) < n else a
+    wins = []
+    for p in PROMPTS:
+        a, b = hf_greedy_answer(hf_pol, p, n), hf_greedy_answer(hf_ref, p, n)
+        ra, rb = r(p, close(a)), r(p, close(b))
+        wins.append(1.0 if ra > rb else 0.5 if ra == rb else 0.0)
+    assert m["win_rate"] == pytest.approx(sum(wins) / 2) and m["judge"] == "implicit"
+    acc = [float(r(p, list(c.encode()) + [256]) > r(p, list(j.encode()) + [256]))
+           for p, c, j in zip(PROMPTS, ["OWL!", "RED!"], ["OWL", "RED"])]
+    assert m["pref_accuracy"] == pytest.approx(sum(acc) / 2)
+    assert gens[0]["ref_output"] == tok.decode(hf_greedy_answer(hf_ref, PROMPTS[0], n))
+    # kd: the student against its teacher
+    sft_ex = D.tokenize_sft([{"input": "owl", "output": "x"}, {"input": "red fox", "output": "y"}], tok, 80)
+    m, _ = E.evaluate("kd", pol, ref, tok, sft_ex, max_new_tokens=n)
+    s = [hf_greedy_answer(hf_pol, p, n) for p in PROMPTS]
+    t = [hf_greedy_answer(hf_ref, p, n) for p in PROMPTS]
+    assert m["teacher_exact"] == sum(a == b for a, b in zip(s, t)) / 2
+    assert m["teacher_token_agreement"] == pytest.approx(sum(E.token_agreement(a, b) for a, b in zip(s, t)) / 2)
+    kl = [sum((x.exp() * (x - y)).sum().item() for x, y in zip(hf_logps(hf_pol, p, a), hf_logps(hf_ref, p, a)))
+          for p, a in zip(PROMPTS, s)]
+    assert m["seq_kl"] == pytest.approx(sum(kl) / 2, rel=1e-6)
+    assert m["seq_kl_per_token"] == pytest.approx(sum(kl) / sum(map(len, s)), rel=1e-6)
+    same, _ = E.evaluate("kd", pol, pol, tok, sft_ex, max_new_tokens=n)
+    assert same["teacher_exact"] == 1.0 and same["teacher_token_agreement"] == 1.0 and abs(same["seq_kl"]) < 1e-12
+
+def test_reward_model_with_its_own_tokenizer(pair, tmp_path):
+    """the judge decodes prompt + answer and the reward model re-encodes the text with its own
+    (here word-level) tokenizer: the scores are what the reward model gives that text by hand."""
+    (pol, _), (ref, _) = pair
+    import tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["[UNK]", "[PAD]", "User", ":", "owl", "Assistant", "OWL", "!", "red", "fox", "RED"]
+    w = Tokenizer(models.WordLevel({x: i for i, x in enumerate(words)}, unk_token="[UNK]"))
+    w.pre_tokenizer = pre_tokenizers.Split(pattern=tokenizers.Regex(r"\w+|[^\w\s]"), behavior="isolated")
+    wt = transformers.PreTrainedTokenizerFast(tokenizer_object=w, unk_token="[UNK]", pad_token="[PAD]")
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=1)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    wt.save_pretrained(tmp_path / "rm")
+    rm = E.load_reward_model(str(tmp_path / "rm"), dtype=torch.float64)
+    tok = byte_tokenizer()
+    got = E.judge(pol, ref, tok, PROMPTS, ANSWERS, 0.1, rm)
+    for g, p, a in zip(got.tolist(), PROMPTS, ANSWERS):
+        text = tok.decode(p + a, skip_special_tokens=True)
+        enc = wt(text, return_tensors="pt")
+        assert enc["input_ids"][0].tolist() != tok(text)["input_ids"]  # a different tokenization
+        with torch.no_grad():
+            assert g == pytest.approx(rm[0](**enc).logits[0, 0].item(), abs=1e-12)
+    cfg.num_labels = 2
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm2")
+    wt.save_pretrained(tmp_path / "rm2")
+    with pytest.raises(ValueError, match="has 2 outputs; a reward model gives one score"):
+        E.load_reward_model(str(tmp_path / "rm2"))
