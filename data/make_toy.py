@@ -61,7 +61,7 @@ def make(seed=0):
         while answer == noisy[i]["output"]:  # random letters, spaces kept in place
             answer = "".join(c if c == " " else rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for c in noisy[i]["output"])
         noisy[i]["output"] = answer
-    return {
+    files = {
         "toy_sft.jsonl": [sft(p) for p in draw(2000, singles, pairs)],
         "toy_sft_eval.jsonl": [sft(p) for p in sft_eval],
         "toy_pref.jsonl": [pref(p) for p in draw(2000, singles, pairs)],
@@ -70,6 +70,12 @@ def make(seed=0):
         "toy_noisy.jsonl": noisy,
         "toy_noisy_labels.jsonl": [{"id": i, "corrupted": i in corrupted} for i in range(len(noisy))],
     }
+    # a third objective (drawn after the rest, which stay as they were): prefer a period over the
+    # exclamation mark ("RED FOX." over "RED FOX!"): it conflicts with toy_pref and with the SFT answer
+    calm = lambda p: {"prompt": p, "chosen": p.upper() + ".", "rejected": p.upper() + "!"}
+    files["toy_calm.jsonl"] = [calm(p) for p in draw(1000, singles, pairs)]
+    files["toy_calm_eval.jsonl"] = [calm(p) for p in draw(200, eval_singles[50:], eval_pairs[150:], repeat=False)]
+    return files
 
 def write(out_dir=os.path.dirname(os.path.abspath(__file__))):
     for name, rows in make().items():
