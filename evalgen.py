@@ -19,6 +19,8 @@ decoded and re-encoded with the reward model's own tokenizer, so it may differ f
 train.py runs this with eval_gen_interval; generate.py writes the same answers for other uses.
 """
 import contextlib
+import json
+import os
 import re
 
 import torch
@@ -231,3 +233,49 @@ def evaluate(kind, policy, ref, tokenizer, examples, max_new_tokens=64, beta=0.1
     pr = judge(policy, ref, tokenizer, prompts, [r + [eos] for r in rejected], beta, rm)
     return {"win_rate": win_rate(ours, theirs), "pref_accuracy": win_rate(pc, pr),
             "judge": "reward_model" if rm is not None else "implicit"}, gens
+
+# -----------------------------------------------------------------------------
+# train.py's eval_gen
+
+_reward_models = {}
+
+def run(objectives, model, tokenizer, it, out_dir, samples=64, max_new_tokens=64, reward_model="", master=True,
+        autocast=contextlib.nullcontext()):
+    """Every objective's metrics on its first `samples` eval examples (0 = all). objectives:
+    train.py's namespaces (kind, i, eval, ref, beta). Every rank computes the same (under FSDP the
+    forward is collective); the master appends {"iter", "objectives": {i: metrics}} to
+    out_dir/eval_gen.json and writes the answers to out_dir/eval_gen/iter_N_i.jsonl. Returns
+    {gen_<metric>_<i>: value} for the metrics line and the summary."""
+    if reward_model and reward_model not in _reward_models:
+        _reward_models[reward_model] = load_reward_model(reward_model, next(model.parameters()).device)
+    rm = _reward_models.get(reward_model)
+    was_training = model.training
+    model.eval()
+    flat, per = {}, {}
+    try:
+        for o in objectives:
+            ex = o.eval[:samples or None]
+            if not ex:
+                continue
+            if o.kind != "sft" and o.ref is None:  # precompute_ref dropped the reference model
+                per[o.i] = {"skipped": "no reference model in memory (precompute_ref)"}
+                continue
+            with autocast:
+                m, gens = evaluate(o.kind, model, o.ref, tokenizer, ex, max_new_tokens,
+                                   getattr(o, "beta", 0.1), rm if o.kind == "dpo" else None)
+            per[o.i] = m
+            flat.update({f"gen_{k}_{o.i}": v for k, v in m.items() if isinstance(v, float)})
+            if master:
+                os.makedirs(os.path.join(out_dir, "eval_gen"), exist_ok=True)
+                with open(os.path.join(out_dir, "eval_gen", f"iter_{it:07d}_{o.i}.jsonl"), "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in gens)
+    finally:
+        model.train(was_training)
+    if master:
+        path = os.path.join(out_dir, "eval_gen.json")
+        history = json.load(open(path)) if os.path.exists(path) else []
+        history = [h for h in history if h["iter"] < it] + [{"iter": it, "objectives": per}]  # a resumed run rewrites
+        with open(path + ".tmp", "w") as f:
+            json.dump(history, f, indent=2)
+        os.replace(path + ".tmp", path)
+    return flat

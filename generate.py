@@ -108,7 +108,10 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
     pad = eos_token_id if pad_token_id is None else pad_token_id
     pos = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): each row's positions start at its first token
     last = lambda h, w: F.linear(h[:, -1], w)  # only the last position's logits: (B, V)
-    cache = KVCache(model.config, B, T + n_new, ids.device, next(model.parameters()).dtype) if use_cache else None
+    dt = next(model.parameters()).dtype  # or the autocast dtype: what the keys and values come out in
+    if torch.is_autocast_enabled(ids.device.type):
+        dt = torch.get_autocast_dtype(ids.device.type)
+    cache = KVCache(model.config, B, T + n_new, ids.device, dt) if use_cache else None
     if use_cache:
         logits = model(ids, attention_mask=mask, position_ids=pos, head_fn=last, kv_cache=cache)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)

@@ -33,6 +33,10 @@ out_dir = "out"
 log_interval = 1          # iterations between metrics lines
 eval_interval = 50        # iterations between evaluations of both objectives (0 = start and end only)
 eval_iters = 0            # eval on the first eval_iters x train_batch_size examples (0 = the whole eval set)
+eval_gen_interval = -1    # iterations between behaviour metrics of greedy answers (evalgen.py; 0 = at the end only, -1 = off)
+eval_gen_samples = 64     # held-out examples per objective they judge (0 = all)
+eval_gen_max_new_tokens = 64
+reward_model = ""         # a sequence-classification checkpoint judging DPO answers ('' = the implicit reward)
 save_interval = 0         # iterations between checkpoints (0 = only at the end)
 keep_last = 2             # checkpoints kept in out_dir/ckpt
 resume = False            # True: continue from the latest checkpoint in out_dir
@@ -619,6 +623,11 @@ def save_selection(final=False):
             n = export_selected(O[2].rows, selector, select_ratio, os.path.join(out_dir, "selected.jsonl"))
             log(f"selected {n} of {len(O[2].rows)} rows of {dataset_2} -> {out_dir}/selected.jsonl")
 
+def eval_gen(it):
+    import evalgen  # what the model says on held-out prompts; every rank computes it, the master writes
+    return evalgen.run([O[i] for i in O], raw_model, tokenizer, it, out_dir, eval_gen_samples, eval_gen_max_new_tokens,
+                       reward_model, master, autocast)
+
 # -----------------------------------------------------------------------------
 # the loop
 pareto = json.load(open(pareto_front)) if pareto_front else []
@@ -645,6 +654,8 @@ while True:
             if near or dominated:
                 log(f"early stop at iteration {it}: " + ("an objective is within eps of its optimum" if near else "the reference Pareto front is reached"))
                 break
+    if eval_gen_interval > 0 and it % eval_gen_interval == 0 and 0 < it < total_iters:
+        write_metrics(dict(kind="eval_gen", iter=it, **eval_gen(it)))
     if it >= total_iters:
         break
 
@@ -698,6 +709,9 @@ if not (save_interval > 0 and it % save_interval == 0):
     checkpoint.save(ckpt_root, it, raw_model, optimizer, checkpoint_state(it), keep_last, fsdp)
 checkpoint.export_final(out_dir, raw_model, fsdp, tokenizer, base_model=pretrain,
                         lora=dict(rank=lora_rank, alpha=lora_alpha, target_modules=target_modules) if lora_rank else None)
+last_gen = eval_gen(it) if eval_gen_interval >= 0 else {}
+if last_gen:
+    write_metrics(dict(kind="eval_gen", iter=it, **last_gen))
 if method == "select":
     save_selection(final=True)
     if master:
@@ -709,12 +723,12 @@ if method == "select":
 
 result = dict(method=method if len(O) == 2 else "single", iters=it, counts=state["counts"], wall_s=state["elapsed"],
               train_s=state["train_s"],
-              peak_memory_mb=peak_memory_mb(), tokens=state["tokens"], opt=state["opt"], **last_eval)
+              peak_memory_mb=peak_memory_mb(), tokens=state["tokens"], opt=state["opt"], **last_eval, **last_gen)
 if master:
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(result, f, indent=2)
     rows = [("iterations", f"{it} (objective 1: {state['counts'][1]}, objective 2: {state['counts'][2]})"),
-            *((k, f"{v:.4f}") for k, v in last_eval.items()),
+            *((k, f"{v:.4f}") for k, v in {**last_eval, **last_gen}.items()),
             *((f"f_{i}*", f"{v:.4f}") for i, v in state["opt"].items() if v >= 0),
             ("wall time", f"{state['elapsed']:.1f} s ({result['train_s']:.1f} s in training steps)"), ("peak memory", f"{result['peak_memory_mb']:.0f} MiB"),
             ("tokens", f"{state['tokens']:,}"), ("final model", os.path.join(out_dir, "final"))]

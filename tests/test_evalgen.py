@@ -154,3 +154,26 @@ def test_reward_model_with_its_own_tokenizer(pair, tmp_path):
     wt.save_pretrained(tmp_path / "rm2")
     with pytest.raises(ValueError, match="has 2 outputs; a reward model gives one score"):
         E.load_reward_model(str(tmp_path / "rm2"))
+
+def test_train_writes_eval_gen(tmp_path):
+    """train.py with eval_gen_interval=0: eval_gen.json, the answers and the summary hold what
+    evalgen gives the exported final/ model on the same held-out examples."""
+    import json
+    from helpers import metrics, run_train
+    from model import load_tokenizer
+    out = tmp_path / "run"
+    run_train(out, "--max_iters=6", "--eval_gen_interval=0", "--eval_gen_samples=8", "--eval_gen_max_new_tokens=12")
+    hist = json.loads((out / "eval_gen.json").read_text())
+    assert [h["iter"] for h in hist] == [6] and set(hist[0]["objectives"]) == {"1", "2"}
+    summary = json.loads((out / "summary.json").read_text())
+    final = GPT.from_pretrained(str(out / "final")).eval()
+    tok = load_tokenizer(str(out / "final"))
+    rows = [json.loads(l) for l in open("data/toy_sft_eval.jsonl")]
+    m, gens = E.evaluate("sft", final, None, tok, D.tokenize_sft(rows, tok, 40)[:8], max_new_tokens=12)
+    assert hist[0]["objectives"]["1"] == m
+    assert summary["gen_exact_match_1"] == m["exact_match"] and summary["gen_rouge_l_1"] == m["rouge_l"]
+    written = [json.loads(l) for l in (out / "eval_gen" / "iter_0000006_1.jsonl").read_text().splitlines()]
+    assert written == gens
+    d = hist[0]["objectives"]["2"]
+    assert d["judge"] == "implicit" and 0 <= d["win_rate"] <= 1 and summary["gen_win_rate_2"] == d["win_rate"]
+    assert metrics(out, "eval_gen")[-1]["gen_pref_accuracy_2"] == d["pref_accuracy"]
