@@ -110,23 +110,70 @@ class _ChunkedHead(torch.autograd.Function):
         return (None, None, None if grad_w is None else grad_w.to(w.dtype),
                 None if grad_h is None else grad_h.to(h.dtype), *[None] * len(rest))
 
+class _ChunkedHeadUniform(torch.autograd.Function):
+    """_ChunkedHead for values that the caller reduces with one weight for every token (a sum or a
+    token mean: SFT, KD): fn.value_and_grad gives each chunk's values and their logits gradient in
+    one pass over the tile, so the gradients for h and w are accumulated in the forward and only
+    scaled in backward. That saves backward's recompute of the logits (a quarter of the head's
+    GEMMs) and a second softmax pass, at the cost of holding w's (V, C) gradient from forward to
+    backward (none with a frozen head, as under LoRA). grad_h is exact for any per-token weights;
+    grad_w needs them equal, which backward checks on CPU (the test suite) and trusts on GPU."""
+
+    @staticmethod
+    def forward(ctx, fn, chunk_size, w, h, *rest):
+        cdt = compute_dtype(h)
+        wc, hc, N = w.to(cdt), h.to(cdt), h.shape[0]
+        buf = h.new_empty(min(chunk_size, N), w.shape[0], dtype=_upcast(hc).dtype)
+        grad_h = torch.empty_like(h, dtype=buf.dtype) if ctx.needs_input_grad[3] else None
+        grad_w = torch.zeros_like(w, dtype=_upcast(w).dtype) if ctx.needs_input_grad[2] else None
+        vals = []
+        for i in range(0, N, chunk_size):
+            n = min(chunk_size, N - i)
+            v, gz = fn.value_and_grad(mm_into(hc[i:i + n], wc.t(), buf[:n]), *[r[i:i + n] for r in rest])
+            vals.append(v)
+            gz = gz.to(cdt)
+            if grad_h is not None:
+                mm_into(gz, wc, grad_h[i:i + n])
+            if grad_w is not None:
+                addmm_into(grad_w, gz.t(), hc[i:i + n])
+        ctx.dtypes = (w.dtype, h.dtype)
+        ctx.save_for_backward(grad_w, grad_h)
+        return torch.cat(vals) if vals else buf.new_zeros(0)
+
+    @staticmethod
+    def backward(ctx, grad_vals):
+        grad_w, grad_h = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = (grad_h * grad_vals[:, None]).to(ctx.dtypes[1])
+        if grad_w is not None and grad_vals.numel():
+            if not grad_vals.is_cuda:  # free on CPU; on a GPU it would cost a host sync per loss
+                assert bool((grad_vals == grad_vals[0]).all()), "uniform head gradient with unequal token weights"
+            grad_w = (grad_w * grad_vals[0]).to(ctx.dtypes[0])
+        elif grad_w is not None:
+            grad_w = grad_w.to(ctx.dtypes[0])
+        return None, None, grad_w, grad_h, *[None] * (len(ctx.needs_input_grad) - 4)
+
 CHUNK_LOGITS = 2**22  # auto chunk: logits per chunk (16 MiB in float32)
 
-def auto_chunk_size(vocab_size):
-    """tokens per chunk when chunk_size is 0: at least 128, more for small vocabularies so that a
-    chunk holds about CHUNK_LOGITS logits (512 tokens at V = 8192; fewer, larger matmuls)."""
-    return max(128, CHUNK_LOGITS // vocab_size)
+CHUNK_LOGITS_CUDA = 2**26  # on a GPU: 256 MiB of float32 logits; fewer, longer kernels (launch-bound otherwise)
 
-def _chunked(fn, hidden, weight, labels, chunk_size, rows=()):
+def auto_chunk_size(vocab_size, device_type="cpu"):
+    """tokens per chunk when chunk_size is 0: at least 128, more for small vocabularies so that a
+    chunk holds about CHUNK_LOGITS logits (512 tokens at V = 8192; fewer, larger matmuls), and 16x
+    that on CUDA (512 tokens at V = 128k), where every chunk costs a dozen kernel launches."""
+    return max(128, (CHUNK_LOGITS_CUDA if device_type == "cuda" else CHUNK_LOGITS) // vocab_size)
+
+def _chunked(fn, hidden, weight, labels, chunk_size, rows=(), uniform=False):
     """fn(logits (n, V), *row_chunks) -> (n,) per-token values over the labelled positions of
     hidden [B, T, C] with head weight [V, C]; rows: more [B, T, ...] tensors cut the same way
     (labels, teacher hidden). Returns [B, T] in float32 (float64 for float64 inputs), 0.0 where
-    labels == -100."""
+    labels == -100. uniform: the caller weighs every token alike (see _ChunkedHeadUniform)."""
     B, T = labels.shape
     idx = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
     cut = lambda r: r.reshape(B * T, *r.shape[2:])[idx]  # (N, ...) masked tokens dropped first
-    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
-    vals = _ChunkedHead.apply(fn, chunk_size, weight, cut(hidden), *[cut(r) for r in rows])
+    chunk_size = chunk_size or auto_chunk_size(weight.shape[0], hidden.device.type)
+    head = _ChunkedHeadUniform if uniform and hasattr(fn, "value_and_grad") else _ChunkedHead
+    vals = head.apply(fn, chunk_size, weight, cut(hidden), *[cut(r) for r in rows])
     out = torch.zeros(B * T, dtype=vals.dtype, device=labels.device)
     return out.index_copy(0, idx, vals).view(B, T)
 
@@ -141,8 +188,10 @@ def _normalizer(num_tokens, labels):
 # -----------------------------------------------------------------------------
 # SFT and sequence log-probs
 
-def token_logps(hidden, weight, labels, chunk_size=0, temperature=1.0):
-    """log p(labels[b, t]) for hidden [B, T, C], weight [V, C] -> [B, T] float32, 0.0 where masked."""
+def token_logps(hidden, weight, labels, chunk_size=0, temperature=1.0, uniform=False):
+    """log p(labels[b, t]) for hidden [B, T, C], weight [V, C] -> [B, T] float32, 0.0 where masked.
+    uniform=True: the caller reduces the result with one weight for every token (a sum, a token
+    mean), which lets the head's gradient be computed in the forward (_ChunkedHeadUniform)."""
     def fn(z, y):  # (n, V) logits (overwritten), (n,) targets -> (n,) log p(y) = z_y - logsumexp(z)
         z = _scaled(z, temperature, inplace=True)
         zy = z.gather(1, y[:, None]).squeeze(1)
@@ -156,15 +205,24 @@ def token_logps(hidden, weight, labels, chunk_size=0, temperature=1.0):
         gz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # in place: -g softmax(z / tau)
         gz[torch.arange(len(y), device=y.device), y] += g
         return (gz if temperature == 1.0 else gz.div_(temperature)).to(dtype)
-    fn.logits_grad = logits_grad
-    return _chunked(fn, hidden, weight, labels, chunk_size, [labels])
+    def value_and_grad(z, y):  # log p(y) and its logits gradient (onehot(y) - softmax(z / tau)) / tau, in place
+        z = _scaled(z, temperature, inplace=True)
+        zy = z.gather(1, y[:, None]).squeeze(1)
+        m = z.amax(1, keepdim=True)
+        s = z.sub_(m).exp_().sum(1, keepdim=True)
+        logp = zy - m.squeeze(1) - s.log().squeeze(1)
+        gz = z.div_(s).neg_()
+        gz[torch.arange(len(y), device=y.device), y] += 1
+        return logp, gz if temperature == 1.0 else gz.div_(temperature)
+    fn.logits_grad, fn.value_and_grad = logits_grad, value_and_grad
+    return _chunked(fn, hidden, weight, labels, chunk_size, [labels], uniform)
 
 def sft_loss(hidden, weight, labels, num_tokens=None, chunk_size=0):
     """-sum of response-token log-probs / num_tokens. num_tokens=None uses this batch's count; the
     training loop passes the count of the whole global batch (all micro-batches, all ranks), so
     summing the micro-batch losses gives the per-token mean over the global batch whatever the
     batch x accumulation x world split."""
-    return -token_logps(hidden, weight, labels, chunk_size).sum() / _normalizer(num_tokens, labels)
+    return -token_logps(hidden, weight, labels, chunk_size, uniform=True).sum() / _normalizer(num_tokens, labels)
 
 def per_sample_mean(token_values, labels):
     """[B, T] per-token values -> [B] mean over each row's response tokens (0 for rows with none)."""
@@ -250,7 +308,18 @@ def _forward_kd_fn(tw, top_k, temperature, cdt):
         pt, top = _teacher_probs(th, tw, top_k, temperature, cdt)
         z = z.sub_(pt) if top is None else z.scatter_add_(1, top, -pt)
         return z.mul_((g / temperature)[:, None]).to(dtype)
-    fn.logits_grad = logits_grad
+
+    def value_and_grad(z, th):  # the loss and its logits gradient (softmax(z) - p_T) / tau, in place
+        z = _scaled(z, temperature, inplace=True)
+        pt, top = _teacher_probs(th, tw, top_k, temperature, cdt)
+        pz = dot(pt, z, top)
+        m = z.amax(1, keepdim=True)
+        s = z.sub_(m).exp_().sum(1, keepdim=True)
+        vals = m.squeeze(1) + s.log().squeeze(1) - pz
+        z = z.div_(s)
+        z = z.sub_(pt) if top is None else z.scatter_add_(1, top, -pt)
+        return vals, z if temperature == 1.0 else z.div_(temperature)
+    fn.logits_grad, fn.value_and_grad = logits_grad, value_and_grad
     return fn
 
 def _kd_chunk(z, th, tw, kind, beta, temperature):
@@ -264,7 +333,7 @@ def _kd_chunk(z, th, tw, kind, beta, temperature):
     return beta * (lpt.exp() * (lpt - lpm)).sum(-1) + (1 - beta) * (lps.exp() * (lps - lpm)).sum(-1)
 
 def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5,
-                    top_k=0, temperature=1.0, chunk_size=0):
+                    top_k=0, temperature=1.0, chunk_size=0, uniform=False):
     """Per-token distillation loss [B, T] (0.0 where masked), p_T = softmax(teacher_logits / tau),
     p_S = softmax(student_logits / tau), tau = temperature (no tau^2 factor):
       forward: -sum_v p_T log p_S  (cross-entropy; KL(p_T || p_S) plus the teacher entropy)
@@ -288,11 +357,11 @@ def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind
     else:
         def fn(z, th):
             return _kd_chunk(z, th, tw, kind, beta, temperature)
-    return _chunked(fn, hidden, weight, labels, chunk_size, [teacher_hidden.detach()])
+    return _chunked(fn, hidden, weight, labels, chunk_size, [teacher_hidden.detach()], uniform)
 
 def kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5, top_k=0,
             temperature=1.0, num_tokens=None, chunk_size=0):
     """Sum of kd_token_losses / num_tokens; num_tokens as in sft_loss (the global batch's count)."""
     losses = kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind, beta, top_k,
-                             temperature, chunk_size)
+                             temperature, chunk_size, uniform=True)
     return losses.sum() / _normalizer(num_tokens, labels)

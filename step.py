@@ -101,12 +101,13 @@ class Step:
                     st = torch.stack([(cr > rr).float().sum(), cr.sum(), rr.sum()])  # one host sync, later
                     out.append((loss, {"acc": st[0], "chosen_reward": st[1], "rejected_reward": st[2]}))
                     continue
+                uniform = norm is not None  # a token mean: the head's gradient can be taken in the forward
                 if o.kind == "kd":
                     th, tw = a
                     tok = L.kd_token_losses(hh, w, th[:, :T], tw, yy, o.kd_loss, o.kd_beta, o.kd_top_k,
-                                            o.kd_temperature, cs)
+                                            o.kd_temperature, cs, uniform)
                 else:
-                    tok = -L.token_logps(hh, w, yy, cs)
+                    tok = -L.token_logps(hh, w, yy, cs, uniform=uniform)
                 out.append((L.per_sample_mean(tok, yy) if norm is None else tok.sum() / norm["tokens"] * ws, {}))
             return out
 

@@ -162,10 +162,28 @@ def test_autocast_head_runs_in_bf16_with_float32_statistics(kind, monkeypatch):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=2e-2, rtol=5e-2)
 
+@pytest.mark.parametrize("kind", ["sft", "kd", "kd_top_k"])
+def test_uniform_head_gradient_equals_recompute(kind):
+    """the forward-computed gradient (uniform token weights: SFT, KD token means) equals the
+    recomputing backward's, for a weight shared by every token; unequal weights are refused."""
+    hidden, weight, teacher_hidden, teacher_weight, labels = make_batch()
+    def tok(uniform):
+        if kind == "sft":
+            return losses.token_logps(hidden, weight, labels, 4, temperature=1.5, uniform=uniform)
+        return losses.kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, top_k=5 if kind == "kd_top_k" else 0,
+                                      temperature=2.0, chunk_size=4, uniform=uniform)
+    a, b = tok(True), tok(False)
+    assert_same(a, b)
+    for x, y in zip(grads(a.sum() * 0.37, hidden, weight), grads(b.sum() * 0.37, hidden, weight)):
+        assert_same(x, y)
+    with pytest.raises(AssertionError, match="unequal token weights"):
+        (tok(True) * torch.rand(B, T)).sum().backward()
+
 def test_auto_chunk_size():
     # at least 128 tokens; small vocabularies get chunks of about 2^22 logits
     assert losses.auto_chunk_size(128256) == 128 and losses.auto_chunk_size(32000) == 131
     assert losses.auto_chunk_size(8192) == 512 and losses.auto_chunk_size(258) == 16256
+    assert losses.auto_chunk_size(128256, "cuda") == 523  # 2^26 logits on a GPU
 
 # -----------------------------------------------------------------------------
 # KD
@@ -320,4 +338,5 @@ def test_chunked_backward_never_saves_full_logits(kd, monkeypatch):
     def plain_chunks(fn, cs, w, h, *rest):
         return torch.cat([fn(h[i:i + cs] @ w.t(), *[r[i:i + cs] for r in rest]) for i in range(0, h.shape[0], cs)])
     monkeypatch.setattr(losses._ChunkedHead, "apply", plain_chunks)
+    monkeypatch.setattr(losses._ChunkedHeadUniform, "apply", plain_chunks)
     assert saved_for_backward(chunked)[1] >= n * v * 4
