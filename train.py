@@ -55,7 +55,7 @@ model_max_len = 512
 ref_model = ""            # DPO reference / KD teacher of objective 1 ('' = the initial policy)
 ref_model_2 = ""          # the same for objective 2 ('' = ref_model when only objective 2 needs one)
 dtype = ""                # '' = bfloat16 where the GPU supports it, else float32 | float32 | bfloat16 | float16 | float64 (exactness tests)
-compile = False
+compile = False           # torch.compile each transformer block (the chunked losses stay eager)
 gradient_checkpointing = False
 device = ""               # '' = cuda:LOCAL_RANK when available, else cpu
 # LoRA
@@ -234,6 +234,9 @@ else:
                            intermediate_size=model_intermediate_size, max_position_embeddings=model_max_len,
                            norm_eps=1e-5)).to(device=device, dtype=master_dtype)
 raw_model.gradient_checkpointing = gradient_checkpointing
+if compile:  # each block on its own (one graph reused by every layer, no graph break at the losses' head_fn)
+    for _block in raw_model.blocks:
+        _block.compile(dynamic=True)  # rows are padded to each batch's longest: one graph for every length
 if lora_rank:
     inject(raw_model, lora_rank, lora_alpha, lora_dropout, target_modules)
     for _, p in lora_parameters(raw_model):
@@ -329,8 +332,6 @@ if ddp and zero_stage == 1:
     optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **adam_kw)
 else:
     optimizer = torch.optim.AdamW(groups, **adam_kw)
-if compile:
-    model = torch.compile(model)
 
 def get_lr(it):
     warmup = round(warmup_ratio * total_iters)
