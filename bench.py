@@ -178,24 +178,27 @@ def hf_checkpoint(gpt, d):
         json_lib.dump(hf, f)
     return d
 
-def to_hf(gpt, dtype=torch.float32):
-    """a transformers model with gpt's weights (through the HF checkpoint layout)."""
+def hf_from_pretrained(path, dtype):
+    """AutoModelForCausalLM in dtype across transformers versions (`dtype` since 4.56, `torch_dtype` before)."""
     import transformers
     from transformers import AutoModelForCausalLM
     transformers.logging.disable_progress_bar()
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return AutoModelForCausalLM.from_pretrained(path, **{key: dtype})
+
+def to_hf(gpt, dtype=torch.float32):
+    """a transformers model with gpt's weights (through the HF checkpoint layout)."""
     with tempfile.TemporaryDirectory() as d:
-        return AutoModelForCausalLM.from_pretrained(hf_checkpoint(gpt, d), dtype=dtype)
+        return hf_from_pretrained(hf_checkpoint(gpt, d), dtype)
 
 def hf_model(S, dtype):
     """the transformers model the peers train: the checkpoint itself, or the random init's weights
     (written once per process: at 1B parameters a checkpoint takes seconds to write)."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-    transformers.logging.disable_progress_bar()
     if not S.cfg["pretrain"] and getattr(S, "hf_dir", None) is None:
         S._hf_tmp = tempfile.TemporaryDirectory()
         S.hf_dir = hf_checkpoint(S.base, S._hf_tmp.name)
-    return AutoModelForCausalLM.from_pretrained(S.cfg["pretrain"] or S.hf_dir, dtype=dtype)
+    return hf_from_pretrained(S.cfg["pretrain"] or S.hf_dir, dtype)
 
 def hf_sequence_logps(model, b):
     """[2B] sum of response-token log-probs, from full [2B, T, V] logits."""
@@ -821,7 +824,9 @@ def bench_generate(cfg):
                 print(f"  {k:<14} {dt_s:8.2f} s  {B * N / dt_s:9.0f} tok/s  (round {rnd + 1}, load {loadavg()})")
     res = {k: {"seconds": statistics.median(v), "tokens_per_s": B * N / statistics.median(v), "runs_s": v}
            for k, v in times.items()}
-    res["vs_transformers"] = res["generate.py"]["tokens_per_s"] / res["transformers"]["tokens_per_s"]
+    # the ratio to transformers: the median of each round's ratio (the two ran back to back)
+    res["vs_transformers"] = statistics.median(b / a for a, b in zip(times["generate.py"], times["transformers"]))
+    res["vs_transformers_rounds"] = [b / a for a, b in zip(times["generate.py"], times["transformers"])]
     res["vs_no_cache"] = res["generate.py"]["tokens_per_s"] / res["no_cache"]["tokens_per_s"]
     same = lambda a, b: float((outs[a][:, P:] == outs[b][:, P:]).float().mean())
     res["same_tokens_transformers"], res["same_tokens_no_cache"] = same("generate.py", "transformers"), same("generate.py", "no_cache")
@@ -831,6 +836,8 @@ def bench_generate(cfg):
     print_table([[k, f"{res[k]['seconds']:.2f}", f"{res[k]['tokens_per_s']:.0f}",
                   f"{res['generate.py']['tokens_per_s'] / res[k]['tokens_per_s']:.2f}x"] for k in runs],
                 ["generator", "seconds", "new tokens/s", "generate.py is"])
+    print(f"generate.py / transformers tokens/s, median of the rounds' ratios: {res['vs_transformers']:.2f}x "
+          f"(rounds: {', '.join(f'{r:.2f}' for r in res['vs_transformers_rounds'])})")
     print(f"same greedy tokens as generate.py: transformers {res['same_tokens_transformers']:.3f}, "
           f"no cache {res['same_tokens_no_cache']:.3f} (random weights in {cfg['dtype']}: near-ties may differ)")
     if cfg["json"]:

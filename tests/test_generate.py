@@ -234,3 +234,14 @@ def test_cli_errors(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "final does not exist: train first" in p.stderr
     assert "Traceback" not in p.stderr
+
+def test_bench_generate_runs_the_same_tokens():
+    """bench.py --mode=generate: the three generators agree on every token of the timed runs."""
+    import bench
+    cfg = {k: getattr(bench, k) for k in bench.config_keys}
+    cfg.update(model_n_layer=2, model_n_embd=32, model_n_head=4, model_n_kv_head=2, model_intermediate_size=64,
+               model_vocab_size=97, batch_size=3, prompt_len=5, seq_len=12, rounds=2, device="cpu")
+    res = bench.bench_generate(cfg)
+    assert res["same_tokens_transformers"] == 1.0 and res["same_tokens_no_cache"] == 1.0
+    assert len(res["vs_transformers_rounds"]) == 2 and len(res["no_cache"]["runs_s"]) == 1
+    assert res["vs_no_cache"] == pytest.approx(res["no_cache"]["seconds"] / res["generate.py"]["seconds"])
