@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sequential", "mix", "alright", "maxright")
 
 def train(out_dir, *args, config="config/demo.py"):
-    cmd = [sys.executable, "train.py", config, f"--out_dir={out_dir}", *args]
+    cmd = [sys.executable, "train.py", config, f"--out_dir={out_dir}", "--overwrite=True", *args]  # a rerun replaces its runs
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,10 +14,13 @@ Methods (ALGORITHMS.md §2; `lambd` is the weight / probability of objective 1):
 Every default below is a config key: override it in a config file or as --key=value.
 """
 import contextlib
+import datetime
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -40,6 +43,7 @@ reward_model = ""         # a sequence-classification checkpoint judging DPO ans
 save_interval = 0         # iterations between checkpoints (0 = only at the end)
 keep_last = 2             # checkpoints kept in out_dir/ckpt
 resume = False            # True: continue from the latest checkpoint in out_dir
+overwrite = False         # True: clear another run's ckpt/, metrics.jsonl, final/, summary.json in out_dir first
 wandb_log = False
 wandb_project = "bipost"
 wandb_run_name = ""
@@ -143,10 +147,12 @@ seed = 42
 # distributed
 zero_stage = 0            # 0 DDP | 1 + sharded optimizer state | 2 FSDP2, no reshard after forward | 3 FSDP2 full
 cpu_offload = False       # FSDP2 parameters and optimizer on CPU
+dist_timeout_s = 1800     # a collective that waits longer (a rank died or hangs) ends the run
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
 if __name__ == "__main__":
     import configurator
+    configurator.one_line_errors()  # config and data errors: `error: ...` and exit 2, no traceback
     _cfg = {k: globals()[k] for k in config_keys}
     configurator.apply(sys.argv[1:], _cfg)
     globals().update(_cfg)
@@ -157,20 +163,25 @@ from tqdm import tqdm
 
 import checkpoint
 import data as D
+from configurator import ConfigError
 import losses as L
 from lora import disabled, inject, lora_parameters
 from model import GPT, Config, load_tokenizer
-from step import Step, objective, optimizer_step
+from step import Step, objective
 
 def check(cond, msg):
     if not cond:
-        raise ValueError(msg)
+        raise ConfigError(msg)
 
+check(not device.startswith("cuda") or torch.cuda.is_available(),
+      f"config key device: {device!r}, but this torch ({torch.__version__}) sees no CUDA device; use --device=cpu or leave device empty")
+check(dist_timeout_s > 0, f"config key dist_timeout_s must be > 0, got {dist_timeout_s}")
 # distributed set-up: one process per GPU under torchrun, keyed on RANK
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:
     rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+    dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo",
+                            timeout=datetime.timedelta(seconds=dist_timeout_s))
 else:
     rank, world_size, local_rank = 0, 1, 0
 master = rank == 0
@@ -213,6 +224,11 @@ check(dataset_1 != "", "config key dataset_1 must be set")
 check(not obj_2 or dataset_2 != "", "config key dataset_2 must be set when obj_2 is")
 check(method != "select" or (obj_2 and obj_1 in ("sft", "kd") and obj_2 in ("sft", "kd")),
       "method=select needs obj_1 and obj_2 in (sft, kd): dataset_1 is the trusted set, dataset_2 the one to filter")
+for _k in ("log_interval", "maxright_interval", "micro_train_batch_size", "train_batch_size", "aux_steps"):
+    check(globals()[_k] >= 1, f"config key {_k} must be >= 1, got {globals()[_k]}")
+for _k in ("eval_interval", "save_interval", "eval_iters", "keep_last", "max_iters", "max_epochs", "opt_estimate_iters"):
+    check(globals()[_k] >= 0, f"config key {_k} must be >= 0 (0 = off or automatic), got {globals()[_k]}")
+check(max_iters > 0 or max_epochs > 0, "config keys max_iters and max_epochs are both 0: nothing to train")
 _per_step = micro_train_batch_size * world_size
 check(train_batch_size % _per_step == 0,
       f"config key train_batch_size ({train_batch_size}) must be a multiple of micro_train_batch_size x world size ({_per_step})")
@@ -220,6 +236,54 @@ grad_accum = train_batch_size // _per_step
 check(zero_stage in (0, 1, 2, 3), f"config key zero_stage must be 0..3, got {zero_stage}")
 check(lr_scheduler in ("constant", "cosine"), f"config key lr_scheduler: {lr_scheduler!r} is not constant or cosine")
 check(loss_chunk_size >= 0, f"config key loss_chunk_size must be >= 0 (0 = automatic), got {loss_chunk_size}")
+
+# -----------------------------------------------------------------------------
+# out_dir holds one run. A new run refuses another run's outputs there unless told to overwrite
+# them; a resume refuses a config that changes what a step computes, and names the keys.
+HARMLESS = {"out_dir", "resume", "overwrite", "eval_interval", "log_interval", "save_interval", "eval_iters",
+            "max_iters", "max_epochs", "keep_last", "wandb_log", "wandb_project", "wandb_run_name", "tensorboard",
+            "device", "compile", "dist_timeout_s", "gradient_checkpointing", "loss_chunk_size", "selector_labels"}
+ckpt_root = os.path.join(out_dir, "ckpt")
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
+config_path = os.path.join(out_dir, "config.json")
+
+def previous_run():
+    """what an earlier run left in out_dir: checkpoints, metrics lines, final model, summary."""
+    left = {"ckpt": checkpoint.latest(ckpt_root) is not None, "final": os.path.isdir(os.path.join(out_dir, "final")),
+            "metrics.jsonl": os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0,
+            "summary.json": os.path.exists(os.path.join(out_dir, "summary.json"))}
+    return [k for k, v in left.items() if v]
+
+def config_changes(saved):
+    """'key: saved -> now' for the keys that differ from the saved run's and change what a step computes."""
+    now = json.loads(json.dumps(config))  # tuples as lists, as in config.json
+    for k in set(saved) - set(now):  # a KEY_i set then and not now: KEY's value applies now
+        if k.rpartition("_")[0] in now:
+            now[k] = now[k.rpartition("_")[0]]
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and k not in HARMLESS and saved[k] != now[k]]
+
+check(not (resume and overwrite), "config keys resume and overwrite exclude each other: resume continues the run "
+      "in out_dir, overwrite replaces it")
+if resume:
+    check(checkpoint.latest(ckpt_root) is not None, f"resume=True but {ckpt_root} holds no checkpoint")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            _changes = config_changes(json.load(f))
+        check(not _changes, f"resume=True, but the config differs from that of the run in {out_dir} in keys that change "
+              f"what a step computes: {'; '.join(_changes)} (restore them, or start a new run: another out_dir or --overwrite=True)")
+    else:
+        log(f"warning: {config_path} is missing: the config cannot be compared with the checkpoint's run")
+else:
+    _left = previous_run()
+    check(overwrite or not _left, f"out_dir {out_dir} holds another run's {', '.join(_left)}: "
+          f"pass --resume=True to continue it, or --overwrite=True to replace it")
+    if _left and master:
+        for _f in _left:
+            _p = os.path.join(out_dir, _f)
+            shutil.rmtree(_p) if os.path.isdir(_p) else os.remove(_p)
+        log(f"overwrite=True: removed the previous run's {', '.join(_left)} from {out_dir}")
+    if ddp:
+        dist.barrier()
 
 # -----------------------------------------------------------------------------
 # model, tokenizer, LoRA
@@ -279,6 +343,18 @@ def build_objective(i):
 O = {1: build_objective(1)}
 if obj_2:
     O[2] = build_objective(2)
+def data_digest(o):
+    """sha256 of an objective's row ids and token lengths (train and eval)."""
+    n = lambda e: [len(e[k]) for k in ("input_ids", "chosen_ids", "rejected_ids") if k in e]
+    return hashlib.sha256(json.dumps([[e["id"], n(e)] for e in o.train + o.eval]).encode()).hexdigest()
+
+if ddp:  # a node-local file or path that differs between ranks would train on a mix, or hang
+    for o in O.values():
+        _digests = [None] * world_size
+        dist.all_gather_object(_digests, data_digest(o))
+        _bad = [r for r, d in enumerate(_digests) if d != _digests[0]]
+        check(not _bad, f"objective {o.i} (dataset_{o.i}): rank(s) {_bad} read other rows than rank 0 "
+              f"(ids or token lengths differ); every rank must see the same data")
 # an epoch of a joint run is one pass over the longer dataset; of a selection run, over dataset_2
 steps_per_epoch = O[2].loader.steps_per_epoch if method == "select" else max(o.loader.steps_per_epoch for o in O.values())
 total_iters = max_iters if max_iters > 0 else max_epochs * steps_per_epoch
@@ -372,19 +448,48 @@ def eval_objective(o, batches=None):
     return step.evaluate(o, batches)
 
 def clip_and_step(it):
+    # step.optimizer_step, except that a non-finite gradient norm skips the update so the weights
+    # stay finite (the loop then stops); with max_norm=0 the norm is still measured
     lr = get_lr(it)
-    gnorm = optimizer_step(optimizer, params, max_norm, lr)
-    return lr, float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)  # inf: scales by 1
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    if math.isfinite(gnorm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, gnorm
 
 # -----------------------------------------------------------------------------
 # DPO reference log-probs computed once (precompute_ref) and cached on disk
+def reference_digest(o):
+    """sha256 of everything o's cached log-probs depend on: the tokenized pairs (ids, tokens, prompt
+    masks), the reference weights (the policy's base under LoRA) and the keys that shape them."""
+    from array import array
+    h = hashlib.sha256(json.dumps([pretrain, ref_model if o.i == 1 else ref_model_2, lora_rank, dtype,
+                                   {k: v for k, v in config.items() if k.startswith("model_")}]).encode())
+    for e in o.train + o.eval:
+        h.update(repr(e["id"]).encode())
+        for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
+            h.update(array("q", e[k]).tobytes() + b"|")
+    lora_names = {n for n, _ in lora_parameters(raw_model)}
+    sd = raw_model.state_dict() if o.ref == "self" else o.ref.state_dict()
+    w = hashlib.sha256()
+    for k, v in sd.items():
+        if k not in lora_names:
+            v = v.to_local() if hasattr(v, "to_local") else v  # a shard under FSDP: all ranks' digests below
+            w.update(k.encode() + v.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    parts = [w.hexdigest()]
+    if ddp:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, w.hexdigest())
+    h.update("".join(parts).encode())
+    return h.hexdigest()
+
 def precompute_reference(o):
-    import hashlib
-    ident = json.dumps([pretrain, ref_model if o.i == 1 else ref_model_2, lora_rank, dtype,
-                        [e["id"] for e in o.train + o.eval], len(o.train), sum(len(e["chosen_ids"]) for e in o.train)])
-    path = os.path.join(out_dir, f"ref_logps_{o.i}_{hashlib.sha1(ident.encode()).hexdigest()[:12]}.pt")
+    path = os.path.join(out_dir, f"ref_logps_{o.i}_{reference_digest(o)[:16]}.pt")
     if os.path.exists(path):
-        o.ref_cache = torch.load(path)
+        o.ref_cache = torch.load(path, weights_only=True)
     else:
         cache = {}
         # every rank runs the same number of batches (a sharded policy forward is collective)
@@ -413,12 +518,8 @@ if precompute_ref:
         if all(o.ref is not _frozen[p] for o in O.values()):
             del _frozen[p]
 
-ckpt_root = os.path.join(out_dir, "ckpt")
-
 # -----------------------------------------------------------------------------
 # logging: metrics.jsonl on rank 0, plus optional wandb / tensorboard
-metrics_path = os.path.join(out_dir, "metrics.jsonl")
-
 def write_metrics(line):
     if not master:
         return
@@ -481,9 +582,29 @@ if method == "select":
         aux = [p.detach().clone() for p in params]  # theta-hat starts at theta
         aux_opt = torch.optim.AdamW(params, lr=aux_learning_rate, betas=adam_betas, weight_decay=0.0)  # its own state
 
+def read_metrics(path):
+    """the lines of metrics.jsonl. A partial last line (a crash or a full disk during a write) is
+    dropped with a warning; a corrupt line before it is an error naming it."""
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    last = max((j for j, l in enumerate(raw, 1) if l.strip()), default=0)
+    lines = []
+    for j, l in enumerate(raw[:last], 1):
+        if not l.strip():
+            continue
+        try:
+            line = json.loads(l)
+        except ValueError:  # also bytes that are not UTF-8
+            line = None
+        if not (isinstance(line, dict) and isinstance(line.get("iter"), int) and "kind" in line):
+            check(j == last, f"{path}, line {j}: not a metrics line ({l[:60]!r}); repair or delete that line and resume again")
+            log(f"warning: {path}, line {j}: incomplete last line dropped (written when the previous run ended)")
+            continue
+        lines.append(line)
+    return lines
+
 if resume:
     path = checkpoint.latest(ckpt_root)
-    check(path is not None, f"resume=True but {ckpt_root} holds no checkpoint")
     state = checkpoint.load(path, raw_model, optimizer, fsdp)
     for i, o in O.items():
         o.loader.load_state_dict(state["loaders"][i])
@@ -498,15 +619,13 @@ if resume:
                     q.copy_(s)
     log(f"resumed from {path} at iteration {state['iter']}")
     if master and os.path.exists(metrics_path):  # drop lines written after that checkpoint
-        with open(metrics_path) as f:
-            lines = [json.loads(l) for l in f if l.strip()]
+        lines = read_metrics(metrics_path)
         keep = [l for l in lines if l["iter"] < state["iter"] or (l["kind"] == "train" and l["iter"] == state["iter"])]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(l) + "\n" for l in keep)
+        checkpoint.write_text(metrics_path, "".join(json.dumps(l) + "\n" for l in keep))
 elif master:
     open(metrics_path, "w").close()
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+if master:  # on resume, the harmless keys that changed
+    checkpoint.write_text(config_path, json.dumps(config, indent=2))
 
 if joint and not resume:
     n_est = opt_estimate_iters or max(10, total_iters // 10)
@@ -608,6 +727,10 @@ def _on_signal(signum, frame):
 signal.signal(signal.SIGINT, _on_signal)
 signal.signal(signal.SIGTERM, _on_signal)
 
+def last_good():
+    path = checkpoint.latest(ckpt_root)
+    return f"the last good checkpoint is {path}" if path else f"no checkpoint was written (save_interval={save_interval})"
+
 def checkpoint_state(it):
     st = dict(state, iter=it, loaders={i: o.loader.state_dict() for i, o in O.items()},
               probes={i: o.probe.state_dict() for i, o in O.items()})
@@ -671,8 +794,11 @@ while True:
     loss = sum(w_obj[i] * res[i][0] for i in res) if len(res) == 2 else next(iter(res.values()))[0]
     if not math.isfinite(loss):  # before the update: the weights in memory stay finite too
         raise RuntimeError(f"non-finite loss {loss} at iteration {it + 1} (objective {', '.join(map(str, chosen))}); "
-                           f"the last good checkpoint in {ckpt_root} is kept")
+                           f"{last_good()}")
     lr, gnorm = clip_and_step(it)
+    if not math.isfinite(gnorm):  # the update was skipped
+        raise RuntimeError(f"non-finite gradient norm {gnorm} at iteration {it + 1} (objective "
+                           f"{', '.join(map(str, chosen))}, loss {loss:.4f}); the update was skipped; {last_good()}")
     it += 1
     state["train_s"] += time.time() - t_step  # steps only, no eval/checkpoint
     state["tokens"] += tokens
