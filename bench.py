@@ -64,6 +64,7 @@ model_intermediate_size = 688
 dtype = "float32"         # float32 | bfloat16 | float16: autocast over float32 weights, as train.py
 device = ""               # '' = cuda when available, else cpu
 gradient_checkpointing = False
+compile = False           # torch.compile each block, as train.py --compile=True (the peers stay eager)
 lora_rank = 0             # 0 = full fine-tuning
 lora_alpha = 16
 target_modules = "all-linear"
@@ -448,8 +449,12 @@ def build_start(cfg):
     n_batches = 4  # cycled through; the content does not change the cost
     S.pairs = random_pairs(B * max(n_batches, cfg["warmup_iters"] + cfg["iters"]), T, P, V,
                            torch.Generator().manual_seed(cfg["seed"]))
-    S.sft_batches = [sft_batch(S.pairs[i * B:(i + 1) * B], range(i * B, (i + 1) * B), device) for i in range(n_batches)]
-    S.dpo_batches = [dpo_batch(S.pairs[i * B:(i + 1) * B], range(i * B, (i + 1) * B), device) for i in range(n_batches)]
+    # on the CPU, as train.py's loaders give them: the step moves them to the device (the peers get
+    # theirs on the device already)
+    S.sft_batches = [sft_batch(S.pairs[i * B:(i + 1) * B], range(i * B, (i + 1) * B)) for i in range(n_batches)]
+    S.dpo_batches = [dpo_batch(S.pairs[i * B:(i + 1) * B], range(i * B, (i + 1) * B)) for i in range(n_batches)]
+    on_device = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+    S.sft_batches_dev, S.dpo_batches_dev = [on_device(b) for b in S.sft_batches], [on_device(b) for b in S.dpo_batches]
     return S
 
 def timed(S, fn):
@@ -474,15 +479,17 @@ def make_runner(name, S):
                                 weight_decay=0.0, **({"fused": True} if S.device_type == "cuda" else {}))
         def train(kind, k):
             if name == "transformers_sft":
-                b = S.sft_batches[k % len(S.sft_batches)]
+                b = S.sft_batches_dev[k % len(S.sft_batches)]
                 dt, _ = timed(S, lambda: hf_sft_step(model, opt, b, ac, cfg["max_norm"]))
             else:
-                b = S.dpo_batches[k % len(S.dpo_batches)]
+                b = S.dpo_batches_dev[k % len(S.dpo_batches)]
                 dt, _ = timed(S, lambda: hf_dpo_step(model, ref, opt, b, cfg["dpo_beta"], ac, cfg["max_norm"]))
             return dt, int(b["attention_mask"].sum())
     else:
         model = deepcopy(S.base).to(S.device)
         model.gradient_checkpointing = cfg["gradient_checkpointing"]
+        if cfg["compile"]:
+            model.compile_blocks()  # train.py's --compile
         if cfg["lora_rank"]:
             inject(model, cfg["lora_rank"], cfg["lora_alpha"], 0.0, cfg["target_modules"])
             for p in model.parameters():

@@ -101,8 +101,9 @@ def save(ckpt_root, it, model, optimizer, state, keep_last=2, fsdp=False):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest(ckpt_root)
+        kept = f"the previous checkpoint {prev} is kept" if prev else "no earlier checkpoint exists"
         raise OSError(errno.ENOSPC, f"writing {path}: no space left on device ({shutil.disk_usage(ckpt_root).free:,} "
-                      f"bytes free); the previous checkpoint {prev or '(none was written)'} is kept") from e
+                      f"bytes free); {kept}") from e
     _barrier()
     if master:
         fsync_dir(tmp)

@@ -398,13 +398,23 @@ class GPT(nn.Module):
         return self.lm_head(x)
 
     def rope(self, position_ids, dtype):
-        inv = rope_inv_freq(self.config).to(position_ids.device)
+        dev = position_ids.device
+        if getattr(self, "_inv_freq", None) is None or self._inv_freq.device != dev:
+            self._inv_freq = rope_inv_freq(self.config).to(dev)  # once, not a host-to-device copy per forward
+        inv = self._inv_freq
         ang = position_ids[..., None].float() * inv  # (B, T, r/2)
         ang = torch.cat((ang, ang), dim=-1)[:, None]  # (B, 1, T, r)
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    def compile_blocks(self):
+        """torch.compile each block (fused norms, rope, SwiGLU: fewer kernel launches). Every block
+        has the same code, so one graph serves all layers; dynamic lengths, since rows are padded
+        to each batch's longest. The output head stays eager: the chunked losses run through it."""
+        for block in self.blocks:
+            block.compile(dynamic=True)
 
     # -------------------------------------------------------------------------
     # Hugging Face checkpoints

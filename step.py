@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import losses as L
 from lora import disabled
+from model import needs_mask
 
 def objective(kind, ref=None, **kw):
     """what the step needs of an objective: kind (sft | dpo | kd), the frozen reference / teacher
@@ -23,13 +24,17 @@ def objective(kind, ref=None, **kw):
     return o
 
 def pad_cat(batches, pad_id, device):
-    """concatenates micro-batches (of different objectives) into one, rows right-padded to one length."""
+    """concatenates micro-batches (of different objectives) into one, rows right-padded to one
+    length, and moves it to the device. attention_mask is None when plain causal attention is
+    exact (rows right-padded, nothing packed), decided here on the CPU copy: the model would
+    otherwise decide on the device, a host sync per forward."""
     T = max(b["input_ids"].shape[1] for b in batches)
     fill = {"input_ids": pad_id, "labels": -100, "attention_mask": 0, "position_ids": 0}
-    if len(batches) == 1 or all(b["input_ids"].shape[1] == T for b in batches):
-        return {k: torch.cat([b[k] for b in batches]).to(device, non_blocking=True) for k in fill}
-    return {k: torch.cat([F.pad(b[k], (0, T - b[k].shape[1]), value=v) for b in batches]).to(device, non_blocking=True)
-            for k, v in fill.items()}
+    x = {k: torch.cat([F.pad(b[k], (0, T - b[k].shape[1]), value=v) if b[k].shape[1] < T else b[k] for b in batches])
+         for k, v in fill.items()}
+    if not needs_mask(x["attention_mask"]):
+        x["attention_mask"] = None
+    return {k: v if v is None else v.to(device, non_blocking=True) for k, v in x.items()}
 
 class Step:
     """the step's fixed context: the (wrapped) model, the raw module (for LoRA's adapters-off

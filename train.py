@@ -298,9 +298,8 @@ else:
                            intermediate_size=model_intermediate_size, max_position_embeddings=model_max_len,
                            norm_eps=1e-5)).to(device=device, dtype=master_dtype)
 raw_model.gradient_checkpointing = gradient_checkpointing
-if compile:  # each block on its own (one graph reused by every layer, no graph break at the losses' head_fn)
-    for _block in raw_model.blocks:
-        _block.compile(dynamic=True)  # rows are padded to each batch's longest: one graph for every length
+if compile:
+    raw_model.compile_blocks()  # each block on its own: no graph break at the losses' head_fn
 if lora_rank:
     inject(raw_model, lora_rank, lora_alpha, lora_dropout, target_modules)
     for _, p in lora_parameters(raw_model):
