@@ -242,7 +242,9 @@ check(loss_chunk_size >= 0, f"config key loss_chunk_size must be >= 0 (0 = autom
 # them; a resume refuses a config that changes what a step computes, and names the keys.
 HARMLESS = {"out_dir", "resume", "overwrite", "eval_interval", "log_interval", "save_interval", "eval_iters",
             "max_iters", "max_epochs", "keep_last", "wandb_log", "wandb_project", "wandb_run_name", "tensorboard",
-            "device", "compile", "dist_timeout_s", "gradient_checkpointing", "loss_chunk_size", "selector_labels"}
+            "device", "compile", "dist_timeout_s", "gradient_checkpointing", "loss_chunk_size", "selector_labels",
+            "eval_gen_interval", "eval_gen_samples", "eval_gen_max_new_tokens", "reward_model",  # evaluation only
+            "eps", "pareto_front", "opt_estimate_iters"}  # when to stop; f* is estimated at the start only
 ckpt_root = os.path.join(out_dir, "ckpt")
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 config_path = os.path.join(out_dir, "config.json")
