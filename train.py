@@ -1,14 +1,15 @@
 """
-The one training loop: single objective, two objectives at once, and bilevel data selection.
+The one training loop: single objective, K objectives at once (K <= 8), and bilevel data selection.
 
-    python train.py config/demo_alright.py                       # one process (CPU or one GPU)
+    python train.py config/demo.py                               # one process (CPU or one GPU)
     torchrun --nproc_per_node=8 train.py config/kd_sft.py --lambd=0.3
+    python train.py config/demo.py --obj_3=dpo --dataset_3=data/toy_calm.jsonl --lambd=0.4,0.4,0.2
 
-Methods (ALGORITHMS.md §2; `lambd` is the weight / probability of objective 1):
-  sequential  objective 1 for round(lambd * T) steps, then objective 2          (baseline)
-  mix         every step minimizes lambd f_1 + (1 - lambd) f_2, one backward      (baseline, 2x cost)
-  alright     every step trains objective 1 with probability lambd, else 2      (cost of one)
-  maxright    every step trains the objective with the larger weighted gap to its optimum
+Methods (ALGORITHMS.md §2, methods.py; `lambd` = K weights on the simplex, one number = (lambd, 1 - lambd)):
+  sequential  objective i for round(lambd_i * T) steps, in order 1..K               (baseline)
+  mix         every step minimizes sum_i lambd_i f_i, one backward                  (baseline, K x cost)
+  alright     every step trains objective i with probability lambd_i                (cost of one)
+  maxright    every step trains argmax_i lambd_i (f_i - f_i*), the largest weighted gap to its optimum
   select      bilevel data selection: learns one weight per row of dataset_2 so that the trusted
               dataset_1's loss is minimized, then writes the kept rows (selector.py)
 Every default below is a config key: override it in a config file or as --key=value.
@@ -25,6 +26,7 @@ import signal
 import sys
 import time
 from copy import deepcopy
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -56,8 +58,6 @@ model_n_kv_head = 2
 model_n_embd = 64
 model_intermediate_size = 176
 model_max_len = 512
-ref_model = ""            # DPO reference / KD teacher of objective 1 ('' = the initial policy)
-ref_model_2 = ""          # the same for objective 2 ('' = ref_model when only objective 2 needs one)
 dtype = ""                # '' = bfloat16 where the GPU supports it, else float32 | float32 | bfloat16 | float16 | float64 (exactness tests)
 compile = False           # torch.compile each transformer block (the chunked losses stay eager)
 gradient_checkpointing = False
@@ -68,58 +68,46 @@ lora_alpha = 16
 lora_dropout = 0.0
 target_modules = "all-linear"  # or names such as 'q_proj,v_proj' / 'query_key_value'
 # objectives
-obj_1 = "sft"             # sft | dpo | kd
-obj_2 = ""                # '' = single-objective training
+obj_1 = "sft"             # sft | dpo | kd: the kind of objective i; K = the number of obj_i set (at most 8)
+obj_2 = obj_3 = obj_4 = obj_5 = obj_6 = obj_7 = obj_8 = ""  # obj_2 = '': single-objective training
 method = "alright"        # sequential | mix | alright | maxright | select
-lambd = 0.5
-obj_opt_1 = -1.0          # f_1* for maxright and the metrics (-1 = estimate it with a short run)
-obj_opt_2 = -1.0
+lambd = 0.5               # K weights on the simplex, e.g. (0.5, 0.3, 0.2) or --lambd=0.5,0.3,0.2; one number = (lambd, 1 - lambd)
 opt_estimate_iters = 0    # steps of the single-objective runs that estimate f* (0 = max(10, T // 10))
 maxright_interval = 10    # maxright re-evaluates both objectives every k steps
 eps = 0.0                 # early stop when a gap f_i - f_i* <= eps (0 = off)
-pareto_front = ""         # JSON file of [[f_1, f_2], ...]: early stop when weakly dominated within eps
+pareto_front = ""         # JSON file of [[f_1, ..., f_K], ...]: early stop when weakly dominated within eps
 precompute_ref = False    # DPO reference log-probs once, cached on disk; the reference model is dropped
-dpo_beta = 0.1
-dpo_ipo = False
-dpo_label_smoothing = 0.0
-dpo_nll_loss_coef = 0.0
-dpo_beta_2 = 0.1          # the _2 keys configure objective 2 when both objectives are dpo
-dpo_ipo_2 = False
-dpo_label_smoothing_2 = 0.0
-dpo_nll_loss_coef_2 = 0.0
-kd_loss = "forward"       # forward | reverse | jsd
-kd_beta = 0.5             # jsd mixing
-kd_top_k = 0              # 0 = full vocabulary
-kd_temperature = 1.0
 loss_chunk_size = 0       # tokens per chunk of the output head ([chunk, V] logits at a time); 0: max(128, 2^22 / V)
+# per-objective keys: the value here is every objective's default, and KEY_i sets it for objective i
+# alone (dataset_2, max_len_3, dpo_beta_2, ref_model_2, ...); objective_config(i) resolves them
+per_objective = dict(
+    dataset="",                 # hub id, file, folder, or comma-separated blend (dataset_i must be set)
+    dataset_probs="",
+    train_split="train",
+    eval_split="",              # a split name, or a separate file/folder; '' = a held-out slice of eval_frac
+    input_key="input",          # sft / kd rows
+    output_key="output",
+    prompt_key="prompt",        # dpo rows
+    chosen_key="chosen",
+    rejected_key="rejected",
+    input_template="User: {}\nAssistant: ",
+    apply_chat_template=False,
+    max_len=512,
+    max_samples=0,              # 0 = all
+    obj_opt=-1.0,               # f_i* for maxright and the metrics (-1 = estimate it with a short run)
+    ref_model="",               # DPO reference / KD teacher ('' = the initial policy; the base model under LoRA)
+    dpo_beta=0.1,
+    dpo_ipo=False,
+    dpo_label_smoothing=0.0,
+    dpo_nll_loss_coef=0.0,
+    kd_loss="forward",          # forward | reverse | jsd
+    kd_beta=0.5,                # jsd mixing
+    kd_top_k=0,                 # 0 = full vocabulary
+    kd_temperature=1.0,
+)
+globals().update(per_objective)
 # data
-dataset_1 = ""            # hub id, file, folder, or comma-separated blend
-dataset_2 = ""
-dataset_probs_1 = ""
-dataset_probs_2 = ""
-train_split_1 = "train"
-train_split_2 = "train"
-eval_split_1 = ""         # a split name, or a separate file/folder; '' = a held-out slice of eval_frac
-eval_split_2 = ""
 eval_frac = 0.05          # (method=select holds nothing out of dataset_2: every row gets a weight)
-input_key = "input"
-output_key = "output"
-prompt_key = "prompt"
-chosen_key = "chosen"
-rejected_key = "rejected"
-input_key_2 = ""          # '' = the objective-1 key
-output_key_2 = ""
-prompt_key_2 = ""
-chosen_key_2 = ""
-rejected_key_2 = ""
-input_template_1 = "User: {}\nAssistant: "
-input_template_2 = "User: {}\nAssistant: "
-apply_chat_template_1 = False
-apply_chat_template_2 = False
-max_len_1 = 512
-max_len_2 = 512
-max_samples_1 = 0         # 0 = all
-max_samples_2 = 0
 packing = False           # sft/kd: concatenate documents up to max_len
 # selector (method = select)
 selector_activation = "softmax"  # softmax | sigmoid
@@ -150,13 +138,12 @@ cpu_offload = False       # FSDP2 parameters and optimizer on CPU
 dist_timeout_s = 1800     # a collective that waits longer (a rank died or hangs) ends the run
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+config = {k: globals()[k] for k in config_keys}
 if __name__ == "__main__":
     import configurator
     configurator.one_line_errors()  # config and data errors: `error: ...` and exit 2, no traceback
-    _cfg = {k: globals()[k] for k in config_keys}
-    configurator.apply(sys.argv[1:], _cfg)
-    globals().update(_cfg)
-config = {k: globals()[k] for k in config_keys}
+    configurator.apply(sys.argv[1:], config, per_objective=per_objective)
+    globals().update((k, config[k]) for k in config_keys)  # the KEY_i set stay in config (objective_config)
 # -----------------------------------------------------------------------------
 
 from tqdm import tqdm
@@ -168,6 +155,7 @@ import losses as L
 from lora import disabled, inject, lora_parameters
 from model import GPT, Config, load_tokenizer
 from step import Step, objective
+import methods
 
 def check(cond, msg):
     if not cond:
@@ -214,16 +202,27 @@ def all_sum(x):
 # -----------------------------------------------------------------------------
 # checks of the config that fail early and name the key
 
-for _k, _v in (("obj_1", obj_1), ("obj_2", obj_2)):
-    check(_v in ("", "sft", "dpo", "kd"), f"config key {_k}: {_v!r} is not one of sft, dpo, kd")
+kinds = [obj_1, obj_2, obj_3, obj_4, obj_5, obj_6, obj_7, obj_8]
+K = sum(map(bool, kinds))  # the number of objectives
+for _i, _v in enumerate(kinds, 1):
+    check(_v in ("", "sft", "dpo", "kd"), f"config key obj_{_i}: {_v!r} is not one of sft, dpo, kd")
 check(bool(obj_1), "config key obj_1 must be set")
+check(all(kinds[:K]), f"config keys obj_1 ... obj_{K}: objectives are numbered 1..K without gaps, obj_{kinds.index('') + 1} is not set")
 check(method in ("sequential", "mix", "alright", "maxright", "select"),
       f"config key method: {method!r} is not one of sequential, mix, alright, maxright, select")
-check(0.0 <= lambd <= 1.0, f"config key lambd must lie in [0, 1], got {lambd}")
-check(dataset_1 != "", "config key dataset_1 must be set")
-check(not obj_2 or dataset_2 != "", "config key dataset_2 must be set when obj_2 is")
-check(method != "select" or (obj_2 and obj_1 in ("sft", "kd") and obj_2 in ("sft", "kd")),
-      "method=select needs obj_1 and obj_2 in (sft, kd): dataset_1 is the trusted set, dataset_2 the one to filter")
+check(method != "select" or (K == 2 and obj_1 in ("sft", "kd") and obj_2 in ("sft", "kd")),
+      "method=select needs obj_1 and obj_2 in (sft, kd) and no obj_3: dataset_1 is the trusted set, dataset_2 the one to filter")
+w_obj = dict(enumerate(methods.weights(lambd, K), 1))  # {i: lambd_i}
+
+def objective_config(i):
+    """objective i's per-objective keys: KEY_i where set, else KEY (the table per_objective above)."""
+    return SimpleNamespace(kind=kinds[i - 1], **{k: config.get(f"{k}_{i}", config[k]) for k in per_objective})
+
+OC = {i: objective_config(i) for i in range(1, K + 1)}
+for _i, _c in OC.items():
+    check(_c.dataset != "", f"config key dataset_{_i} (or dataset) must be set for objective {_i} ({_c.kind})")
+    for _k in per_objective:
+        check(not isinstance(getattr(_c, _k), tuple), f"config key {_k}_{_i}: one value, got {getattr(_c, _k)!r}")
 for _k in ("log_interval", "maxright_interval", "micro_train_batch_size", "train_batch_size", "aux_steps"):
     check(globals()[_k] >= 1, f"config key {_k} must be >= 1, got {globals()[_k]}")
 for _k in ("eval_interval", "save_interval", "eval_iters", "keep_last", "max_iters", "max_epochs", "opt_estimate_iters"):
@@ -309,41 +308,32 @@ if lora_rank:
 
 # -----------------------------------------------------------------------------
 # data: one namespace per objective
-def build_objective(i):
-    kind = obj_1 if i == 1 else obj_2
-    g = lambda k: globals()[f"{k}_{i}"]
-    key = lambda k: (globals()[f"{k}_2"] or globals()[k]) if i == 2 else globals()[k]
-    spec, max_len = g("dataset"), g("max_len")
+def build_objective(i, c):
+    """objective i from its keys c = objective_config(i): data, loaders, loss options."""
     frac = 0.0 if method == "select" and i == 2 else eval_frac
-    train_rows, eval_rows = D.load_splits(spec, g("train_split"), g("eval_split"), g("max_samples"),
-                                          g("dataset_probs"), seed, frac)
-    common = dict(tokenizer=tokenizer, max_len=max_len, template=g("input_template"),
-                  apply_chat_template=g("apply_chat_template"), verbose=master)
-    if kind == "dpo":
-        tok = lambda rows, src: D.tokenize_dpo(rows, prompt_key=key("prompt_key"), chosen_key=key("chosen_key"),
-                                               rejected_key=key("rejected_key"), source=src, **common)
+    train_rows, eval_rows = D.load_splits(c.dataset, c.train_split, c.eval_split, c.max_samples,
+                                          c.dataset_probs, seed, frac)
+    common = dict(tokenizer=tokenizer, max_len=c.max_len, template=c.input_template,
+                  apply_chat_template=c.apply_chat_template, verbose=master)
+    if c.kind == "dpo":
+        tok = lambda rows, src: D.tokenize_dpo(rows, prompt_key=c.prompt_key, chosen_key=c.chosen_key,
+                                               rejected_key=c.rejected_key, source=src, **common)
         collate = lambda b: D.collate_dpo(b, tokenizer.pad_token_id)
     else:
-        tok = lambda rows, src: D.tokenize_sft(rows, input_key=key("input_key"), output_key=key("output_key"),
+        tok = lambda rows, src: D.tokenize_sft(rows, input_key=c.input_key, output_key=c.output_key,
                                                source=src, **common)
-        collate = lambda b: D.collate_sft(b, tokenizer.pad_token_id, packing=packing, max_len=max_len)
-    train, evals = tok(train_rows, spec), tok(eval_rows, f"{g('eval_split') or spec} (eval)")
+        collate = lambda b: D.collate_sft(b, tokenizer.pad_token_id, packing=packing, max_len=c.max_len)
+    train, evals = tok(train_rows, c.dataset), tok(eval_rows, f"{c.eval_split or c.dataset} (eval)")
     for e in evals:
         e["id"] = ("eval", e["id"])  # a separate eval file numbers its rows from 0 too: keep cache keys apart
-    o = objective(kind, i=i, rows=train_rows, train=train, eval=evals, collate=collate,
-                  loader=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + i, collate),
-                  probe=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + 100 + i, collate),
-                  opt=obj_opt_1 if i == 1 else obj_opt_2, kd_loss=kd_loss, kd_beta=kd_beta, kd_top_k=kd_top_k,
-                  kd_temperature=kd_temperature)
-    if kind == "dpo":
-        sfx = "_2" if i == 2 and obj_1 == "dpo" else ""  # the _2 keys are for a second dpo objective
-        o.beta, o.ipo = globals()["dpo_beta" + sfx], globals()["dpo_ipo" + sfx]
-        o.label_smoothing, o.nll_coef = globals()["dpo_label_smoothing" + sfx], globals()["dpo_nll_loss_coef" + sfx]
-    return o
+    return objective(c.kind, i=i, cfg=c, rows=train_rows, train=train, eval=evals, collate=collate,
+                     loader=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + i, collate),
+                     probe=D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, seed + 100 + i, collate),
+                     opt=c.obj_opt, beta=c.dpo_beta, ipo=c.dpo_ipo, label_smoothing=c.dpo_label_smoothing,
+                     nll_coef=c.dpo_nll_loss_coef, kd_loss=c.kd_loss, kd_beta=c.kd_beta, kd_top_k=c.kd_top_k,
+                     kd_temperature=c.kd_temperature)
 
-O = {1: build_objective(1)}
-if obj_2:
-    O[2] = build_objective(2)
+O = {i: build_objective(i, c) for i, c in OC.items()}
 def data_digest(o):
     """sha256 of an objective's row ids and token lengths (train and eval)."""
     n = lambda e: [len(e[k]) for k in ("input_ids", "chosen_ids", "rejected_ids") if k in e]
@@ -360,7 +350,7 @@ if ddp:  # a node-local file or path that differs between ranks would train on a
 steps_per_epoch = O[2].loader.steps_per_epoch if method == "select" else max(o.loader.steps_per_epoch for o in O.values())
 total_iters = max_iters if max_iters > 0 else max_epochs * steps_per_epoch
 log("objectives: " + ", ".join(f"{o.i}: {o.kind} ({len(o.train)} train / {len(o.eval)} eval)" for o in O.values())
-    + f" | method {method if obj_2 else 'single'} | {total_iters} iterations of {train_batch_size} samples "
+    + f" | method {method if K > 1 else 'single'} | {total_iters} iterations of {train_batch_size} samples "
     f"({grad_accum} x {micro_train_batch_size} x {world_size} ranks)")
 
 # reference models and teachers: frozen, replicated on every rank, in the compute dtype
@@ -374,8 +364,8 @@ def frozen_model(path):
 for o in O.values():
     if o.kind == "sft":
         continue
-    path = ref_model if o.i == 1 else (ref_model_2 or (ref_model if O[1].kind == "sft" else ""))
-    check(o.kind == "dpo" or path or lora_rank, f"objective {o.i} is kd: set ref_model{'' if o.i == 1 else '_2'} to the teacher")
+    path = o.cfg.ref_model
+    check(o.kind == "dpo" or path or lora_rank, f"objective {o.i} is kd: set ref_model_{o.i} (or ref_model) to the teacher")
     o.ref = "self" if not path and lora_rank else frozen_model(path)  # 'self': the policy with adapters off
     if o.ref != "self":
         check(o.ref.config.vocab_size == raw_model.config.vocab_size,
@@ -433,10 +423,10 @@ def sync_ctx(last):
     return model.no_sync() if ddp and not last else contextlib.nullcontext()
 
 def train_step(chosen):
-    """one optimizer step's micro-steps for the objectives in `chosen` (weights lambd / 1 - lambd
-    for mix, 1 otherwise). Returns {objective: (mean loss, stats)} and the global token count."""
+    """one optimizer step's micro-steps for the objectives in `chosen` (weights lambd_i for mix,
+    1 otherwise). Returns {objective: (mean loss, stats)} and the global token count."""
     steps = {i: O[i].loader.next_step() for i in chosen}
-    weights = [(lambd if i == 1 else 1 - lambd) if len(chosen) == 2 else 1.0 for i in chosen]
+    weights = [w_obj[i] if len(chosen) > 1 else 1.0 for i in chosen]
     res = step.train([O[i] for i in chosen], [steps[i] for i in chosen], weights, sync_ctx)
     tokens = sum(int((b["attention_mask"] > 0).sum()) for i in chosen for b in steps[i])
     return dict(zip(chosen, res)), int(all_sum(tokens).item())
@@ -467,7 +457,7 @@ def reference_digest(o):
     """sha256 of everything o's cached log-probs depend on: the tokenized pairs (ids, tokens, prompt
     masks), the reference weights (the policy's base under LoRA) and the keys that shape them."""
     from array import array
-    h = hashlib.sha256(json.dumps([pretrain, ref_model if o.i == 1 else ref_model_2, lora_rank, dtype,
+    h = hashlib.sha256(json.dumps([pretrain, o.cfg.ref_model, lora_rank, dtype,
                                    {k: v for k, v in config.items() if k.startswith("model_")}]).encode())
     for e in o.train + o.eval:
         h.update(repr(e["id"]).encode())
@@ -570,8 +560,8 @@ def estimate_opt(i, n):
 
 # -----------------------------------------------------------------------------
 # state of the run (everything resume needs besides model and optimizer)
-joint = len(O) == 2 and method != "select"
-state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "train_s": 0.0, "counts": {1: 0, 2: 0}, "obj_rng": random.Random(seed).getstate(),
+joint = K > 1 and method != "select"
+state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "train_s": 0.0, "counts": {i: 0 for i in O}, "obj_rng": random.Random(seed).getstate(),
          "s": {}, "opt": {i: o.opt for i, o in O.items()}}
 if method == "select":
     from selector import Selector, decayed_weight, export_selected, memory_efficient_losses, penalty_omega_loss, summary
@@ -630,12 +620,11 @@ if master:  # on resume, the harmless keys that changed
 
 if joint and not resume:
     n_est = opt_estimate_iters or max(10, total_iters // 10)
-    for i in (1, 2):
+    for i in O:
         if state["opt"][i] < 0 and method == "maxright":
             state["opt"][i] = estimate_opt(i, n_est)
             log(f"f_{i}* estimated as {state['opt'][i]:.4f}: eval loss after {n_est} steps of objective {i} alone "
                 f"(set obj_opt_{i} to use a known value)")
-w_obj = {1: lambd, 2: 1 - lambd}
 
 def gaps(ev):
     """optimality gaps and ideal distance, where f* is known."""
@@ -646,25 +635,33 @@ def gaps(ev):
         out["ideal_distance"] = math.sqrt(sum(x * x for x in g))
     return out
 
+# maxright: state["s"] = {i: lambd_i (f_i - f_i*)}, the weighted gaps behind each choice. All are
+# re-evaluated every maxright_interval steps on a fresh global batch of each objective; between,
+# the trained objective's gap follows its pre-update training loss.
+def maxright_pick(it):
+    if it % maxright_interval == 0 or len(state["s"]) < K:
+        for i in O:
+            state["s"][i] = w_obj[i] * (eval_objective(O[i], O[i].probe.next_step())[0] - state["opt"][i])
+    return methods.maxright_pick(state["s"])
+
+def maxright_update(i, loss):
+    state["s"][i] = w_obj[i] * (loss - state["opt"][i])
+
 def pick_objectives(it):
     """the objective(s) trained at step `it` (same on every rank: nothing here is rank-dependent)."""
-    if len(O) == 1:
+    if K == 1:
         return [1]
     if method == "sequential":
-        return [1] if it < round(lambd * total_iters) else [2]
+        return [methods.sequential_pick(it, list(w_obj.values()), total_iters)]
     if method in ("mix", "select"):
-        return [1, 2]
-    if method == "alright":
+        return list(O)
+    if method == "alright":  # one draw per step from the run's own generator (state["obj_rng"], resumed)
         r = random.Random()
         r.setstate(state["obj_rng"])
-        i = 1 if r.random() < lambd else 2
+        i = methods.alright_pick(r, list(w_obj.values()))
         state["obj_rng"] = r.getstate()
         return [i]
-    # maxright: refresh both weighted gaps every k steps on a fresh global batch, then argmax
-    if it % maxright_interval == 0 or len(state["s"]) < 2:
-        for i in (1, 2):
-            state["s"][i] = w_obj[i] * (eval_objective(O[i], O[i].probe.next_step())[0] - state["opt"][i])
-    return [1 if state["s"][1] >= state["s"][2] else 2]
+    return [maxright_pick(it)]
 
 def swap_aux():
     """exchanges the trainable parameters' values with theta-hat's (penalty algorithm): the same
@@ -746,7 +743,7 @@ def save_selection(final=False):
         selector.save_jsonl(os.path.join(out_dir, "selector.jsonl"))
         if final:
             n = export_selected(O[2].rows, selector, select_ratio, os.path.join(out_dir, "selected.jsonl"))
-            log(f"selected {n} of {len(O[2].rows)} rows of {dataset_2} -> {out_dir}/selected.jsonl")
+            log(f"selected {n} of {len(O[2].rows)} rows of {OC[2].dataset} -> {out_dir}/selected.jsonl")
 
 def eval_gen(it):
     import evalgen  # what the model says on held-out prompts; every rank computes it, the master writes
@@ -759,10 +756,10 @@ pareto = json.load(open(pareto_front)) if pareto_front else []
 it = state["iter"]
 t0 = time.time() - state["elapsed"]
 last_eval = {}
-pbar = tqdm(total=total_iters, initial=it, disable=not master, desc=method if len(O) == 2 else obj_1, dynamic_ncols=True)
+pbar = tqdm(total=total_iters, initial=it, disable=not master, desc=method if K > 1 else obj_1, dynamic_ncols=True)
 raw_model.train()
 while True:
-    # evaluate both objectives (and maybe stop early)
+    # evaluate every objective (and maybe stop early)
     if it == total_iters or (eval_interval > 0 and it % eval_interval == 0) or it == 0:
         ev, extra = {}, {}
         for i, o in O.items():
@@ -775,7 +772,7 @@ while True:
         log(f"iter {it}: " + ", ".join(f"eval_loss_{i} {v:.4f}" for i, v in ev.items()))
         if eps > 0 and joint and all(state["opt"][i] >= 0 for i in O):
             near = any(ev[i] - state["opt"][i] <= eps for i in O)
-            dominated = any(ev[1] <= p[0] + eps and ev[2] <= p[1] + eps for p in pareto)
+            dominated = any(all(ev[i] <= p[i - 1] + eps for i in O) for p in pareto)
             if near or dominated:
                 log(f"early stop at iteration {it}: " + ("an objective is within eps of its optimum" if near else "the reference Pareto front is reached"))
                 break
@@ -792,7 +789,7 @@ while True:
         res, tokens = select_step()
     else:
         res, tokens = train_step(chosen)
-    loss = sum(w_obj[i] * res[i][0] for i in res) if len(res) == 2 else next(iter(res.values()))[0]
+    loss = sum(w_obj[i] * res[i][0] for i in res) if len(res) > 1 else next(iter(res.values()))[0]
     if not math.isfinite(loss):  # before the update: the weights in memory stay finite too
         raise RuntimeError(f"non-finite loss {loss} at iteration {it + 1} (objective {', '.join(map(str, chosen))}); "
                            f"{last_good()}")
@@ -806,14 +803,14 @@ while True:
     for i in chosen:
         state["counts"][i] += 1
     if method == "maxright":
-        state["s"][chosen[0]] = w_obj[chosen[0]] * (res[chosen[0]][0] - state["opt"][chosen[0]])
+        maxright_update(chosen[0], res[chosen[0]][0])
     if it % log_interval == 0 or it == total_iters:
         line = dict(kind="train", iter=it, obj=chosen[0] if len(chosen) == 1 else 0, loss=loss, lr=lr,
                     tokens=state["tokens"], elapsed_s=time.time() - t0, grad_norm=gnorm, **gaps_seen)
         for i, (l, st) in res.items():
-            if len(res) == 2:
+            if len(res) > 1:
                 line[f"loss_{i}"] = l
-            line.update({f"{k}_{i}" if len(res) == 2 else k: v for k, v in st.items()})
+            line.update({f"{k}_{i}" if len(res) > 1 else k: v for k, v in st.items()})
         write_metrics(line)
     pbar.update(1)
     pbar.set_postfix(obj="+".join(map(str, chosen)), loss=f"{loss:.4f}")
@@ -849,13 +846,14 @@ if method == "select":
                 labels = {r["id"]: r["corrupted"] for r in map(json.loads, f) if r}
         log(summary(selector, os.path.join(out_dir, "selector_weights.png"), labels or None))
 
-result = dict(method=method if len(O) == 2 else "single", iters=it, counts=state["counts"], wall_s=state["elapsed"],
+result = dict(method=method if K > 1 else "single", objectives=kinds[:K], lambd=list(w_obj.values()), iters=it,
+              counts=state["counts"], wall_s=state["elapsed"],
               train_s=state["train_s"],
               peak_memory_mb=peak_memory_mb(), tokens=state["tokens"], opt=state["opt"], **last_eval, **last_gen)
 if master:
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(result, f, indent=2)
-    rows = [("iterations", f"{it} (objective 1: {state['counts'][1]}, objective 2: {state['counts'][2]})"),
+    rows = [("iterations", f"{it} (" + ", ".join(f"objective {i}: {n}" for i, n in state["counts"].items()) + ")"),
             *((k, f"{v:.4f}") for k, v in {**last_eval, **last_gen}.items()),
             *((f"f_{i}*", f"{v:.4f}") for i, v in state["opt"].items() if v >= 0),
             ("wall time", f"{state['elapsed']:.1f} s ({result['train_s']:.1f} s in training steps)"), ("peak memory", f"{result['peak_memory_mb']:.0f} MiB"),

@@ -22,15 +22,22 @@ def train_defaults():
     exec(compile(head, "train.py", "exec"), scope)
     return {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
 
+def apply_config(path, cfg):
+    """configurator.apply as train.py calls it: the KEY_i of its per-objective keys are known too."""
+    src = open(os.path.join(ROOT, "train.py")).read()
+    scope = {}
+    exec(compile(src[: src.index("config_keys = ")], "train.py", "exec"), scope)
+    configurator.apply([path], cfg, verbose=False, per_objective=scope["per_objective"])
+
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py")))
 def test_every_config_applies(name):
     cfg = train_defaults()
-    configurator.apply([os.path.join(ROOT, "config", name)], cfg, verbose=False)
+    apply_config(os.path.join(ROOT, "config", name), cfg)
 
 def test_seed_recipes_are_faithful():
     """config/kd_sft.py and config/select.py carry the original tool's example commands."""
     kd = train_defaults()
-    configurator.apply([os.path.join(ROOT, "config/kd_sft.py")], kd, verbose=False)
+    apply_config(os.path.join(ROOT, "config/kd_sft.py"), kd)
     want = dict(pretrain="meta-llama/Meta-Llama-3-8B", ref_model="meta-llama/Meta-Llama-3-8B-Instruct", lora_rank=16,
                 lora_alpha=16, target_modules="q_proj,v_proj", train_batch_size=32, micro_train_batch_size=1,
                 learning_rate=1e-5, obj_1="kd", dataset_1="Open-Orca/OpenOrca", input_key="question",
@@ -38,7 +45,7 @@ def test_seed_recipes_are_faithful():
                 max_samples_2=6400, max_epochs=2, zero_stage=3, dtype="bfloat16", gradient_checkpointing=True)
     assert {k: kd[k] for k in want} == want
     sel = train_defaults()
-    configurator.apply([os.path.join(ROOT, "config/select.py")], sel, verbose=False)
+    apply_config(os.path.join(ROOT, "config/select.py"), sel)
     want = dict(method="select", pretrain="EleutherAI/pythia-1b", lora_rank=16, lora_alpha=16,
                 target_modules="query_key_value", upperlevel_weight=0.5, train_batch_size=16, micro_train_batch_size=1,
                 learning_rate=1e-5, obj_1="sft", dataset_1="Open-Orca/OpenOrca", input_key="question",
