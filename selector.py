@@ -91,6 +91,37 @@ class Selector(torch.nn.Module):
         return [self.ids[n] for n in sorted(range(len(logits)), key=lambda n: -logits[n])]  # stable
 
 # -----------------------------------------------------------------------------
+# the selection's state: the logits and their Adam, and for the penalty algorithm theta-hat (the
+# trainable parameters' auxiliary values) with its own AdamW over the same parameters
+
+def make(ids, activation, lr, algorithm, params, aux_lr, betas, device):
+    """(selector, its optimizer, theta-hat or None, theta-hat's optimizer or None)."""
+    if algorithm not in ("memory", "penalty"):
+        raise ValueError(f"config key selector_algorithm: {algorithm!r} is not memory or penalty")
+    selector = Selector(ids, activation).to(device)
+    aux = aux_opt = None
+    if algorithm == "penalty":
+        aux = [p.detach().clone() for p in params]  # theta-hat starts at theta
+        aux_opt = torch.optim.AdamW(params, lr=aux_lr, betas=betas, weight_decay=0.0)  # its own moments
+    return selector, selector.make_optimizer(lr), aux, aux_opt
+
+def state_dict(selector, selector_opt, aux=None, aux_opt=None):
+    """what a checkpoint keeps of the selection."""
+    st = {"selector": selector.state_dict(), "selector_opt": selector_opt.state_dict()}
+    if aux is not None:
+        st.update(aux=[q.detach().cpu() for q in aux], aux_opt=aux_opt.state_dict())
+    return st
+
+def load_state_dict(st, selector, selector_opt, aux=None, aux_opt=None):
+    selector.load_state_dict(st["selector"])
+    selector_opt.load_state_dict(st["selector_opt"])
+    if aux is not None:
+        aux_opt.load_state_dict(st["aux_opt"])
+        with torch.no_grad():
+            for q, s in zip(aux, st["aux"]):
+                q.copy_(s)
+
+# -----------------------------------------------------------------------------
 # the omega/theta losses of one micro-batch; the caller does (L_theta + L_omega).backward()
 
 def memory_efficient_losses(selector, ids, sample_losses, up_loss, rho, num_samples=None):

@@ -564,14 +564,12 @@ joint = K > 1 and method != "select"
 state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "train_s": 0.0, "counts": {i: 0 for i in O}, "obj_rng": random.Random(seed).getstate(),
          "s": {}, "opt": {i: o.opt for i, o in O.items()}}
 if method == "select":
-    from selector import Selector, decayed_weight, export_selected, memory_efficient_losses, penalty_omega_loss, summary
-    selector = Selector([e["id"] for e in O[2].train], selector_activation).to(device)
-    selector_opt = selector.make_optimizer(selector_learning_rate)
+    import selector as sel
+    from selector import decayed_weight, export_selected, memory_efficient_losses, penalty_omega_loss, summary
     check(selector_algorithm in ("memory", "penalty"), f"config key selector_algorithm: {selector_algorithm!r} is not memory or penalty")
     check(selector_algorithm == "memory" or not fsdp, "selector_algorithm=penalty supports zero_stage 0 and 1")
-    if selector_algorithm == "penalty":
-        aux = [p.detach().clone() for p in params]  # theta-hat starts at theta
-        aux_opt = torch.optim.AdamW(params, lr=aux_learning_rate, betas=adam_betas, weight_decay=0.0)  # its own state
+    selector, selector_opt, aux, aux_opt = sel.make([e["id"] for e in O[2].train], selector_activation, selector_learning_rate,
+                                                    selector_algorithm, params, aux_learning_rate, adam_betas, device)
 
 def read_metrics(path):
     """the lines of metrics.jsonl. A partial last line (a crash or a full disk during a write) is
@@ -601,13 +599,7 @@ if resume:
         o.loader.load_state_dict(state["loaders"][i])
         o.probe.load_state_dict(state["probes"][i])
     if method == "select":
-        selector.load_state_dict(state["selector"])
-        selector_opt.load_state_dict(state["selector_opt"])
-        if selector_algorithm == "penalty":
-            aux_opt.load_state_dict(state["aux_opt"])
-            with torch.no_grad():
-                for q, s in zip(aux, state["aux"]):
-                    q.copy_(s)
+        sel.load_state_dict(state, selector, selector_opt, aux, aux_opt)
     log(f"resumed from {path} at iteration {state['iter']}")
     if master and os.path.exists(metrics_path):  # drop lines written after that checkpoint
         lines = read_metrics(metrics_path)
@@ -733,9 +725,7 @@ def checkpoint_state(it):
     st = dict(state, iter=it, loaders={i: o.loader.state_dict() for i, o in O.items()},
               probes={i: o.probe.state_dict() for i, o in O.items()})
     if method == "select":
-        st.update(selector=selector.state_dict(), selector_opt=selector_opt.state_dict())
-        if selector_algorithm == "penalty":
-            st.update(aux=[q.cpu() for q in aux], aux_opt=aux_opt.state_dict())
+        st.update(sel.state_dict(selector, selector_opt, aux, aux_opt))
     return st
 
 def save_selection(final=False):

@@ -206,6 +206,43 @@ def test_state_dict_round_trip_restores_next_step():
     omega_step(fresh, fresh.make_optimizer(0.05), *batches[1])  # without the Adam state: another point
     assert not torch.allclose(fresh.logits, straight.logits)
 
+def test_selection_state_round_trip_with_theta_hat():
+    """selector.state_dict / load_state_dict (what train.py checkpoints for method=select): the
+    logits, their Adam, theta-hat and its AdamW come back, so the next steps match a straight run."""
+    import selector as sel
+    def setup(seed):
+        torch.manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(4, dtype=torch.float64))]
+        return params, sel.make(["a", "b", "c"], "softmax", 0.05, "penalty", params, 0.01, (0.9, 0.95), "cpu")
+    def step(params, s, so, aux, ao, k):
+        omega_step(s, so, ["a", "c"], [1.0 + k, 0.5])
+        with torch.no_grad():  # one theta-hat step, as train.py's swap / step / swap
+            for p, q in zip(params, aux):
+                p.data, q.data = q.data.clone(), p.data.clone()
+        (params[0] ** 2).sum().mul(1 + k).backward()
+        ao.step()
+        ao.zero_grad()
+        with torch.no_grad():
+            for p, q in zip(params, aux):
+                p.data, q.data = q.data.clone(), p.data.clone()
+    params, (s, so, aux, ao) = setup(0)
+    for k in range(3):
+        step(params, s, so, aux, ao, k)
+    params2, (s2, so2, aux2, ao2) = setup(0)
+    step(params2, s2, so2, aux2, ao2, 0)
+    buf = io.BytesIO()
+    torch.save(sel.state_dict(s2, so2, aux2, ao2), buf)
+    buf.seek(0)
+    params3, (s3, so3, aux3, ao3) = setup(1)  # other initial values: everything must come from the state
+    with torch.no_grad():
+        params3[0].copy_(params2[0])
+    sel.load_state_dict(torch.load(buf, weights_only=True), s3, so3, aux3, ao3)
+    for k in (1, 2):
+        step(params3, s3, so3, aux3, ao3, k)
+    assert torch.equal(s3.logits, s.logits) and torch.equal(aux3[0], aux[0])
+    with pytest.raises(ValueError, match="selector_algorithm"):
+        sel.make(["a"], "softmax", 0.1, "exact", params, 0.01, (0.9, 0.95), "cpu")
+
 def test_decayed_weight():
     assert [decayed_weight(0.5, 0.1, e) for e in range(4)] == pytest.approx([0.5, 0.4, 0.3, 0.2])
     assert decayed_weight(0.5, 0.1, 7) == 0.0 and decayed_weight(1.0, 0.03, 0) == 1.0
