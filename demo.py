@@ -34,6 +34,19 @@ def train(out_dir, *args, config="config/demo.py"):
     summary["process_s"] = time.time() - t0
     return summary
 
+def behaviour(run_dir):
+    """what a run's model says at the end (eval_gen's greedy answers to its held-out prompts, SFT
+    and preference prompts alike): fmt = share answered in the SFT format (UPPERCASE words, then
+    '!' or nothing), pref = share answered in that format with the preferred '!'; exact = share
+    answered exactly as the SFT data would (the prompt in UPPERCASE)."""
+    d = os.path.join(ROOT, run_dir, "eval_gen")
+    last = max(f.split("_")[1] for f in os.listdir(d))
+    gens = [json.loads(l) for f in sorted(os.listdir(d)) if f.split("_")[1] == last for l in open(os.path.join(d, f))]
+    words = [g["prompt"].split("User: ", 1)[-1].rsplit("\nAssistant: ", 1)[0] for g in gens]
+    fmt = [a.rstrip("!").replace(" ", "").isalpha() and a.rstrip("!").isupper() for a in (g["output"] for g in gens)]
+    return {"fmt": sum(fmt) / len(gens), "pref": sum(f and g["output"].endswith("!") for f, g in zip(fmt, gens)) / len(gens),
+            "exact": sum(g["output"].rstrip("!") == w.upper() for g, w in zip(gens, words)) / len(gens)}
+
 def plot(results, opt, path):
     try:
         import matplotlib
@@ -42,7 +55,14 @@ def plot(results, opt, path):
     except ImportError:
         print("(matplotlib not installed: no plot)")
         return
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    names = list(results)  # the behaviour panel: what each model says at the end
+    for k, (key, label) in enumerate((("fmt", "SFT format"), ("pref", "preferred '!'"))):
+        bx.bar([j + 0.4 * k for j in range(len(names))], [results[m]["behaviour"][key] for m in names], 0.4, label=label)
+    bx.set_xticks([j + 0.2 for j in range(len(names))], names)
+    bx.set_ylim(0, 1)
+    bx.set_title("what each model says: share of held-out prompts")
+    bx.legend()
     for m, r in results.items():
         xs = [e["eval_loss_1"] for e in r["evals"]]
         ys = [e["eval_loss_2"] for e in r["evals"]]
@@ -61,6 +81,7 @@ def plot(results, opt, path):
 def main(quick=False):
     out = "out/demo_quick" if quick else "out/demo"
     budget = ["--max_iters=16", "--eval_interval=8", "--max_samples_1=128", "--max_samples_2=128"] if quick else []
+    budget += ["--eval_gen_interval=0", "--eval_gen_max_new_tokens=24"]  # greedy answers at the end: behaviour
     t0 = time.time()
     # f* of each objective: its eval loss after training it alone with the same budget
     sft_alone = train(f"{out}/sft_alone", "--obj_2=", *budget)
@@ -69,6 +90,8 @@ def main(quick=False):
     opt = (sft_alone["eval_loss_1"], dpo_alone["eval_loss_1"])
     results = {m: train(f"{out}/{m}", f"--method={m}", f"--obj_opt_1={opt[0]}", f"--obj_opt_2={opt[1]}", *budget)
                for m in METHODS}
+    for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items()]:
+        r["behaviour"] = behaviour(f"{out}/{m}")
     sel_budget = ["--max_epochs=1", "--max_samples_2=256"] if quick else []
     train(f"{out}/select", *sel_budget, config="config/demo_select.py")
 
@@ -87,6 +110,11 @@ def main(quick=False):
         table[m] = row
         print(f"{m:>10}  {row['f_1']:7.4f}  {row['f_2']:7.4f}  {g1:7.4f}  {g2:7.4f}  {row['ideal_distance']:10.4f}  "
               f"{row['train_s']:7.1f}  {row['time_vs_sequential']:5.2f}  {row['peak_memory_mb']:8.0f}")
+    print("\nbehaviour: share of the held-out prompts (eval_gen_samples of each objective) answered, greedy, in the "
+          "SFT format (UPPERCASE words), in it with the preferred '!', and exactly right")
+    for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items()]:
+        print(f"{m:>10}  format {r['behaviour']['fmt']:6.1%}  with the preferred '!' {r['behaviour']['pref']:6.1%}  "
+              f"exactly the prompt in UPPERCASE ('!' or not) {r['behaviour']['exact']:6.1%}")
     with open(os.path.join(ROOT, "data/toy_noisy_labels.jsonl")) as f:
         corrupted = {r["id"]: r["corrupted"] for r in map(json.loads, f)}
     with open(os.path.join(ROOT, out, "select", "selector.jsonl")) as f:
@@ -98,7 +126,9 @@ def main(quick=False):
           f"(the set is {base_rate:.0%} clean)")
     plot(results, opt, os.path.join(ROOT, out, "pareto.png"))
     with open(os.path.join(ROOT, out, "demo.json"), "w") as f:
-        json.dump({"opt": opt, "methods": table, "selection_clean_fraction": clean}, f, indent=2)
+        json.dump({"opt": opt, "methods": table, "selection_clean_fraction": clean,
+                   "behaviour": {m: r["behaviour"] for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items()]}},
+                  f, indent=2)
     print(f"demo done in {time.time() - t0:.0f} s; runs, metrics and final models under {out}/")
     return table, clean
 

@@ -177,3 +177,16 @@ def test_train_writes_eval_gen(tmp_path):
     d = hist[0]["objectives"]["2"]
     assert d["judge"] == "implicit" and 0 <= d["win_rate"] <= 1 and summary["gen_win_rate_2"] == d["win_rate"]
     assert metrics(out, "eval_gen")[-1]["gen_pref_accuracy_2"] == d["pref_accuracy"]
+
+def test_demo_behaviour_shares_by_hand(tmp_path):
+    import json
+    import demo
+    d = tmp_path / "run" / "eval_gen"
+    d.mkdir(parents=True)
+    rows = lambda *g: "".join(json.dumps({"prompt": f"User: {p}\nAssistant: ", "output": o}) + "\n" for p, o in g)
+    (d / "iter_0000005_1.jsonl").write_text(rows(("red fox", "x")))  # an earlier evaluation: not read
+    (d / "iter_0000010_1.jsonl").write_text(rows(("red fox", "RED FOX"), ("owl", "OWL!")))
+    (d / "iter_0000010_2.jsonl").write_text(rows(("cat", "!"), ("a b", "A B!!")))
+    # format (UPPERCASE words, '!'s or not): RED FOX, OWL!, A B!! = 3 of 4 ('!' alone is not); with '!': OWL!, A B!!;
+    # exactly the prompt in UPPERCASE: RED FOX, OWL, A B
+    assert demo.behaviour(str(tmp_path / "run")) == {"fmt": 0.75, "pref": 0.5, "exact": 0.75}
