@@ -5,6 +5,7 @@ over the micro-steps, clipping and the optimizer update. train.py runs it and be
 exactly this code. An objective is a namespace (see `objective`); train.py adds its data to it.
 """
 import contextlib
+import math
 from types import SimpleNamespace
 
 import torch
@@ -59,7 +60,7 @@ class Step:
     def ref_logps(self, o, b):
         """reference log pi(chosen), log pi(rejected), each (B,): from the cache or a no-grad forward."""
         if o.ref_cache is not None:
-            c = torch.tensor([o.ref_cache[i] if i is not None else (0.0, 0.0) for i in b["ids"]], dtype=torch.float32)
+            c = torch.tensor([o.ref_cache[i] if i is not None else (0.0, 0.0) for i in b["ids"]], dtype=torch.float64)
             c = c.to(self.device, non_blocking=True)  # (B, 2)
             return c[:, 0], c[:, 1]
         x = pad_cat([b], self.pad_id, self.device)
@@ -96,7 +97,8 @@ class Step:
                 if o.kind == "dpo":
                     tok = L.token_logps(hh, w, yy, cs)  # (2B, T)
                     pc, pr = tok.sum(-1).chunk(2)
-                    losses, cr, rr = L.dpo_loss(pc, pr, *a, o.beta, o.label_smoothing, o.ipo)
+                    rc, rr = (t.to(pc.dtype) for t in a)  # the cache is float64, the policy's float32 (or 64)
+                    losses, cr, rr = L.dpo_loss(pc, pr, rc, rr, o.beta, o.label_smoothing, o.ipo)
                     if any(i is None for i in b["ids"]):  # eval fillers (id None) count for nothing
                         real = torch.tensor([i is not None for i in b["ids"]], device=h.device)
                         losses, cr, rr = losses * real, cr * real, rr * real
@@ -169,11 +171,15 @@ class Step:
         return res
 
 def optimizer_step(optimizer, params, max_norm, lr=None):
-    """clip, step, zero the gradients; returns the gradient norm before clipping (a tensor)."""
+    """sets the learning rate, clips (max_norm > 0; the norm is measured either way), steps and
+    zeroes the gradients. A non-finite gradient norm skips the update, so the weights stay finite
+    (the caller stops the run). Returns the norm before clipping, as a float."""
     if lr is not None:
         for g in optimizer.param_groups:
             g["lr"] = lr
-    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.zeros(())
-    optimizer.step()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)  # inf: scales by 1
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # a DTensor under FSDP2
+    if math.isfinite(gnorm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return gnorm

@@ -151,10 +151,9 @@ from tqdm import tqdm
 import checkpoint
 import data as D
 from configurator import ConfigError
-import losses as L
-from lora import disabled, inject, lora_parameters
+from lora import inject, lora_parameters
 from model import GPT, Config, load_tokenizer
-from step import Step, objective
+from step import Step, objective, optimizer_step
 import methods
 
 def check(cond, msg):
@@ -439,17 +438,9 @@ def eval_objective(o, batches=None):
     return step.evaluate(o, batches)
 
 def clip_and_step(it):
-    # step.optimizer_step, except that a non-finite gradient norm skips the update so the weights
-    # stay finite (the loop then stops); with max_norm=0 the norm is still measured
+    """a non-finite gradient norm skips the update (step.optimizer_step); the loop then stops."""
     lr = get_lr(it)
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)  # inf: scales by 1
-    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-    if math.isfinite(gnorm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return lr, gnorm
+    return lr, optimizer_step(optimizer, params, max_norm, lr)
 
 # -----------------------------------------------------------------------------
 # DPO reference log-probs computed once (precompute_ref) and cached on disk
