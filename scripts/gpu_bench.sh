@@ -29,3 +29,4 @@ run $B --cases=sft --seq_len=2048 --prompt_len=512 --json="$OUT/sft_2048.json"  
 run $B --cases=sft,dpo,kd --lora_rank=16 --target_modules=q_proj,v_proj --compare=True --json="$OUT/lora.json"
 run bench.py --mode=memory --dtype=bfloat16 --json="$OUT/loss_memory.json"                 # T=2048, V=128k
 LIMIT=90 run $B --profile=sft --warmup_iters=2                                              # where the time goes
+LIMIT=150 run $B --cases=sft,dpo --compile=True --json="$OUT/compiled.json"                 # compiled blocks
