@@ -11,7 +11,8 @@ clipping, one AdamW step):
 Cases (--cases=...): sft; dpo (the frozen initial policy as reference, forwarded every step);
 dpo_precomputed (reference log-probs computed once before timing: no reference forward); kd (a
 second frozen model of the same shape as teacher); mix (sft and dpo rows in one forward, both
-losses, one backward); alright (sft with probability lambd, else dpo, drawn per step); maxright
+losses, one backward); alright (sft with probability lambd, else dpo, drawn per step); alright3
+(sft, dpo or kd, each with probability 1/3: K = 3 at the cost of one objective); maxright
 (like alright, plus a no-grad evaluation of both objectives every maxright_interval steps).
 Data: random token ids, every row seq_len tokens, the first prompt_len of them a masked prompt.
 Step time: the median of `iters` timed steps after `warmup_iters` untimed ones, one case after the
@@ -45,7 +46,11 @@ import torch.nn.functional as F
 import losses as L
 from lora import inject
 from model import GPT, Config
+from methods import alright_pick
 from step import Step, objective, optimizer_step
+
+# the joint cases: the objectives each one draws from (alright3: each with probability 1/3)
+JOINT = {"alright": ("sft", "dpo"), "maxright": ("sft", "dpo"), "alright3": ("sft", "dpo", "kd")}
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -498,11 +503,11 @@ def make_runner(name, S):
         model.train()
         optimizer, params = make_optimizer(model, cfg["learning_rate"], cfg["adam_betas"])
         ref = "self" if cfg["lora_rank"] else None  # 'self': the policy with its adapters off
-        if name in ("dpo", "dpo_precomputed", "mix", "alright", "maxright") and ref is None:
+        if name in ("dpo", "dpo_precomputed", "mix", "alright", "maxright", "alright3") and ref is None:
             ref = deepcopy(S.base).to(S.device, S.ptdtype).eval().requires_grad_(False)
         sft, dpo = objective("sft"), objective("dpo", ref=ref, beta=cfg["dpo_beta"])
         kd = objective("kd", kd_loss=cfg["kd_loss"])
-        if name == "kd":
+        if name in ("kd", "alright3"):
             kd.ref = deepcopy(S.teacher).to(S.device, S.ptdtype).eval().requires_grad_(False)
         core = Step(model, model, ac, chunk, 0, S.device)  # train.py's step computation
         if name == "dpo_precomputed":
@@ -523,12 +528,14 @@ def make_runner(name, S):
             return dt, sum(int(b["attention_mask"].sum()) for _, b, _ in ps)
         R.eval = {"sft": lambda k: core.evaluate(sft, [S.sft_batches[k % len(S.sft_batches)]])[0],
                   "dpo": lambda k: core.evaluate(dpo, [S.dpo_batches[k % len(S.dpo_batches)]])[0]}
-    joint = name in ("alright", "maxright")
+    joint = name in JOINT
     rng, w, s, opt_f = random.Random(cfg["seed"]), {"sft": cfg["lambd"], "dpo": 1 - cfg["lambd"]}, {}, {}
+    if name == "alright3":
+        w = {i: 1 / 3 for i in JOINT[name]}
 
     def warm(n):
         for k in range(n):
-            for kind in (("sft", "dpo") if joint else ("dpo",) if name.startswith("transformers") else (name,)):
+            for kind in (JOINT[name] if joint else ("dpo",) if name.startswith("transformers") else (name,)):
                 train(kind, k)
         if name == "maxright":
             # f* stand-ins: 0.1 below each current loss, so both weighted gaps start equal and the
@@ -538,8 +545,8 @@ def make_runner(name, S):
     def step():
         k, t_eval = R.k, 0.0
         R.k += 1
-        if name == "alright":  # objective 1 (sft) with probability lambd, drawn once per step
-            kind = "sft" if rng.random() < cfg["lambd"] else "dpo"
+        if name in ("alright", "alright3"):  # objective i with probability w_i, drawn once per step (train.py's draw)
+            kind = JOINT[name][alright_pick(rng, list(w.values())) - 1]
         elif name == "maxright":  # the larger weighted gap; both refreshed every k steps, no grad
             if k % cfg["maxright_interval"] == 0:
                 t_eval, s_new = timed(S, lambda: {i: w[i] * (R.eval[i](k + 1) - opt_f[i]) for i in ("sft", "dpo")})
@@ -564,18 +571,19 @@ def summarize(R, results, lambd):
     weighted by lambd (alright) or by the realized counts (maxright, plus its evaluations)."""
     out = {"case": R.name, "times": R.times, "tokens_per_step": statistics.mean(R.tokens)}
     out["step_s"] = statistics.median(R.times)
-    if R.name in ("alright", "maxright"):
-        by = {i: [t - e for t, e, o in zip(R.times, R.evals, R.objs) if o == i] for i in ("sft", "dpo")}
+    if R.name in JOINT:
+        kinds = JOINT[R.name]
+        by = {i: [t - e for t, e, o in zip(R.times, R.evals, R.objs) if o == i] for i in kinds}
         med = {i: statistics.median(v) for i, v in by.items() if v}
         n = len(R.times)
         out.update(counts={i: len(v) for i, v in by.items()}, median_step_s=med, eval_s=[e for e in R.evals if e],
                    mean_step_s=statistics.mean(R.times))
         # weights: lambd for alright (when both objectives were drawn), else the realized counts
         wt = ({"sft": lambd, "dpo": 1 - lambd} if R.name == "alright" and len(med) == 2 else
-              {i: len(by[i]) / n for i in med})
+              {i: 1 / 3 for i in kinds} if R.name == "alright3" and len(med) == 3 else {i: len(by[i]) / n for i in med})
         out["step_s"] = sum(wt[i] * med[i] for i in med) + sum(R.evals) / n
         out["tokens_per_step"] = sum(wt[i] * statistics.mean(t for t, o in zip(R.tokens, R.objs) if o == i) for i in med)
-        if "sft" in results and "dpo" in results:
+        if all(i in results for i in kinds):
             out["single_step_s"] = sum(wt[i] * results[i]["step_s"] for i in med)
             out["vs_single"] = out["step_s"] / out["single_step_s"]
     out["tokens_per_s"] = out["tokens_per_step"] / out["step_s"]
@@ -631,7 +639,7 @@ def print_table(rows, header):
 def main_steps(cfg, argv):
     S = build_start(cfg)
     names = [c.strip() for c in cfg["cases"].split(",") if c.strip()]
-    known = ("sft", "dpo", "dpo_precomputed", "kd", "mix", "alright", "maxright")
+    known = ("sft", "dpo", "dpo_precomputed", "kd", "mix", "alright", "maxright", "alright3")
     for c in names:
         assert c in known, f"unknown case {c!r}; cases are {', '.join(known)}"
     if cfg["case"]:  # a memory subprocess: build, then peak memory over warm-up and two steps
@@ -663,7 +671,7 @@ def main_steps(cfg, argv):
         except ImportError:
             print("compare: trl is not installed, TRL skipped")
     W, n = cfg["warmup_iters"], cfg["iters"]
-    order = sorted(names, key=lambda c: (c in ("alright", "maxright")) + 2 * c.startswith("transformers"))  # singles first
+    order = sorted(names, key=lambda c: (c in JOINT) + 2 * c.startswith("transformers"))  # singles first
     rounds = []
     for rnd in range(cfg["rounds"]):
         # one case after the other, each freed before the next, as separate training runs would be;
@@ -707,8 +715,8 @@ def main_steps(cfg, argv):
         each = lambda key: (f" (rounds: {', '.join(f'{v:.2f}' for v in r['rounds'][key])})"
                             if len(r["rounds"][key]) > 1 else "")
         if "vs_single" in r:
-            note = (f"{r['vs_single']:.3f}x the single-objective steps{each('vs_single')}; sft/dpo steps "
-                    f"{r['counts']['sft']}/{r['counts']['dpo']}")
+            note = (f"{r['vs_single']:.3f}x the single-objective steps{each('vs_single')}; {'/'.join(r['counts'])} steps "
+                    f"{'/'.join(str(v) for v in r['counts'].values())}")
         if "vs_dpo" in r:
             note = f"{r['vs_dpo']:.3f}x the time of the dpo step{each('vs_dpo')}"
         if "bipost_speedup" in r:

@@ -70,3 +70,17 @@ def test_bench_step_is_train_py_step(tmp_path):
     for a, c, d in zip(theirs, ours, plain):
         # transformers computes the rotary angles in float32 even for a float64 model: ~1e-8 apart
         assert abs(a - c) <= 1e-12 and abs(a - d) <= 1e-6, (theirs, ours, plain)
+
+def test_alright3_is_weighed_against_the_three_single_objective_steps():
+    """alright3's step time: the per-objective medians of its steps weighted 1/3 each, over the
+    same weighting of the sft, dpo and kd cases' step times (hand-computed below)."""
+    from types import SimpleNamespace
+    objs = ["sft", "dpo", "sft", "kd", "dpo", "sft"]
+    times = [1.1, 2.0, 1.0, 3.3, 2.2, 1.2]
+    R = SimpleNamespace(name="alright3", times=times, evals=[0.0] * 6, objs=objs, tokens=[10, 20, 10, 30, 20, 10])
+    singles = {"sft": {"step_s": 1.0}, "dpo": {"step_s": 2.0}, "kd": {"step_s": 3.0}}
+    out = bench.summarize(R, singles, lambd=0.5)
+    assert out["counts"] == {"sft": 3, "dpo": 2, "kd": 1}
+    assert math.isclose(out["step_s"], (1.1 + 2.1 + 3.3) / 3) and math.isclose(out["single_step_s"], 2.0)
+    assert math.isclose(out["vs_single"], (1.1 + 2.1 + 3.3) / 3 / 2.0)
+    assert math.isclose(out["tokens_per_step"], 20.0)
