@@ -1,6 +1,6 @@
 """
 One decoder-only transformer for the Llama family (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3,
-SmolLM, TinyLlama), GPT-NeoX (Pythia) and GPT-2, driven by a Config of flags (litgpt style).
+SmolLM, TinyLlama), Gemma 1/2/3, Phi-3, GPT-NeoX (Pythia) and GPT-2, driven by a Config of flags (litgpt style).
 Loads and saves Hugging Face checkpoints (config.json + safetensors), so a trained model goes
 straight back into transformers. Also: tokenizer loading, and a byte-level tokenizer for
 models built from scratch.
@@ -58,7 +58,7 @@ def load_tokenizer(name_or_dir):
 # -----------------------------------------------------------------------------
 # config: one dataclass of flags covers every supported family
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2")
 
 @dataclass
 class Config:
@@ -72,14 +72,24 @@ class Config:
     intermediate_size: int = 172
     norm: str = "rms"              # 'rms' | 'layer'
     norm_eps: float = 1e-6
+    norm_unit_offset: bool = False  # gemma: rmsnorm in float32, scaled by (1 + w)
     mlp: str = "swiglu"            # 'swiglu' (gate/up/down) | 'gelu' (up/down)
     act: str = "silu"              # silu | gelu | gelu_tanh
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    fused_qkv: str = ""            # '' separate q/k/v | 'neox' per-head [q,k,v] | 'gpt2' [q|k|v]
+    fused_qkv: str = ""            # '' separate q/k/v | 'neox' per-head [q,k,v] | 'gpt2' [q|k|v] (gpt2, phi3)
+    fused_gate_up: bool = False    # phi3: one gate_up_proj, [gate | up]
     qk_norm: bool = False          # qwen3: rmsnorm over head_dim on q and k
     parallel_residual: bool = False  # gpt-neox: x + attn(ln1 x) + mlp(ln2 x)
+    post_norms: bool = False       # gemma 2/3: x + norm(attn(ln1 x)), then x + norm(mlp(ln2 x))
+    scale_embeddings: bool = False # gemma: token embeddings times sqrt(n_embd)
+    attn_scale: float = 0.0        # 0 = head_dim ** -0.5; gemma 2/3: query_pre_attn_scalar ** -0.5
+    attn_softcap: float = 0.0      # gemma 2: scores = cap * tanh(scores / cap); 0 = off
+    final_softcap: float = 0.0     # gemma 2: the same on the output logits
+    sliding_window: int = 0        # window of the layers marked sliding: a query sees the last W keys
+    layer_types: list = field(default_factory=list)  # per layer 'sliding_attention' | 'full_attention'
+    rope_local_theta: float = 0.0  # gemma 3: rope base of the sliding layers (0 = rope_theta)
     rope_theta: float = 10000.0
     rotary_dim: int = -1           # -1 = head_dim; fewer = partial rotary (pythia); 0 = no rope (gpt2)
     rope_scaling: dict = field(default_factory=dict)  # {'rope_type': 'llama3'|'linear', ...}
@@ -126,16 +136,48 @@ class Config:
                           rope_theta=theta, rotary_dim=int(hd * pct), rope_scaling=scaling,
                           max_position_embeddings=d.get("max_position_embeddings", 2048),
                           tie_word_embeddings=d.get("tie_word_embeddings", False), hf=d)
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{t}: hidden_act {d.get('hidden_act')!r} is not supported (silu only)")
+        gemma = t.startswith("gemma")
+        act = d.get("hidden_activation") or d.get("hidden_act", "silu")
+        acts = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"} if gemma else {"silu": "silu"}
+        if act not in acts:
+            raise ValueError(f"{t}: hidden_act {act!r} is not supported ({', '.join(acts)})")
+        local_theta = 0.0
+        if "full_attention" in rp:  # gemma 3, v5 layout: rope parameters per layer type
+            full, scaling = rp["full_attention"], dict(rp["full_attention"])
+            theta, local_theta = full.get("rope_theta", 1e6), rp["sliding_attention"].get("rope_theta", 1e4)
+            scaling = {} if scaling.get("rope_type", "default") == "default" else scaling
+        elif t == "gemma3_text":
+            local_theta = d.get("rope_local_base_freq", 1e4)
+        window, n = d.get("sliding_window") or 0, d["num_hidden_layers"]
+        if t in ("qwen2", "qwen3") and not d.get("use_sliding_window"):
+            window = 0
+        types = d.get("layer_types")
+        if not types:  # configs written before layer_types: each family's own rule
+            every = {"gemma2": 2, "gemma3_text": d.get("sliding_window_pattern", 6)}.get(t)
+            if every:
+                types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+            elif t in ("qwen2", "qwen3"):
+                types = ["sliding_attention" if i >= d.get("max_window_layers", n) else "full_attention" for i in range(n)]
+        if t in ("mistral", "phi3") or not types:  # their models window every layer
+            types = ["sliding_attention"] * n
+        if not window:
+            types = ["full_attention"] * n
         bias = d.get("attention_bias", t == "qwen2")
-        return Config(model_type=t, vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=H,
+        scalar = d.get("query_pre_attn_scalar") if t in ("gemma2", "gemma3_text") else None
+        return Config(model_type=t, vocab_size=d["vocab_size"], n_layer=n, n_head=H,
                       n_kv_head=d.get("num_key_value_heads") or H, n_embd=C, head_dim=hd,
                       intermediate_size=d["intermediate_size"], norm="rms", norm_eps=d.get("rms_norm_eps", 1e-6),
+                      norm_unit_offset=gemma, act=acts[act],
                       qkv_bias=bias, o_bias=bias and t != "qwen2", mlp_bias=d.get("mlp_bias", False),
-                      qk_norm=(t == "qwen3"), rope_theta=theta, rotary_dim=hd, rope_scaling=scaling,
-                      max_position_embeddings=d.get("max_position_embeddings", 2048),
-                      tie_word_embeddings=d.get("tie_word_embeddings", False), hf=d)
+                      fused_qkv="gpt2" if t == "phi3" else "", fused_gate_up=t == "phi3",
+                      qk_norm=t in ("qwen3", "gemma3_text"), post_norms=t in ("gemma2", "gemma3_text"),
+                      scale_embeddings=gemma, attn_scale=scalar ** -0.5 if scalar else 0.0,
+                      attn_softcap=d.get("attn_logit_softcapping") or 0.0,
+                      final_softcap=d.get("final_logit_softcapping") or 0.0,
+                      sliding_window=window, layer_types=list(types), rope_local_theta=local_theta,
+                      rope_theta=theta, rotary_dim=int(hd * rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
+                      rope_scaling=scaling, max_position_embeddings=d.get("max_position_embeddings", 2048),
+                      tie_word_embeddings=d.get("tie_word_embeddings", gemma), hf=d)
 
     def to_hf(self):
         """The HF config.json dict: the loaded one when there is one, else a llama config."""
@@ -154,10 +196,12 @@ class Config:
 # -----------------------------------------------------------------------------
 # the network
 
-def rope_inv_freq(cfg):
+def rope_inv_freq(cfg, local=False):
+    # local: gemma 3's sliding layers, their own base and no scaling
     d = cfg.rotary_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    s = cfg.rope_scaling
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = {} if local else cfg.rope_scaling
     kind = s.get("rope_type", s.get("type", "default")) if s else "default"
     if kind == "linear":
         inv = inv / s["factor"]
@@ -181,7 +225,20 @@ def apply_rope(x, cos, sin):
     rot = torch.cat((-x2, x1), dim=-1)
     return torch.cat((xr * cos + rot * sin, xp), dim=-1)
 
+class UnitOffsetRMSNorm(nn.Module):
+    """gemma's rmsnorm: x / rms(x) * (1 + w) computed in float32, w stored as is (zero = identity)."""
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
 def make_norm(cfg, dim):
+    if cfg.norm == "rms" and cfg.norm_unit_offset:
+        return UnitOffsetRMSNorm(dim, cfg.norm_eps)
     if cfg.norm == "rms":
         return nn.RMSNorm(dim, eps=cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
@@ -202,16 +259,47 @@ def segment_mask(seg):
     eye = torch.eye(T, dtype=torch.bool, device=seg.device)
     return ((same & causal) | eye)[:, None]
 
+def window_mask(mask, window, t0, T, device):
+    """restricts mask (bool (B, 1, T, t0 + T), or None = causal) so the query at index i sees only
+    keys j with i - window < j <= i: indices in the row, padding included, as transformers counts
+    them. Returns mask unchanged when no query reaches past the window (then None keeps the
+    is_causal fast path)."""
+    if t0 + T <= window:
+        return mask
+    i = torch.arange(t0, t0 + T, device=device)[:, None]
+    j = torch.arange(t0 + T, device=device)[None]
+    band = (j > i - window) & (j <= i)  # (T, t0 + T)
+    return band if mask is None else mask & band
+
+def attend(q, k, v, mask, is_causal, scale=None, softcap=0.0):
+    """q (B, nh, T, hs), k and v (B, nkv, S, hs), mask bool (B, 1, T, S) or None -> (B, nh, T, hs).
+    softcap (gemma 2): scores = cap * tanh(scores / cap) before the mask, which SDPA cannot do."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    s = (q @ k.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)  # (B, nh, T, S)
+    s = torch.tanh(s / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return s.float().softmax(dim=-1).to(v.dtype) @ v
+
 try:
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:
     flash_attn_func = flash_attn_varlen_func = None
 
-def flash_attention(q, k, v, seg):
+def flash_attention(q, k, v, seg, window=0, scale=None, softcap=0.0):
     """q, k, v (B, T, nh, hs) on CUDA in bf16/fp16. seg=None: plain causal. Otherwise the tokens
-    of each (row, segment) are gathered into one variable-length sequence."""
+    of each (row, segment) are gathered into one variable-length sequence. window: the last
+    `window` keys only (flash counts the keys left of the query)."""
+    kw = dict(causal=True, softmax_scale=scale, window_size=(window - 1, 0) if window else (-1, -1))
+    if softcap:  # flash-attn >= 2.6
+        kw["softcap"] = softcap
     if seg is None:
-        return flash_attn_func(q, k, v, causal=True)
+        return flash_attn_func(q, k, v, **kw)
     B, T = seg.shape
     flat = seg.reshape(-1)
     idx = torch.nonzero(flat > 0).squeeze(1)
@@ -220,7 +308,7 @@ def flash_attention(q, k, v, seg):
     cu = torch.cat([starts, starts.new_tensor([idx.numel()])]).to(torch.int32)
     maxlen = int((cu[1:] - cu[:-1]).max())
     pick = lambda t: t.reshape(B * T, *t.shape[2:])[idx]
-    out = flash_attn_varlen_func(pick(q), pick(k), pick(v), cu, cu, maxlen, maxlen, causal=True)
+    out = flash_attn_varlen_func(pick(q), pick(k), pick(v), cu, cu, maxlen, maxlen, **kw)
     full = out.new_zeros(B * T, *out.shape[1:])
     full[idx] = out
     return full.view(B, T, *out.shape[1:])
@@ -235,14 +323,14 @@ class KVCache:
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = 0          # positions filled so far
         self.padded = False   # any padding among them: decoding steps then need a mask
-        self.table = None     # rope cos, sin of positions 0..max_len-1, (max_len, r) each
+        self.table = {}       # rope cos, sin of positions 0..max_len-1, (max_len, r) each; per local
 
-    def rope(self, model, position_ids, dtype):
+    def rope(self, model, position_ids, dtype, local=False):
         # computed once, then looked up per step: (B, 1, T, r) each
-        if self.table is None:
+        if local not in self.table:
             pos = torch.arange(self.k.shape[3], device=position_ids.device)[None]
-            self.table = [t[0, 0] for t in model.rope(pos, dtype)]
-        return tuple(t[position_ids][:, None] for t in self.table)
+            self.table[local] = [t[0, 0] for t in model.rope(pos, dtype, local)]
+        return tuple(t[position_ids][:, None] for t in self.table[local])
 
     def attn_mask(self, attention_mask, T):
         """records which of the T new positions are padding (attention_mask 0); returns the bool
@@ -259,9 +347,12 @@ class KVCache:
         return ((causal & self.valid[:, None, :t0 + T]) | own)[:, None]
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer=0):
         super().__init__()
         self.cfg = cfg
+        sliding = cfg.sliding_window and cfg.layer_types and cfg.layer_types[layer] == "sliding_attention"
+        self.window = cfg.sliding_window if sliding else 0
+        self.scale, self.softcap = cfg.attn_scale or None, cfg.attn_softcap
         H, K, hd, C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
         if cfg.fused_qkv:
             self.qkv_proj = nn.Linear(C, (H + 2 * K) * hd, bias=cfg.qkv_bias)
@@ -271,8 +362,7 @@ class Attention(nn.Module):
             self.v_proj = nn.Linear(C, K * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * hd, C, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
+            self.q_norm, self.k_norm = make_norm(cfg, hd), make_norm(cfg, hd)
 
     def forward(self, x, rope, mask, seg, cache=None):
         cfg = self.cfg
@@ -281,7 +371,8 @@ class Attention(nn.Module):
         if cfg.fused_qkv == "neox":  # per head: [q_h, k_h, v_h]
             q, k, v = self.qkv_proj(x).view(B, T, H, 3 * hd).split(hd, dim=-1)
         elif cfg.fused_qkv == "gpt2":  # [q | k | v]
-            q, k, v = (t.view(B, T, H, hd) for t in self.qkv_proj(x).split(H * hd, dim=-1))
+            q, k, v = self.qkv_proj(x).split((H * hd, K * hd, K * hd), dim=-1)
+            q, k, v = q.view(B, T, H, hd), k.view(B, T, K, hd), v.view(B, T, K, hd)
         else:
             q = self.q_proj(x).view(B, T, H, hd)
             k = self.k_proj(x).view(B, T, K, hd)
@@ -294,15 +385,13 @@ class Attention(nn.Module):
         if cache is not None:  # decoding: write the new keys/values, attend over the cache so far
             kc, vc, t0 = cache  # (B, nkv, max_len, hs) each
             kc[:, :, t0:t0 + T], vc[:, :, t0:t0 + T] = k, v
-            y = F.scaled_dot_product_attention(q, kc[:, :, :t0 + T], vc[:, :, :t0 + T], attn_mask=mask,
-                                               enable_gqa=K != H)
+            y = attend(q, kc[:, :, :t0 + T], vc[:, :, :t0 + T], mask, False, self.scale, self.softcap)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
         if flash_attn_func is not None and v.is_cuda and v.dtype in (torch.float16, torch.bfloat16):
-            y = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seg)
+            y = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seg, self.window, self.scale, self.softcap)
             y = y.reshape(B, T, H * hd)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=K != H)
+            y = attend(q, k, v, mask, mask is None, self.scale, self.softcap)
             y = y.transpose(1, 2).reshape(B, T, H * hd)
         return self.o_proj(y)
 
@@ -310,27 +399,40 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         C, I, b = cfg.n_embd, cfg.intermediate_size, cfg.mlp_bias
-        if cfg.mlp == "swiglu":
-            self.gate_proj = nn.Linear(C, I, bias=b)
-        self.up_proj = nn.Linear(C, I, bias=b)
+        self.fused = cfg.fused_gate_up
+        if self.fused:  # phi3: [gate | up] in one matrix
+            self.gate_up_proj = nn.Linear(C, 2 * I, bias=b)
+        else:
+            if cfg.mlp == "swiglu":
+                self.gate_proj = nn.Linear(C, I, bias=b)
+            self.up_proj = nn.Linear(C, I, bias=b)
         self.down_proj = nn.Linear(I, C, bias=b)
         self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[cfg.act]
         self.swiglu = cfg.mlp == "swiglu"
 
     def forward(self, x):
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         if self.swiglu:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer=0):
         super().__init__()
         self.ln_1, self.ln_2 = make_norm(cfg, cfg.n_embd), make_norm(cfg, cfg.n_embd)
-        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+        self.attn, self.mlp = Attention(cfg, layer), MLP(cfg)
         self.parallel = cfg.parallel_residual
+        self.post_norms = cfg.post_norms
+        if cfg.post_norms:
+            self.post_attn_norm, self.post_mlp_norm = make_norm(cfg, cfg.n_embd), make_norm(cfg, cfg.n_embd)
 
     def forward(self, x, rope, mask, seg, cache=None):
         a = self.attn(self.ln_1(x), rope, mask, seg, cache)
+        if self.post_norms:
+            x = x + self.post_attn_norm(a)
+            return x + self.post_mlp_norm(self.mlp(self.ln_2(x)))
         if self.parallel:
             return x + a + self.mlp(self.ln_2(x))
         x = x + a
@@ -343,7 +445,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.n_positions:
             self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -372,36 +474,52 @@ class GPT(nn.Module):
         t0 = kv_cache.pos if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(t0, t0 + T, device=input_ids.device).expand(B, T)
+        cfg = self.config
         x = self.wte(input_ids)
-        if self.config.n_positions:
+        if cfg.scale_embeddings:  # gemma: sqrt(C) rounded to the activations' dtype, as transformers does
+            x = x * torch.tensor(cfg.n_embd ** 0.5, dtype=x.dtype)
+        if cfg.n_positions:
             x = x + self.wpe(position_ids)
-        rope = None
-        if self.config.rotary_dim:
+        rope = rope_local = None
+        if cfg.rotary_dim:
             rope = self.rope(position_ids, x.dtype) if kv_cache is None else kv_cache.rope(self, position_ids, x.dtype)
+            rope_local = rope
+            if cfg.rope_local_theta:  # gemma 3: the sliding layers' own base
+                rope_local = (self.rope(position_ids, x.dtype, True) if kv_cache is None
+                              else kv_cache.rope(self, position_ids, x.dtype, True))
         if kv_cache is not None:
             seg, mask = None, kv_cache.attn_mask(attention_mask, T)
         else:
             seg = attention_mask if attention_mask is not None and needs_mask(attention_mask) else None
             mask = segment_mask(seg) if seg is not None else None
+        # sliding layers (mistral, qwen2, phi3, gemma 2/3): the same mask cut to the last W keys
+        local = window_mask(mask, cfg.sliding_window, t0, T, x.device) if cfg.sliding_window else mask
         for i, block in enumerate(self.blocks):
+            r, m = (rope_local, local) if block.attn.window else (rope, mask)
             if kv_cache is not None:
-                x = block(x, rope, mask, None, (kv_cache.k[i], kv_cache.v[i], t0))
+                x = block(x, r, m, None, (kv_cache.k[i], kv_cache.v[i], t0))
             elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, seg, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, r, m, seg, use_reentrant=False)
             else:
-                x = block(x, rope, mask, seg)
+                x = block(x, r, m, seg)
         if kv_cache is not None:
             kv_cache.pos = t0 + T
         x = self.ln_f(x)
         if head_fn is not None:
+            if cfg.final_softcap:
+                raise NotImplementedError("final logit soft-capping (gemma 2) is applied to full logits only; "
+                                          "the chunked losses and generate's head_fn do not apply it yet")
             return head_fn(x, self.lm_head.weight)
-        return self.lm_head(x)
+        logits = self.lm_head(x)
+        if cfg.final_softcap:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits
 
-    def rope(self, position_ids, dtype):
-        dev = position_ids.device
-        if getattr(self, "_inv_freq", None) is None or self._inv_freq.device != dev:
-            self._inv_freq = rope_inv_freq(self.config).to(dev)  # once, not a host-to-device copy per forward
-        inv = self._inv_freq
+    def rope(self, position_ids, dtype, local=False):
+        dev, name = position_ids.device, "_inv_freq_local" if local else "_inv_freq"
+        if getattr(self, name, None) is None or getattr(self, name).device != dev:
+            setattr(self, name, rope_inv_freq(self.config, local).to(dev))  # once, not a host-to-device copy per forward
+        inv = getattr(self, name)
         ang = position_ids[..., None].float() * inv  # (B, T, r/2)
         ang = torch.cat((ang, ang), dim=-1)[:, None]  # (B, 1, T, r)
         return ang.cos().to(dtype), ang.sin().to(dtype)
@@ -543,8 +661,11 @@ def hf_names(cfg):
         top = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "ln_f.weight",
                "lm_head.weight": "lm_head.weight"}
         pre, layer = "model.layers.{}.", {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
-                                          **{f"self_attn.{p}": f"attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")},
-                                          **{f"mlp.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
+                                          **{f"self_attn.{p}": f"attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_proj")},
+                                          **{f"mlp.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")}}
+        if cfg.post_norms:  # gemma 2/3: post_attention_layernorm follows attention; pre_feedforward is ln_2
+            layer.update({"post_attention_layernorm": "post_attn_norm", "pre_feedforward_layernorm": "ln_2",
+                          "post_feedforward_layernorm": "post_mlp_norm"})
     names = dict(top)
     for i in range(cfg.n_layer):
         for hf_mod, our_mod in layer.items():

@@ -34,11 +34,32 @@ FAMILIES = {
                                                               num_hidden_layers=3, num_attention_heads=4, rotary_pct=0.5,
                                                               max_position_embeddings=128, use_parallel_residual=False),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=48, n_layer=2, n_head=4, n_positions=128),
+    # windows of 8 keys against sequences of 37: the window decides most positions
+    "mistral_window": lambda: transformers.MistralConfig(**llama_kw(head_dim=12, sliding_window=8)),
+    "qwen2_window": lambda: transformers.Qwen2Config(**llama_kw(use_sliding_window=True, sliding_window=8,
+                                                                max_window_layers=1)),  # layer 0 full, 1 sliding
+    "gemma": lambda: transformers.GemmaConfig(**llama_kw(head_dim=16, hidden_act="gelu_pytorch_tanh")),
+    "gemma2": lambda: transformers.Gemma2Config(**llama_kw(head_dim=16, sliding_window=8, query_pre_attn_scalar=20,
+                                                           attn_logit_softcapping=2.0, final_logit_softcapping=None)),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**llama_kw(
+        num_hidden_layers=3, head_dim=16, sliding_window=8, query_pre_attn_scalar=20,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+    "phi3": lambda: transformers.Phi3Config(**llama_kw(pad_token_id=0, eos_token_id=None, sliding_window=8)),
+    "phi3_partial_rotary": lambda: transformers.Phi3Config(**llama_kw(pad_token_id=0, eos_token_id=None, num_key_value_heads=6,
+                                                                      rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})),
 }
+# parity of full logits only: generate's head_fn path does not apply a final soft-cap
+LOGITS_ONLY = {
+    "gemma2_final_softcap": lambda: transformers.Gemma2Config(**llama_kw(head_dim=16, sliding_window=8,
+                                                                         final_logit_softcapping=0.5)),
+}
+WINDOWED = ["mistral_window", "qwen2_window", "gemma2", "gemma3", "phi3"]
 
 def make_hf(name, path):
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(FAMILIES[name](), attn_implementation="eager").float().eval()
+    hf = transformers.AutoModelForCausalLM.from_config({**FAMILIES, **LOGITS_ONLY}[name](), attn_implementation="eager").float().eval()
     # random norms/biases too, so a missed one shows
     with torch.no_grad():
         for n, p in hf.named_parameters():
@@ -47,7 +68,7 @@ def make_hf(name, path):
     hf.save_pretrained(path)
     return hf
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(FAMILIES) + list(LOGITS_ONLY))
 def test_logit_parity_and_round_trip(name, tmp_path):
     hf = make_hf(name, tmp_path / "hf")
     ours = GPT.from_pretrained(str(tmp_path / "hf")).eval()
@@ -76,7 +97,7 @@ def test_sharded_checkpoint(tmp_path):
     with torch.no_grad():
         assert (hf(ids).logits - m(ids)).abs().max() <= 1e-4
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox"] + WINDOWED)
 def test_padding_and_packing(name, tmp_path):
     make_hf(name, tmp_path)
     m = GPT.from_pretrained(str(tmp_path)).eval()
@@ -99,6 +120,52 @@ def test_padding_and_packing(name, tmp_path):
         assert (out[:11] - la).abs().max() <= 1e-5 and (out[11:17] - lb).abs().max() <= 1e-5
         assert torch.isfinite(out).all()
 
+@pytest.mark.parametrize("name", WINDOWED + ["gemma", "gemma2_final_softcap"])
+def test_padded_batch_parity_with_transformers(name, tmp_path):
+    """left- and right-padded rows of different lengths against transformers with the same
+    attention mask and positions: every real position's logits agree."""
+    hf = make_hf(name, tmp_path)
+    m = GPT.from_pretrained(str(tmp_path)).eval()
+    g = torch.Generator().manual_seed(5)
+    lengths, T = [21, 5, 13], 21
+    ids, mask = torch.zeros(6, T, dtype=torch.long), torch.zeros(6, T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        r = torch.randint(1, V, (n,), generator=g)
+        ids[i, :n], mask[i, :n] = r, 1                 # right padded
+        ids[3 + i, T - n:], mask[3 + i, T - n:] = r, 1  # left padded
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=pos).logits
+        got = m(ids, attention_mask=mask, position_ids=pos)
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max().item() <= 1e-4
+    # the same rows alone: padding changes nothing (left-padded rows window over real tokens only)
+    with torch.no_grad():
+        for i, n in enumerate(lengths):
+            alone = m(ids[i:i + 1, :n])[0]
+            assert (got[i, :n] - alone).abs().max() <= 1e-5 and (got[3 + i, T - n:] - alone).abs().max() <= 1e-5
+
+def test_window_keeps_the_causal_fast_path(monkeypatch, tmp_path):
+    """a sliding layer attends with is_causal and no mask while T <= W, with a band mask past it;
+    the band is exactly the last W keys of each query."""
+    import model as M
+    calls = []
+    real_attend = M.attend
+    monkeypatch.setattr(M, "attend", lambda q, k, v, mask, is_causal, *a: calls.append((mask, is_causal)) or real_attend(q, k, v, mask, is_causal, *a))
+    make_hf("mistral_window", tmp_path)
+    m = GPT.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        m(torch.randint(0, V, (2, 8)), attention_mask=torch.ones(2, 8, dtype=torch.long))
+        assert calls and all(mask is None and causal for mask, causal in calls)
+        calls.clear()
+        m(torch.randint(0, V, (2, 9)))
+    band = calls[0][0]
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None]
+    assert not calls[0][1] and torch.equal(band.reshape(9, 9), (j <= i) & (i - j < 8))
+    assert M.window_mask(None, 8, 0, 8, "cpu") is None  # T == W: nothing to cut
+    # decoding step 12 of a cache: keys 5..12 of 13
+    assert torch.equal(M.window_mask(None, 8, 12, 1, "cpu")[0], torch.arange(13) >= 5)
+
 def test_mask_only_where_causal_is_not_exact(tmp_path):
     """right padding runs with is_causal and no mask; left padding and packing need the mask."""
     from model import needs_mask
@@ -120,11 +187,13 @@ def test_flash_varlen_unpadding_matches_sdpa(monkeypatch, tmp_path):
     kernel is replaced by a plain per-sequence attention to check that gathering on CPU."""
     import model as M
 
-    def varlen(q, k, v, cu_q, cu_k, mq, mk, causal):
+    def varlen(q, k, v, cu_q, cu_k, mq, mk, causal, softmax_scale=None, window_size=(-1, -1)):
         out = torch.empty_like(q)
         for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
             qq, kk, vv = (t[s:e].transpose(0, 1) for t in (q, k, v))
-            out[s:e] = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True).transpose(0, 1)
+            i, j = torch.arange(e - s)[:, None], torch.arange(e - s)[None]
+            band = (j <= i) & ((i - j <= window_size[0]) if window_size[0] >= 0 else True)
+            out[s:e] = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=band).transpose(0, 1)
         return out
     make_hf("gpt_neox", tmp_path)
     m = GPT.from_pretrained(str(tmp_path)).eval()
@@ -175,3 +244,11 @@ def test_byte_tokenizer_round_trip(tmp_path):
     t2 = load_tokenizer(str(tmp_path))
     assert t2.encode("User: x\n", add_special_tokens=False) == list(b"User: x\n")
     assert t2.decode(list(b"abc") + [256]) == "abc<|endoftext|>"
+
+def test_final_softcap_refuses_head_fn(tmp_path):
+    """the chunked losses take (hidden, head weight) and cannot apply a final soft-cap: an error,
+    not silently uncapped logits."""
+    make_hf("gemma2_final_softcap", tmp_path)
+    m = GPT.from_pretrained(str(tmp_path)).eval()
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        m(torch.randint(0, V, (1, 5)), head_fn=lambda h, w: h @ w.t())
