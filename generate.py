@@ -5,8 +5,9 @@ Batched generation from a trained run or any Hugging Face checkpoint, with a KV 
     python generate.py --pretrain=DIR_OR_HUB_ID --prompts=in.jsonl --out=out.jsonl --max_new_tokens=64 --temperature=0
     python generate.py --out_dir=RUN --objective=1 --out=eval_gen_1.jsonl   # the run's held-out prompts
 
-The model: --out_dir=RUN reads RUN/final (LoRA already merged there); --pretrain=DIR_OR_HUB_ID
-any checkpoint, plus --adapter=DIR for an unmerged PEFT-layout LoRA adapter (e.g. RUN/final/adapter).
+The model: --out_dir=RUN reads RUN/final (LoRA already merged there), or with --ckpt=latest (or
+RUN/ckpt/iter_N) a checkpoint of the run; --pretrain=DIR_OR_HUB_ID any checkpoint, plus
+--adapter=DIR for an unmerged PEFT-layout LoRA adapter (e.g. RUN/final/adapter).
 Prompts: --prompt=TEXT, --prompts=FILE.jsonl (a row's text is its prompt_key field, else the first
 of "prompt", input_key, "instruction"; a {"messages": [...]} row ends with the user's turn, a
 trailing assistant turn is dropped), or --objective=i: the eval split of the run's objective i.
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 out_dir = ""              # a training run: generates from out_dir/final
 pretrain = ""             # or a HF checkpoint dir / hub id
 adapter = ""              # a PEFT-layout LoRA adapter dir to apply on pretrain (unmerged)
+ckpt = ""                 # with out_dir: a checkpoint of the run instead of final/ ('latest' or out_dir/ckpt/iter_N)
 prompt = ""               # one prompt
 prompts = ""              # a JSONL of prompt rows (or a .json list)
 objective = 0             # i > 0: the eval split of the run's objective i (needs out_dir)
@@ -249,9 +251,47 @@ def obj_key(cfg, key, i):
     v = cfg.get(f"{key}_{i}")
     return cfg.get(key) if v is None or v == "" else v
 
-def load_model(out_dir="", pretrain="", adapter="", device="cpu", dtype=torch.float32):
-    """(model, tokenizer, path) from out_dir/final or pretrain (+ a PEFT adapter)."""
+def model_from_checkpoint(out_dir, ckpt):
+    """(model, tokenizer, path) of a run's checkpoint (out_dir/ckpt/iter_N, or 'latest'): the model
+    the run started from (its pretrain, or a fresh one of its model_* keys, built as train.py builds
+    it) with the checkpoint's trained weights; LoRA adapters merged."""
+    import checkpoint
+    from model import GPT, Config, load_tokenizer
+    cfg = run_config(out_dir)
+    if not cfg:
+        raise ValueError(f"{out_dir}/config.json does not exist: a checkpoint needs the run's config")
+    path = checkpoint.latest(os.path.join(out_dir, "ckpt")) if ckpt == "latest" else ckpt
+    if not path or not os.path.exists(os.path.join(path, "model.pt")):
+        raise ValueError(f"no checkpoint at {path or os.path.join(out_dir, 'ckpt')} (a dir with model.pt)")
+    tok = load_tokenizer(cfg.get("pretrain", ""))
+    if cfg.get("pretrain"):
+        model = GPT.from_pretrained(cfg["pretrain"])
+    else:
+        g = lambda k: cfg[f"model_{k}"]
+        model = GPT(Config(vocab_size=len(tok), n_layer=g("n_layer"), n_head=g("n_head"), n_kv_head=g("n_kv_head"),
+                           n_embd=g("n_embd"), head_dim=g("n_embd") // g("n_head"), intermediate_size=g("intermediate_size"),
+                           max_position_embeddings=g("max_len"), norm_eps=1e-5))
+    if cfg.get("lora_rank"):
+        from lora import inject
+        inject(model, cfg["lora_rank"], cfg["lora_alpha"], 0.0, cfg["target_modules"])
+    sd = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+    bad = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False).unexpected_keys
+    if bad:
+        raise ValueError(f"{path}/model.pt holds {bad[:3]}, which the run's model has not")
+    if cfg.get("lora_rank"):
+        from lora import merge
+        model = merge(model)
+    return model, tok, path
+
+def load_model(out_dir="", pretrain="", adapter="", device="cpu", dtype=torch.float32, ckpt=""):
+    """(model, tokenizer, path) from out_dir/final, a checkpoint of out_dir, or pretrain (+ a PEFT
+    adapter)."""
     from model import GPT, load_tokenizer
+    if ckpt:
+        if not out_dir:
+            raise ValueError("ckpt: give the run's --out_dir too (its config.json builds the model)")
+        model, tok, path = model_from_checkpoint(out_dir, ckpt)
+        return model.to(device=device, dtype=dtype).eval(), tok, path
     if out_dir:
         path = os.path.join(out_dir, "final")
         if not os.path.isdir(path):
@@ -294,7 +334,7 @@ def main(argv):
     changed = set(configurator.apply(argv, c))
     dev = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = c["dtype"] or ("bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32")
-    model, tok, path = load_model(c["out_dir"], c["pretrain"], c["adapter"], dev, getattr(torch, dt))
+    model, tok, path = load_model(c["out_dir"], c["pretrain"], c["adapter"], dev, getattr(torch, dt), c["ckpt"])
     run_cfg = run_config(c["out_dir"]) if c["out_dir"] else {}
     i = c["objective"] or 1
     # the run's formatting unless given here
