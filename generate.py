@@ -325,7 +325,7 @@ def read_prompt_rows(prompt="", prompts="", objective=0, run_cfg=None):
             raise ValueError(f"objective {objective}: the run has no dataset_{objective}")
         _, rows = D.load_splits(g("dataset"), g("train_split") or "train", g("eval_split") or "",
                                 0, g("dataset_probs") or "", run_cfg.get("seed", 42), run_cfg.get("eval_frac", 0.0))
-        return rows
+        return [{k: v for k, v in r.items() if k != "_id"} for r in rows]  # _id: data.py's bookkeeping
     raise ValueError("give --prompt=TEXT, --prompts=FILE.jsonl or --objective=i")
 
 def main(argv):

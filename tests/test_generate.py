@@ -231,6 +231,7 @@ def test_script_from_a_run_dir(tiny, tmp_path):
     args = ["--max_new_tokens=5", "--temperature=0", "--dtype=float64"]
     got = G.main([f"--out_dir={run}", "--objective=1", *args])
     assert [r["q"] for r in got] == ["red fox", "owl"] and got[0]["generator"] == "run"
+    assert set(got[0]) == {"q", "a", "instruction", "output", "generator"}  # the row's own fields, no loader ids
     assert [r["output"] for r in got] == [hf_text(merged, f"Q: {q}\nA: ", 5) for q in ("red fox", "owl")]
     unmerged = G.main([f"--pretrain={path}", f"--adapter={run / 'final' / 'adapter'}", "--prompt=owl",
                        "--input_template=Q: {}\nA: ", *args])
