@@ -7,7 +7,9 @@ The embedded default: the toy trade-off end to end on CPU (a few minutes on 2 co
 1. objective 1 alone (SFT) and objective 2 alone (DPO) give f_1*, f_2*;
 2. sequential, mix, alright and maxright at lambd = 0.5 with the same step budget;
 3. one table: final eval losses, optimality gaps, ideal distance, time, peak memory;
-4. bilevel data selection on the noisy toy set: the fraction of clean rows kept.
+4. K = 3: a third objective that conflicts with both (DPO preferring "RED FOX." over "RED FOX!",
+   data/toy_calm.jsonl) alone, then sequential, alright and maxright over all three at lambd = 1/3 each;
+5. bilevel data selection on the noisy toy set: the fraction of clean rows kept.
 Every run is a plain `python train.py config/demo.py --key=value` subprocess, printed as it starts.
 """
 import json
@@ -78,6 +80,28 @@ def plot(results, opt, path):
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
+THIRD = ["--obj_3=dpo", "--dataset_3=data/toy_calm.jsonl", "--eval_split_3=data/toy_calm_eval.jsonl", "--max_len_3=48"]
+
+def three_objectives(out, opt, budget, quick):
+    """K = 3 beside the K = 2 table: f_3* from the third objective alone, then three methods with the
+    same step budget as every other run; prints and returns their table."""
+    budget = [a for a in budget if not a.startswith("--eval_gen")] + (["--max_samples_3=128"] if quick else [])  # losses only
+    alone = train(f"{out}/calm_alone", "--obj_1=dpo", "--dataset_1=data/toy_calm.jsonl",
+                  "--eval_split_1=data/toy_calm_eval.jsonl", "--obj_2=", *budget)
+    opt3 = (*opt, alone["eval_loss_1"])
+    third = f"--lambd={1 / 3!r},{1 / 3!r},{1 - 2 / 3!r}"
+    print(f"\nK = 3: f_3* (the third objective alone) = {opt3[2]:.4f}, lambd = 1/3 each\n")
+    head = f"{'method':>10}  {'f_1':>7}  {'f_2':>7}  {'f_3':>7}  {'ideal dist':>10}  {'steps 1/2/3':>11}  {'train s':>7}"
+    print(head + "\n" + "-" * len(head))
+    table = {}
+    for m in ("sequential", "alright", "maxright"):
+        r = train(f"{out}/k3_{m}", f"--method={m}", third, *THIRD, *(f"--obj_opt_{i}={v!r}" for i, v in enumerate(opt3, 1)), *budget)
+        f = [r[f"eval_loss_{i}"] for i in (1, 2, 3)]
+        table[m] = dict(f=f, ideal_distance=math.dist(f, opt3), steps=r["counts"], train_s=r["train_s"])
+        print(f"{m:>10}  {f[0]:7.4f}  {f[1]:7.4f}  {f[2]:7.4f}  {table[m]['ideal_distance']:10.4f}  "
+              f"{'/'.join(str(v) for v in r['counts'].values()):>11}  {r['train_s']:7.1f}")
+    return {"opt": opt3, "methods": table}
+
 def main(quick=False):
     out = "out/demo_quick" if quick else "out/demo"
     budget = ["--max_iters=16", "--eval_interval=8", "--max_samples_1=128", "--max_samples_2=128"] if quick else []
@@ -115,6 +139,7 @@ def main(quick=False):
     for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items()]:
         print(f"{m:>10}  format {r['behaviour']['fmt']:6.1%}  with the preferred '!' {r['behaviour']['pref']:6.1%}  "
               f"exactly the prompt in UPPERCASE ('!' or not) {r['behaviour']['exact']:6.1%}")
+    k3 = three_objectives(out, opt, budget, quick)
     with open(os.path.join(ROOT, "data/toy_noisy_labels.jsonl")) as f:
         corrupted = {r["id"]: r["corrupted"] for r in map(json.loads, f)}
     with open(os.path.join(ROOT, out, "select", "selector.jsonl")) as f:
@@ -126,7 +151,7 @@ def main(quick=False):
           f"(the set is {base_rate:.0%} clean)")
     plot(results, opt, os.path.join(ROOT, out, "pareto.png"))
     with open(os.path.join(ROOT, out, "demo.json"), "w") as f:
-        json.dump({"opt": opt, "methods": table, "selection_clean_fraction": clean,
+        json.dump({"opt": opt, "methods": table, "selection_clean_fraction": clean, "k3": k3,
                    "behaviour": {m: r["behaviour"] for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items()]}},
                   f, indent=2)
     print(f"demo done in {time.time() - t0:.0f} s; runs, metrics and final models under {out}/")

@@ -62,6 +62,11 @@ def test_demo_quick(tmp_path):
     assert set(res["methods"]) == {"sequential", "mix", "alright", "maxright"}
     for row in res["methods"].values():
         assert abs(row["ideal_distance"] - (row["gap_1"] ** 2 + row["gap_2"] ** 2) ** 0.5) < 1e-9
+    k3 = res["k3"]  # K = 3 beside it: three methods, the distance to (f_1*, f_2*, f_3*) over three gaps
+    assert set(k3["methods"]) == {"sequential", "alright", "maxright"} and k3["opt"][:2] == res["opt"]
+    for row in k3["methods"].values():
+        assert abs(row["ideal_distance"] - sum((a - b) ** 2 for a, b in zip(row["f"], k3["opt"])) ** 0.5) < 1e-9
+        assert sum(row["steps"].values()) == 16
     assert os.path.exists(os.path.join(ROOT, "out/demo_quick/pareto.png"))
     assert "ideal dist" in p.stdout and "selection: kept" in p.stdout
 
