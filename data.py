@@ -201,7 +201,10 @@ def _chat(tokenizer, messages, where, key):
     if not full.startswith(prompt):
         raise ConfigError(f"{where}: the chat template does not render {key!r} as prompt + response, "
                          f"so the prompt cannot be masked")
-    return prompt, full[len(prompt):]
+    response = full[len(prompt):]
+    if tokenizer.eos_token and response.rstrip().endswith(tokenizer.eos_token):
+        response = response.rstrip()  # chatml's newline after the closing eos: _encode would add a second eos
+    return prompt, response
 
 def _prompt(tokenizer, text, template, apply_chat_template, system=""):
     if apply_chat_template:

@@ -386,3 +386,18 @@ def test_toy_data_rules():
     train_prompts = {r["input"] for r in sft + noisy + files["toy_trusted.jsonl"]} | {r["prompt"] for r in pref}
     eval_prompts = {r["input"] for r in files["toy_sft_eval.jsonl"]} | {r["prompt"] for r in files["toy_pref_eval.jsonl"]}
     assert len(eval_prompts) == 400 and not train_prompts & eval_prompts
+
+def test_chatml_turn_end_gives_one_eos():
+    """a chatml-style template closes each turn with eos and a newline: the answer's labels end at
+    that eos, once (not eos, newline, eos); dpo pairs alike."""
+    t = byte_tokenizer()
+    t.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<assistant>{% endif %}")
+    user = {"role": "user", "content": "a"}
+    ex = data.tokenize_sft([{"messages": [user, {"role": "assistant", "content": "B"}]}], t, 64)[0]
+    prompt = list(b"<user>a") + [EOS] + list(b"\n<assistant>")
+    assert ex["input_ids"] == prompt + [66, EOS]
+    assert [x for x in ex["labels"] if x != -100] == [66, EOS]
+    row = {"chosen": [user, {"role": "assistant", "content": "B"}], "rejected": [user, {"role": "assistant", "content": "C"}]}
+    ex = data.tokenize_dpo([row], t, 64)[0]
+    assert ex["chosen_ids"] == prompt + [66, EOS] and ex["rejected_ids"] == prompt + [67, EOS]
