@@ -217,9 +217,10 @@ def generate_texts(model, tokenizer, texts, max_new_tokens, batch_size=32, stops
     dev = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     seqs = [prompt_ids(tokenizer, t) for t in texts]
+    ctx = model.config.max_position_embeddings
     for i, s in enumerate(seqs):
-        if not s:
-            raise ValueError(f"prompt {i}: no tokens")
+        if not s or len(s) > ctx:
+            raise ValueError(f"prompt {i}: {len(s)} tokens, the model's context holds 1 to {ctx}")
     stop_fn = stop_checker(tokenizer, stops) if stops else None
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     outs = [None] * len(seqs)

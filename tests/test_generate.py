@@ -167,6 +167,8 @@ def test_bad_input_is_a_clear_error(tiny):
     tok = byte_tokenizer()
     with pytest.raises(ValueError, match="exceed the model's context of 128"):
         generate(ours, torch.ones(1, 129, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="prompt 1: 130 tokens, the model's context holds 1 to 128"):
+        G.generate_texts(ours, tok, ["hi", "x" * 130], 4)
     # a prompt near the context: generation ends at the context length
     assert generate(ours, torch.ones(1, 125, dtype=torch.long), 10).shape == (1, 128)
     with pytest.raises(ValueError, match="prompt row 1: empty prompt in 'prompt'"):
