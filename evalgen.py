@@ -68,7 +68,7 @@ def token_agreement(a, b):
 # models
 
 def split_example(ids, labels):
-    """(prompt ids, response ids without the final eos) of a tokenized example (data.py's labels:
+    """(prompt ids, response ids, its eos included) of a tokenized example (data.py's labels:
     labels[t] = ids[t + 1] on the response, -100 before)."""
     p = next(t for t, y in enumerate(labels) if y != -100) + 1
     return list(ids[:p]), list(ids[p:])
@@ -111,7 +111,7 @@ def answer_logps(model, prompts, answers, pad, batch_size=16):
     for j in range(0, len(prompts), batch_size):
         ids, mask, labels = _batch(prompts[j:j + batch_size], answers[j:j + batch_size], pad, dev)
 
-        def head(h, w):  # inside the forward: (B, T) log-probs of the targets, one row at a time
+        def head(h, w):  # inside the forward: (B,) summed log-probs of the targets, one row at a time
             rows = []
             for b in range(h.shape[0]):
                 keep = labels[b] != -100
