@@ -150,17 +150,23 @@ def plot(rows, opt, K, path):
     pairs = list(itertools.combinations(range(K), 2))
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.5), squeeze=False)
     for ax, (a, b) in zip(axes[0], pairs):
-        for m in dict.fromkeys(r["method"] for r in rows):
-            rs = [r for r in rows if r["method"] == m]
-            ax.scatter([r["f"][a] for r in rs], [r["f"][b] for r in rs], marker=MARKERS.get(m, "x"), s=60, alpha=0.8,
-                       label=m, edgecolors=["black" if r["front"] else "none" for r in rs], linewidths=1.5)
+        for k, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            for front in (True, False):  # non-dominated: solid, black edge; dominated: faded, no edge
+                rs = [r for r in rows if r["method"] == m and r["front"] == front]
+                ax.scatter([r["f"][a] for r in rs], [r["f"][b] for r in rs], marker=MARKERS.get(m, "x"), s=70,
+                           color=f"C{k}", alpha=0.9 if front else 0.35, edgecolors="black" if front else "none",
+                           linewidths=1.2, label=m if front or not any(r["front"] for r in rows if r["method"] == m) else None)
         ax.scatter([opt[a]], [opt[b]], marker="*", s=250, color="gold", edgecolors="black", zorder=4, label="f*")
         ax.set(xlabel=f"f_{a + 1} (eval loss)", ylabel=f"f_{b + 1} (eval loss)")
+        for axis, j in (("x", a), ("y", b)):  # losses that span decades (a forgotten objective): log scale
+            v = [r["f"][j] for r in rows] + [opt[j]]
+            if min(v) > 0 and max(v) / min(v) > 30:
+                getattr(ax, f"set_{axis}scale")("log")
         if K == 2:  # the front itself, in order of f_1
             fr = sorted((r["f"][a], r["f"][b]) for r in rows if r["front"])
             ax.plot(*zip(*fr), color="gray", lw=1, zorder=0, label="front")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("trade-off front (black edge: non-dominated run)" + ("" if K == 2 else ", pairwise projections"))
+    fig.suptitle("solid: non-dominated, faded: dominated" + ("" if K == 2 else " (in all K losses); pairwise projections"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
