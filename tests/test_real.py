@@ -7,12 +7,14 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
 import torch
 
-from helpers import metrics, run_train
+from helpers import ROOT, metrics
 
 pytestmark = pytest.mark.real
 
@@ -48,6 +50,14 @@ def convert(cache):
         os.rename(tmp, cache)
     except OSError:  # another worker got there first
         shutil.rmtree(tmp, ignore_errors=True)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # on 2 shared cores, a second thread spin-waits: decoding measured 10x and training 4x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 @pytest.fixture(scope="session")
 def smollm2():
@@ -101,3 +111,66 @@ def test_chat_rows_match_the_chat_template(models):
     prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
     n = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert all(t == -100 for t in ex["labels"][:n - 1]) and ex["labels"][n - 1] != -100
+
+def test_greedy_generation_equals_transformers(models):
+    """generate.py's KV-cache decoding of a left-padded batch of chat prompts, token for token
+    against transformers' generate, stopping at eos."""
+    from generate import generate
+    ours, hf, tok = models
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Write one sentence about the sea."}]]
+    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = "right"
+    eos, n = tok.eos_token_id, 24
+    got = generate(ours, enc["input_ids"], n, attention_mask=enc["attention_mask"], eos_token_id=eos, pad_token_id=eos)
+    ref = hf.generate(**enc, do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=eos)
+    assert torch.equal(got, ref), (tok.batch_decode(got[:, enc["input_ids"].shape[1]:]),
+                                   tok.batch_decode(ref[:, enc["input_ids"].shape[1]:]))
+    assert "Paris" in tok.decode(got[0, enc["input_ids"].shape[1]:])
+
+@pytest.fixture(scope="module")
+def lora_run(smollm2, tmp_path_factory):
+    """a few LoRA steps of train.py: SFT + DPO under ALRIGHT, chat template on, toy data."""
+    out = str(tmp_path_factory.mktemp("real_run"))
+    args = [f"--pretrain={smollm2}", "--obj_1=sft", "--obj_2=dpo", "--method=alright",
+            "--dataset_1=data/toy_sft.jsonl", "--eval_split_1=data/toy_sft_eval.jsonl",
+            "--dataset_2=data/toy_pref.jsonl", "--eval_split_2=data/toy_pref_eval.jsonl",
+            "--apply_chat_template_1=true", "--apply_chat_template_2=true", "--max_samples_1=32", "--max_samples_2=32",
+            "--max_len_1=64", "--max_len_2=64", "--lora_rank=8", "--lora_alpha=16", "--learning_rate=2e-3",
+            "--train_batch_size=4", "--micro_train_batch_size=4", "--max_iters=8", "--eval_interval=0",
+            "--eval_iters=2", "--dtype=float32", "--seed=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return out
+
+def test_lora_sft_dpo_alright_lowers_both_losses(lora_run):
+    ev = metrics(lora_run, "eval")
+    first, last = ev[0], ev[-1]
+    assert last["iter"] > first["iter"]
+    assert abs(first["eval_loss_2"] - 0.6931) < 1e-3  # a zero-initialized adapter: policy = reference
+    assert last["eval_loss_1"] < first["eval_loss_1"] - 0.05, (first, last)
+    assert last["eval_loss_2"] < first["eval_loss_2"] - 0.005, (first, last)
+    assert {m["obj"] for m in metrics(lora_run)} == {1, 2}
+
+def test_export_reloads_in_transformers_and_peft(lora_run, smollm2):
+    """final/ (merged) in transformers and in GPT.from_pretrained, final/adapter on the base model
+    in PEFT: the same logits, and different from the base model's (the adapter did something)."""
+    import transformers
+    from peft import PeftModel
+    from model import GPT
+    final = os.path.join(lora_run, "final")
+    assert os.path.exists(os.path.join(final, "tokenizer_config.json"))
+    ids = torch.tensor([[1, 9690, 198, 19556, 30, 3365, 2, 198, 1, 520, 9531, 198]])
+    with torch.no_grad():
+        merged = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()(ids).logits
+        ours = GPT.from_pretrained(final).eval()(ids)
+        base = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+        base_logits = base(ids).logits
+        peft = PeftModel.from_pretrained(base, os.path.join(final, "adapter")).eval()(ids).logits
+    assert (ours - merged).abs().max().item() <= TOL
+    assert (peft - merged).abs().max().item() <= TOL
+    assert (merged - base_logits).abs().max().item() > 0.1
