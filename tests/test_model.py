@@ -252,3 +252,49 @@ def test_final_softcap_refuses_head_fn(tmp_path):
     m = GPT.from_pretrained(str(tmp_path)).eval()
     with pytest.raises(NotImplementedError, match="soft-capping"):
         m(torch.randint(0, V, (1, 5)), head_fn=lambda h, w: h @ w.t())
+
+OLD_STYLE = {  # hub configs written before layer_types / rope_parameters existed
+    "gemma3": lambda d: {**{k: v for k, v in d.items() if k not in ("layer_types", "rope_parameters")},
+                         "sliding_window_pattern": 2, "rope_theta": 1e6, "rope_local_base_freq": 100.0,
+                         "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    "gemma2": lambda d: {k: v for k, v in d.items() if k != "layer_types"},
+    "qwen2_window": lambda d: {k: v for k, v in d.items() if k != "layer_types"},
+}
+
+@pytest.mark.parametrize("name", list(OLD_STYLE))
+def test_old_style_configs(name, tmp_path):
+    """config.json without layer_types (gemma 2/3: every 2nd / pattern-th layer is global; qwen2:
+    layers from max_window_layers on slide) and gemma 3's rope_local_base_freq: read as
+    transformers reads them."""
+    make_hf(name, tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(OLD_STYLE[name](json.loads(path.read_text()))))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    assert ours.config.layer_types == list(hf.config.layer_types)
+    ids = torch.randint(0, V, (2, 29), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+@pytest.mark.parametrize("name", ["phi3", "gemma3"])
+def test_lora_adapter_in_peft(name, tmp_path):
+    """fused phi3 projections (qkv_proj, gate_up_proj) and gemma's extra norms: our LoRA adapter,
+    saved in PEFT layout, gives the same logits in PEFT on the transformers model."""
+    import peft
+    from lora import inject, save_adapter
+    hf = make_hf(name, tmp_path / "hf")
+    ours = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    inject(ours, rank=4, alpha=8)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_" in n:
+                p.normal_(std=0.1)
+    save_adapter(ours, tmp_path / "adapter")
+    ids = torch.randint(0, V, (2, 19), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        base = hf(ids).logits
+        ref = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(ids).logits
+        got = ours(ids)
+    assert (ref - base).abs().max() > 1e-2
+    assert (got - ref).abs().max().item() <= 1e-4
