@@ -220,8 +220,9 @@ def objective_config(i):
 OC = {i: objective_config(i) for i in range(1, K + 1)}
 for _i, _c in OC.items():
     check(_c.dataset != "", f"config key dataset_{_i} (or dataset) must be set for objective {_i} ({_c.kind})")
-    for _k in per_objective:
-        check(not isinstance(getattr(_c, _k), tuple), f"config key {_k}_{_i}: one value, got {getattr(_c, _k)!r}")
+for _k, _v in config.items():  # the configurator lets a float key take a tuple: only lambd may
+    check(not isinstance(_v, tuple) or _k in ("lambd", "adam_betas"), f"config key {_k}: one number, got {_v!r} "
+          f"(only lambd takes one weight per objective)")
 for _k in ("log_interval", "maxright_interval", "micro_train_batch_size", "train_batch_size", "aux_steps"):
     check(globals()[_k] >= 1, f"config key {_k} must be >= 1, got {globals()[_k]}")
 for _k in ("eval_interval", "save_interval", "eval_iters", "keep_last", "max_iters", "max_epochs", "opt_estimate_iters"):

@@ -109,6 +109,8 @@ def test_bad_k_configs_are_clear_errors(tmp_path):
     assert p.returncode != 0 and "obj_3 is not set" in p.stderr
     p = run_train(tmp_path / "c", "--obj_3=sft", "--lambd=0.4,0.4,0.2", "--max_iters=1", check=False)
     assert p.returncode != 0 and "dataset_3" in p.stderr
+    p = run_train(tmp_path / "d", "--dpo_beta_2=0.1,0.2", "--max_iters=1", check=False)
+    assert p.returncode != 0 and "config key dpo_beta_2: one number" in p.stderr
 
 def losses(out):
     return [(l["iter"], l["obj"], l["loss"]) for l in metrics(out)]
