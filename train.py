@@ -206,7 +206,8 @@ K = sum(map(bool, kinds))  # the number of objectives
 for _i, _v in enumerate(kinds, 1):
     check(_v in ("", "sft", "dpo", "kd"), f"config key obj_{_i}: {_v!r} is not one of sft, dpo, kd")
 check(bool(obj_1), "config key obj_1 must be set")
-check(all(kinds[:K]), f"config keys obj_1 ... obj_{K}: objectives are numbered 1..K without gaps, obj_{kinds.index('') + 1} is not set")
+_gap = kinds.index("") + 1 if "" in kinds else None  # the first objective not set
+check(all(kinds[:K]), f"config keys obj_1 ... obj_{K}: objectives are numbered 1..K without gaps, obj_{_gap} is not set")
 check(method in ("sequential", "mix", "alright", "maxright", "select"),
       f"config key method: {method!r} is not one of sequential, mix, alright, maxright, select")
 check(method != "select" or (K == 2 and obj_1 in ("sft", "kd") and obj_2 in ("sft", "kd")),
