@@ -29,10 +29,28 @@ def apply_config(path, cfg):
     exec(compile(src[: src.index("config_keys = ")], "train.py", "exec"), scope)
     configurator.apply([path], cfg, verbose=False, per_objective=scope["per_objective"])
 
+def script_defaults(script):
+    """a script's config globals (train.py, bench.py), read from its header without running it."""
+    src = open(os.path.join(ROOT, script)).read()
+    scope = {}
+    exec(compile(src[: src.index("config_keys = ")], script, "exec"), scope)
+    return {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
+
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py")))
 def test_every_config_applies(name):
+    if name.startswith("bench_"):  # presets of bench.py
+        configurator.apply([os.path.join(ROOT, "config", name)], script_defaults("bench.py"), verbose=False)
+        return
     cfg = train_defaults()
     apply_config(os.path.join(ROOT, "config", name), cfg)
+
+def test_bench_preset_is_the_llama_1b_shape():
+    """config/bench_llama1b.py: Llama-3.2-1B's shape, bf16 autocast, 4 x 1024 tokens."""
+    cfg = script_defaults("bench.py")
+    configurator.apply([os.path.join(ROOT, "config", "bench_llama1b.py")], cfg, verbose=False)
+    want = dict(model_vocab_size=128256, model_n_layer=16, model_n_head=32, model_n_kv_head=8, model_n_embd=2048,
+                model_intermediate_size=8192, dtype="bfloat16", batch_size=4, seq_len=1024, lora_rank=0)
+    assert {k: cfg[k] for k in want} == want
 
 def test_seed_recipes_are_faithful():
     """config/kd_sft.py and config/select.py carry the original tool's example commands."""
