@@ -58,7 +58,8 @@ def load_tokenizer(name_or_dir):
 # -----------------------------------------------------------------------------
 # config: one dataclass of flags covers every supported family
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
+             "qwen3_moe", "gpt_neox", "gpt2")
 
 @dataclass
 class Config:
@@ -90,6 +91,12 @@ class Config:
     sliding_window: int = 0        # window of the layers marked sliding: a query sees the last W keys
     layer_types: list = field(default_factory=list)  # per layer 'sliding_attention' | 'full_attention'
     rope_local_theta: float = 0.0  # gemma 3: rope base of the sliding layers (0 = rope_theta)
+    n_expert: int = 0              # mixture of experts (mixtral, qwen-moe): swiglu experts per moe layer
+    n_expert_per_tok: int = 2      # experts each token is routed to
+    expert_size: int = 0           # an expert's intermediate size (0 = intermediate_size)
+    shared_expert_size: int = 0    # qwen2-moe: one always-on expert behind a sigmoid gate
+    norm_topk: bool = True         # renormalize the chosen experts' router probabilities to sum to 1
+    moe_layers: list = field(default_factory=list)  # per layer: True = experts, False = a dense mlp
     rope_theta: float = 10000.0
     rotary_dim: int = -1           # -1 = head_dim; fewer = partial rotary (pythia); 0 = no rope (gpt2)
     rope_scaling: dict = field(default_factory=dict)  # {'rope_type': 'llama3'|'linear', ...}
@@ -149,32 +156,38 @@ class Config:
         elif t == "gemma3_text":
             local_theta = d.get("rope_local_base_freq", 1e4)
         window, n = d.get("sliding_window") or 0, d["num_hidden_layers"]
-        if t in ("qwen2", "qwen3") and not d.get("use_sliding_window"):
+        if t in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not d.get("use_sliding_window"):
             window = 0
         types = d.get("layer_types")
         if not types:  # configs written before layer_types: each family's own rule
             every = {"gemma2": 2, "gemma3_text": d.get("sliding_window_pattern", 6)}.get(t)
             if every:
                 types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
-            elif t in ("qwen2", "qwen3"):
+            elif t in ("qwen2", "qwen3", "qwen2_moe"):
                 types = ["sliding_attention" if i >= d.get("max_window_layers", n) else "full_attention" for i in range(n)]
-        if t in ("mistral", "phi3") or not types:  # their models window every layer
+        if t in ("mistral", "phi3", "mixtral", "qwen3_moe") or not types:  # their models window every layer
             types = ["sliding_attention"] * n
         if not window:
             types = ["full_attention"] * n
-        bias = d.get("attention_bias", t == "qwen2")
+        bias = d.get("attention_bias", d.get("qkv_bias", t in ("qwen2", "qwen2_moe")))
+        E, sparse = d.get("num_local_experts") or d.get("num_experts") or 0, d.get("decoder_sparse_step") or 1
+        moe = [bool(E) and i not in (d.get("mlp_only_layers") or []) and (i + 1) % sparse == 0 for i in range(n)]
         scalar = d.get("query_pre_attn_scalar") if t in ("gemma2", "gemma3_text") else None
         return Config(model_type=t, vocab_size=d["vocab_size"], n_layer=n, n_head=H,
                       n_kv_head=d.get("num_key_value_heads") or H, n_embd=C, head_dim=hd,
                       intermediate_size=d["intermediate_size"], norm="rms", norm_eps=d.get("rms_norm_eps", 1e-6),
                       norm_unit_offset=gemma, act=acts[act],
-                      qkv_bias=bias, o_bias=bias and t != "qwen2", mlp_bias=d.get("mlp_bias", False),
+                      qkv_bias=bias, o_bias=bias and t not in ("qwen2", "qwen2_moe"), mlp_bias=d.get("mlp_bias", False),
                       fused_qkv="gpt2" if t == "phi3" else "", fused_gate_up=t == "phi3",
-                      qk_norm=t in ("qwen3", "gemma3_text"), post_norms=t in ("gemma2", "gemma3_text"),
+                      qk_norm=t in ("qwen3", "qwen3_moe", "gemma3_text"), post_norms=t in ("gemma2", "gemma3_text"),
                       scale_embeddings=gemma, attn_scale=scalar ** -0.5 if scalar else 0.0,
                       attn_softcap=d.get("attn_logit_softcapping") or 0.0,
                       final_softcap=d.get("final_logit_softcapping") or 0.0,
                       sliding_window=window, layer_types=list(types), rope_local_theta=local_theta,
+                      n_expert=E, n_expert_per_tok=d.get("num_experts_per_tok", 2),
+                      expert_size=d.get("moe_intermediate_size") or 0,
+                      shared_expert_size=d.get("shared_expert_intermediate_size") or 0,
+                      norm_topk=d.get("norm_topk_prob", t == "mixtral"), moe_layers=moe if E else [],
                       rope_theta=theta, rotary_dim=int(hd * rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
                       rope_scaling=scaling, max_position_embeddings=d.get("max_position_embeddings", 2048),
                       tie_word_embeddings=d.get("tie_word_embeddings", gemma), hf=d)
@@ -396,9 +409,9 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, size=0):
         super().__init__()
-        C, I, b = cfg.n_embd, cfg.intermediate_size, cfg.mlp_bias
+        C, I, b = cfg.n_embd, size or cfg.intermediate_size, cfg.mlp_bias
         self.fused = cfg.fused_gate_up
         if self.fused:  # phi3: [gate | up] in one matrix
             self.gate_up_proj = nn.Linear(C, 2 * I, bias=b)
@@ -418,11 +431,42 @@ class MLP(nn.Module):
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
 
+class MoE(nn.Module):
+    """mixture of experts (mixtral, qwen2/3-moe): the router sends each token to its top k of
+    n_expert swiglu MLPs and sums their outputs weighted by its router probabilities; qwen2-moe
+    adds a shared expert scaled by sigmoid(shared_expert_gate x)."""
+    swiglu = False  # generate's fused decoding leaves it alone
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, cfg.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg, cfg.expert_size) for _ in range(cfg.n_expert))
+        if cfg.shared_expert_size:
+            self.shared_expert = MLP(cfg, cfg.shared_expert_size)
+            self.shared_expert_gate = nn.Linear(cfg.n_embd, 1, bias=False)
+        self.k, self.norm_topk = cfg.n_expert_per_tok, cfg.norm_topk
+
+    def forward(self, x, gate_up=None):
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])  # (N, C)
+        probs = self.gate(x).float().softmax(dim=-1)
+        w, idx = probs.topk(self.k, dim=-1)  # (N, k)
+        if self.norm_topk:
+            w = w / w.sum(dim=-1, keepdim=True)
+        w = w.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):  # every expert runs, on no tokens if none: DDP sees all grads
+            tok, slot = torch.where(idx == e)
+            out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.view(shape)
+
 class Block(nn.Module):
     def __init__(self, cfg, layer=0):
         super().__init__()
         self.ln_1, self.ln_2 = make_norm(cfg, cfg.n_embd), make_norm(cfg, cfg.n_embd)
-        self.attn, self.mlp = Attention(cfg, layer), MLP(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp = MoE(cfg) if cfg.moe_layers and cfg.moe_layers[layer] else MLP(cfg)
         self.parallel = cfg.parallel_residual
         self.post_norms = cfg.post_norms
         if cfg.post_norms:
@@ -663,6 +707,14 @@ def hf_names(cfg):
         pre, layer = "model.layers.{}.", {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
                                           **{f"self_attn.{p}": f"attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_proj")},
                                           **{f"mlp.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")}}
+        mixtral = cfg.model_type == "mixtral"  # block_sparse_moe, w1 = gate, w3 = up, w2 = down
+        for e in range(cfg.n_expert):
+            layer.update({f"block_sparse_moe.experts.{e}.{w}" if mixtral else f"mlp.experts.{e}.{p}": f"mlp.experts.{e}.{p}"
+                          for w, p in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))})
+        if cfg.n_expert:
+            layer.update({"block_sparse_moe.gate" if mixtral else "mlp.gate": "mlp.gate",
+                          "mlp.shared_expert_gate": "mlp.shared_expert_gate",
+                          **{f"mlp.shared_expert.{p}": f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")}})
         if cfg.post_norms:  # gemma 2/3: post_attention_layernorm follows attention; pre_feedforward is ln_2
             layer.update({"post_attention_layernorm": "post_attn_norm", "pre_feedforward_layernorm": "ln_2",
                           "post_feedforward_layernorm": "post_mlp_norm"})

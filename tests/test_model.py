@@ -50,6 +50,15 @@ FAMILIES = {
     "phi3_partial_rotary": lambda: transformers.Phi3Config(**llama_kw(pad_token_id=0, eos_token_id=None, num_key_value_heads=6,
                                                                       rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})),
 }
+# mixtures of experts: 4 experts, 2 per token; qwen2-moe with a shared expert and layer 1 dense.
+# apart from FAMILIES: transformers' grouped-mm experts refuse float64, which generate's tests use
+MOE = {
+    "mixtral": lambda: transformers.MixtralConfig(**llama_kw(intermediate_size=40, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**llama_kw(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                                                shared_expert_intermediate_size=32, mlp_only_layers=[1])),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**llama_kw(head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                                                moe_intermediate_size=24, norm_topk_prob=True)),
+}
 # parity of full logits only: generate's head_fn path does not apply a final soft-cap
 LOGITS_ONLY = {
     "gemma2_final_softcap": lambda: transformers.Gemma2Config(**llama_kw(head_dim=16, sliding_window=8,
@@ -59,7 +68,7 @@ WINDOWED = ["mistral_window", "qwen2_window", "gemma2", "gemma3", "phi3"]
 
 def make_hf(name, path):
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config({**FAMILIES, **LOGITS_ONLY}[name](), attn_implementation="eager").float().eval()
+    hf = transformers.AutoModelForCausalLM.from_config({**FAMILIES, **LOGITS_ONLY, **MOE}[name](), attn_implementation="eager").float().eval()
     # random norms/biases too, so a missed one shows
     with torch.no_grad():
         for n, p in hf.named_parameters():
@@ -68,7 +77,7 @@ def make_hf(name, path):
     hf.save_pretrained(path)
     return hf
 
-@pytest.mark.parametrize("name", list(FAMILIES) + list(LOGITS_ONLY))
+@pytest.mark.parametrize("name", list(FAMILIES) + list(LOGITS_ONLY) + list(MOE))
 def test_logit_parity_and_round_trip(name, tmp_path):
     hf = make_hf(name, tmp_path / "hf")
     ours = GPT.from_pretrained(str(tmp_path / "hf")).eval()
@@ -120,7 +129,7 @@ def test_padding_and_packing(name, tmp_path):
         assert (out[:11] - la).abs().max() <= 1e-5 and (out[11:17] - lb).abs().max() <= 1e-5
         assert torch.isfinite(out).all()
 
-@pytest.mark.parametrize("name", WINDOWED + ["gemma", "gemma2_final_softcap"])
+@pytest.mark.parametrize("name", WINDOWED + ["gemma", "gemma2_final_softcap"] + list(MOE))
 def test_padded_batch_parity_with_transformers(name, tmp_path):
     """left- and right-padded rows of different lengths against transformers with the same
     attention mask and positions: every real position's logits agree."""
@@ -298,3 +307,25 @@ def test_lora_adapter_in_peft(name, tmp_path):
         got = ours(ids)
     assert (ref - base).abs().max() > 1e-2
     assert (got - ref).abs().max().item() <= 1e-4
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_moe_kv_cache_generation(name, tmp_path):
+    """generate.py's KV-cache decoding of a left-padded batch on a mixture of experts: the same
+    tokens as the no-cache forward and as transformers' generate (float32, eager experts)."""
+    from generate import generate
+    hf = make_hf(name, tmp_path)
+    with torch.no_grad():  # peaked logits: no near-ties in the argmax
+        for n, p in hf.named_parameters():
+            p.mul_(3.0) if p.dim() == 2 and ".gate." not in n else None
+    hf.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager").float().eval()
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    g = torch.Generator().manual_seed(8)
+    ids, mask = torch.zeros(3, 9, dtype=torch.long), torch.zeros(3, 9, dtype=torch.long)
+    for i, n in enumerate([9, 4, 6]):
+        ids[i, 9 - n:], mask[i, 9 - n:] = torch.randint(1, V, (n,), generator=g), 1
+    cached = generate(ours, ids, 10, attention_mask=mask)
+    hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None
+    ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=0)
+    assert torch.equal(cached, generate(ours, ids, 10, attention_mask=mask, use_cache=False))
+    assert torch.equal(cached, ref)
