@@ -431,6 +431,12 @@ class MLP(nn.Module):
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
 
+class Router(nn.Module):
+    # the (n_expert, C) routing weight, not an nn.Linear: as in transformers, LoRA leaves it alone
+    def __init__(self, C, n_expert):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_expert, C).normal_(std=0.02))
+
 class MoE(nn.Module):
     """mixture of experts (mixtral, qwen2/3-moe): the router sends each token to its top k of
     n_expert swiglu MLPs and sums their outputs weighted by its router probabilities; qwen2-moe
@@ -439,7 +445,7 @@ class MoE(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.gate = nn.Linear(cfg.n_embd, cfg.n_expert, bias=False)
+        self.gate = Router(cfg.n_embd, cfg.n_expert)
         self.experts = nn.ModuleList(MLP(cfg, cfg.expert_size) for _ in range(cfg.n_expert))
         if cfg.shared_expert_size:
             self.shared_expert = MLP(cfg, cfg.shared_expert_size)
@@ -448,7 +454,7 @@ class MoE(nn.Module):
 
     def forward(self, x, gate_up=None):
         shape, x = x.shape, x.reshape(-1, x.shape[-1])  # (N, C)
-        probs = self.gate(x).float().softmax(dim=-1)
+        probs = F.linear(x, self.gate.weight).float().softmax(dim=-1)
         w, idx = probs.topk(self.k, dim=-1)  # (N, k)
         if self.norm_topk:
             w = w / w.sum(dim=-1, keepdim=True)

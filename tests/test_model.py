@@ -285,15 +285,18 @@ def test_old_style_configs(name, tmp_path):
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
 
-@pytest.mark.parametrize("name", ["phi3", "gemma3"])
-def test_lora_adapter_in_peft(name, tmp_path):
-    """fused phi3 projections (qkv_proj, gate_up_proj) and gemma's extra norms: our LoRA adapter,
-    saved in PEFT layout, gives the same logits in PEFT on the transformers model."""
+@pytest.mark.parametrize("name,targets", [("phi3", "all-linear"), ("gemma3", "all-linear"), ("mixtral", "all-linear"),
+                                          ("qwen2_moe", "q_proj,v_proj,shared_expert.up_proj,shared_expert_gate")])
+def test_lora_adapter_in_peft(name, targets, tmp_path):
+    """fused phi3 projections (qkv_proj, gate_up_proj), gemma's extra norms, mixtral's experts (3D
+    tensors in transformers 5: PEFT maps w1/w2/w3 onto them; it does not for qwen2-moe's experts,
+    so that one adapts attention and the shared expert): our LoRA adapter, saved in PEFT layout,
+    gives the same logits in PEFT on the transformers model."""
     import peft
     from lora import inject, save_adapter
     hf = make_hf(name, tmp_path / "hf")
     ours = GPT.from_pretrained(str(tmp_path / "hf")).eval()
-    inject(ours, rank=4, alpha=8)
+    inject(ours, rank=4, alpha=8, target_modules=targets)
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in ours.named_parameters():
