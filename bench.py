@@ -804,10 +804,11 @@ def main_memory(cfg, argv):
 
 def bench_generate(cfg):
     """tokens/s of batched greedy generation: batch_size random prompts of prompt_len tokens, seq_len
-    new tokens per row (no eos), on the same weights and batch: generate.py (KV cache), transformers'
-    generate (its default dynamic cache), generate.py with use_cache=False (the full forward every
-    step). KV cache and transformers alternate for `rounds` runs after one warm-up each (medians);
-    the no-cache loop runs once. tokens/s counts new tokens."""
+    new tokens per row (no eos), on the same weights and batch: generate.py (KV cache, q|k|v and
+    gate|up fused), the same unfused (fuse=False), transformers' generate (its default dynamic cache),
+    generate.py with use_cache=False (the full forward every step). The first three alternate for
+    `rounds` runs after one warm-up each (medians); the no-cache loop runs once. tokens/s counts new
+    tokens."""
     import transformers
     from generate import generate
     S = build_start(cfg)
@@ -820,6 +821,7 @@ def bench_generate(cfg):
     mask = torch.ones_like(x)
     runs = {
         "generate.py": lambda n: generate(ours, x, n),
+        "unfused": lambda n: generate(ours, x, n, fuse=False),
         "transformers": lambda n: hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=n,
                                               min_new_tokens=n, pad_token_id=0),
         "no_cache": lambda n: generate(ours, x, n, use_cache=False),
@@ -833,7 +835,7 @@ def bench_generate(cfg):
         for k in runs:
             runs[k](8)  # warm-up
         for rnd in range(cfg["rounds"]):
-            for k in ("generate.py", "transformers") + (("no_cache",) if rnd == 0 else ()):
+            for k in ("generate.py", "transformers", "unfused") + (("no_cache",) if rnd == 0 else ()):
                 dt_s, outs[k] = timed(S, lambda: runs[k](N))
                 times[k].append(dt_s)
                 print(f"  {k:<14} {dt_s:8.2f} s  {B * N / dt_s:9.0f} tok/s  (round {rnd + 1}, load {loadavg()})")
@@ -843,8 +845,10 @@ def bench_generate(cfg):
     res["vs_transformers"] = statistics.median(b / a for a, b in zip(times["generate.py"], times["transformers"]))
     res["vs_transformers_rounds"] = [b / a for a, b in zip(times["generate.py"], times["transformers"])]
     res["vs_no_cache"] = res["generate.py"]["tokens_per_s"] / res["no_cache"]["tokens_per_s"]
+    res["unfused_vs_transformers"] = statistics.median(b / a for a, b in zip(times["unfused"], times["transformers"]))
     same = lambda a, b: float((outs[a][:, P:] == outs[b][:, P:]).float().mean())
     res["same_tokens_transformers"], res["same_tokens_no_cache"] = same("generate.py", "transformers"), same("generate.py", "no_cache")
+    res["same_tokens_unfused"] = same("generate.py", "unfused")
     info["load_end"] = loadavg()
     print(f"\n{S.device} {cfg['dtype']}, batch {B}, prompt {P}, {N} new tokens, median of {cfg['rounds']} runs, "
           f"load {info['load_start']} -> {info['load_end']}")
@@ -852,9 +856,9 @@ def bench_generate(cfg):
                   f"{res['generate.py']['tokens_per_s'] / res[k]['tokens_per_s']:.2f}x"] for k in runs],
                 ["generator", "seconds", "new tokens/s", "generate.py is"])
     print(f"generate.py / transformers tokens/s, median of the rounds' ratios: {res['vs_transformers']:.2f}x "
-          f"(rounds: {', '.join(f'{r:.2f}' for r in res['vs_transformers_rounds'])})")
+          f"(rounds: {', '.join(f'{r:.2f}' for r in res['vs_transformers_rounds'])}); unfused: {res['unfused_vs_transformers']:.2f}x")
     print(f"same greedy tokens as generate.py: transformers {res['same_tokens_transformers']:.3f}, "
-          f"no cache {res['same_tokens_no_cache']:.3f} (random weights in {cfg['dtype']}: near-ties may differ)")
+          f"unfused {res['same_tokens_unfused']:.3f}, no cache {res['same_tokens_no_cache']:.3f} (random weights in {cfg['dtype']}: near-ties may differ)")
     if cfg["json"]:
         with open(cfg["json"], "w") as f:
             json_lib.dump({"machine": info, "config": cfg, "results": res}, f, indent=2)

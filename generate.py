@@ -82,20 +82,22 @@ def left_align(input_ids, attention_mask):
     return input_ids.gather(1, order), attention_mask.gather(1, order)
 
 def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None,
-             generator=None, attention_mask=None, pad_token_id=None, stop_fn=None, use_cache=True):
+             generator=None, attention_mask=None, pad_token_id=None, stop_fn=None, use_cache=True, fuse=True):
     """Extends input_ids (B, T) by up to max_new_tokens; returns (B, T + n), n <= max_new_tokens.
     attention_mask (B, T) 0/1 marks padding (left, right or anywhere: rows are left-aligned first,
     and the result is left-padded). A row is done after eos_token_id or when stop_fn(row index,
     its new tokens) says so; done rows are filled with pad_token_id (default eos) and generation
     ends once every row is done. use_cache=False recomputes the full forward every step (the slow
-    reference). generator (on the model's device) makes sampling reproducible."""
+    reference). fuse: the cache runs q|k|v and gate|up as one matrix product each, on weights
+    concatenated once per call (KVCache.fuse: a copy of those weights while generating; False
+    saves that memory). generator (on the model's device) makes sampling reproducible."""
     with torch.inference_mode():  # no autograd bookkeeping at all: ~10% of a small model's step
         y = _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-                      attention_mask, pad_token_id, stop_fn, use_cache)
+                      attention_mask, pad_token_id, stop_fn, use_cache, fuse)
     return y.clone()  # a normal tensor: an inference tensor cannot enter a later backward
 
 def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-              attention_mask, pad_token_id, stop_fn, use_cache):
+              attention_mask, pad_token_id, stop_fn, use_cache, fuse):
     from model import KVCache
     B, T = input_ids.shape
     if attention_mask is None:
@@ -114,32 +116,36 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
     if torch.is_autocast_enabled(ids.device.type):
         dt = torch.get_autocast_dtype(ids.device.type)
     cache = KVCache(model.config, B, T + n_new, ids.device, dt) if use_cache else None
+    if use_cache and fuse:
+        cache.fuse(model)
     if use_cache:
         logits = model(ids, attention_mask=mask, position_ids=pos, head_fn=last, kv_cache=cache)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    out = [ids]
+    out = torch.empty(B, T + n_new, dtype=ids.dtype, device=ids.device)  # filled step by step: no per-step cat
+    out[:, :T] = ids
+    new_pos = pos[:, -1:] + torch.arange(1, n_new + 1, device=ids.device)  # (B, n_new): each step's positions
+    end = T
     for step in range(n_new):
         if not use_cache:
-            full = torch.cat(out, dim=1)
             m = torch.cat([mask, mask.new_ones(B, step)], dim=1)
-            p = torch.cat([pos, pos[:, -1:] + torch.arange(1, step + 1, device=ids.device)], dim=1)
-            logits = model(full, attention_mask=m, position_ids=p, head_fn=last)
+            p = torch.cat([pos, new_pos[:, :step]], dim=1)
+            logits = model(out[:, :end], attention_mask=m, position_ids=p, head_fn=last)
         nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
         if pad is not None:
             nxt = nxt.masked_fill(done, pad)
-        out.append(nxt[:, None])
+        out[:, end] = nxt
+        end += 1
         if eos_token_id is not None:
             done = done | (nxt == eos_token_id)
         if stop_fn is not None:
-            new = torch.cat(out[1:], dim=1)
             for b in (~done).nonzero().flatten().tolist():
-                if stop_fn(b, new[b]):
+                if stop_fn(b, out[b, T:end]):
                     done[b] = True
         if (eos_token_id is not None or stop_fn is not None) and bool(done.all()):
             break
         if use_cache and step + 1 < n_new:
-            logits = model(nxt[:, None], position_ids=pos[:, -1:] + step + 1, head_fn=last, kv_cache=cache)
-    return torch.cat(out, dim=1)
+            logits = model(nxt[:, None], position_ids=new_pos[:, step:step + 1], head_fn=last, kv_cache=cache)
+    return out[:, :end]
 
 # -----------------------------------------------------------------------------
 # prompts and text

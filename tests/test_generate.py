@@ -86,6 +86,38 @@ def test_kv_cache_logits_match_full_forward(tmp_path):
     assert (got[real] - want[real]).abs().max().item() <= 1e-10
     assert torch.isfinite(got).all()  # padding queries see themselves: no NaN rows
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "gemma2", "phi3", "gpt2"])
+def test_fused_decoding_equals_unfused(name, tmp_path):
+    """KVCache.fuse (q|k|v and gate|up concatenated once per cache) gives the separate projections'
+    logits at prefill and at every step, padded rows included; families stored fused (phi3, gpt2)
+    have nothing to fuse."""
+    from model import KVCache
+    make_hf(name, tmp_path)
+    m = GPT.from_pretrained(str(tmp_path)).eval()  # float32: the dtype the speed-up is for
+    ids, mask, _ = padded_batch([7, 3, 5], seed=2)
+    steps = torch.randint(1, V, (3, 6), generator=torch.Generator().manual_seed(3))
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    def run(fuse):
+        cache = KVCache(m.config, 3, 13)
+        if fuse:
+            cache.fuse(m)
+        with torch.no_grad():
+            out = [m(ids, attention_mask=mask, position_ids=pos, kv_cache=cache)]
+            for t in range(6):
+                out.append(m(steps[:, t:t + 1], position_ids=pos[:, -1:] + t + 1, kv_cache=cache))
+        return torch.cat(out, dim=1), cache
+    want, _ = run(False)
+    got, cache = run(True)
+    separate = name not in ("phi3", "gpt2")
+    assert all((f is not None and set(f) == {"qkv", "gate_up"}) == separate for f in cache.fused)
+    if separate:
+        w, b = cache.fused[0]["qkv"]
+        a = m.blocks[0].attn
+        assert torch.equal(w, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        assert (b is None) == (a.q_proj.bias is None)
+    real = torch.cat([mask, torch.ones(3, 6, dtype=torch.long)], dim=1).bool()
+    assert (got[real] - want[real]).abs().max().item() <= 1e-5
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """a random tiny llama over the byte vocabulary, saved with the byte tokenizer."""
@@ -253,7 +285,7 @@ def test_bench_generate_runs_the_same_tokens():
     cfg.update(model_n_layer=2, model_n_embd=32, model_n_head=4, model_n_kv_head=2, model_intermediate_size=64,
                model_vocab_size=97, batch_size=3, prompt_len=5, seq_len=12, rounds=2, device="cpu")
     res = bench.bench_generate(cfg)
-    assert res["same_tokens_transformers"] == 1.0 and res["same_tokens_no_cache"] == 1.0
+    assert res["same_tokens_transformers"] == 1.0 and res["same_tokens_no_cache"] == 1.0 and res["same_tokens_unfused"] == 1.0
     assert len(res["vs_transformers_rounds"]) == 2 and len(res["no_cache"]["runs_s"]) == 1
     assert res["vs_no_cache"] == pytest.approx(res["no_cache"]["seconds"] / res["generate.py"]["seconds"])
 
