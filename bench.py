@@ -806,11 +806,15 @@ def bench_generate(cfg):
     """tokens/s of batched greedy generation: batch_size random prompts of prompt_len tokens, seq_len
     new tokens per row (no eos), on the same weights and batch: generate.py (KV cache, q|k|v and
     gate|up fused), the same unfused (fuse=False), transformers' generate (its default dynamic cache),
-    generate.py with use_cache=False (the full forward every step). The first three alternate for
-    `rounds` runs after one warm-up each (medians); the no-cache loop runs once. tokens/s counts new
-    tokens."""
+    generate.py with use_cache=False (the full forward every step), and the floor ("kernels only",
+    for families with separate q/k/v and gate/up): the prefill forward, then only the matrix
+    products and attention kernels of each step, none of the norms, rope, residuals or bookkeeping
+    around them; transformers' time over the floor's bounds what any generator of these kernels can
+    reach. All but the no-cache loop alternate for `rounds` runs after one warm-up each (medians);
+    the no-cache loop runs once. tokens/s counts new tokens."""
     import transformers
     from generate import generate
+    from model import KVCache
     S = build_start(cfg)
     dt = S.ptdtype  # generation runs in the compute dtype itself (no autocast)
     hf = hf_model(S, dt).to(S.device).eval()
@@ -826,6 +830,22 @@ def bench_generate(cfg):
                                               min_new_tokens=n, pad_token_id=0),
         "no_cache": lambda n: generate(ours, x, n, use_cache=False),
     }
+    mc = ours.config
+    H, K, hd, I = mc.n_head, mc.n_kv_head, mc.head_dim, mc.intermediate_size
+
+    @torch.inference_mode()  # as generate.py
+    def kernels_only(n):
+        c = KVCache(mc, B, P + n, S.device, dt).fuse(ours)
+        ours(x, head_fn=lambda h, w: F.linear(h[:, -1], w))  # the prefill, as generate.py runs it
+        h = torch.randn(B, mc.n_embd, device=S.device, dtype=dt)
+        for t in range(n):
+            for i, (f, block) in enumerate(zip(c.fused, ours.blocks)):
+                q = F.linear(h, *f["qkv"])[:, :H * hd].view(B, H, 1, hd)
+                y = F.scaled_dot_product_attention(q, c.k[i][:, :, :P + t + 1], c.v[i][:, :, :P + t + 1], enable_gqa=H != K)
+                h = block.mlp.down_proj(F.linear(block.attn.o_proj(y.view(B, H * hd)), *f["gate_up"])[:, :I])
+            ours.lm_head(h).argmax(dim=-1)
+    if all(f is not None and "gate_up" in f for f in KVCache(mc, 1, 1).fuse(ours).fused):
+        runs["kernels_only"] = kernels_only
     info = dict(machine(), device=S.device, dtype=cfg["dtype"], load_start=loadavg())
     print(f"bench generate: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, {info['torch_threads']} threads, "
           f"torch {info['torch']}, transformers {transformers.__version__}, {S.device} {cfg['dtype']}, "
@@ -835,7 +855,9 @@ def bench_generate(cfg):
         for k in runs:
             runs[k](8)  # warm-up
         for rnd in range(cfg["rounds"]):
-            for k in ("generate.py", "transformers", "unfused") + (("no_cache",) if rnd == 0 else ()):
+            for k in ("generate.py", "transformers", "unfused", "kernels_only", "no_cache"):
+                if k not in runs or k == "no_cache" and rnd > 0:
+                    continue
                 dt_s, outs[k] = timed(S, lambda: runs[k](N))
                 times[k].append(dt_s)
                 print(f"  {k:<14} {dt_s:8.2f} s  {B * N / dt_s:9.0f} tok/s  (round {rnd + 1}, load {loadavg()})")
@@ -845,7 +867,10 @@ def bench_generate(cfg):
     res["vs_transformers"] = statistics.median(b / a for a, b in zip(times["generate.py"], times["transformers"]))
     res["vs_transformers_rounds"] = [b / a for a, b in zip(times["generate.py"], times["transformers"])]
     res["vs_no_cache"] = res["generate.py"]["tokens_per_s"] / res["no_cache"]["tokens_per_s"]
-    res["unfused_vs_transformers"] = statistics.median(b / a for a, b in zip(times["unfused"], times["transformers"]))
+    ratio = lambda k: statistics.median(b / a for a, b in zip(times[k], times["transformers"]))
+    res["unfused_vs_transformers"] = ratio("unfused")
+    if "kernels_only" in runs:
+        res["kernels_only_vs_transformers"] = ratio("kernels_only")  # the ceiling of vs_transformers
     same = lambda a, b: float((outs[a][:, P:] == outs[b][:, P:]).float().mean())
     res["same_tokens_transformers"], res["same_tokens_no_cache"] = same("generate.py", "transformers"), same("generate.py", "no_cache")
     res["same_tokens_unfused"] = same("generate.py", "unfused")
@@ -856,7 +881,8 @@ def bench_generate(cfg):
                   f"{res['generate.py']['tokens_per_s'] / res[k]['tokens_per_s']:.2f}x"] for k in runs],
                 ["generator", "seconds", "new tokens/s", "generate.py is"])
     print(f"generate.py / transformers tokens/s, median of the rounds' ratios: {res['vs_transformers']:.2f}x "
-          f"(rounds: {', '.join(f'{r:.2f}' for r in res['vs_transformers_rounds'])}); unfused: {res['unfused_vs_transformers']:.2f}x")
+          f"(rounds: {', '.join(f'{r:.2f}' for r in res['vs_transformers_rounds'])}); unfused: {res['unfused_vs_transformers']:.2f}x"
+          + (f"; kernels only (the ceiling): {res['kernels_only_vs_transformers']:.2f}x" if "kernels_only" in runs else ""))
     print(f"same greedy tokens as generate.py: transformers {res['same_tokens_transformers']:.3f}, "
           f"unfused {res['same_tokens_unfused']:.3f}, no cache {res['same_tokens_no_cache']:.3f} (random weights in {cfg['dtype']}: near-ties may differ)")
     if cfg["json"]:

@@ -288,6 +288,7 @@ def test_bench_generate_runs_the_same_tokens():
     assert res["same_tokens_transformers"] == 1.0 and res["same_tokens_no_cache"] == 1.0 and res["same_tokens_unfused"] == 1.0
     assert len(res["vs_transformers_rounds"]) == 2 and len(res["no_cache"]["runs_s"]) == 1
     assert res["vs_no_cache"] == pytest.approx(res["no_cache"]["seconds"] / res["generate.py"]["seconds"])
+    assert len(res["kernels_only"]["runs_s"]) == 2 and res["kernels_only_vs_transformers"] > 0  # a llama: the floor runs
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_from_a_checkpoint_like_final(tiny, tmp_path, lora):
