@@ -343,8 +343,8 @@ class KVCache:
         """decoding then runs q|k|v and gate|up as one matrix product each: fewer kernel launches
         per step (BENCHMARKS.md: ~7% faster steps for the demo's model on CPU, no measurable change
         at 7M parameters, where the products' arithmetic dominates). The weights are concatenated
-        here, once per cache (a copy of those weights for the cache's life). Layers already fused (gpt2, neox, phi3) and wrapped
-        ones (LoRA, FSDP: not a plain nn.Linear) keep their own path."""
+        here, once per cache (a copy of those weights for the cache's life). Layers already fused
+        (gpt2, neox, phi3) and wrapped ones (LoRA, FSDP: not a plain nn.Linear) keep their own path."""
         plain = lambda *ls: all(type(l) is nn.Linear for l in ls)
         cat = lambda *ls: (torch.cat([l.weight for l in ls]),
                            None if ls[0].bias is None else torch.cat([l.bias for l in ls]))
