@@ -267,6 +267,7 @@ OLD_STYLE = {  # hub configs written before layer_types / rope_parameters existe
                          "sliding_window_pattern": 2, "rope_theta": 1e6, "rope_local_base_freq": 100.0,
                          "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
     "gemma2": lambda d: {k: v for k, v in d.items() if k != "layer_types"},
+    "gemma": lambda d: {**d, "hidden_act": "gelu"},  # gemma 1's legacy value, meant as the tanh approximation
     "qwen2_window": lambda d: {k: v for k, v in d.items() if k != "layer_types"},
 }
 
@@ -280,7 +281,9 @@ def test_old_style_configs(name, tmp_path):
     path.write_text(json.dumps(OLD_STYLE[name](json.loads(path.read_text()))))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
     ours = GPT.from_pretrained(str(tmp_path)).eval()
-    assert ours.config.layer_types == list(hf.config.layer_types)
+    assert ours.config.layer_types == list(getattr(hf.config, "layer_types", None) or ["full_attention"] * 2)
+    x = torch.linspace(-4, 4, 101)
+    assert torch.equal(ours.blocks[0].mlp.act(x), hf.model.layers[0].mlp.act_fn(x))
     ids = torch.randint(0, V, (2, 29), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
