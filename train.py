@@ -150,11 +150,11 @@ from tqdm import tqdm
 
 import checkpoint
 import data as D
+import methods
 from configurator import ConfigError
 from lora import inject, lora_parameters
 from model import GPT, Config, load_tokenizer
 from step import Step, objective, optimizer_step
-import methods
 
 def check(cond, msg):
     if not cond:
