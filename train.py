@@ -77,7 +77,7 @@ maxright_interval = 10    # maxright re-evaluates both objectives every k steps
 eps = 0.0                 # early stop when a gap f_i - f_i* <= eps (0 = off)
 pareto_front = ""         # JSON file of [[f_1, ..., f_K], ...]: early stop when weakly dominated within eps
 precompute_ref = False    # DPO reference log-probs once, cached on disk; the reference model is dropped
-loss_chunk_size = 0       # tokens per chunk of the output head ([chunk, V] logits at a time); 0: max(128, 2^22 / V)
+loss_chunk_size = 0       # tokens per chunk of the output head ([chunk, V] logits at a time); 0: max(128, 2^22 / V), 2^26 / V on a GPU
 # per-objective keys: the value here is every objective's default, and KEY_i sets it for objective i
 # alone (dataset_2, max_len_3, dpo_beta_2, ref_model_2, ...); objective_config(i) resolves them
 per_objective = dict(
