@@ -142,14 +142,15 @@ class _ChunkedHeadUniform(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_vals):
+        # scaled in place: a second (V, C) buffer would double the peak (the graph is not reused)
         grad_w, grad_h = ctx.saved_tensors
         if grad_h is not None:
-            grad_h = (grad_h * grad_vals[:, None]).to(ctx.dtypes[1])
+            grad_h = grad_h.mul_(grad_vals[:, None].to(grad_h.dtype)).to(ctx.dtypes[1])
         if grad_w is not None and grad_vals.numel():
             if not grad_vals.is_cuda:  # free on CPU; on a GPU it would cost a host sync per loss
                 assert bool((grad_vals == grad_vals[0]).all()), "uniform head gradient with unequal token weights"
-            grad_w = (grad_w * grad_vals[0]).to(ctx.dtypes[0])
-        elif grad_w is not None:
+            grad_w = grad_w.mul_(grad_vals[0].to(grad_w.dtype))
+        if grad_w is not None:
             grad_w = grad_w.to(ctx.dtypes[0])
         return None, None, grad_w, grad_h, *[None] * (len(ctx.needs_input_grad) - 4)
 
