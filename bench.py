@@ -218,6 +218,10 @@ def hf_dpo_step(model, ref, optimizer, b, beta=0.1, autocast=contextlib.nullcont
         with torch.no_grad():
             rc, rr = hf_sequence_logps(ref, b).chunk(2)
         loss = -F.logsigmoid(beta * ((pc - pr) - (rc - rr))).mean()
+    return hf_update(model, optimizer, loss, max_norm)
+
+def hf_update(model, optimizer, loss, max_norm):
+    """backward, clip, step: the end of a plain training loop's step; returns the loss."""
     loss.backward()
     value = loss.item()
     if max_norm > 0:
@@ -232,13 +236,7 @@ def hf_sft_step(model, optimizer, b, autocast=contextlib.nullcontext(), max_norm
     with autocast:
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
-    loss.backward()
-    value = loss.item()
-    if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return value
+    return hf_update(model, optimizer, loss, max_norm)
 
 def word_tokenizer(vocab_size):
     """a transformers tokenizer whose text 't17 t4 <eos>' is ids [17, 4, vocab_size - 1]: any id
@@ -296,7 +294,7 @@ def trl_dpo_step_times(S, n_steps):
                   adam_beta2=cfg["adam_betas"][1], weight_decay=0.0, max_grad_norm=cfg["max_norm"],
                   lr_scheduler_type="constant", warmup_steps=0, beta=cfg["dpo_beta"],
                   bf16=cfg["dtype"] == "bfloat16", fp16=cfg["dtype"] == "float16",
-                  gradient_checkpointing=cfg["gradient_checkpointing"],
+                  activation_checkpointing=cfg["gradient_checkpointing"],
                   max_length=cfg["seq_len"], precompute_ref_log_probs=False, eval_strategy="no",
                   save_strategy="no", logging_strategy="no", report_to="none", use_cpu=S.device_type == "cpu",
                   dataloader_num_workers=0, disable_tqdm=True, seed=cfg["seed"])
@@ -319,7 +317,7 @@ def trl_config_kwargs(config_class, kw):
     installed names, keys it does not know dropped (each said once)."""
     import dataclasses
     known = {f.name for f in dataclasses.fields(config_class)}
-    renames = {"eval_strategy": "evaluation_strategy", "use_cpu": "no_cuda"}
+    renames = {"eval_strategy": "evaluation_strategy", "use_cpu": "no_cuda", "activation_checkpointing": "gradient_checkpointing"}
     out = {}
     for k, v in kw.items():
         if k in known:
