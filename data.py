@@ -12,6 +12,7 @@ Conventions used everywhere below:
 - attention_mask holds segment ids: 0 = padding, 1, 2, ... = the document within the row. The
   model attends causally within a segment only, so packed documents never see each other.
 """
+import contextlib
 import json
 import os
 import random
@@ -69,7 +70,9 @@ def _is_dataset(eval_split):
     return "/" in first or os.sep in first or first.lower().endswith(FILE_EXTS)
 
 def _read_source(name, split):
-    """The rows of one source as a list of dicts: a local file, a save_to_disk folder, or a hub id."""
+    """One source, unread: a datasets.Dataset (Arrow, memory-mapped, so no row is in Python yet) of a
+    local file, a save_to_disk folder or a hub id; a list of dicts only for a .json/.jsonl file
+    that pyarrow cannot read (mixed types), or an error naming the file, line and column."""
     ext = os.path.splitext(name)[1].lower()
     is_disk = os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json"))
     if ext in FILE_EXTS and not os.path.isfile(name):
@@ -77,9 +80,12 @@ def _read_source(name, split):
     if (ext in FILE_EXTS or os.path.exists(os.path.join(name, "state.json"))) and split != "train":
         raise ConfigError(f"{name}: a single file or Dataset has only the 'train' split, not {split!r} "
                          f"(name the eval set as a file or folder of its own: eval_split=PATH)")
-    if ext in (".json", ".jsonl"):
-        return _read_json(name)
     import datasets
+    if ext in (".json", ".jsonl"):
+        try:
+            return datasets.Dataset.from_json(name)
+        except Exception:  # the python reader says what is wrong, or reads what arrow cannot type
+            return _read_json(name)
     try:
         if ext == ".parquet":
             ds = datasets.Dataset.from_parquet(name)
@@ -96,38 +102,98 @@ def _read_source(name, split):
         if split not in ds:
             raise ConfigError(f"{name}: no split {split!r} (splits: {list(ds)})")
         ds = ds[split]
-    return ds.to_list()
+    return ds
 
 def _read_all(spec, split):
-    """[(name, rows with "_id")] for each comma-separated source of spec."""
+    """[(name, source)] for each comma-separated source of spec, none of them empty."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise ConfigError(f"no dataset given (spec {spec!r})")
     sources = []
     for n in names:
-        rows = _read_source(n, split)
-        if not rows:
+        src = _read_source(n, split)
+        if len(src) == 0:
             raise ConfigError(f"{n}: the dataset is empty (split {split!r} has 0 rows)")
-        sources.append((n, [{**r, "_id": f"{n}:{i}" if len(names) > 1 else i} for i, r in enumerate(rows)]))
+        sources.append((n, src))
     return sources
 
-def _holdout(rows, eval_frac):
-    # every (1/eval_frac)-th row, spread evenly over the source and independent of the seed,
+def _take(name, src, idx, blend):
+    # rows idx of a source as dicts with their "_id": the only rows that become python objects.
+    # Arrow gives every row every column; a key a row lacks (None) is left out, as in the file
+    rows = [src[i] for i in idx] if isinstance(src, list) else src.select(idx).to_list()
+    return [{**{k: v for k, v in r.items() if v is not None}, "_id": f"{name}:{i}" if blend else i}
+            for r, i in zip(rows, idx)]
+
+def _held(n, k):
+    # k of a source's n row indices, spread evenly over it and independent of the seed,
     # so every run and every method is evaluated on the same rows
-    k = max(1, round(len(rows) * eval_frac))
-    if k >= len(rows):
-        raise ConfigError(f"eval_frac={eval_frac} would hold out {k} of {len(rows)} rows, leaving nothing to train on")
-    held = {int((j + 0.5) * len(rows) / k) for j in range(k)}
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    return sorted({int((j + 0.5) * n / k) for j in range(k)})
 
-def _sample(rows, n, rng):
-    # n rows of a source: whole passes over it, then a random subset (kept in source order)
-    full, rest = divmod(n, len(rows))
-    return rows * full + [rows[i] for i in sorted(rng.sample(range(len(rows)), rest))]
+def _skip(positions, held):
+    # source indices of sorted positions counted among the rows that are not held out
+    out, j = [], 0
+    for p in positions:
+        while j < len(held) and held[j] <= p + j:
+            j += 1
+        out.append(p + j)
+    return out
 
-def load_rows(spec, split="train", max_samples=0, probs="", seed=42, eval_split="", eval_frac=0.0):
+def _sample(n, c, rng):
+    # c positions of n rows: whole passes, then a random subset (kept in order)
+    full, rest = divmod(c, n)
+    return list(range(n)) * full + sorted(rng.sample(range(n), rest))
+
+def _plan(sources, max_samples, probs, seed, eval_frac, eval_max_samples):
+    """[(train indices, held-out indices)] per source, on indices only. A source asked for c rows
+    (max_samples, or its share of a blend) holds out round(eval_frac * min(c, n)) of its n rows
+    (at least one; eval_max_samples > 0 caps the total, shared in proportion), spread evenly over
+    it; its training rows are then drawn from the others."""
+    rng = random.Random(seed)
+    sizes = [len(src) for _, src in sources]
+    if len(sources) == 1:
+        counts = [max_samples if 0 < max_samples < sizes[0] else sizes[0]]
+    else:
+        p = [float(x) for x in probs.split(",")] if probs else [1.0] * len(sources)
+        if len(p) != len(sources) or min(p) < 0 or sum(p) <= 0:
+            raise ConfigError(f"probs {probs!r} must give one non-negative proportion per source ({len(sources)} sources)")
+        total = max_samples or sum(sizes)
+        exact = [total * x / sum(p) for x in p]
+        counts = [int(x) for x in exact]
+        for i in sorted(range(len(p)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
+            counts[i] += 1  # largest remainders, so the counts add up to total
+    ks = [max(1, round(min(c, n) * eval_frac)) if eval_frac > 0 else 0 for c, n in zip(counts, sizes)]
+    if eval_max_samples > 0 and sum(ks) > eval_max_samples:
+        ks = [max(1, round(k * eval_max_samples / sum(ks))) for k in ks]
+    plan = []
+    for n, c, k in zip(sizes, counts, ks):
+        if k >= n:
+            raise ConfigError(f"eval_frac={eval_frac} would hold out {k} of {n} rows, leaving nothing to train on")
+        held = _held(n, k) if k else []
+        pos = _sample(n - k, c, rng) if len(sources) > 1 or c < n - k else range(n - k)
+        uniq = sorted(set(pos))
+        where = dict(zip(uniq, _skip(uniq, held)))
+        plan.append(([where[q] for q in pos], held))
+    return plan
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 reads first (datasets converts files to Arrow and caches them), then the other ranks
+    read its cache rather than converting the same files at once. Needs the cache on a shared
+    filesystem to save work across nodes (else each node converts its own)."""
+    dist = torch.distributed
+    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if on and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:  # rank 0 failing lets the others go on to fail with the same message
+        if on and dist.get_rank() == 0:
+            dist.barrier()
+
+def load_rows(spec, split="train", max_samples=0, probs="", seed=42, eval_split="", eval_frac=0.0, eval_max_samples=0):
     """Training rows of spec: a .json/.jsonl/.parquet/.csv file, a save_to_disk folder, a hub id,
-    or a comma-separated blend of those.
+    or a comma-separated blend of those. Sources are read as Arrow datasets and sampled on indices:
+    only the rows returned become python objects.
     - one source: every row of `split` in file order; max_samples > 0 keeps a random subset of
       that many rows (seeded, kept in file order). Ids are row indices (int).
     - a blend: the blend has max_samples rows (0: the sum of the sources' sizes), shared out by
@@ -135,39 +201,36 @@ def load_rows(spec, split="train", max_samples=0, probs="", seed=42, eval_split=
       repeated (whole passes plus a random subset), fewer gives a random subset. Ids are
       "<source>:<row index>". Rows are concatenated source by source; the Loader shuffles.
     - eval_frac > 0 and no eval_split: the held-out slice of load_splits is left out first, so
-      max_samples and probs never move an eval row into training."""
-    sources = _read_all(spec, split)
-    if eval_frac > 0 and not eval_split:
-        sources = [(n, _holdout(rows, eval_frac)[0]) for n, rows in sources]
-    rng = random.Random(seed)
-    if len(sources) == 1:
-        rows = sources[0][1]
-        return _sample(rows, max_samples, rng) if 0 < max_samples < len(rows) else rows
-    p = [float(x) for x in probs.split(",")] if probs else [1.0] * len(sources)
-    if len(p) != len(sources) or min(p) < 0 or sum(p) <= 0:
-        raise ConfigError(f"probs {probs!r} must give one non-negative proportion per source ({len(sources)} sources)")
-    total = max_samples or sum(len(rows) for _, rows in sources)
-    exact = [total * x / sum(p) for x in p]
-    counts = [int(x) for x in exact]
-    for i in sorted(range(len(p)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
-        counts[i] += 1  # largest remainders, so the counts add up to total
-    return [r for (_, rows), c in zip(sources, counts) for r in _sample(rows, c, rng)]
+      training never takes an eval row."""
+    return load_splits(spec, split, eval_split, max_samples, probs, seed, eval_frac, eval_max_samples, _eval=False)[0]
 
-def load_splits(spec, train_split="train", eval_split="", max_samples=0, probs="", seed=42, eval_frac=0.0):
+def load_splits(spec, train_split="train", eval_split="", max_samples=0, probs="", seed=42, eval_frac=0.0,
+                eval_max_samples=0, _eval=True):
     """(train_rows, eval_rows). The eval rows are, in order of precedence:
     - eval_split naming a dataset of its own (it contains a "/" or ends in .json/.jsonl/.parquet/
       .csv: a file, "./folder", a hub id, or a comma list of them): its rows, with its own ids;
     - any other eval_split is a split name: that split of every source (ids as for training);
-    - eval_frac > 0: the deterministic held-out slice of every source (at least one row each);
-    - otherwise none. Eval rows are never resampled, repeated or capped by max_samples."""
-    train = load_rows(spec, train_split, max_samples, probs, seed, eval_split, eval_frac)
+    - eval_frac > 0: a held-out slice of every source, eval_frac of the rows training uses from
+      it (max_samples or its share of a blend; at least one row), spread evenly over the source;
+    - otherwise none. eval_max_samples > 0 caps the eval rows (evenly spread); they are never
+      resampled or repeated."""
+    sources = _read_all(spec, train_split)
+    blend = len(sources) > 1
+    plan = _plan(sources, max_samples, probs, seed, 0.0 if eval_split else eval_frac, eval_max_samples)
+    train = [r for (n, src), (idx, _) in zip(sources, plan) for r in _take(n, src, idx, blend)]
+    if not _eval:
+        return train, []
     if eval_split and _is_dataset(eval_split):
-        return train, load_rows(eval_split)
-    if eval_split:
-        return train, [r for _, rows in _read_all(spec, eval_split) for r in rows]
-    if eval_frac > 0:
-        return train, [r for _, rows in _read_all(spec, train_split) for r in _holdout(rows, eval_frac)[1]]
-    return train, []
+        held = _read_all(eval_split, "train")
+        blend = len(held) > 1
+    elif eval_split:
+        held = _read_all(spec, eval_split)
+    else:
+        return train, [r for (n, src), (_, idx) in zip(sources, plan) for r in _take(n, src, idx, blend)]
+    total = sum(len(src) for _, src in held)  # a given eval set: capped evenly, source by source
+    ks = [len(src) if not 0 < eval_max_samples < total else max(1, round(len(src) * eval_max_samples / total))
+          for _, src in held]
+    return train, [r for (n, src), k in zip(held, ks) for r in _take(n, src, _held(len(src), k), blend)]
 
 # -----------------------------------------------------------------------------
 # tokenizing

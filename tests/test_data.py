@@ -186,13 +186,50 @@ def test_eval_holdout_and_eval_file(tmp_path):
     assert [r["_id"] for r in ev] == [5, 15]  # int((j + 0.5) * 20 / 2)
     assert [r["_id"] for r in train] == [i for i in range(20) if i not in (5, 15)]
     assert data.load_rows(a, eval_frac=0.1) == train
-    # held out before max_samples: a smaller train set never takes an eval row
+    # max_samples=5: eval_frac of the 5 rows used, so one row (the middle one), never trained on
     train, ev2 = data.load_splits(a, max_samples=5, eval_frac=0.1)
-    assert ev2 == ev and len(train) == 5 and not {5, 15} & {r["_id"] for r in train}
+    assert [r["_id"] for r in ev2] == [10] and len(train) == 5 and 10 not in {r["_id"] for r in train}
     assert [r["_id"] for r in data.load_splits(a, eval_frac=0.001)[1]] == [10]  # at least one row
     e = write_jsonl(tmp_path / "e.jsonl", [{"x": "e0"}, {"x": "e1"}])
     train, ev = data.load_splits(a, eval_split=e, eval_frac=0.1)  # a file given: no holdout
     assert len(train) == 20 and ev == [{"x": "e0", "_id": 0}, {"x": "e1", "_id": 1}]
+
+def test_eval_holdout_follows_max_samples_and_is_capped(tmp_path):
+    """the held-out slice is eval_frac of the rows used (max_samples, or a source's share of a
+    blend), not of the whole split, spread evenly over the source: int((j + 0.5) * n / k)."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"x": str(i)} for i in range(1000)])
+    train, ev = data.load_splits(a, max_samples=100, eval_frac=0.1)
+    assert [r["_id"] for r in ev] == [50 + 100 * j for j in range(10)]  # 10 = 0.1 * 100, not 100
+    assert len(train) == 100 and not {r["_id"] for r in ev} & {r["_id"] for r in train}
+    assert all(r["x"] == str(r["_id"]) for r in train + ev)
+    assert data.load_rows(a, max_samples=100, eval_frac=0.1) == train
+    train, ev = data.load_splits(a, eval_frac=0.1, eval_max_samples=4)  # 100 would be held out; capped
+    assert [r["_id"] for r in ev] == [125, 375, 625, 875] and len(train) == 996
+    # a blend: each source holds out eval_frac of its share (50 rows each: 5), the cap shared alike
+    b = write_jsonl(tmp_path / "b.jsonl", [{"x": str(i)} for i in range(200)])
+    train, ev = data.load_splits(f"{a},{b}", max_samples=100, eval_frac=0.1)
+    assert Counter(r["_id"].rsplit(":", 1)[0] for r in ev) == {a: 5, b: 5}
+    assert [r["_id"] for r in ev][5:] == [f"{b}:{20 + 40 * j}" for j in range(5)]
+    assert len(train) == 100 and not {r["_id"] for r in ev} & {r["_id"] for r in train}
+    train, ev = data.load_splits(f"{a},{b}", max_samples=100, eval_frac=0.1, eval_max_samples=4)
+    assert [r["_id"] for r in ev] == [f"{a}:250", f"{a}:750", f"{b}:50", f"{b}:150"]
+    e = write_jsonl(tmp_path / "e.jsonl", [{"x": f"e{i}"} for i in range(10)])  # a given eval set: capped too
+    assert [r["_id"] for r in data.load_splits(a, eval_split=e, eval_max_samples=2)[1]] == [2, 7]
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_only_the_rows_used_become_python(kind, tmp_path, monkeypatch):
+    """a split is read as Arrow and sampled on indices: the rows turned into python objects are
+    the rows used (10 trained + 1 held out), not the 3000 of the split."""
+    import datasets
+    rows = [{"input": f"q{i}", "output": f"a{i}"} for i in range(3000)]
+    spec = write_source(kind, tmp_path, rows)
+    made = []
+    to_list = datasets.Dataset.to_list
+    monkeypatch.setattr(datasets.Dataset, "to_list", lambda self: made.append(len(self)) or to_list(self))
+    monkeypatch.setattr(data, "_read_json", lambda *a: pytest.fail("a valid json file read row by row in python"))
+    train, ev = data.load_splits(spec, max_samples=10, eval_frac=0.1)
+    assert sorted(made) == [1, 10] and len(train) == 10 and [r["_id"] for r in ev] == [1500]
+    assert all(r == {**rows[r["_id"]], "_id": r["_id"]} for r in train + ev)
 
 # -----------------------------------------------------------------------------
 # truncation and errors
