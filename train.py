@@ -535,17 +535,21 @@ def peak_memory_mb():
 def estimate_opt(i, n):
     """f_i* from n steps of objective i alone from the current weights, then everything restored."""
     saved = [p.detach().clone() for p in params]
-    opt_state = deepcopy(optimizer.state_dict())
+    local = getattr(optimizer, "optim", optimizer)  # zero 1: this rank's shard (its full state_dict needs a consolidation)
+    opt_state = deepcopy(local.state_dict())
     loaders = {j: O[j].loader.state_dict() for j in O}
     rng = torch.get_rng_state()
     for it in tqdm(range(n), disable=not master, desc=f"estimating f_{i}*", leave=False):
         train_step([i])
         clip_and_step(it)
     value = eval_objective(O[i])[0]
+    if fsdp:  # zero 2 keeps the gathered weights after a forward: drop them so the restored shards are used
+        for m in [*raw_model.blocks, raw_model]:
+            m.reshard()
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
-    optimizer.load_state_dict(opt_state)
+    local.load_state_dict(opt_state)
     for j in O:
         O[j].loader.load_state_dict(loaders[j])
     torch.set_rng_state(rng)

@@ -44,6 +44,18 @@ def test_two_processes_equal_one(tmp_path, zero_stage):
     ev1, ev2 = metrics(single, "eval")[-1], metrics(tmp_path / "ddp", "eval")[-1]
     assert abs(ev1["eval_loss_1"] - ev2["eval_loss_1"]) <= 1e-5 and abs(ev1["eval_loss_2"] - ev2["eval_loss_2"]) <= 1e-5
 
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_maxright_two_processes_equal_one(tmp_path, zero_stage):
+    """maxright with f* estimated (the weights and the optimizer state, a shard of it under zero 1,
+    are saved and restored around the single-objective runs): 2 ranks give the 1-process f*, choices and losses."""
+    args = ["--method=maxright", "--train_batch_size=4", "--micro_train_batch_size=2", "--max_iters=4",
+            "--opt_estimate_iters=2", "--maxright_interval=2", *EXACT]
+    run_train(tmp_path / "single", *args)
+    run_train(tmp_path / "ddp", *args, f"--zero_stage={zero_stage}", nproc=2)
+    assert_same_losses(losses(tmp_path / "single"), losses(tmp_path / "ddp"))
+    for a, b in zip(metrics(tmp_path / "single"), metrics(tmp_path / "ddp")):
+        assert abs(a["s_1"] - b["s_1"]) <= 1e-5 and abs(a["s_2"] - b["s_2"]) <= 1e-5
+
 def test_methods_pick_objectives_as_defined(tmp_path):
     common = ["--train_batch_size=4", "--micro_train_batch_size=4"]
     # alright: objective 1 on a fraction of steps close to lambd (binomial sd 0.03 at 240 steps)
