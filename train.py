@@ -236,6 +236,8 @@ grad_accum = train_batch_size // _per_step
 check(zero_stage in (0, 1, 2, 3), f"config key zero_stage must be 0..3, got {zero_stage}")
 check(lr_scheduler in ("constant", "cosine"), f"config key lr_scheduler: {lr_scheduler!r} is not constant or cosine")
 check(loss_chunk_size >= 0, f"config key loss_chunk_size must be >= 0 (0 = automatic), got {loss_chunk_size}")
+check(method != "select" or not packing, "config keys method=select and packing=True: the selector weighs each document's "
+      "loss, a packed row holds several documents; set packing=False")
 
 # -----------------------------------------------------------------------------
 # out_dir holds one run. A new run refuses another run's outputs there unless told to overwrite
