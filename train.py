@@ -58,7 +58,7 @@ model_n_kv_head = 2
 model_n_embd = 64
 model_intermediate_size = 176
 model_max_len = 512
-dtype = ""                # '' = bfloat16 where the GPU supports it, else float32 | float32 | bfloat16 | float16 | float64 (exactness tests)
+dtype = ""                # '' = bfloat16 where the GPU supports it, else float32 | float32 | bfloat16 | float64 (exactness tests)
 compile = False           # torch.compile each transformer block (the chunked losses stay eager)
 gradient_checkpointing = False
 device = ""               # '' = cuda:LOCAL_RANK when available, else cpu
@@ -179,7 +179,9 @@ if device_type == "cuda":
     torch.cuda.set_device(device)
 if not dtype:
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-check(dtype in ("float32", "bfloat16", "float16", "float64"), f"config key dtype: {dtype!r} is not float32, bfloat16, float16 or float64")
+check(dtype in ("float32", "bfloat16", "float64"), f"config key dtype: {dtype!r} is not float32, bfloat16 or float64" + (
+      " (float16 gradients underflow without loss scaling, which train.py does not do: use bfloat16, or float32 "
+      "where the GPU has no bfloat16)" if dtype == "float16" else ""))
 ptdtype = getattr(torch, dtype)
 master_dtype = torch.float64 if ptdtype == torch.float64 else torch.float32  # trained weights
 half = ptdtype in (torch.bfloat16, torch.float16)
@@ -236,6 +238,8 @@ grad_accum = train_batch_size // _per_step
 check(zero_stage in (0, 1, 2, 3), f"config key zero_stage must be 0..3, got {zero_stage}")
 check(lr_scheduler in ("constant", "cosine"), f"config key lr_scheduler: {lr_scheduler!r} is not constant or cosine")
 check(loss_chunk_size >= 0, f"config key loss_chunk_size must be >= 0 (0 = automatic), got {loss_chunk_size}")
+check(method != "select" or not packing, "config keys method=select and packing=True: the selector weighs each document's "
+      "loss, a packed row holds several documents; set packing=False")
 check(method != "select" or not packing, "config keys method=select and packing=True: the selector weighs each document's "
       "loss, a packed row holds several documents; set packing=False")
 

@@ -19,3 +19,7 @@ def test_select_refuses_packing(tmp_path):
     """the selector weighs one loss per document; a packed row holds several (a shape error, or a
     silent broadcast when everything packs into one row)."""
     refused(run_train(tmp_path, *SELECT, "--packing=True", check=False, base=[]), "method=select", "packing=True")
+
+def test_float16_is_refused(tmp_path):
+    """nothing scales the loss, so float16 gradients would underflow: refused, naming bfloat16."""
+    refused(run_train(tmp_path, "--dtype=float16", "--max_iters=1", check=False), "float16", "loss scaling", "bfloat16")
