@@ -240,8 +240,8 @@ check(lr_scheduler in ("constant", "cosine"), f"config key lr_scheduler: {lr_sch
 check(loss_chunk_size >= 0, f"config key loss_chunk_size must be >= 0 (0 = automatic), got {loss_chunk_size}")
 check(method != "select" or not packing, "config keys method=select and packing=True: the selector weighs each document's "
       "loss, a packed row holds several documents; set packing=False")
-check(method != "select" or not packing, "config keys method=select and packing=True: the selector weighs each document's "
-      "loss, a packed row holds several documents; set packing=False")
+check(method != "select" or lambd == 0.5, f"config key lambd={lambd!r} does nothing under method=select: the upper-level "
+      f"weight (the original's --lambd) is config key upperlevel_weight")
 
 # -----------------------------------------------------------------------------
 # out_dir holds one run. A new run refuses another run's outputs there unless told to overwrite

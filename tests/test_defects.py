@@ -23,3 +23,8 @@ def test_select_refuses_packing(tmp_path):
 def test_float16_is_refused(tmp_path):
     """nothing scales the loss, so float16 gradients would underflow: refused, naming bfloat16."""
     refused(run_train(tmp_path, "--dtype=float16", "--max_iters=1", check=False), "float16", "loss scaling", "bfloat16")
+
+def test_lambd_under_select_names_upperlevel_weight(tmp_path):
+    """the original's --lambd set the upper-level weight; here that is upperlevel_weight, and lambd
+    would do nothing."""
+    refused(run_train(tmp_path, *SELECT, "--lambd=0.3", check=False, base=[]), "lambd=0.3", "upperlevel_weight")
