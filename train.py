@@ -242,6 +242,8 @@ check(method != "select" or not packing, "config keys method=select and packing=
       "loss, a packed row holds several documents; set packing=False")
 check(method != "select" or lambd == 0.5, f"config key lambd={lambd!r} does nothing under method=select: the upper-level "
       f"weight (the original's --lambd) is config key upperlevel_weight")
+check(not cpu_offload or zero_stage >= 2, f"config keys cpu_offload=True and zero_stage={zero_stage}: offloading is FSDP2's, "
+      f"set zero_stage=2 or 3")
 
 # -----------------------------------------------------------------------------
 # out_dir holds one run. A new run refuses another run's outputs there unless told to overwrite

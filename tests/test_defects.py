@@ -28,3 +28,7 @@ def test_lambd_under_select_names_upperlevel_weight(tmp_path):
     """the original's --lambd set the upper-level weight; here that is upperlevel_weight, and lambd
     would do nothing."""
     refused(run_train(tmp_path, *SELECT, "--lambd=0.3", check=False, base=[]), "lambd=0.3", "upperlevel_weight")
+
+def test_cpu_offload_needs_fsdp(tmp_path, zero_stage):
+    refused(run_train(tmp_path, "--cpu_offload=True", f"--zero_stage={zero_stage}", "--max_iters=1", check=False),
+            "cpu_offload", f"zero_stage={zero_stage}")
