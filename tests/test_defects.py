@@ -29,6 +29,7 @@ def test_lambd_under_select_names_upperlevel_weight(tmp_path):
     would do nothing."""
     refused(run_train(tmp_path, *SELECT, "--lambd=0.3", check=False, base=[]), "lambd=0.3", "upperlevel_weight")
 
+@pytest.mark.parametrize("zero_stage", [0, 1])
 def test_cpu_offload_needs_fsdp(tmp_path, zero_stage):
     refused(run_train(tmp_path, "--cpu_offload=True", f"--zero_stage={zero_stage}", "--max_iters=1", check=False),
             "cpu_offload", f"zero_stage={zero_stage}")
