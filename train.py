@@ -765,9 +765,9 @@ while True:
         last_eval = dict({f"eval_loss_{i}": v for i, v in ev.items()}, **gaps(ev), **extra)
         write_metrics(dict(kind="eval", iter=it, **last_eval, elapsed_s=time.time() - t0))
         log(f"iter {it}: " + ", ".join(f"eval_loss_{i} {v:.4f}" for i, v in ev.items()))
-        if eps > 0 and joint and all(state["opt"][i] >= 0 for i in O):
-            near = any(ev[i] - state["opt"][i] <= eps for i in O)
-            dominated = any(all(ev[i] <= p[i - 1] + eps for i in O) for p in pareto)
+        if eps > 0 and joint and method != "sequential":  # joint methods only (ALGORITHMS.md)
+            near = any(i in ev and 0 <= state["opt"][i] and ev[i] - state["opt"][i] <= eps for i in O)  # where f_i* is known
+            dominated = any(all(i in ev and ev[i] <= p[i - 1] + eps for i in O) for p in pareto)  # needs no f*
             if near or dominated:
                 log(f"early stop at iteration {it}: " + ("an objective is within eps of its optimum" if near else "the reference Pareto front is reached"))
                 break

@@ -2,7 +2,7 @@
 holds a number or a refusal that the code before the fix got wrong."""
 import pytest
 
-from helpers import run_train
+from helpers import metrics, run_train
 
 SELECT = ["config/demo_select.py", "--max_epochs=1", "--max_samples_1=32", "--max_samples_2=32"]
 
@@ -33,3 +33,17 @@ def test_lambd_under_select_names_upperlevel_weight(tmp_path):
 def test_cpu_offload_needs_fsdp(tmp_path, zero_stage):
     refused(run_train(tmp_path, "--cpu_offload=True", f"--zero_stage={zero_stage}", "--max_iters=1", check=False),
             "cpu_offload", f"zero_stage={zero_stage}")
+
+def test_early_stop_on_the_front_alone_and_not_for_sequential(tmp_path):
+    """a front point (100, 100) is weakly dominated by any loss point at the first evaluation: the
+    joint run stops there with no f* known; sequential (joint methods only) trains all its steps;
+    a gap needs only its own f_i*."""
+    (tmp_path / "front.json").write_text("[[100.0, 100.0]]")
+    args = ["--train_batch_size=4", "--micro_train_batch_size=4", "--max_iters=3", "--eps=1e-4", "--eval_interval=1"]
+    front = [f"--pareto_front={tmp_path / 'front.json'}"]
+    run_train(tmp_path / "alright", *args, *front, "--method=alright")
+    assert metrics(tmp_path / "alright") == [] and [l["iter"] for l in metrics(tmp_path / "alright", "eval")] == [0]
+    run_train(tmp_path / "seq", *args, *front, "--method=sequential", "--obj_opt_1=100", "--obj_opt_2=100")
+    assert [l["iter"] for l in metrics(tmp_path / "seq")] == [1, 2, 3]
+    run_train(tmp_path / "gap", *args, "--method=alright", "--obj_opt_1=100")  # f_1 - f_1* < 0 <= eps
+    assert metrics(tmp_path / "gap") == []
