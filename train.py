@@ -733,9 +733,12 @@ def checkpoint_state(it):
         st.update(sel.state_dict(selector, selector_opt, aux, aux_opt))
     return st
 
-def save_selection(final=False):
+def save_selection(epoch=None, final=False):
+    """selector.jsonl: the latest weights; selector_epoch{e}.jsonl: those after e epochs of dataset_2."""
     if master:
         selector.save_jsonl(os.path.join(out_dir, "selector.jsonl"))
+        if epoch is not None:
+            selector.save_jsonl(os.path.join(out_dir, f"selector_epoch{epoch}.jsonl"))
         if final:
             n = export_selected(O[2].rows, selector, select_ratio, os.path.join(out_dir, "selected.jsonl"))
             log(f"selected {n} of {len(O[2].rows)} rows of {OC[2].dataset} -> {out_dir}/selected.jsonl")
@@ -811,7 +814,7 @@ while True:
     pbar.set_postfix(obj="+".join(map(str, chosen)), loss=f"{loss:.4f}")
     if method == "select" and O[2].loader.epoch != state.get("sel_epoch", 0):
         state["sel_epoch"] = O[2].loader.epoch
-        save_selection()
+        save_selection(state["sel_epoch"])
 
     stop = all_sum(float(interrupted)).item() > 0
     if (save_interval > 0 and it % save_interval == 0) or stop:

@@ -47,3 +47,14 @@ def test_early_stop_on_the_front_alone_and_not_for_sequential(tmp_path):
     assert [l["iter"] for l in metrics(tmp_path / "seq")] == [1, 2, 3]
     run_train(tmp_path / "gap", *args, "--method=alright", "--obj_opt_1=100")  # f_1 - f_1* < 0 <= eps
     assert metrics(tmp_path / "gap") == []
+
+def test_selector_is_kept_after_each_epoch(tmp_path):
+    """selector_epoch{e}.jsonl holds the weights after e epochs: epoch 1 of a 2-epoch run equals a
+    1-epoch run's (constant learning rate), epoch 2 is the latest selector.jsonl."""
+    args = [*SELECT, "--lr_scheduler=constant", "--train_batch_size=16", "--micro_train_batch_size=16"]
+    run_train(tmp_path / "one", *args, "--max_epochs=1", base=[])
+    run_train(tmp_path / "two", *args, "--max_epochs=2", base=[])
+    read = lambda p: p.read_text().splitlines()
+    assert read(tmp_path / "two" / "selector_epoch1.jsonl") == read(tmp_path / "one" / "selector.jsonl")
+    assert read(tmp_path / "two" / "selector_epoch2.jsonl") == read(tmp_path / "two" / "selector.jsonl")
+    assert read(tmp_path / "two" / "selector_epoch1.jsonl") != read(tmp_path / "two" / "selector.jsonl")
