@@ -163,6 +163,32 @@ def load(path, model, optimizer, fsdp=False):
         torch.cuda.set_rng_state(rng["cuda"])
     return _load(os.path.join(path, "state.pt"))
 
+def hf_extras(d, tokenizer, base_model=""):
+    """what transformers writes beside the weights: config.json with the one dtype key the installed
+    version uses, and generation_config.json (the base checkpoint's where it has one, its sampling
+    defaults and chat eos kept; else bos/eos/pad from config.json, then the tokenizer)."""
+    import json
+    import transformers
+    path = os.path.join(d, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    dtype = cfg.pop("torch_dtype", None) or cfg.pop("dtype", None)  # save_pretrained's: the tensors' dtype
+    cfg.pop("dtype", None)
+    cfg["dtype" if "dtype" in transformers.PretrainedConfig().to_dict() else "torch_dtype"] = dtype
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    gen = None
+    if base_model:
+        try:
+            gen = transformers.GenerationConfig.from_pretrained(base_model)
+        except (OSError, ValueError):  # no generation_config.json there
+            gen = None
+    if gen is None:
+        ids = {k: cfg.get(f"{k}_token_id") if cfg.get(f"{k}_token_id") is not None else getattr(tokenizer, f"{k}_token_id", None)
+               for k in ("bos", "eos", "pad")}
+        gen = transformers.GenerationConfig(**{f"{k}_token_id": v for k, v in ids.items()})
+    gen.save_pretrained(d)
+
 def export_final(out_dir, model, fsdp, tokenizer, lora=None, base_model=""):
     """out_dir/final: the model in HF layout (LoRA merged) and, with lora = dict(rank, alpha,
     target_modules), the adapter in PEFT layout under final/adapter. Written to final.tmp and
@@ -187,6 +213,7 @@ def export_final(out_dir, model, fsdp, tokenizer, lora=None, base_model=""):
         try:
             export.save_pretrained(tmp_dir)
             tokenizer.save_pretrained(tmp_dir)
+            hf_extras(tmp_dir, tokenizer, base_model)
             for d, _, files in os.walk(tmp_dir):
                 for name in files:
                     with open(os.path.join(d, name), "rb+") as f:

@@ -58,3 +58,18 @@ def test_selector_is_kept_after_each_epoch(tmp_path):
     assert read(tmp_path / "two" / "selector_epoch1.jsonl") == read(tmp_path / "one" / "selector.jsonl")
     assert read(tmp_path / "two" / "selector_epoch2.jsonl") == read(tmp_path / "two" / "selector.jsonl")
     assert read(tmp_path / "two" / "selector_epoch1.jsonl") != read(tmp_path / "two" / "selector.jsonl")
+
+def test_final_has_generation_config_and_one_dtype_key(tmp_path):
+    """final/ as transformers writes a model: generation_config.json with the byte tokenizer's eos
+    (256) and pad (257), and config.json with the same dtype key as transformers' own save."""
+    import json
+    import transformers
+    run_train(tmp_path, "--max_iters=1")
+    final = tmp_path / "final"
+    gen = transformers.GenerationConfig.from_pretrained(final)
+    assert (gen.eos_token_id, gen.pad_token_id, gen.bos_token_id) == (256, 257, None)
+    ours = json.loads((final / "config.json").read_text())
+    transformers.AutoConfig.from_pretrained(final).save_pretrained(tmp_path / "theirs")
+    theirs = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    keys = lambda d: {k for k in d if k in ("dtype", "torch_dtype")}
+    assert keys(ours) == keys(theirs) and len(keys(ours)) == 1 and ours[keys(ours).pop()] == "float32"
