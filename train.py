@@ -300,6 +300,10 @@ else:
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)  # the same initial weights on every rank
 tokenizer = load_tokenizer(pretrain)
+_plain = [i for i, c in OC.items() if not c.apply_chat_template and c.input_template == per_objective["input_template"]]
+if pretrain and tokenizer.chat_template and _plain:  # chat rows ('messages') use the template either way
+    log(f"note: {pretrain}'s tokenizer has a chat template; objective(s) {_plain} format prompts with input_template "
+        f"{per_objective['input_template']!r}: set apply_chat_template_i=True to use the chat template")
 if pretrain:
     raw_model = GPT.from_pretrained(pretrain, dtype=ptdtype if lora_rank else master_dtype, device=device)
 else:

@@ -73,3 +73,17 @@ def test_final_has_generation_config_and_one_dtype_key(tmp_path):
     theirs = json.loads((tmp_path / "theirs" / "config.json").read_text())
     keys = lambda d: {k for k in d if k in ("dtype", "torch_dtype")}
     assert keys(ours) == keys(theirs) and len(keys(ours)) == 1 and ours[keys(ours).pop()] == "float32"
+
+def test_chat_template_notice(tmp_path):
+    """a checkpoint whose tokenizer has a chat template, trained with the default input_template:
+    one start-up line says so and names apply_chat_template_i; none where the template is used or
+    for the byte tokenizer of a model built from scratch."""
+    base = run_train(tmp_path / "base", "--max_iters=1")
+    assert "chat template" not in base.stdout
+    ckpt = [f"--pretrain={tmp_path / 'base' / 'final'}", "--max_iters=1"]
+    p = run_train(tmp_path / "plain", *ckpt)
+    assert [l for l in p.stdout.splitlines() if "chat template" in l] == [
+        f"note: {tmp_path / 'base' / 'final'}'s tokenizer has a chat template; objective(s) [1, 2] format prompts with "
+        "input_template 'User: {}\\nAssistant: ': set apply_chat_template_i=True to use the chat template"]
+    p = run_train(tmp_path / "chat", *ckpt, "--apply_chat_template_1=True", "--input_template_2=Q: {} A: ")
+    assert "chat template" not in p.stdout
