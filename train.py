@@ -94,6 +94,7 @@ per_objective = dict(
     apply_chat_template=False,
     max_len=512,
     max_samples=0,              # 0 = all
+    eval_max_samples=1000,      # cap on the eval rows (the held-out slice or eval_split); 0 = no cap
     obj_opt=-1.0,               # f_i* for maxright and the metrics (-1 = estimate it with a short run)
     ref_model="",               # DPO reference / KD teacher ('' = the initial policy; the base model under LoRA)
     dpo_beta=0.1,
@@ -324,8 +325,9 @@ if lora_rank:
 def build_objective(i, c):
     """objective i from its keys c = objective_config(i): data, loaders, loss options."""
     frac = 0.0 if method == "select" and i == 2 else eval_frac
-    train_rows, eval_rows = D.load_splits(c.dataset, c.train_split, c.eval_split, c.max_samples,
-                                          c.dataset_probs, seed, frac)
+    with D.rank0_first():  # rank 0 converts and caches the files, the others then read its cache
+        train_rows, eval_rows = D.load_splits(c.dataset, c.train_split, c.eval_split, c.max_samples,
+                                              c.dataset_probs, seed, frac, c.eval_max_samples)
     common = dict(tokenizer=tokenizer, max_len=c.max_len, template=c.input_template,
                   apply_chat_template=c.apply_chat_template, verbose=master)
     if c.kind == "dpo":
