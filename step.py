@@ -113,6 +113,13 @@ class Step:
                     th, tw = a
                     tok = L.kd_token_losses(hh, w, th[:, :T], tw, yy, o.kd_loss, o.kd_beta, o.kd_top_k,
                                             o.kd_temperature, cs, uniform)
+                    if o.kd_loss == "forward" and norm is not None:  # the loss is the cross-entropy H(p_T, p_S);
+                        with torch.no_grad():  # kd_kl = it less the teacher's entropy (its forward KD on itself)
+                            ent = L.kd_token_losses(th[:, :T], tw, th[:, :T], tw, yy, "forward", top_k=o.kd_top_k,
+                                                    temperature=o.kd_temperature, chunk_size=cs)
+                            kl = (tok.detach().sum() - ent.sum()) / norm["tokens"] * ws
+                        out.append((tok.sum() / norm["tokens"] * ws, {"kd_kl": kl}))
+                        continue
                 else:
                     tok = -L.token_logps(hh, w, yy, cs, uniform=uniform)
                 out.append((L.per_sample_mean(tok, yy) if norm is None else tok.sum() / norm["tokens"] * ws, {}))
@@ -165,7 +172,8 @@ class Step:
              / self.world_size).tolist()
         res, j = [], 0
         for (l, st), norm in zip(totals, norms):
-            stats = {k: v[j + 1 + q] * self.world_size / norm["pairs"] for q, k in enumerate(st)}
+            per = self.world_size / norm["pairs"] if "pairs" in norm else 1.0  # dpo: sums over pairs; kd_kl: a mean already
+            stats = {k: v[j + 1 + q] * per for q, k in enumerate(st)}
             res.append((v[j], stats))
             j += 1 + len(st)
         return res

@@ -87,3 +87,18 @@ def test_chat_template_notice(tmp_path):
         "input_template 'User: {}\\nAssistant: ': set apply_chat_template_i=True to use the chat template"]
     p = run_train(tmp_path / "chat", *ckpt, "--apply_chat_template_1=True", "--input_template_2=Q: {} A: ")
     assert "chat template" not in p.stdout
+
+def test_forward_kd_logs_the_kl(tmp_path):
+    """the student starts as its teacher (the same checkpoint): KL(p_T || p_S) = 0, while the loss,
+    the cross-entropy, is the teacher's entropy H(p_T). A fresh student of the same teacher:
+    kd_kl = its cross-entropy less that H(p_T), on the same eval rows."""
+    run_train(tmp_path / "base", "--max_iters=20")
+    ckpt = tmp_path / "base" / "final"
+    kd = ["--obj_1=kd", "--obj_2=", "--max_iters=1", "--train_batch_size=4", "--micro_train_batch_size=2", f"--ref_model={ckpt}"]
+    run_train(tmp_path / "self", f"--pretrain={ckpt}", *kd)
+    first, ev0 = metrics(tmp_path / "self")[0], metrics(tmp_path / "self", "eval")[0]
+    assert abs(first["kd_kl"]) < 1e-6 and abs(ev0["eval_kd_kl_1"]) < 1e-6
+    assert first["loss"] > 1 and ev0["eval_loss_1"] > 1
+    run_train(tmp_path / "fresh", *kd)
+    ev = metrics(tmp_path / "fresh", "eval")[0]
+    assert ev["eval_kd_kl_1"] > 0.01 and abs(ev["eval_kd_kl_1"] - (ev["eval_loss_1"] - ev0["eval_loss_1"])) < 1e-5
