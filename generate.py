@@ -330,8 +330,10 @@ def read_prompt_rows(prompt="", prompts="", objective=0, run_cfg=None):
         g = lambda k: obj_key(run_cfg, k, objective)
         if not g("dataset"):
             raise ValueError(f"objective {objective}: the run has no dataset_{objective}")
+        # the run's own hold-out: the same max_samples, seed, fraction and cap as train.py's
         _, rows = D.load_splits(g("dataset"), g("train_split") or "train", g("eval_split") or "",
-                                0, g("dataset_probs") or "", run_cfg.get("seed", 42), run_cfg.get("eval_frac", 0.0))
+                                g("max_samples") or 0, g("dataset_probs") or "", run_cfg.get("seed", 42),
+                                run_cfg.get("eval_frac", 0.0), g("eval_max_samples") or 0)
         return [{k: v for k, v in r.items() if k != "_id"} for r in rows]  # _id: data.py's bookkeeping
     raise ValueError("give --prompt=TEXT, --prompts=FILE.jsonl or --objective=i")
 

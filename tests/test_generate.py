@@ -306,3 +306,15 @@ def test_from_a_checkpoint_like_final(tiny, tmp_path, lora):
     assert not lora or base[0]["output"] != final[0]["output"]  # the adapter changed what the model says
     with pytest.raises(ValueError, match="no checkpoint at"):
         G.main(args + [f"--ckpt={tmp_path}"])
+
+def test_objective_prompts_are_the_runs_own_held_out_rows():
+    """--objective=i reads the eval rows train.py held out (after max_samples, capped), none of the
+    rows it trained on: a run's config.json names the data, the sample size and the cap."""
+    import data as D
+    cfg = {"dataset_1": "data/toy_sft.jsonl", "max_samples_1": 40, "eval_frac": 0.1, "eval_max_samples": 1000,
+           "seed": 42, "train_split": "train", "eval_split": "", "dataset_probs": ""}
+    rows = G.read_prompt_rows(objective=1, run_cfg=cfg)
+    train, held = D.load_splits("data/toy_sft.jsonl", max_samples=40, seed=42, eval_frac=0.1, eval_max_samples=1000)
+    assert len(rows) == len(held) == 4  # round(0.1 x 40)
+    trained = {json.dumps(r, sort_keys=True) for r in ({k: v for k, v in t.items() if k != "_id"} for t in train)}
+    assert not trained & {json.dumps(r, sort_keys=True) for r in rows}
