@@ -296,9 +296,15 @@ def _forward_kd_fn(tw, top_k, temperature, cdt):
         zt = z if top is None else z.gather(1, top)
         return torch.bmm(pt[:, None, :], zt[:, :, None]).view(-1)
 
+    def entropy(pt):  # adds the chunk's summed teacher entropy -sum_v p_T log p_T to fn.entropy (a stat)
+        if fn.entropy is not None:
+            for i in range(0, pt.shape[0], 16):  # 16 rows at a time: no second (n, V) tile
+                fn.entropy += torch.special.entr(pt[i:i + 16]).sum()
+
     def fn(z, th):
         z = _scaled(z, temperature, inplace=True)
         pt, top = _teacher_probs(th, tw, top_k, temperature, cdt)
+        entropy(pt)
         pz = dot(pt, z, top)
         m = z.detach().amax(1)
         return m + z.sub_(m[:, None]).exp_().sum(1).log() - pz
@@ -313,6 +319,7 @@ def _forward_kd_fn(tw, top_k, temperature, cdt):
     def value_and_grad(z, th):  # the loss and its logits gradient (softmax(z) - p_T) / tau, in place
         z = _scaled(z, temperature, inplace=True)
         pt, top = _teacher_probs(th, tw, top_k, temperature, cdt)
+        entropy(pt)
         pz = dot(pt, z, top)
         m = z.amax(1, keepdim=True)
         s = z.sub_(m).exp_().sum(1, keepdim=True)
@@ -320,7 +327,7 @@ def _forward_kd_fn(tw, top_k, temperature, cdt):
         z = z.div_(s)
         z = z.sub_(pt) if top is None else z.scatter_add_(1, top, -pt)
         return vals, z if temperature == 1.0 else z.div_(temperature)
-    fn.logits_grad, fn.value_and_grad = logits_grad, value_and_grad
+    fn.logits_grad, fn.value_and_grad, fn.entropy = logits_grad, value_and_grad, None
     return fn
 
 def _kd_chunk(z, th, tw, kind, beta, temperature):
@@ -334,7 +341,7 @@ def _kd_chunk(z, th, tw, kind, beta, temperature):
     return beta * (lpt.exp() * (lpt - lpm)).sum(-1) + (1 - beta) * (lps.exp() * (lps - lpm)).sum(-1)
 
 def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5,
-                    top_k=0, temperature=1.0, chunk_size=0, uniform=False):
+                    top_k=0, temperature=1.0, chunk_size=0, uniform=False, stats=None):
     """Per-token distillation loss [B, T] (0.0 where masked), p_T = softmax(teacher_logits / tau),
     p_S = softmax(student_logits / tau), tau = temperature (no tau^2 factor):
       forward: -sum_v p_T log p_S  (cross-entropy; KL(p_T || p_S) plus the teacher entropy)
@@ -342,6 +349,8 @@ def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind
       jsd:     beta KL(p_T || m) + (1 - beta) KL(p_S || m), m = beta p_T + (1 - beta) p_S, beta in (0, 1);
                divided by beta it tends to KL(p_T || p_S) as beta -> 0, divided by 1 - beta to
                KL(p_S || p_T) as beta -> 1; exactly 0 for identical distributions.
+    stats (forward only): a dict that gets "teacher_entropy", the teacher's entropy summed over the
+    labelled tokens (no grad), so KL(p_T || p_S) = the loss less it, at no extra GEMM.
     top_k > 0 (forward only): p_T is the softmax over the teacher's k largest logits, and the sum
     runs over those k entries with log p_S taken from the full student softmax.
     The teacher gets no gradient (its tensors are detached here too)."""
@@ -355,6 +364,8 @@ def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind
     if kind == "forward":
         # the teacher's GEMMs in the compute dtype of the forward, in backward's recompute too
         fn = _forward_kd_fn(tw, top_k, temperature, compute_dtype(teacher_hidden))
+        if stats is not None:  # the teacher's entropy summed over the tokens, from the forward's own p_T
+            fn.entropy = stats["teacher_entropy"] = torch.zeros((), device=hidden.device, dtype=torch.float64)
     else:
         def fn(z, th):
             return _kd_chunk(z, th, tw, kind, beta, temperature)

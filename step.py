@@ -111,13 +111,11 @@ class Step:
                 uniform = norm is not None  # a token mean: the head's gradient can be taken in the forward
                 if o.kind == "kd":
                     th, tw = a
+                    kd_stats = {} if o.kd_loss == "forward" and norm is not None else None
                     tok = L.kd_token_losses(hh, w, th[:, :T], tw, yy, o.kd_loss, o.kd_beta, o.kd_top_k,
-                                            o.kd_temperature, cs, uniform)
-                    if o.kd_loss == "forward" and norm is not None:  # the loss is the cross-entropy H(p_T, p_S);
-                        with torch.no_grad():  # kd_kl = it less the teacher's entropy (its forward KD on itself)
-                            ent = L.kd_token_losses(th[:, :T], tw, th[:, :T], tw, yy, "forward", top_k=o.kd_top_k,
-                                                    temperature=o.kd_temperature, chunk_size=cs)
-                            kl = (tok.detach().sum() - ent.sum()) / norm["tokens"] * ws
+                                            o.kd_temperature, cs, uniform, kd_stats)
+                    if kd_stats is not None:  # the loss is the cross-entropy H(p_T, p_S); kd_kl = it less H(p_T)
+                        kl = (tok.detach().sum() - kd_stats["teacher_entropy"]) / norm["tokens"] * ws
                         out.append((tok.sum() / norm["tokens"] * ws, {"kd_kl": kl}))
                         continue
                 else:

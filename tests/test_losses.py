@@ -179,6 +179,22 @@ def test_uniform_head_gradient_equals_recompute(kind):
     with pytest.raises(AssertionError, match="unequal token weights"):
         (tok(True) * torch.rand(B, T)).sum().backward()
 
+@pytest.mark.parametrize("top_k,uniform", [(0, True), (0, False), (5, True)])
+def test_kd_teacher_entropy_stat(top_k, uniform):
+    """forward KD's stats["teacher_entropy"] is -sum p_T log p_T over the labelled tokens (of the top-k
+    renormalized teacher with top_k), computed plainly here; loss less it is KL(p_T || p_S) >= 0."""
+    hidden, weight, teacher_hidden, teacher_weight, labels = make_batch()
+    stats = {}
+    tok = losses.kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, top_k=top_k, temperature=2.0,
+                                 chunk_size=4, uniform=uniform, stats=stats)
+    t = (teacher_hidden @ teacher_weight.t()) / 2.0
+    if top_k:
+        t = t.topk(top_k, dim=-1).values
+    pt = torch.softmax(t, -1)
+    want = (-(pt * pt.log()).sum(-1) * (labels != -100)).sum()
+    torch.testing.assert_close(stats["teacher_entropy"].float(), want, atol=1e-4, rtol=1e-5)
+    assert tok.sum().item() - stats["teacher_entropy"].item() > 0
+
 def test_auto_chunk_size():
     # at least 128 tokens; small vocabularies get chunks of about 2^22 logits
     assert losses.auto_chunk_size(128256) == 128 and losses.auto_chunk_size(32000) == 131
