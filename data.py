@@ -120,7 +120,12 @@ def _read_all(spec, split):
 def _take(name, src, idx, blend):
     # rows idx of a source as dicts with their "_id": the only rows that become python objects.
     # Arrow gives every row every column; a key a row lacks (None) is left out, as in the file
-    rows = [src[i] for i in idx] if isinstance(src, list) else src.select(idx).to_list()
+    try:
+        rows = [src[i] for i in idx] if isinstance(src, list) else src.select(idx).to_list()
+    except UnicodeDecodeError:  # pyarrow keeps invalid bytes; they fail only here
+        if name.lower().endswith((".json", ".jsonl")):
+            _read_json(name)  # raises the error naming the line, column and byte
+        raise ConfigError(f"{name}: a selected row is not UTF-8; re-encode the file as UTF-8") from None
     return [{**{k: v for k, v in r.items() if v is not None}, "_id": f"{name}:{i}" if blend else i}
             for r, i in zip(rows, idx)]
 
