@@ -55,7 +55,9 @@ class Step:
                 with disabled(self.raw_model):
                     return self.model(x["input_ids"], x["attention_mask"], x["position_ids"],
                                       head_fn=lambda h, w: (h, w.detach().clone()))
-            return o.ref(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w: (h, w))
+            # a sharded (FSDP2) model frees its gathered head weight after the forward: keep a copy
+            keep = (lambda w: w.detach().clone()) if hasattr(o.ref, "reshard") else (lambda w: w)
+            return o.ref(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w: (h, keep(w)))
 
     def ref_logps(self, o, b):
         """reference log pi(chosen), log pi(rejected), each (B,): from the cache or a no-grad forward."""

@@ -401,6 +401,13 @@ elif ddp:
     for block in raw_model.blocks:
         fully_shard(block, **kw)
     fully_shard(raw_model, **kw)
+    if zero_stage == 3:  # frozen references / teachers sharded too: no rank holds a whole copy
+        for _m in _frozen.values():
+            for block in _m.blocks:
+                fully_shard(block, reshard_after_forward=True)
+            fully_shard(_m, reshard_after_forward=True)
+        if _frozen:
+            log(f"{len(_frozen)} frozen reference / teacher model(s) sharded across {world_size} ranks")
 fsdp = ddp and zero_stage >= 2
 params = [p for p in raw_model.parameters() if p.requires_grad]
 decay = [p for p in params if p.dim() >= 2]

@@ -71,6 +71,23 @@ def test_kd_sft_lora_fsdp_checkpointing_two_processes_equal_one(tmp_path, dtype,
     assert_same_losses(a, b, tol)
     assert {o for _, o, _ in a} == {1, 2} and a[-1][2] != a[0][2]  # both objectives drawn, the weights moved
 
+def test_frozen_teacher_and_reference_sharded_at_zero_3(tmp_path):
+    """zero_stage=3 shards the frozen KD teacher / DPO reference (a checkpoint of its own) like the
+    policy: 2 ranks give the 1-process losses (float64), and the run says the model was sharded."""
+    base = ["--model_n_layer=2", "--model_n_embd=32", "--model_n_head=4", "--model_n_kv_head=2",
+            "--model_intermediate_size=64", "--max_len_1=40", "--max_len_2=40", "--eval_iters=1", "--eval_interval=0"]
+    run_train(tmp_path / "teacher", *base, "--dataset_1=data/toy_sft.jsonl", "--max_samples_1=16",
+              "--max_iters=2", "--learning_rate=3e-2", "--train_batch_size=8", "--micro_train_batch_size=8", base=[])
+    teacher = str(tmp_path / "teacher" / "final")
+    args = ["--obj_1=kd", f"--ref_model={teacher}", "--method=alright", "--train_batch_size=4",
+            "--micro_train_batch_size=2", "--max_iters=4", *EXACT]
+    run_train(tmp_path / "single", *args)
+    p = run_train(tmp_path / "fsdp", *args, "--zero_stage=3", nproc=2)
+    assert "1 frozen reference / teacher model(s) sharded across 2 ranks" in p.stdout + p.stderr
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    assert_same_losses(a, b)
+    assert {o for _, o, _ in a} == {1, 2}
+
 def test_methods_pick_objectives_as_defined(tmp_path):
     common = ["--train_batch_size=4", "--micro_train_batch_size=4"]
     # alright: objective 1 on a fraction of steps close to lambd (binomial sd 0.03 at 240 steps)
