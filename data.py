@@ -209,6 +209,36 @@ def load_rows(spec, split="train", max_samples=0, probs="", seed=42, eval_split=
       training never takes an eval row."""
     return load_splits(spec, split, eval_split, max_samples, probs, seed, eval_frac, eval_max_samples, _eval=False)[0]
 
+def load_streaming(spec, split="train", max_samples=0, seed=42, eval_frac=0.0, eval_max_samples=0, buffer_size=10_000):
+    """(train_rows, eval_rows) of one source read as a stream (datasets' streaming mode: nothing is
+    downloaded or converted beyond the rows read), for sets too large for the disk. The eval rows
+    are the first k = round(eval_frac * max_samples) rows of the stream (at least one; capped by
+    eval_max_samples); the training rows are max_samples rows of the rest, drawn through a seeded
+    shuffle buffer of buffer_size rows. Ids are row positions in the stream, as for files."""
+    import datasets
+    if "," in spec:
+        raise ConfigError(f"streaming reads one source, got the blend {spec!r}")
+    if max_samples <= 0:
+        raise ConfigError("streaming needs max_samples > 0 (a stream has no length to take a share of)")
+    ext = os.path.splitext(spec)[1].lower()
+    if ext in FILE_EXTS:
+        if not os.path.isfile(spec):
+            raise ConfigError(f"{spec}: no such file")
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[ext]
+        ds = datasets.load_dataset(kind, data_files=spec, split=split, streaming=True)
+    else:
+        ds = datasets.load_dataset(spec, split=split, streaming=True)
+    ds = ds.map(lambda r, i: {"_id": i}, with_indices=True)
+    k = max(1, round(eval_frac * max_samples)) if eval_frac > 0 else 0
+    if eval_max_samples > 0:
+        k = min(k, eval_max_samples)
+    clean = lambda rows: [{key: v for key, v in r.items() if v is not None} for r in rows]
+    held = clean(ds.take(k)) if k else []
+    train = clean(ds.skip(k).shuffle(seed=seed, buffer_size=buffer_size).take(max_samples))
+    if len(train) < max_samples:
+        raise ConfigError(f"{spec}: the stream has {len(train) + k} rows, fewer than max_samples={max_samples} + {k} held out")
+    return train, held
+
 def load_splits(spec, train_split="train", eval_split="", max_samples=0, probs="", seed=42, eval_frac=0.0,
                 eval_max_samples=0, _eval=True):
     """(train_rows, eval_rows). The eval rows are, in order of precedence:

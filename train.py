@@ -110,6 +110,7 @@ globals().update(per_objective)
 # data
 eval_frac = 0.05          # (method=select holds nothing out of dataset_2: every row gets a weight)
 packing = False           # sft/kd: concatenate documents up to max_len
+streaming = False         # read each dataset as a stream (needs max_samples_i; eval_split_i '' or a file): sets too large for the disk
 # selector (method = select)
 selector_activation = "softmax"  # softmax | sigmoid
 selector_learning_rate = 1e-4
@@ -325,9 +326,15 @@ if lora_rank:
 def build_objective(i, c):
     """objective i from its keys c = objective_config(i): data, loaders, loss options."""
     frac = 0.0 if method == "select" and i == 2 else eval_frac
-    with D.rank0_first():  # rank 0 converts and caches the files, the others then read its cache
-        train_rows, eval_rows = D.load_splits(c.dataset, c.train_split, c.eval_split, c.max_samples,
-                                              c.dataset_probs, seed, frac, c.eval_max_samples)
+    if streaming:  # read as a stream: max_samples rows (and the held-out ones), nothing converted on disk
+        train_rows, eval_rows = D.load_streaming(c.dataset, c.train_split, c.max_samples, seed,
+                                                 0.0 if c.eval_split else frac, c.eval_max_samples)
+        if c.eval_split:  # a file of its own
+            eval_rows = D.load_rows(c.eval_split)[: c.eval_max_samples or None]
+    else:
+        with D.rank0_first():  # rank 0 converts and caches the files, the others then read its cache
+            train_rows, eval_rows = D.load_splits(c.dataset, c.train_split, c.eval_split, c.max_samples,
+                                                  c.dataset_probs, seed, frac, c.eval_max_samples)
     common = dict(tokenizer=tokenizer, max_len=c.max_len, template=c.input_template,
                   apply_chat_template=c.apply_chat_template, verbose=master)
     if c.kind == "dpo":

@@ -438,3 +438,27 @@ def test_chatml_turn_end_gives_one_eos():
     row = {"chosen": [user, {"role": "assistant", "content": "B"}], "rejected": [user, {"role": "assistant", "content": "C"}]}
     ex = data.tokenize_dpo([row], t, 64)[0]
     assert ex["chosen_ids"] == prompt + [66, EOS] and ex["rejected_ids"] == prompt + [67, EOS]
+
+def test_streaming_reads_only_what_it_takes(tmp_path, monkeypatch):
+    """streaming: the first round(eval_frac x max_samples) rows of the stream are held out, the
+    training rows are max_samples others (seeded), ids are stream positions and match the file's
+    rows; no Arrow copy of the file is made; train.py trains on it."""
+    import datasets
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        for i in range(3000):
+            f.write(json.dumps({"input": f"q{i}", "output": f"a{i}"}) + "\n")
+    monkeypatch.setattr(datasets.Dataset, "from_json", lambda *a, **k: pytest.fail("converted the file"))
+    train, held = data.load_streaming(str(path), max_samples=40, seed=3, eval_frac=0.1)
+    assert [r["_id"] for r in held] == [0, 1, 2, 3]
+    assert len(train) == 40 and len({r["_id"] for r in train}) == 40 and min(r["_id"] for r in train) >= 4
+    assert all(r["input"] == f"q{r['_id']}" and r["output"] == f"a{r['_id']}" for r in train + held)
+    again, _ = data.load_streaming(str(path), max_samples=40, seed=3, eval_frac=0.1)
+    other, _ = data.load_streaming(str(path), max_samples=40, seed=4, eval_frac=0.1)
+    assert [r["_id"] for r in again] == [r["_id"] for r in train] != [r["_id"] for r in other]
+    with pytest.raises(data.ConfigError, match="max_samples"):
+        data.load_streaming(str(path))
+    monkeypatch.undo()
+    from helpers import metrics, run_train
+    run_train(tmp_path / "run", "--streaming=True", "--max_iters=2", "--train_batch_size=4", "--micro_train_batch_size=2")
+    assert [l["iter"] for l in metrics(tmp_path / "run")] == [1, 2]
