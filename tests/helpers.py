@@ -34,3 +34,13 @@ def run_train(out_dir, *args, nproc=1, check=True, base=TINY):
 def metrics(out_dir, kind="train"):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [l for l in map(json.loads, f) if l["kind"] == kind]
+
+def refused(p, *words):
+    """the run stopped with exit 2 and one line `error: ...` holding every word, no traceback."""
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), p.stderr[-3000:]
+    for w in words:
+        assert w in last, (w, last)
+    return last

@@ -2,18 +2,9 @@
 holds a number or a refusal that the code before the fix got wrong."""
 import pytest
 
-from helpers import metrics, run_train
+from helpers import metrics, refused, run_train
 
 SELECT = ["config/demo_select.py", "--max_epochs=1", "--max_samples_1=32", "--max_samples_2=32"]
-
-def refused(p, *words):
-    """the run stopped with exit 2 and one line `error: ...` holding every word, no traceback."""
-    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), p.stderr[-3000:]
-    for w in words:
-        assert w in last, (w, last)
 
 def test_select_refuses_packing(tmp_path):
     """the selector weighs one loss per document; a packed row holds several (a shape error, or a

@@ -13,20 +13,10 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, TINY, metrics, run_train
+from helpers import ROOT, metrics, refused, run_train
 
 BASE = ["--method=alright", "--train_batch_size=4", "--micro_train_batch_size=4", "--max_iters=6", "--save_interval=3",
         "--keep_last=5"]
-
-def refused(p, *words):
-    """the run stopped with exit 2 and one line `error: ...` holding every word, no traceback."""
-    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), p.stderr[-3000:]
-    for w in words:
-        assert w in last, (w, last)
-    return last
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
