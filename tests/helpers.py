@@ -44,3 +44,14 @@ def refused(p, *words):
     for w in words:
         assert w in last, (w, last)
     return last
+
+def resume_after_cut(straight, cut, args, last_ckpt):
+    """copies a finished run, deletes its last checkpoint and final outputs (a run stopped after the
+    previous checkpoint), and resumes it with the same args."""
+    import shutil
+    shutil.copytree(straight, cut)
+    shutil.rmtree(os.path.join(cut, "ckpt", last_ckpt))
+    shutil.rmtree(os.path.join(cut, "final"))
+    if os.path.exists(os.path.join(cut, "summary.json")):
+        os.remove(os.path.join(cut, "summary.json"))
+    return run_train(cut, *args, "--resume=True")

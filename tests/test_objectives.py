@@ -3,14 +3,13 @@ its definition, the same ALRIGHT draws as the two-objective rule, and a K = 3 ru
 bit-exactly."""
 import math
 import random
-import shutil
 
 import pytest
 import torch
 
 import configurator
 import methods
-from helpers import metrics, run_train
+from helpers import metrics, resume_after_cut, run_train
 
 # the third objective of the toy: prefer "RED FOX." over "RED FOX!" (data/make_toy.py)
 K3 = ["--obj_3=dpo", "--dataset_3=data/toy_calm.jsonl", "--eval_split_3=data/toy_calm_eval.jsonl",
@@ -127,11 +126,7 @@ def test_k3_resume_is_bit_exact(tmp_path, method):
     straight = tmp_path / "straight"
     run_train(straight, *args)
     cut = tmp_path / "cut"
-    shutil.copytree(straight, cut)
-    shutil.rmtree(cut / "ckpt" / "iter_0000010")
-    shutil.rmtree(cut / "final")
-    (cut / "summary.json").unlink()
-    run_train(cut, *args, "--resume=True")
+    resume_after_cut(straight, cut, args, "iter_0000010")
     a, b = losses(straight), losses(cut)
     assert a == b and {o for _, o, _ in a} == {1, 2, 3}
     strip = lambda ls: [{k: v for k, v in l.items() if k != "elapsed_s"} for l in ls]

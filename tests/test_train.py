@@ -1,15 +1,12 @@
 """train.py as users run it: real commands on a tiny model, numbers compared between runs that
 must agree exactly (batch splits, world sizes, resume) and against the methods' definitions."""
 import json
-import math
-import os
-import shutil
 
 import pytest
 import torch
 import transformers
 
-from helpers import metrics, run_train
+from helpers import metrics, resume_after_cut, run_train
 
 def losses(out):
     return [(l["iter"], l["obj"], l["loss"]) for l in metrics(out)]
@@ -126,10 +123,7 @@ def test_resume_continues_exactly(tmp_path, method):
     straight = tmp_path / "straight"
     run_train(straight, *args)
     cut = tmp_path / "cut"
-    shutil.copytree(straight, cut)
-    shutil.rmtree(cut / "ckpt" / "iter_0000010")
-    shutil.rmtree(cut / "final")
-    run_train(cut, *args, "--resume=True")
+    resume_after_cut(straight, cut, args, "iter_0000010")
     assert_same_losses(losses(straight), losses(cut), tol=0.0)
     assert metrics(straight, "eval") == [dict(l, elapsed_s=l2["elapsed_s"]) for l, l2 in zip(metrics(cut, "eval"), metrics(straight, "eval"))]
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
