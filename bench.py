@@ -811,7 +811,7 @@ def bench_generate(cfg):
     reach. All but the no-cache loop alternate for `rounds` runs after one warm-up each (medians);
     the no-cache loop runs once. tokens/s counts new tokens."""
     import transformers
-    from generate import generate
+    from generate import generate, last_logits
     from model import KVCache
     S = build_start(cfg)
     dt = S.ptdtype  # generation runs in the compute dtype itself (no autocast)
@@ -834,7 +834,7 @@ def bench_generate(cfg):
     @torch.inference_mode()  # as generate.py
     def kernels_only(n):
         c = KVCache(mc, B, P + n, S.device, dt).fuse(ours)
-        ours(x, head_fn=lambda h, w: F.linear(h[:, -1], w))  # the prefill, as generate.py runs it
+        ours(x, head_fn=last_logits)  # the prefill, as generate.py runs it
         h = torch.randn(B, mc.n_embd, device=S.device, dtype=dt)
         for t in range(n):
             for i, (f, block) in enumerate(zip(c.fused, ours.blocks)):

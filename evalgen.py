@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from generate import generate
+from model import softcap as cap
 
 # -----------------------------------------------------------------------------
 # text metrics
@@ -111,11 +112,11 @@ def answer_logps(model, prompts, answers, pad, batch_size=16):
     for j in range(0, len(prompts), batch_size):
         ids, mask, labels = _batch(prompts[j:j + batch_size], answers[j:j + batch_size], pad, dev)
 
-        def head(h, w):  # inside the forward: (B,) summed log-probs of the targets, one row at a time
+        def head(h, w, softcap=0.0):  # inside the forward: (B,) summed log-probs of the targets, one row at a time
             rows = []
             for b in range(h.shape[0]):
                 keep = labels[b] != -100
-                lp = F.log_softmax((h[b, keep] @ w.t()).double(), dim=-1)
+                lp = F.log_softmax(cap((h[b, keep] @ w.t()).double(), softcap), dim=-1)
                 rows.append(lp.gather(-1, labels[b, keep, None]).sum())
             return torch.stack(rows) if rows else h.new_zeros(0, dtype=torch.float64)
         out.append(model(ids, attention_mask=mask, head_fn=head))
@@ -130,7 +131,7 @@ def sequence_kl(student, teacher, prompts, answers, pad, batch_size=4):
         ids, mask, labels = _batch(prompts[j:j + batch_size], answers[j:j + batch_size], pad, dev)
         keep = labels != -100
         # log-probs at the positions that predict an answer token: (n, V) each, n over the batch
-        head = lambda h, w: F.log_softmax((h[keep] @ w.t()).double(), dim=-1)
+        head = lambda h, w, softcap=0.0: F.log_softmax(cap((h[keep] @ w.t()).double(), softcap), dim=-1)
         s = student(ids, attention_mask=mask, head_fn=head)
         with as_model(student, teacher) as m:
             t = m(ids, attention_mask=mask, head_fn=head)

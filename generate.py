@@ -28,6 +28,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from model import softcap as cap
+
 # -----------------------------------------------------------------------------
 out_dir = ""              # a training run: generates from out_dir/final
 pretrain = ""             # or a HF checkpoint dir / hub id
@@ -75,6 +77,10 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
+def last_logits(h, w, softcap=0.0):
+    """the head over the last position only: (B, T, C) -> (B, V) logits (soft-capped, gemma 2)."""
+    return cap(F.linear(h[:, -1], w), softcap)
+
 def left_align(input_ids, attention_mask):
     """moves each row's tokens to the right end, padding to the left (a stable sort of the mask
     keeps token order): generation continues every row from its last token."""
@@ -111,7 +117,6 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
     n_new = min(max_new_tokens, ctx - T)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     pos = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): each row's positions start at its first token
-    last = lambda h, w: F.linear(h[:, -1], w)  # only the last position's logits: (B, V)
     dt = next(model.parameters()).dtype  # or the autocast dtype: what the keys and values come out in
     if torch.is_autocast_enabled(ids.device.type):
         dt = torch.get_autocast_dtype(ids.device.type)
@@ -119,7 +124,7 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
     if use_cache and fuse:
         cache.fuse(model)
     if use_cache:
-        logits = model(ids, attention_mask=mask, position_ids=pos, head_fn=last, kv_cache=cache)
+        logits = model(ids, attention_mask=mask, position_ids=pos, head_fn=last_logits, kv_cache=cache)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     out = torch.empty(B, T + n_new, dtype=ids.dtype, device=ids.device)  # filled step by step: no per-step cat
     out[:, :T] = ids
@@ -129,7 +134,7 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
         if not use_cache:
             m = torch.cat([mask, mask.new_ones(B, step)], dim=1)
             p = torch.cat([pos, new_pos[:, :step]], dim=1)
-            logits = model(out[:, :end], attention_mask=m, position_ids=p, head_fn=last)
+            logits = model(out[:, :end], attention_mask=m, position_ids=p, head_fn=last_logits)
         nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
         if pad is not None:
             nxt = nxt.masked_fill(done, pad)
@@ -144,7 +149,7 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
         if (eos_token_id is not None or stop_fn is not None) and bool(done.all()):
             break
         if use_cache and step + 1 < n_new:
-            logits = model(nxt[:, None], position_ids=new_pos[:, step:step + 1], head_fn=last, kv_cache=cache)
+            logits = model(nxt[:, None], position_ids=new_pos[:, step:step + 1], head_fn=last_logits, kv_cache=cache)
     return out[:, :end]
 
 # -----------------------------------------------------------------------------

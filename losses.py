@@ -164,12 +164,44 @@ def auto_chunk_size(vocab_size, device_type="cpu"):
     that on CUDA (512 tokens at V = 128k), where every chunk costs a dozen kernel launches."""
     return max(128, (CHUNK_LOGITS_CUDA if device_type == "cuda" else CHUNK_LOGITS) // vocab_size)
 
-def _chunked(fn, hidden, weight, labels, chunk_size, rows=(), uniform=False):
+def softcap_(z, cap):
+    """gemma 2's final logit soft-cap, cap * tanh(z / cap), in place on a scratch tile (0 = off)."""
+    return z.div_(cap).tanh_().mul_(cap) if cap else z
+
+def _capped(fn, cap):
+    """fn applied to soft-capped logits z' = cap tanh(z / cap). The closed forms get the chain rule's
+    factor dz'/dz = 1 - (z' / cap)^2, taken before fn overwrites the tile (a second (n, V) tile, only
+    for soft-capped models); the autograd path (backward of an fn without logits_grad) caps out of
+    place so the gradient flows through tanh."""
+    if not cap:
+        return fn
+
+    def capped(z, *rest):
+        return fn(torch.tanh(z / cap) * cap if z.requires_grad else softcap_(z, cap), *rest)
+
+    def slope(z):  # z capped in place; returns dz'/dz
+        return (softcap_(z, cap) / cap).square_().neg_().add_(1)
+    if hasattr(fn, "logits_grad"):
+        def logits_grad(z, g, vals, *rest):
+            d = slope(z)
+            return fn.logits_grad(z, g, vals, *rest).mul_(d.to(z.dtype))
+        capped.logits_grad = logits_grad
+    if hasattr(fn, "value_and_grad"):
+        def value_and_grad(z, *rest):
+            d = slope(z)
+            vals, gz = fn.value_and_grad(z, *rest)
+            return vals, gz.mul_(d)
+        capped.value_and_grad = value_and_grad
+    return capped
+
+def _chunked(fn, hidden, weight, labels, chunk_size, rows=(), uniform=False, softcap=0.0):
     """fn(logits (n, V), *row_chunks) -> (n,) per-token values over the labelled positions of
     hidden [B, T, C] with head weight [V, C]; rows: more [B, T, ...] tensors cut the same way
     (labels, teacher hidden). Returns [B, T] in float32 (float64 for float64 inputs), 0.0 where
-    labels == -100. uniform: the caller weighs every token alike (see _ChunkedHeadUniform)."""
+    labels == -100. uniform: the caller weighs every token alike (see _ChunkedHeadUniform).
+    softcap: fn sees cap * tanh(logits / cap) (gemma 2's final soft-cap; 0 = off)."""
     B, T = labels.shape
+    fn = _capped(fn, softcap)
     idx = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
     cut = lambda r: r.reshape(B * T, *r.shape[2:])[idx]  # (N, ...) masked tokens dropped first
     chunk_size = chunk_size or auto_chunk_size(weight.shape[0], hidden.device.type)
@@ -189,10 +221,11 @@ def _normalizer(num_tokens, labels):
 # -----------------------------------------------------------------------------
 # SFT and sequence log-probs
 
-def token_logps(hidden, weight, labels, chunk_size=0, temperature=1.0, uniform=False):
+def token_logps(hidden, weight, labels, chunk_size=0, temperature=1.0, uniform=False, softcap=0.0):
     """log p(labels[b, t]) for hidden [B, T, C], weight [V, C] -> [B, T] float32, 0.0 where masked.
     uniform=True: the caller reduces the result with one weight for every token (a sum, a token
-    mean), which lets the head's gradient be computed in the forward (_ChunkedHeadUniform)."""
+    mean), which lets the head's gradient be computed in the forward (_ChunkedHeadUniform).
+    softcap: the model's final logit soft-cap (gemma 2), applied before the temperature."""
     def fn(z, y):  # (n, V) logits (overwritten), (n,) targets -> (n,) log p(y) = z_y - logsumexp(z)
         z = _scaled(z, temperature, inplace=True)
         zy = z.gather(1, y[:, None]).squeeze(1)
@@ -216,23 +249,23 @@ def token_logps(hidden, weight, labels, chunk_size=0, temperature=1.0, uniform=F
         gz[torch.arange(len(y), device=y.device), y] += 1
         return logp, gz if temperature == 1.0 else gz.div_(temperature)
     fn.logits_grad, fn.value_and_grad = logits_grad, value_and_grad
-    return _chunked(fn, hidden, weight, labels, chunk_size, [labels], uniform)
+    return _chunked(fn, hidden, weight, labels, chunk_size, [labels], uniform, softcap)
 
-def sft_loss(hidden, weight, labels, num_tokens=None, chunk_size=0):
+def sft_loss(hidden, weight, labels, num_tokens=None, chunk_size=0, softcap=0.0):
     """-sum of response-token log-probs / num_tokens. num_tokens=None uses this batch's count; the
     training loop passes the count of the whole global batch (all micro-batches, all ranks), so
     summing the micro-batch losses gives the per-token mean over the global batch whatever the
     batch x accumulation x world split."""
-    return -token_logps(hidden, weight, labels, chunk_size, uniform=True).sum() / _normalizer(num_tokens, labels)
+    return -token_logps(hidden, weight, labels, chunk_size, uniform=True, softcap=softcap).sum() / _normalizer(num_tokens, labels)
 
 def per_sample_mean(token_values, labels):
     """[B, T] per-token values -> [B] mean over each row's response tokens (0 for rows with none)."""
     mask = labels != IGNORE_INDEX
     return (token_values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
-def sequence_logps(hidden, weight, labels, chunk_size=0):
+def sequence_logps(hidden, weight, labels, chunk_size=0, softcap=0.0):
     """[B] SUM of response-token log-probs, log pi(y|x) as DPO uses it."""
-    return token_logps(hidden, weight, labels, chunk_size).sum(-1)
+    return token_logps(hidden, weight, labels, chunk_size, softcap=softcap).sum(-1)
 
 # -----------------------------------------------------------------------------
 # DPO
@@ -267,10 +300,10 @@ def _log_mixture(lpt, lps, beta):
     return torch.where(d <= 0, via_s, via_t)
 
 @torch.no_grad()
-def _teacher_logps(th, tw, temperature):
+def _teacher_logps(th, tw, temperature, cap=0.0):
     # (n, V) teacher log-probs; a function of its own so the teacher's logits are freed before the
     # student's backward
-    return F.log_softmax(_scaled(th @ tw.t(), temperature), dim=-1)
+    return F.log_softmax(_scaled(softcap_(_upcast(th @ tw.t()), cap), temperature), dim=-1)
 
 def _softmax_(z):
     # row-wise softmax of (n, V) float logits, in place
@@ -278,17 +311,17 @@ def _softmax_(z):
     return z.div_(z.sum(1, keepdim=True))
 
 @torch.no_grad()
-def _teacher_probs(th, tw, top_k, temperature, cdt):
+def _teacher_probs(th, tw, top_k, temperature, cdt, cap=0.0):
     # (n, V) teacher probabilities computed in place in one (n, V) tile, or (n, k) over its top k
     # with their indices; the GEMM in cdt, the softmax in float32
     t = mm_into(th.to(cdt), tw.to(cdt).t(), th.new_empty(th.shape[0], tw.shape[0], dtype=_upcast(th.to(cdt)).dtype))
-    t = _scaled(t, temperature, inplace=True)
+    t = _scaled(softcap_(t, cap), temperature, inplace=True)
     top = None
     if top_k > 0:
         t, top = t.topk(top_k, dim=-1)
     return _softmax_(t), top
 
-def _forward_kd_fn(tw, top_k, temperature, cdt):
+def _forward_kd_fn(tw, top_k, temperature, cdt, cap=0.0):
     """Forward KD on a chunk with a closed-form gradient, in place on the scratch logits: with
     z = logits / tau, -sum_v p_T log p_S = logsumexp(z) - sum_v p_T z_v (sum_v p_T = 1), and its
     gradient in z is softmax(z) - p_T. Peak: the scratch tile and the teacher's."""
@@ -303,7 +336,7 @@ def _forward_kd_fn(tw, top_k, temperature, cdt):
 
     def fn(z, th):
         z = _scaled(z, temperature, inplace=True)
-        pt, top = _teacher_probs(th, tw, top_k, temperature, cdt)
+        pt, top = _teacher_probs(th, tw, top_k, temperature, cdt, cap)
         entropy(pt)
         pz = dot(pt, z, top)
         m = z.detach().amax(1)
@@ -312,13 +345,13 @@ def _forward_kd_fn(tw, top_k, temperature, cdt):
     def logits_grad(z, g, vals, th):  # g (softmax(z) - p_T) / tau
         dtype = z.dtype
         z = _softmax_(_scaled(z, temperature, inplace=True))
-        pt, top = _teacher_probs(th, tw, top_k, temperature, cdt)
+        pt, top = _teacher_probs(th, tw, top_k, temperature, cdt, cap)
         z = z.sub_(pt) if top is None else z.scatter_add_(1, top, -pt)
         return z.mul_((g / temperature)[:, None]).to(dtype)
 
     def value_and_grad(z, th):  # the loss and its logits gradient (softmax(z) - p_T) / tau, in place
         z = _scaled(z, temperature, inplace=True)
-        pt, top = _teacher_probs(th, tw, top_k, temperature, cdt)
+        pt, top = _teacher_probs(th, tw, top_k, temperature, cdt, cap)
         entropy(pt)
         pz = dot(pt, z, top)
         m = z.amax(1, keepdim=True)
@@ -330,18 +363,19 @@ def _forward_kd_fn(tw, top_k, temperature, cdt):
     fn.logits_grad, fn.value_and_grad, fn.entropy = logits_grad, value_and_grad, None
     return fn
 
-def _kd_chunk(z, th, tw, kind, beta, temperature):
+def _kd_chunk(z, th, tw, kind, beta, temperature, cap=0.0):
     # reverse KL or JSD through autograd: (n, V) student logits (not modified), (n, C_T) teacher
     # hidden, (V, C_T) teacher head -> (n,) per-token loss
     lps = F.log_softmax(_scaled(z, temperature), dim=-1)  # (n, V) student
-    lpt = _teacher_logps(th, tw, temperature)
+    lpt = _teacher_logps(th, tw, temperature, cap)
     if kind == "reverse":
         return (lps.exp() * (lps - lpt)).sum(-1)
     lpm = _log_mixture(lpt, lps, beta)
     return beta * (lpt.exp() * (lpt - lpm)).sum(-1) + (1 - beta) * (lps.exp() * (lps - lpm)).sum(-1)
 
 def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5,
-                    top_k=0, temperature=1.0, chunk_size=0, uniform=False, stats=None):
+                    top_k=0, temperature=1.0, chunk_size=0, uniform=False, stats=None, softcap=0.0,
+                    teacher_softcap=0.0):
     """Per-token distillation loss [B, T] (0.0 where masked), p_T = softmax(teacher_logits / tau),
     p_S = softmax(student_logits / tau), tau = temperature (no tau^2 factor):
       forward: -sum_v p_T log p_S  (cross-entropy; KL(p_T || p_S) plus the teacher entropy)
@@ -353,6 +387,7 @@ def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind
     labelled tokens (no grad), so KL(p_T || p_S) = the loss less it, at no extra GEMM.
     top_k > 0 (forward only): p_T is the softmax over the teacher's k largest logits, and the sum
     runs over those k entries with log p_S taken from the full student softmax.
+    softcap, teacher_softcap: the student's and the teacher's final logit soft-caps (gemma 2; 0 = off).
     The teacher gets no gradient (its tensors are detached here too)."""
     if kind not in KD_KINDS:
         raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
@@ -363,17 +398,17 @@ def kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind
     tw = teacher_weight.detach()
     if kind == "forward":
         # the teacher's GEMMs in the compute dtype of the forward, in backward's recompute too
-        fn = _forward_kd_fn(tw, top_k, temperature, compute_dtype(teacher_hidden))
+        fn = _forward_kd_fn(tw, top_k, temperature, compute_dtype(teacher_hidden), teacher_softcap)
         if stats is not None:  # the teacher's entropy summed over the tokens, from the forward's own p_T
             fn.entropy = stats["teacher_entropy"] = torch.zeros((), device=hidden.device, dtype=torch.float64)
     else:
         def fn(z, th):
-            return _kd_chunk(z, th, tw, kind, beta, temperature)
-    return _chunked(fn, hidden, weight, labels, chunk_size, [teacher_hidden.detach()], uniform)
+            return _kd_chunk(z, th, tw, kind, beta, temperature, teacher_softcap)
+    return _chunked(fn, hidden, weight, labels, chunk_size, [teacher_hidden.detach()], uniform, softcap)
 
 def kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forward", beta=0.5, top_k=0,
-            temperature=1.0, num_tokens=None, chunk_size=0):
+            temperature=1.0, num_tokens=None, chunk_size=0, softcap=0.0, teacher_softcap=0.0):
     """Sum of kd_token_losses / num_tokens; num_tokens as in sft_loss (the global batch's count)."""
     losses = kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind, beta, top_k,
-                             temperature, chunk_size, uniform=True)
+                             temperature, chunk_size, uniform=True, softcap=softcap, teacher_softcap=teacher_softcap)
     return losses.sum() / _normalizer(num_tokens, labels)

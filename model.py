@@ -286,6 +286,10 @@ def window_mask(mask, window, t0, T, device):
     band = (j > i - window) & (j <= i)  # (T, t0 + T)
     return band if mask is None else mask & band
 
+def softcap(logits, cap):
+    """gemma 2's final logit soft-cap: cap * tanh(logits / cap); cap = 0 leaves the logits as they are."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
 def attend(q, k, v, mask, is_causal, scale=None, softcap=0.0):
     """q (B, nh, T, hs), k and v (B, nkv, S, hs), mask bool (B, 1, T, S) or None -> (B, nh, T, hs).
     softcap (gemma 2): scores = cap * tanh(scores / cap) before the mask, which SDPA cannot do."""
@@ -542,7 +546,9 @@ class GPT(nn.Module):
         1, 2, 3, ... = documents packed into one row). position_ids (B, T), restarting per
         document when packed. Returns logits (B, T, V), or head_fn(hidden (B, T, C), lm_head
         weight (V, C)) so a loss can apply the head in token chunks inside this forward (under
-        FSDP2 the weight is only gathered while the module's forward runs).
+        FSDP2 the weight is only gathered while the module's forward runs); a model with a final
+        logit soft-cap calls head_fn(hidden, weight, softcap=cap), so a head_fn that cannot apply
+        it fails instead of computing uncapped logits.
         kv_cache (a KVCache): the T tokens continue the cached ones; attention_mask is then 0/1 for
         the new tokens only (None = no padding) and position_ids should be given per row."""
         B, T = input_ids.shape
@@ -580,15 +586,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos = t0 + T
         x = self.ln_f(x)
-        if head_fn is not None:
-            if cfg.final_softcap:
-                raise NotImplementedError("final logit soft-capping (gemma 2) is applied to full logits only; "
-                                          "the chunked losses and generate's head_fn do not apply it yet")
-            return head_fn(x, self.lm_head.weight)
-        logits = self.lm_head(x)
-        if cfg.final_softcap:
-            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
-        return logits
+        if head_fn is not None:  # a soft-capped model (gemma 2) tells head_fn its cap, which it must apply
+            return head_fn(x, self.lm_head.weight, softcap=cfg.final_softcap) if cfg.final_softcap else head_fn(x, self.lm_head.weight)
+        return softcap(self.lm_head(x), cfg.final_softcap)
 
     def rope(self, position_ids, dtype, local=False):
         dev, name = position_ids.device, "_inv_freq_local" if local else "_inv_freq"

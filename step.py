@@ -49,15 +49,16 @@ class Step:
         self.all_sum = all_sum or (lambda x: torch.as_tensor(x, dtype=torch.float64, device=device).clone())
 
     def reference_hidden(self, o, x):
-        """hidden states and head weight of o's teacher / reference for rows x (no grad)."""
+        """hidden states, head weight and final logit soft-cap (0: none) of o's teacher / reference
+        for rows x (no grad)."""
         with torch.no_grad(), self.autocast:
             if o.ref == "self":
                 with disabled(self.raw_model):
                     return self.model(x["input_ids"], x["attention_mask"], x["position_ids"],
-                                      head_fn=lambda h, w: (h, w.detach().clone()))
+                                      head_fn=lambda h, w, softcap=0.0: (h, w.detach().clone(), softcap))
             # a sharded (FSDP2) model frees its gathered head weight after the forward: keep a copy
             keep = (lambda w: w.detach().clone()) if hasattr(o.ref, "reshard") else (lambda w: w)
-            return o.ref(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w: (h, keep(w)))
+            return o.ref(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w, softcap=0.0: (h, keep(w), softcap))
 
     def ref_logps(self, o, b):
         """reference log pi(chosen), log pi(rejected), each (B,): from the cache or a no-grad forward."""
@@ -66,8 +67,8 @@ class Step:
             c = c.to(self.device, non_blocking=True)  # (B, 2)
             return c[:, 0], c[:, 1]
         x = pad_cat([b], self.pad_id, self.device)
-        h, w = self.reference_hidden(o, x)
-        return L.sequence_logps(h, w, x["labels"], self.chunk_size).chunk(2)
+        h, w, cap = self.reference_hidden(o, x)
+        return L.sequence_logps(h, w, x["labels"], self.chunk_size, cap).chunk(2)
 
     def normalizers(self, o, micro_batches):
         """global (all ranks, all micro-batches) token / pair counts of one objective's step."""
@@ -90,14 +91,14 @@ class Step:
                        else self.ref_logps(o, b) if o.kind == "dpo" else None)
         ws, cs = self.world_size, self.chunk_size
 
-        def head(h, w):  # h (rows, T, C), w (V, C)
+        def head(h, w, softcap=0.0):  # h (rows, T, C), w (V, C), the model's final logit soft-cap
             out, r = [], 0
             for (o, b, norm), a in zip(parts, aux):
                 n, T = b["input_ids"].shape
                 hh, yy = h[r:r + n, :T], x["labels"][r:r + n, :T]
                 r += n
                 if o.kind == "dpo":
-                    tok = L.token_logps(hh, w, yy, cs)  # (2B, T)
+                    tok = L.token_logps(hh, w, yy, cs, softcap=softcap)  # (2B, T)
                     pc, pr = tok.sum(-1).chunk(2)
                     rc, rr = (t.to(pc.dtype) for t in a)  # the cache is float64, the policy's float32 (or 64)
                     losses, cr, rr = L.dpo_loss(pc, pr, rc, rr, o.beta, o.label_smoothing, o.ipo)
@@ -112,16 +113,16 @@ class Step:
                     continue
                 uniform = norm is not None  # a token mean: the head's gradient can be taken in the forward
                 if o.kind == "kd":
-                    th, tw = a
+                    th, tw, tcap = a
                     kd_stats = {} if o.kd_loss == "forward" and norm is not None else None
                     tok = L.kd_token_losses(hh, w, th[:, :T], tw, yy, o.kd_loss, o.kd_beta, o.kd_top_k,
-                                            o.kd_temperature, cs, uniform, kd_stats)
+                                            o.kd_temperature, cs, uniform, kd_stats, softcap, tcap)
                     if kd_stats is not None:  # the loss is the cross-entropy H(p_T, p_S); kd_kl = it less H(p_T)
                         kl = (tok.detach().sum() - kd_stats["teacher_entropy"]) / norm["tokens"] * ws
                         out.append((tok.sum() / norm["tokens"] * ws, {"kd_kl": kl}))
                         continue
                 else:
-                    tok = -L.token_logps(hh, w, yy, cs, uniform=uniform)
+                    tok = -L.token_logps(hh, w, yy, cs, uniform=uniform, softcap=softcap)
                 out.append((L.per_sample_mean(tok, yy) if norm is None else tok.sum() / norm["tokens"] * ws, {}))
             return out
 

@@ -68,6 +68,31 @@ def test_answer_logps_and_sequence_kl_against_transformers(pair):
     assert kl.tolist() == pytest.approx(want, rel=1e-6)
     assert E.sequence_kl(pol, pol, PROMPTS, ANSWERS, pad=257).abs().max().item() < 1e-12
 
+def test_answer_logps_and_sequence_kl_with_final_softcap(tmp_path):
+    """gemma 2's final logit soft-cap is applied by evalgen's heads: log-probs and sequence KL of two
+    soft-capped models equal transformers' (whose logits are capped)."""
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cfg = transformers.Gemma2Config(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                                        sliding_window=16, final_logit_softcapping=0.5, initializer_range=0.2,
+                                        bos_token_id=None, eos_token_id=256, pad_token_id=257)
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double().eval()
+        hf.save_pretrained(tmp_path / str(seed))
+        models.append((GPT.from_pretrained(str(tmp_path / str(seed)), dtype=torch.float64).eval(), hf))
+    (pol, hf_pol), (ref, hf_ref) = models
+    assert pol.config.final_softcap == 0.5
+    got = E.answer_logps(pol, PROMPTS, ANSWERS, pad=257)
+    want = [hf_logps(hf_pol, p, a).gather(-1, torch.tensor(a)[:, None]).sum().item() for p, a in zip(PROMPTS, ANSWERS)]
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+    kl = E.sequence_kl(pol, ref, PROMPTS, ANSWERS, pad=257)
+    want = []
+    for p, a in zip(PROMPTS, ANSWERS):
+        s, t = hf_logps(hf_pol, p, a), hf_logps(hf_ref, p, a)
+        want.append(sum((s[i].exp() * (s[i] - t[i])).sum().item() for i in range(len(a))))
+    assert kl.tolist() == pytest.approx(want, rel=1e-6) and min(want) > 0
+
 def test_implicit_reward_judge(pair):
     (pol, hf_pol), (ref, hf_ref) = pair
     beta = 0.3

@@ -28,7 +28,7 @@ def padded_batch(lengths, seed=0):
         ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
     return ids, mask, rows
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(FAMILIES) + ["gemma2_final_softcap"])
 def test_cache_greedy_equals_full_forward_and_transformers(name, tmp_path):
     hf = make_hf(name, tmp_path)
     with torch.no_grad():  # peaked logits: no near-ties in the argmax
@@ -36,15 +36,16 @@ def test_cache_greedy_equals_full_forward_and_transformers(name, tmp_path):
             p.mul_(3.0) if p.dim() == 2 else None
     hf.save_pretrained(tmp_path)
     # sdpa: transformers' eager attention in float64 turns left-padded rows into NaN; families
-    # without sdpa in transformers (gemma2) are compared row by row, unpadded
-    try:
-        hf, padded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa", dtype=torch.float64), True
-    except ValueError:
-        hf, padded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", dtype=torch.float64), False
+    # whose attention SDPA cannot compute (gemma2's score soft-cap: newer transformers refuse sdpa,
+    # 5.17 runs it without the cap) are compared on eager attention, row by row, unpadded
+    padded = not getattr(hf.config, "attn_logit_softcapping", None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa" if padded else "eager", dtype=torch.float64)
     hf.eval()
     ours = GPT.from_pretrained(str(tmp_path), dtype=torch.float64).eval()
     ids, mask, rows = padded_batch([9, 4, 1, 6])
     n = 12
+    with torch.no_grad():  # the decoding head: the full forward's last logits (soft-capped where the model caps)
+        torch.testing.assert_close(ours(ids[:1], head_fn=G.last_logits), ours(ids[:1])[:, -1], atol=1e-12, rtol=0)
     cached = generate(ours, ids, n, attention_mask=mask)
     full = generate(ours, ids, n, attention_mask=mask, use_cache=False)
     hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None  # the configs' default 2/50256 are real tokens here

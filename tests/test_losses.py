@@ -41,15 +41,19 @@ def assert_same(a, b, atol=1e-5):
 # -----------------------------------------------------------------------------
 # plain references
 
-def ref_token_logps(hidden, weight, labels, temperature=1.0):
-    lp = F.log_softmax(hidden @ weight.T / temperature, dim=-1)  # (B, T, V)
+def capped(logits, cap):
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+def ref_token_logps(hidden, weight, labels, temperature=1.0, cap=0.0):
+    lp = F.log_softmax(capped(hidden @ weight.T, cap) / temperature, dim=-1)  # (B, T, V)
     mask = labels != -100
     picked = lp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     return torch.where(mask, picked, torch.zeros_like(picked))
 
-def ref_kd(hidden, weight, teacher_hidden, teacher_weight, labels, kind, beta=0.5, top_k=0, temperature=1.0):
-    s = F.log_softmax(hidden @ weight.T / temperature, dim=-1)  # (B, T, V)
-    t_logits = (teacher_hidden @ teacher_weight.T / temperature).detach()
+def ref_kd(hidden, weight, teacher_hidden, teacher_weight, labels, kind, beta=0.5, top_k=0, temperature=1.0,
+           cap=0.0, teacher_cap=0.0):
+    s = F.log_softmax(capped(hidden @ weight.T, cap) / temperature, dim=-1)  # (B, T, V)
+    t_logits = (capped(teacher_hidden @ teacher_weight.T, teacher_cap) / temperature).detach()
     if top_k:
         t_logits, top = torch.sort(t_logits, dim=-1, descending=True)
         t_logits, s = t_logits[..., :top_k], s.gather(-1, top[..., :top_k])
@@ -356,3 +360,34 @@ def test_chunked_backward_never_saves_full_logits(kd, monkeypatch):
     monkeypatch.setattr(losses._ChunkedHead, "apply", plain_chunks)
     monkeypatch.setattr(losses._ChunkedHeadUniform, "apply", plain_chunks)
     assert saved_for_backward(chunked)[1] >= n * v * 4
+
+# -----------------------------------------------------------------------------
+# gemma 2's final logit soft-cap
+
+SOFTCAP_CASES = [("logps", 0, True), ("logps", 0, False), ("forward", 0, True), ("forward", 0, False),
+                 ("forward", 5, True), ("forward", 5, False), ("reverse", 0, False), ("jsd", 0, False)]
+
+@pytest.mark.parametrize("chunk_size", [4, 0])
+@pytest.mark.parametrize("kind,top_k,uniform", SOFTCAP_CASES)
+def test_final_softcap_matches_reference(kind, top_k, uniform, chunk_size):
+    """cap * tanh(logits / cap) inside the chunked head, for the student and (KD) the teacher: values
+    and gradients equal full capped logits through autograd on every gradient path: the forward-
+    computed one (uniform: a token sum), the closed-form recompute (unequal token weights) and
+    autograd (reverse KL, JSD)."""
+    hidden, weight, teacher_hidden, teacher_weight, labels = make_batch()
+    cap, teacher_cap = 1.5, 2.5  # this batch's logits reach about +-5: both caps bend them
+    if kind == "logps":
+        tok = losses.token_logps(hidden, weight, labels, chunk_size, 2.0, uniform=uniform, softcap=cap)
+        ref_tok = ref_token_logps(hidden, weight, labels, 2.0, cap)
+        uncapped = ref_token_logps(hidden, weight, labels, 2.0)
+    else:
+        kw = dict(kind=kind, beta=0.3, top_k=top_k, temperature=2.0)
+        tok = losses.kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, chunk_size=chunk_size,
+                                     uniform=uniform, softcap=cap, teacher_softcap=teacher_cap, **kw)
+        ref_tok = ref_kd(hidden, weight, teacher_hidden, teacher_weight, labels, cap=cap, teacher_cap=teacher_cap, **kw)
+        uncapped = ref_kd(hidden, weight, teacher_hidden, teacher_weight, labels, **kw)
+    assert (ref_tok - uncapped).abs().max() > 0.05  # the cap changes the numbers
+    assert_same(tok, ref_tok)
+    w = torch.ones(B, T) if uniform else torch.rand(B, T, generator=torch.Generator().manual_seed(3))
+    for a, b in zip(grads((tok * w).sum(), hidden, weight), grads((ref_tok * w).sum(), hidden, weight)):
+        assert_same(a, b)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 from model import GPT, Config, byte_tokenizer, load_tokenizer
@@ -254,13 +255,56 @@ def test_byte_tokenizer_round_trip(tmp_path):
     assert t2.encode("User: x\n", add_special_tokens=False) == list(b"User: x\n")
     assert t2.decode(list(b"abc") + [256]) == "abc<|endoftext|>"
 
-def test_final_softcap_refuses_head_fn(tmp_path):
-    """the chunked losses take (hidden, head weight) and cannot apply a final soft-cap: an error,
-    not silently uncapped logits."""
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kd"])
+def test_final_softcap_in_the_step(kind, tmp_path):
+    """gemma 2's final soft-cap reaches the chunked losses: step.py's SFT / DPO / forward-KD loss
+    and gradients on a soft-capped model (its teacher / reference soft-capped too) equal the plain
+    formulas on the model's full, capped logits (which match transformers: test_logits_match).
+    A head_fn that cannot take the cap is refused, not run on uncapped logits."""
+    import bench
+    from step import Step, objective
     make_hf("gemma2_final_softcap", tmp_path)
-    m = GPT.from_pretrained(str(tmp_path)).eval()
-    with pytest.raises(NotImplementedError, match="soft-capping"):
-        m(torch.randint(0, V, (1, 5)), head_fn=lambda h, w: h @ w.t())
+    policy = GPT.from_pretrained(str(tmp_path), dtype=torch.float64)
+    other = GPT.from_pretrained(str(tmp_path), dtype=torch.float64).requires_grad_(False)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert policy.config.final_softcap == 0.5
+    with pytest.raises(TypeError, match="softcap"):
+        policy(torch.randint(0, V, (1, 5)), head_fn=lambda h, w: h @ w.t())
+    pairs = bench.random_pairs(3, 14, 5, V, torch.Generator().manual_seed(2))
+    b = bench.dpo_batch(pairs, range(3)) if kind == "dpo" else bench.sft_batch(pairs, range(3))
+    o = objective(kind, ref=other, beta=0.5)
+    step = Step(policy, policy, chunk_size=4)
+    (loss, _), = step.losses([(o, b, step.normalizers(o, [b]))])
+    y, keep = b["labels"], b["labels"] != -100
+    logp = lambda m: torch.log_softmax(m(b["input_ids"]), -1)  # the model's full, capped logits
+    if kind == "sft":
+        ref = -logp(policy).gather(-1, y.clamp(min=0)[..., None])[..., 0][keep].sum() / keep.sum()
+    elif kind == "kd":
+        lt = logp(other).detach()
+        ref = -(lt.exp() * logp(policy)).sum(-1)[keep].sum() / keep.sum()
+    else:
+        seq = lambda m: (m.gather(-1, y.clamp(min=0)[..., None])[..., 0] * keep).sum(-1).chunk(2)
+        (pc, pr), (rc, rr) = seq(logp(policy)), seq(logp(other).detach())
+        ref = -F.logsigmoid(0.5 * ((pc - rc) - (pr - rr))).mean()
+    uncapped = GPT.from_pretrained(str(tmp_path), dtype=torch.float64)
+    uncapped.config.final_softcap = 0.0
+    assert abs(loss.item() - ref.item()) < 1e-10 and abs(ref.item() - step_loss(uncapped, other, o, b, kind)) > 1e-3
+    params = [policy.lm_head.weight, policy.blocks[0].attn.q_proj.weight]
+    for a, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, r, atol=1e-10, rtol=1e-8)
+
+def step_loss(model, ref, o, b, kind):
+    """the step's loss of model with a reference / teacher of the same family, uncapped both."""
+    from step import Step
+    ref.config.final_softcap, cap = 0.0, ref.config.final_softcap
+    try:
+        step = Step(model, model, chunk_size=4)
+        (loss, _), = step.losses([(o, b, step.normalizers(o, [b]))])
+        return loss.item()
+    finally:
+        ref.config.final_softcap = cap
 
 OLD_STYLE = {  # hub configs written before layer_types / rope_parameters existed
     "gemma3": lambda d: {**{k: v for k, v in d.items() if k not in ("layer_types", "rope_parameters")},
@@ -283,6 +327,11 @@ def test_old_style_configs(name, tmp_path):
     ours = GPT.from_pretrained(str(tmp_path)).eval()
     assert ours.config.layer_types == list(getattr(hf.config, "layer_types", None) or ["full_attention"] * 2)
     x = torch.linspace(-4, 4, 101)
+    if name == "gemma":  # the tanh approximation, as transformers >= 5.2x reads it
+        assert torch.equal(ours.blocks[0].mlp.act(x), F.gelu(x, approximate="tanh"))
+        if hf.config.hidden_act == "gelu":  # older transformers (5.17) run exact GELU: compare the rest
+            for layer in hf.model.layers:
+                layer.mlp.act_fn = transformers.activations.ACT2FN["gelu_pytorch_tanh"]
     assert torch.equal(ours.blocks[0].mlp.act(x), hf.model.layers[0].mlp.act_fn(x))
     ids = torch.randint(0, V, (2, 29), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
