@@ -828,6 +828,8 @@ def bench_generate(cfg):
                                               min_new_tokens=n, pad_token_id=0),
         "no_cache": lambda n: generate(ours, x, n, use_cache=False),
     }
+    if S.device_type == "cuda":  # generate.py replays a CUDA graph per step there; this is its eager step
+        runs["no_graph"] = lambda n: generate(ours, x, n, cuda_graph=False)
     mc = ours.config
     H, K, hd, I = mc.n_head, mc.n_kv_head, mc.head_dim, mc.intermediate_size
 
@@ -853,7 +855,7 @@ def bench_generate(cfg):
         for k in runs:
             runs[k](8)  # warm-up
         for rnd in range(cfg["rounds"]):
-            for k in ("generate.py", "transformers", "unfused", "kernels_only", "no_cache"):
+            for k in ("generate.py", "transformers", "unfused", "no_graph", "kernels_only", "no_cache"):
                 if k not in runs or k == "no_cache" and rnd > 0:
                     continue
                 dt_s, outs[k] = timed(S, lambda: runs[k](N))

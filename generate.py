@@ -88,7 +88,8 @@ def left_align(input_ids, attention_mask):
     return input_ids.gather(1, order), attention_mask.gather(1, order)
 
 def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None,
-             generator=None, attention_mask=None, pad_token_id=None, stop_fn=None, use_cache=True, fuse=True):
+             generator=None, attention_mask=None, pad_token_id=None, stop_fn=None, use_cache=True, fuse=True,
+             cuda_graph=None):
     """Extends input_ids (B, T) by up to max_new_tokens; returns (B, T + n), n <= max_new_tokens.
     attention_mask (B, T) 0/1 marks padding (left, right or anywhere: rows are left-aligned first,
     and the result is left-padded). A row is done after eos_token_id or when stop_fn(row index,
@@ -96,14 +97,18 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1
     ends once every row is done. use_cache=False recomputes the full forward every step (the slow
     reference). fuse: the cache runs q|k|v and gate|up as one matrix product each, on weights
     concatenated once per call (KVCache.fuse: a copy of those weights while generating; False
-    saves that memory). generator (on the model's device) makes sampling reproducible."""
+    saves that memory). generator (on the model's device) makes sampling reproducible.
+    cuda_graph (None = on CUDA): each decoding step is one replay of a CUDA graph of the model's
+    forward (see decoder()); True on a CPU runs that same one-shape step eagerly (what the tests check)."""
+    if cuda_graph is None:
+        cuda_graph = input_ids.is_cuda
     with torch.inference_mode():  # no autograd bookkeeping at all: ~10% of a small model's step
         y = _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-                      attention_mask, pad_token_id, stop_fn, use_cache, fuse)
+                      attention_mask, pad_token_id, stop_fn, use_cache, fuse, cuda_graph)
     return y.clone()  # a normal tensor: an inference tensor cannot enter a later backward
 
 def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-              attention_mask, pad_token_id, stop_fn, use_cache, fuse):
+              attention_mask, pad_token_id, stop_fn, use_cache, fuse, cuda_graph):
     from model import KVCache
     B, T = input_ids.shape
     if attention_mask is None:
@@ -125,6 +130,7 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
         cache.fuse(model)
     if use_cache:
         logits = model(ids, attention_mask=mask, position_ids=pos, head_fn=last_logits, kv_cache=cache)
+        decode = decoder(model, cache, cuda_graph)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     out = torch.empty(B, T + n_new, dtype=ids.dtype, device=ids.device)  # filled step by step: no per-step cat
     out[:, :T] = ids
@@ -149,8 +155,47 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
         if (eos_token_id is not None or stop_fn is not None) and bool(done.all()):
             break
         if use_cache and step + 1 < n_new:
-            logits = model(nxt[:, None], position_ids=new_pos[:, step:step + 1], head_fn=last_logits, kv_cache=cache)
+            logits = decode(nxt, new_pos[:, step:step + 1])
     return out[:, :end]
+
+def decoder(model, cache, graph):
+    """one decoding step after the prefill: (B,) tokens, (B, 1) positions -> (B, V) next logits.
+    graph=False: the model's forward on the growing cache. graph=True: the cache frozen to one shape
+    (KVCache.freeze) and, on CUDA, the step's forward captured once as a CUDA graph and replayed:
+    one launch per token instead of one per kernel (hundreds), where decoding a small model on a
+    GPU is launch-bound (BENCHMARKS.md: 43 ms per step at 7M parameters on an H200, 2.5 ms on two
+    CPU cores). A capture that fails (a model with data-dependent shapes, such as the experts'
+    routing) falls back to the same step run eagerly, with a warning. The logits returned are the
+    graph's output buffer: read them before the next step."""
+    if not graph:
+        return lambda tok, pos: model(tok[:, None], position_ids=pos, head_fn=last_logits, kv_cache=cache)
+    cache.freeze()
+    B, dev = cache.k.shape[1], cache.k.device
+    tok, pos = torch.zeros(B, 1, dtype=torch.long, device=dev), torch.zeros(B, 1, dtype=torch.long, device=dev)
+    run = lambda: model(tok, position_ids=pos, head_fn=last_logits, kv_cache=cache)
+    replay = run
+    if dev.type == "cuda":
+        try:  # warm-up on a side stream, then capture; both write a key/value the first real step overwrites
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                run()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = run()
+            replay = lambda: (g.replay(), out)[1]
+        except Exception as e:  # noqa: BLE001 - any capture failure: decode eagerly instead
+            import warnings
+            warnings.warn(f"generate: no CUDA graph for this model ({type(e).__name__}: {e}); decoding eagerly")
+
+    def step(t, p):
+        tok.copy_(t[:, None])
+        pos.copy_(p)
+        logits = replay()
+        cache.cur.add_(1)
+        return logits
+    return step
 
 # -----------------------------------------------------------------------------
 # prompts and text

@@ -344,6 +344,21 @@ class KVCache:
         self.padded = False   # any padding among them: decoding steps then need a mask
         self.table = {}       # rope cos, sin of positions 0..max_len-1, (max_len, r) each; per local
         self.fused = [None] * cfg.n_layer  # per layer: {'qkv': (w, b), 'gate_up': (w, b)} from fuse()
+        self.static = False   # one-shape decoding steps (CUDA graphs): see freeze()
+
+    def freeze(self):
+        """after the prefill: every later step writes its key/value at the position held in the
+        device tensor self.cur (the caller advances it) and attends over all max_len keys, those not
+        yet written masked. Every step then has the same shapes and no position on the host, so one
+        CUDA graph can replay it (generate.py); the same step runs eagerly anywhere (the tests)."""
+        self.static = True
+        self.cur = torch.tensor(self.pos, device=self.k.device)
+        self.arange = torch.arange(self.k.shape[3], device=self.k.device)
+        return self
+
+    def window(self, mask, window):
+        """a frozen cache's mask (B, 1, 1, max_len) cut to the last `window` keys of the step's query."""
+        return mask & (self.arange > self.cur - window)
 
     def fuse(self, model):
         """decoding then runs q|k|v and gate|up as one matrix product each: fewer kernel launches
@@ -373,6 +388,9 @@ class KVCache:
     def attn_mask(self, attention_mask, T):
         """records which of the T new positions are padding (attention_mask 0); returns the bool
         mask (B, 1, T, pos + T) of the keys each new query sees, or None when all of them."""
+        if self.static:  # one decoding step: all max_len keys, those past the current position masked
+            assert T == 1 and attention_mask is None, "a frozen cache decodes one token per row and step"
+            return (self.valid & (self.arange <= self.cur))[:, None, None]
         t0 = self.pos
         if attention_mask is not None:
             self.valid[:, t0:t0 + T] = attention_mask > 0
@@ -424,6 +442,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
         if cache is not None:  # decoding: write the new keys/values, attend over the cache so far
             kc, vc, t0, _ = cache  # (B, nkv, max_len, hs) each
+            if torch.is_tensor(t0):  # a frozen cache (KVCache.freeze): write at a device position, attend over all keys
+                kc.index_copy_(2, t0.view(1), k)
+                vc.index_copy_(2, t0.view(1), v)
+                y = attend(q, kc, vc, mask, False, self.scale, self.softcap)
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
             kc[:, :, t0:t0 + T], vc[:, :, t0:t0 + T] = k, v
             y = attend(q, kc[:, :, :t0 + T], vc[:, :, :t0 + T], mask, False, self.scale, self.softcap)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
@@ -574,16 +597,19 @@ class GPT(nn.Module):
             seg = attention_mask if attention_mask is not None and needs_mask(attention_mask) else None
             mask = segment_mask(seg) if seg is not None else None
         # sliding layers (mistral, qwen2, phi3, gemma 2/3): the same mask cut to the last W keys
-        local = window_mask(mask, cfg.sliding_window, t0, T, x.device) if cfg.sliding_window else mask
+        static = kv_cache is not None and kv_cache.static
+        local = mask
+        if cfg.sliding_window:
+            local = kv_cache.window(mask, cfg.sliding_window) if static else window_mask(mask, cfg.sliding_window, t0, T, x.device)
         for i, block in enumerate(self.blocks):
             r, m = (rope_local, local) if block.attn.window else (rope, mask)
             if kv_cache is not None:
-                x = block(x, r, m, None, (kv_cache.k[i], kv_cache.v[i], t0, kv_cache.fused[i]))
+                x = block(x, r, m, None, (kv_cache.k[i], kv_cache.v[i], kv_cache.cur if static else t0, kv_cache.fused[i]))
             elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, r, m, seg, use_reentrant=False)
             else:
                 x = block(x, r, m, seg)
-        if kv_cache is not None:
+        if kv_cache is not None and not static:
             kv_cache.pos = t0 + T
         x = self.ln_f(x)
         if head_fn is not None:  # a soft-capped model (gemma 2) tells head_fn its cap, which it must apply

@@ -13,7 +13,7 @@ import transformers
 import generate as G
 from generate import generate
 from model import GPT, byte_tokenizer
-from test_model import FAMILIES, V, make_hf
+from test_model import FAMILIES, MOE, V, make_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = torch.tensor([list(b"red fox"), list(b"cat dog")])  # (2, 7) byte ids
@@ -51,6 +51,8 @@ def test_cache_greedy_equals_full_forward_and_transformers(name, tmp_path):
     hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None  # the configs' default 2/50256 are real tokens here
     assert cached.shape == (4, 9 + n)
     assert torch.equal(cached, full)
+    # the one-shape step a CUDA graph replays (frozen cache, all keys masked past the position), eager here
+    assert torch.equal(generate(ours, ids, n, attention_mask=mask, cuda_graph=True), cached)
     if padded:
         ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, pad_token_id=0)
         assert torch.equal(cached, ref)
@@ -66,6 +68,18 @@ def test_cache_greedy_equals_full_forward_and_transformers(name, tmp_path):
     for i, r in enumerate(rows):
         right[i, :len(r)], rmask[i, :len(r)] = r, 1
     assert torch.equal(generate(ours, right, n, attention_mask=rmask), cached)
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_moe_cache_and_frozen_step_equal_full_forward(name, tmp_path):
+    """experts (routing per token): the cached and the one-shape (CUDA-graph) steps give the
+    no-cache loop's tokens on a padded batch (transformers' experts refuse float64: logits are
+    compared in test_model)."""
+    make_hf(name, tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path), dtype=torch.float64).eval()
+    ids, mask, _ = padded_batch([9, 4, 1, 6])
+    full = generate(ours, ids, 10, attention_mask=mask, use_cache=False)
+    assert torch.equal(generate(ours, ids, 10, attention_mask=mask), full)
+    assert torch.equal(generate(ours, ids, 10, attention_mask=mask, cuda_graph=True), full)
 
 def test_kv_cache_logits_match_full_forward(tmp_path):
     """the cache's prefill + one-token steps give the full forward's logits at every position."""
