@@ -13,6 +13,7 @@ Conventions used everywhere below:
   model attends causally within a segment only, so packed documents never see each other.
 """
 import contextlib
+import functools
 import json
 import os
 import random
@@ -117,17 +118,42 @@ def _read_all(spec, split):
         sources.append((n, src))
     return sources
 
-def _take(name, src, idx, blend):
-    # rows idx of a source as dicts with their "_id": the only rows that become python objects.
+def _ids(name, idx, blend):
+    # a row's id: its index in the source, "<source>:<index>" in a blend
+    return [f"{name}:{i}" for i in idx] if blend else list(idx)
+
+def _not_utf8(name):
+    # pyarrow keeps invalid bytes; they fail only when a row is read
+    if name.lower().endswith((".json", ".jsonl")):
+        _read_json(name)  # raises the error naming the line, column and byte
+    return ConfigError(f"{name}: a selected row is not UTF-8; re-encode the file as UTF-8")
+
+def _clean(row, id_):
     # Arrow gives every row every column; a key a row lacks (None) is left out, as in the file
+    return {**{k: v for k, v in row.items() if v is not None}, "_id": id_}
+
+def _take(name, src, idx, ids):
+    # rows idx of a source as dicts with their "_id": the only rows that become python objects
     try:
         rows = [src[i] for i in idx] if isinstance(src, list) else src.select(idx).to_list()
-    except UnicodeDecodeError:  # pyarrow keeps invalid bytes; they fail only here
-        if name.lower().endswith((".json", ".jsonl")):
-            _read_json(name)  # raises the error naming the line, column and byte
-        raise ConfigError(f"{name}: a selected row is not UTF-8; re-encode the file as UTF-8") from None
-    return [{**{k: v for k, v in r.items() if v is not None}, "_id": f"{name}:{i}" if blend else i}
-            for r, i in zip(rows, idx)]
+    except UnicodeDecodeError:
+        raise _not_utf8(name) from None
+    return [_clean(r, i) for r, i in zip(rows, ids)]
+
+class Rows:
+    """Rows of sources not read into python yet: parts [(name, source, indices, ids)]. len() reads
+    nothing; iterating reads the rows (dicts with "_id", in order). tokenize_sft / tokenize_dpo
+    tokenize the Arrow parts with datasets' map (cached on disk, in worker processes)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __len__(self):
+        return sum(len(idx) for _, _, idx, _ in self.parts)
+
+    def __iter__(self):
+        for name, src, idx, ids in self.parts:
+            yield from _take(name, src, idx, ids)
 
 def _held(n, k):
     # k of a source's n row indices, spread evenly over it and independent of the seed,
@@ -240,7 +266,7 @@ def load_streaming(spec, split="train", max_samples=0, seed=42, eval_frac=0.0, e
     return train, held
 
 def load_splits(spec, train_split="train", eval_split="", max_samples=0, probs="", seed=42, eval_frac=0.0,
-                eval_max_samples=0, _eval=True):
+                eval_max_samples=0, _eval=True, lazy=False):
     """(train_rows, eval_rows). The eval rows are, in order of precedence:
     - eval_split naming a dataset of its own (it contains a "/" or ends in .json/.jsonl/.parquet/
       .csv: a file, "./folder", a hub id, or a comma list of them): its rows, with its own ids;
@@ -248,11 +274,13 @@ def load_splits(spec, train_split="train", eval_split="", max_samples=0, probs="
     - eval_frac > 0: a held-out slice of every source, eval_frac of the rows training uses from
       it (max_samples or its share of a blend; at least one row), spread evenly over the source;
     - otherwise none. eval_max_samples > 0 caps the eval rows (evenly spread); they are never
-      resampled or repeated."""
+      resampled or repeated.
+    lazy=True: each is a Rows (nothing read yet; tokenize_* maps it with datasets), else a list."""
     sources = _read_all(spec, train_split)
     blend = len(sources) > 1
     plan = _plan(sources, max_samples, probs, seed, 0.0 if eval_split else eval_frac, eval_max_samples)
-    train = [r for (n, src), (idx, _) in zip(sources, plan) for r in _take(n, src, idx, blend)]
+    rows = lambda parts: Rows(parts) if lazy else list(Rows(parts))
+    train = rows([(n, src, idx, _ids(n, idx, blend)) for (n, src), (idx, _) in zip(sources, plan)])
     if not _eval:
         return train, []
     if eval_split and _is_dataset(eval_split):
@@ -261,11 +289,11 @@ def load_splits(spec, train_split="train", eval_split="", max_samples=0, probs="
     elif eval_split:
         held = _read_all(spec, eval_split)
     else:
-        return train, [r for (n, src), (_, idx) in zip(sources, plan) for r in _take(n, src, idx, blend)]
+        return train, rows([(n, src, idx, _ids(n, idx, blend)) for (n, src), (_, idx) in zip(sources, plan)])
     total = sum(len(src) for _, src in held)  # a given eval set: capped evenly, source by source
     ks = [len(src) if not 0 < eval_max_samples < total else max(1, round(len(src) * eval_max_samples / total))
           for _, src in held]
-    return train, [r for (n, src), k in zip(held, ks) for r in _take(n, src, _held(len(src), k), blend)]
+    return train, rows([(n, src, _held(len(src), k), _ids(n, _held(len(src), k), blend)) for (n, src), k in zip(held, ks)])
 
 # -----------------------------------------------------------------------------
 # tokenizing
@@ -332,17 +360,128 @@ def _example(prompt_ids, response_ids, max_len):
         return None
     return ids, labels, len(ids) < len(prompt_ids) + len(response_ids)
 
-def _report(source, n_rows, n_kept, truncated, max_len, prompts, verbose):
+def _report(source, n_rows, n_kept, truncated, max_len, prompt_lens, verbose):
     name = source or "data"
     if n_kept == 0 and n_rows > 0:
         raise ConfigError(f"{name}: no examples left: all {n_rows} rows have a prompt that leaves no room for a response "
-                         f"token under max_len={max_len} (shortest prompt: {min(map(len, prompts))} tokens)")
+                         f"token under max_len={max_len} (shortest prompt: {min(prompt_lens)} tokens)")
     if verbose and n_rows > 0:
         print(f"{name}: {n_kept} examples from {n_rows} rows, {n_rows - n_kept} dropped (prompt too long "
               f"for max_len={max_len}), {truncated} truncated")
 
+def _sft_texts(tokenizer, row, where, input_key, output_key, template, apply_chat_template, system_key):
+    # (prompt, response) texts of one SFT row
+    if "messages" in row and input_key not in row:
+        return _chat(tokenizer, row["messages"], where, "messages")
+    system = _field(row, system_key, where) if system_key else ""
+    return (_prompt(tokenizer, _field(row, input_key, where), template, apply_chat_template, system),
+            _field(row, output_key, where))
+
+def _dpo_texts(tokenizer, row, where, prompt_key, chosen_key, rejected_key, template, apply_chat_template):
+    # (prompt, chosen, rejected) texts of one DPO row
+    for key in (chosen_key, rejected_key):
+        if key not in row:
+            _field(row, key, where)  # raises, naming the key
+    if isinstance(row[chosen_key], list) and isinstance(row[rejected_key], list):
+        p, c = _chat(tokenizer, row[chosen_key], where, chosen_key)
+        p2, r = _chat(tokenizer, row[rejected_key], where, rejected_key)
+        if p != p2:
+            raise ConfigError(f"{where}: {chosen_key!r} and {rejected_key!r} must share every message but the last")
+    elif prompt_key in row:
+        p = _prompt(tokenizer, _field(row, prompt_key, where), template, apply_chat_template)
+        c, r = _field(row, chosen_key, where), _field(row, rejected_key, where)
+    else:
+        c, r = _field(row, chosen_key, where), _field(row, rejected_key, where)
+        k = os.path.commonprefix([c, r]).rfind("Assistant:")
+        if k < 0:
+            raise ConfigError(f"{where}: missing key {prompt_key!r} (keys present: {_keys(row)}), and "
+                             f"{chosen_key!r}/{rejected_key!r} share no prefix ending in 'Assistant:' (hh-rlhf format)")
+        k += len("Assistant:")
+        p, c, r = c[:k], c[k:], r[k:]
+    if c == r:  # the pair teaches nothing: its DPO loss stays ln 2 and its gradient 0
+        raise ConfigError(f"{where}: {chosen_key!r} and {rejected_key!r} are the same response; fix or remove the row")
+    return p, c, r
+
+SFT_FIELDS, DPO_FIELDS = ("input_ids", "labels"), ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
+
+def _sft_rows(rows, tokenizer, max_len, source, **keys):
+    """[(example or None when dropped, prompt length, truncated)] per row: the SFT tokenizing step."""
+    texts = [_sft_texts(tokenizer, row, _where(source, row, i), **keys) for i, row in enumerate(rows)]
+    P, R = _encode(tokenizer, [p for p, _ in texts], [r for _, r in texts])
+    res = []
+    for i, (row, p, r) in enumerate(zip(rows, P, R)):
+        ex = _example(p, r, max_len)
+        res.append((None if ex is None else {"id": row.get("_id", i), "input_ids": ex[0], "labels": ex[1]},
+                    len(p), ex is not None and ex[2]))
+    return res
+
+def _dpo_rows(rows, tokenizer, max_len, source, **keys):
+    """[(example or None when dropped, prompt length, truncated)] per row: the DPO tokenizing step."""
+    texts = [_dpo_texts(tokenizer, row, _where(source, row, i), **keys) for i, row in enumerate(rows)]
+    P, C = _encode(tokenizer, [t[0] for t in texts], [t[1] for t in texts])
+    _, R = _encode(tokenizer, [], [t[2] for t in texts])
+    res = []
+    for i, (row, p, c, r) in enumerate(zip(rows, P, C, R)):
+        ec, er = _example(p, c, max_len), _example(p, r, max_len)
+        keep = ec is not None and er is not None
+        res.append(({"id": row.get("_id", i), "chosen_ids": ec[0], "chosen_labels": ec[1],
+                     "rejected_ids": er[0], "rejected_labels": er[1]} if keep else None,
+                    len(p), keep and (ec[2] or er[2])))
+    return res
+
+def _map_part(part, per_row, fields, num_proc, verbose):
+    """per_row over one part of a Rows. An Arrow part goes through datasets' map: batches of rows
+    read straight from Arrow, the result written to a cache file beside the source's (a later run
+    with the same rows, tokenizer and keys reads it instead; ranks after rank 0 read rank 0's),
+    num_proc worker processes (0: this one). Only the token ids come back as python lists."""
+    import datasets
+    name, src, idx, ids = part
+    if isinstance(src, list):
+        return per_row(_take(name, src, idx, ids))
+
+    def fn(batch, pos):
+        rows = [_clean(dict(zip(batch, vals)), ids[p]) for vals, p in zip(zip(*batch.values()), pos)]
+        out = {"id": [], "kept": [], "prompt_len": [], "truncated": [], **{f: [] for f in fields}}
+        for row, (ex, n, t) in zip(rows, per_row(rows)):
+            out["id"].append(row["_id"])
+            out["kept"].append(ex is not None)
+            out["prompt_len"].append(n)
+            out["truncated"].append(bool(t))
+            for f in fields:
+                out[f].append(ex[f] if ex is not None else [])
+        return out
+    V = datasets.Value
+    features = datasets.Features({"id": V("string" if ids and isinstance(ids[0], str) else "int64"), "kept": V("bool"),
+                                  "prompt_len": V("int64"), "truncated": V("bool"),
+                                  **{f: datasets.Sequence(V("int64")) for f in fields}})
+    was_off = datasets.are_progress_bars_disabled()
+    if not verbose or len(idx) < 50_000:  # a bar only where tokenizing takes a while
+        datasets.disable_progress_bars()
+    try:
+        mapped = src.select(idx).map(fn, batched=True, with_indices=True, num_proc=num_proc or None, features=features,
+                                     remove_columns=src.column_names, desc=f"tokenizing {name}")
+        res = mapped.to_list()
+    except UnicodeDecodeError:
+        raise _not_utf8(name) from None
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
+    return [({"id": r["id"], **{f: r[f] for f in fields}} if r["kept"] else None, r["prompt_len"], r["truncated"])
+            for r in res]
+
+def _tokenize(rows, per_row, fields, source, max_len, verbose, num_proc):
+    # examples of rows: a list, or a Rows whose Arrow parts go through datasets' map
+    if isinstance(rows, Rows):
+        res = [r for part in rows.parts for r in _map_part(part, per_row, fields, num_proc, verbose)]
+    else:
+        res = per_row(rows)
+    out = [ex for ex, _, _ in res if ex is not None]
+    _report(source, len(res), len(out), sum(bool(t) for ex, _, t in res if ex is not None), max_len,
+            [n for _, n, _ in res], verbose)
+    return out
+
 def tokenize_sft(rows, tokenizer, max_len, input_key="input", output_key="output", template="User: {}\nAssistant: ",
-                 apply_chat_template=False, system_key="", source="", verbose=False):
+                 apply_chat_template=False, system_key="", source="", verbose=False, num_proc=0):
     """SFT/KD examples {"id", "input_ids", "labels"}. A row is either input/output strings (the
     prompt is template with {} = input, or the chat template when apply_chat_template; the
     system_key field, when given, goes first: as a system message, or as a line before the
@@ -350,75 +489,27 @@ def tokenize_sft(rows, tokenizer, max_len, input_key="input", output_key="output
     whose loss is on the last message only (it must be the assistant's). The response gets eos
     (unless it already ends with it) and is cut at the end to fit max_len; rows whose prompt
     leaves no room for a response token are dropped (an error when that leaves nothing; no rows
-    in, no examples out). source names the data in messages and in the verbose counts."""
-    prompts, responses = [], []
-    for i, row in enumerate(rows):
-        where = _where(source, row, i)
-        if "messages" in row and input_key not in row:
-            p, r = _chat(tokenizer, row["messages"], where, "messages")
-        else:
-            system = _field(row, system_key, where) if system_key else ""
-            p = _prompt(tokenizer, _field(row, input_key, where), template, apply_chat_template, system)
-            r = _field(row, output_key, where)
-        prompts.append(p)
-        responses.append(r)
-    P, R = _encode(tokenizer, prompts, responses)
-    out, truncated = [], 0
-    for i, (row, p, r) in enumerate(zip(rows, P, R)):
-        ex = _example(p, r, max_len)
-        if ex is not None:
-            out.append({"id": row.get("_id", i), "input_ids": ex[0], "labels": ex[1]})
-            truncated += ex[2]
-    _report(source, len(rows), len(out), truncated, max_len, P, verbose)
-    return out
+    in, no examples out). source names the data in messages and in the verbose counts.
+    rows: a list of dicts, or a Rows (load_splits(lazy=True)), tokenized with datasets' map
+    (cached, num_proc processes)."""
+    keys = dict(input_key=input_key, output_key=output_key, template=template,
+                apply_chat_template=apply_chat_template, system_key=system_key)
+    per_row = functools.partial(_sft_rows, tokenizer=tokenizer, max_len=max_len, source=source, **keys)
+    return _tokenize(rows, per_row, SFT_FIELDS, source, max_len, verbose, num_proc)
 
 def tokenize_dpo(rows, tokenizer, max_len, prompt_key="prompt", chosen_key="chosen", rejected_key="rejected",
-                 template="User: {}\nAssistant: ", apply_chat_template=False, source="", verbose=False):
+                 template="User: {}\nAssistant: ", apply_chat_template=False, source="", verbose=False, num_proc=0):
     """DPO examples {"id", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}. A row is
     - prompt/chosen/rejected strings: the prompt is rendered as in tokenize_sft;
     - chosen and rejected message lists: the prompt is every message but the last (the two lists
       must agree on it), rendered with the chat template; the responses are the last messages;
     - hh-rlhf style: no prompt key, chosen and rejected are whole "\\n\\nHuman: ... \\n\\nAssistant: ..."
       dialogues; the prompt is their longest shared prefix cut after its last "Assistant:", used
-      as is (no template). Truncation and dropping as in tokenize_sft, per pair."""
-    prompts, chosens, rejecteds = [], [], []
-    for i, row in enumerate(rows):
-        where = _where(source, row, i)
-        for key in (chosen_key, rejected_key):
-            if key not in row:
-                _field(row, key, where)  # raises, naming the key
-        if isinstance(row[chosen_key], list) and isinstance(row[rejected_key], list):
-            p, c = _chat(tokenizer, row[chosen_key], where, chosen_key)
-            p2, r = _chat(tokenizer, row[rejected_key], where, rejected_key)
-            if p != p2:
-                raise ConfigError(f"{where}: {chosen_key!r} and {rejected_key!r} must share every message but the last")
-        elif prompt_key in row:
-            p = _prompt(tokenizer, _field(row, prompt_key, where), template, apply_chat_template)
-            c, r = _field(row, chosen_key, where), _field(row, rejected_key, where)
-        else:
-            c, r = _field(row, chosen_key, where), _field(row, rejected_key, where)
-            k = os.path.commonprefix([c, r]).rfind("Assistant:")
-            if k < 0:
-                raise ConfigError(f"{where}: missing key {prompt_key!r} (keys present: {_keys(row)}), and "
-                                 f"{chosen_key!r}/{rejected_key!r} share no prefix ending in 'Assistant:' (hh-rlhf format)")
-            k += len("Assistant:")
-            p, c, r = c[:k], c[k:], r[k:]
-        if c == r:  # the pair teaches nothing: its DPO loss stays ln 2 and its gradient 0
-            raise ConfigError(f"{where}: {chosen_key!r} and {rejected_key!r} are the same response; fix or remove the row")
-        prompts.append(p)
-        chosens.append(c)
-        rejecteds.append(r)
-    P, C = _encode(tokenizer, prompts, chosens)
-    _, R = _encode(tokenizer, [], rejecteds)
-    out, truncated = [], 0
-    for i, (row, p, c, r) in enumerate(zip(rows, P, C, R)):
-        ec, er = _example(p, c, max_len), _example(p, r, max_len)
-        if ec is not None and er is not None:
-            out.append({"id": row.get("_id", i), "chosen_ids": ec[0], "chosen_labels": ec[1],
-                        "rejected_ids": er[0], "rejected_labels": er[1]})
-            truncated += ec[2] or er[2]
-    _report(source, len(rows), len(out), truncated, max_len, P, verbose)
-    return out
+      as is (no template). Truncation, dropping and rows (a list or a Rows) as in tokenize_sft, per pair."""
+    keys = dict(prompt_key=prompt_key, chosen_key=chosen_key, rejected_key=rejected_key, template=template,
+                apply_chat_template=apply_chat_template)
+    per_row = functools.partial(_dpo_rows, tokenizer=tokenizer, max_len=max_len, source=source, **keys)
+    return _tokenize(rows, per_row, DPO_FIELDS, source, max_len, verbose, num_proc)
 
 # -----------------------------------------------------------------------------
 # collating

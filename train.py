@@ -111,6 +111,7 @@ globals().update(per_objective)
 eval_frac = 0.05          # (method=select holds nothing out of dataset_2: every row gets a weight)
 packing = False           # sft/kd: concatenate documents up to max_len
 streaming = False         # read each dataset as a stream (needs max_samples_i; eval_split_i '' or a file): sets too large for the disk
+dataset_num_proc = 0      # processes that tokenize (datasets' map, cached beside the data); 0 = this one
 # selector (method = select)
 selector_activation = "softmax"  # softmax | sigmoid
 selector_learning_rate = 1e-4
@@ -254,7 +255,8 @@ HARMLESS = {"out_dir", "resume", "overwrite", "eval_interval", "log_interval", "
             "max_iters", "max_epochs", "keep_last", "wandb_log", "wandb_project", "wandb_run_name", "tensorboard",
             "device", "compile", "dist_timeout_s", "gradient_checkpointing", "loss_chunk_size", "selector_labels",
             "eval_gen_interval", "eval_gen_samples", "eval_gen_max_new_tokens", "reward_model",  # evaluation only
-            "eps", "pareto_front", "opt_estimate_iters"}  # when to stop; f* is estimated at the start only
+            "eps", "pareto_front", "opt_estimate_iters",  # when to stop; f* is estimated at the start only
+            "dataset_num_proc"}  # how the same tokens are made
 ckpt_root = os.path.join(out_dir, "ckpt")
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 config_path = os.path.join(out_dir, "config.json")
@@ -331,12 +333,12 @@ def build_objective(i, c):
                                                  0.0 if c.eval_split else frac, c.eval_max_samples)
         if c.eval_split:  # a file of its own
             eval_rows = D.load_rows(c.eval_split)[: c.eval_max_samples or None]
-    else:
+    else:  # Arrow selections: tokenized with datasets' map below, nothing read into python before
         with D.rank0_first():  # rank 0 converts and caches the files, the others then read its cache
             train_rows, eval_rows = D.load_splits(c.dataset, c.train_split, c.eval_split, c.max_samples,
-                                                  c.dataset_probs, seed, frac, c.eval_max_samples)
+                                                  c.dataset_probs, seed, frac, c.eval_max_samples, lazy=True)
     common = dict(tokenizer=tokenizer, max_len=c.max_len, template=c.input_template,
-                  apply_chat_template=c.apply_chat_template, verbose=master)
+                  apply_chat_template=c.apply_chat_template, verbose=master, num_proc=dataset_num_proc)
     if c.kind == "dpo":
         tok = lambda rows, src: D.tokenize_dpo(rows, prompt_key=c.prompt_key, chosen_key=c.chosen_key,
                                                rejected_key=c.rejected_key, source=src, **common)
@@ -345,7 +347,8 @@ def build_objective(i, c):
         tok = lambda rows, src: D.tokenize_sft(rows, input_key=c.input_key, output_key=c.output_key,
                                                source=src, **common)
         collate = lambda b: D.collate_sft(b, tokenizer.pad_token_id, packing=packing, max_len=c.max_len)
-    train, evals = tok(train_rows, c.dataset), tok(eval_rows, f"{c.eval_split or c.dataset} (eval)")
+    with D.rank0_first():  # rank 0 tokenizes into the cache, the others then read it
+        train, evals = tok(train_rows, c.dataset), tok(eval_rows, f"{c.eval_split or c.dataset} (eval)")
     for e in evals:
         e["id"] = ("eval", e["id"])  # a separate eval file numbers its rows from 0 too: keep cache keys apart
     return objective(c.kind, i=i, cfg=c, rows=train_rows, train=train, eval=evals, collate=collate,

@@ -232,6 +232,78 @@ def test_only_the_rows_used_become_python(kind, tmp_path, monkeypatch):
     assert all(r == {**rows[r["_id"]], "_id": r["_id"]} for r in train + ev)
 
 # -----------------------------------------------------------------------------
+# tokenizing with datasets' map
+
+def map_rows(kind, i):
+    """row i of a file of `kind`: every row format, a prompt too long for max_len=24 (dropped) every
+    7th row, a response cut every 5th."""
+    q, a = ("x" * 30 if i % 7 == 3 else f"q{i}"), ("y" * 30 if i % 5 == 1 else f"A{i}")
+    if kind == "sft":
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} if i % 3 == 0 \
+            else {"input": q, "output": a}
+    if kind == "dpo":
+        return {"prompt": q, "chosen": a, "rejected": a + "!"}
+    return {"chosen": f"\n\nHuman: {q}\n\nAssistant: {a}", "rejected": f"\n\nHuman: {q}\n\nAssistant: no"}  # hh
+
+def tokenize(kind, rows, tok, **kw):
+    f = data.tokenize_sft if kind == "sft" else data.tokenize_dpo
+    return f(rows, tok, 24, template="{}", source="s", verbose=True, **kw)
+
+@pytest.mark.parametrize("kind,blend,num_proc", [("sft", False, 0), ("dpo", False, 0), ("hh", False, 0),
+                                                  ("sft", True, 0), ("dpo", True, 2)])
+def test_map_tokenizing_equals_python(kind, blend, num_proc, tmp_path, tok, capsys):
+    """load_splits(lazy=True) gives Rows, tokenized with datasets' map (in num_proc processes):
+    the same examples, ids (a blend's "source:row") and counts as the python path on the same rows."""
+    a = write_jsonl(tmp_path / "a.jsonl", [map_rows(kind, i) for i in range(60)])
+    spec = a + "," + write_jsonl(tmp_path / "b.jsonl", [map_rows(kind, i) for i in range(60, 100)]) if blend else a
+    train, ev = data.load_splits(spec, max_samples=50, eval_frac=0.1, seed=3, lazy=True)
+    assert isinstance(train, data.Rows) and len(train) == 50 and len(ev) == (4 if blend else 5)  # 10% of each source's share
+    for rows in (train, ev):
+        got = tokenize(kind, rows, tok, num_proc=num_proc)
+        said = capsys.readouterr().out
+        want = tokenize(kind, list(rows), tok)
+        assert said == capsys.readouterr().out and "examples from" in said
+        assert got == want and got
+        assert isinstance(got[0]["id"], str if blend else int)
+    assert len(tokenize(kind, train, tok)) < len(train)  # rows were dropped (and ids kept) on both paths
+
+def test_map_tokenizing_reads_its_cache(tmp_path, tok, monkeypatch):
+    """a second tokenization of the same rows, with the same tokenizer and keys, in this process or
+    in another (rank 1 after rank 0), reads the first one's cache file: the tokenizer is not called."""
+    import subprocess
+    import datasets
+    spec = write_jsonl(tmp_path / "d.jsonl", [map_rows("sft", i) for i in range(200)])
+    calls = []
+    tok_call = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, *a, **k: calls.append(1) or tok_call(self, *a, **k))
+    first = tokenize("sft", data.load_splits(spec, max_samples=150, lazy=True)[0], tok)
+    assert calls
+    calls.clear()
+    assert tokenize("sft", data.load_splits(spec, max_samples=150, lazy=True)[0], tok) == first and not calls
+    assert tokenize("sft", data.load_splits(spec, max_samples=151, lazy=True)[0], tok) != first and calls  # other rows
+    code = f"""
+import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
+import datasets, data, test_data
+from model import byte_tokenizer
+datasets.config.HF_DATASETS_CACHE = {datasets.config.HF_DATASETS_CACHE!r}
+tok = byte_tokenizer()
+calls, f = [], type(tok).__call__
+type(tok).__call__ = lambda self, *a, **k: calls.append(1) or f(self, *a, **k)
+ex = test_data.tokenize("sft", data.load_splits({spec!r}, max_samples=150, lazy=True)[0], tok)
+print(len(calls), len(ex))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()[-1].split()
+    assert out == ["0", str(len(first))]
+
+@pytest.mark.parametrize("num_proc", [0, 2])
+def test_map_tokenizing_errors_name_the_row(num_proc, tmp_path, tok):
+    rows = [map_rows("dpo", i) for i in range(30)]
+    del rows[17]["rejected"]
+    spec = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ValueError, match=r"^s row 17: missing key 'rejected'"):
+        tokenize("dpo", data.load_splits(spec, lazy=True)[0], tok, num_proc=num_proc)
+
+# -----------------------------------------------------------------------------
 # truncation and errors
 
 def test_truncation_dropping_and_ids(tok, capsys):
