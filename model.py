@@ -235,10 +235,11 @@ def rope_inv_freq(cfg, local=False):
 def apply_rope(x, cos, sin):
     # x (B, nh, T, hs); rotates the first rotary_dim channels in the rotate-half layout
     r = cos.shape[-1]
-    xr, xp = x[..., :r], x[..., r:]
+    xr = x[..., :r] if r < x.shape[-1] else x
     x1, x2 = xr.chunk(2, dim=-1)
     rot = torch.cat((-x2, x1), dim=-1)
-    return torch.cat((xr * cos + rot * sin, xp), dim=-1)
+    out = xr * cos + rot * sin
+    return out if xr is x else torch.cat((out, x[..., r:]), dim=-1)  # partial rotary: the rest as is
 
 class UnitOffsetRMSNorm(nn.Module):
     """gemma's rmsnorm: x / rms(x) * (1 + w) computed in float32, w stored as is (zero = identity)."""
