@@ -98,10 +98,13 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1
     reference). fuse: the cache runs q|k|v and gate|up as one matrix product each, on weights
     concatenated once per call (KVCache.fuse: a copy of those weights while generating; False
     saves that memory). generator (on the model's device) makes sampling reproducible.
-    cuda_graph (None = on CUDA): each decoding step is one replay of a CUDA graph of the model's
-    forward (see decoder()); True on a CPU runs that same one-shape step eagerly (what the tests check)."""
+    cuda_graph: each decoding step is one replay of a CUDA graph of the model's forward (see
+    decoder()); None = on CUDA for a plain module outside autocast (an FSDP-sharded model gathers its
+    weights in hooks a replay would skip, and autocast caches its weight casts: those decode
+    eagerly); True on a CPU runs the same one-shape step eagerly (what the tests check)."""
     if cuda_graph is None:
-        cuda_graph = input_ids.is_cuda
+        cuda_graph = (input_ids.is_cuda and not torch.is_autocast_enabled("cuda")
+                      and not any(hasattr(p, "full_tensor") for p in model.parameters()))  # a DTensor: FSDP2
     with torch.inference_mode():  # no autograd bookkeeping at all: ~10% of a small model's step
         y = _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
                       attention_mask, pad_token_id, stop_fn, use_cache, fuse, cuda_graph)
