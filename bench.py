@@ -874,6 +874,8 @@ def bench_generate(cfg):
     same = lambda a, b: float((outs[a][:, P:] == outs[b][:, P:]).float().mean())
     res["same_tokens_transformers"], res["same_tokens_no_cache"] = same("generate.py", "transformers"), same("generate.py", "no_cache")
     res["same_tokens_unfused"] = same("generate.py", "unfused")
+    if "no_graph" in runs:  # the CUDA-graph replay against the same step run eagerly
+        res["same_tokens_no_graph"] = same("generate.py", "no_graph")
     info["load_end"] = loadavg()
     print(f"\n{S.device} {cfg['dtype']}, batch {B}, prompt {P}, {N} new tokens, median of {cfg['rounds']} runs, "
           f"load {info['load_start']} -> {info['load_end']}")
@@ -884,7 +886,9 @@ def bench_generate(cfg):
           f"(rounds: {', '.join(f'{r:.2f}' for r in res['vs_transformers_rounds'])}); unfused: {res['unfused_vs_transformers']:.2f}x"
           + (f"; kernels only (the ceiling): {res['kernels_only_vs_transformers']:.2f}x" if "kernels_only" in runs else ""))
     print(f"same greedy tokens as generate.py: transformers {res['same_tokens_transformers']:.3f}, "
-          f"unfused {res['same_tokens_unfused']:.3f}, no cache {res['same_tokens_no_cache']:.3f} (random weights in {cfg['dtype']}: near-ties may differ)")
+          f"unfused {res['same_tokens_unfused']:.3f}, no cache {res['same_tokens_no_cache']:.3f}"
+          + (f", eager step (no graph) {res['same_tokens_no_graph']:.3f}" if "no_graph" in runs else "")
+          + f" (random weights in {cfg['dtype']}: near-ties may differ)")
     if cfg["json"]:
         with open(cfg["json"], "w") as f:
             json_lib.dump({"machine": info, "config": cfg, "results": res}, f, indent=2)
