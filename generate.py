@@ -99,11 +99,13 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1
     concatenated once per call (KVCache.fuse: a copy of those weights while generating; False
     saves that memory). generator (on the model's device) makes sampling reproducible.
     cuda_graph: each decoding step is one replay of a CUDA graph of the model's forward (see
-    decoder()); None = on CUDA for a plain module outside autocast (an FSDP-sharded model gathers its
-    weights in hooks a replay would skip, and autocast caches its weight casts: those decode
-    eagerly); True on a CPU runs the same one-shape step eagerly (what the tests check)."""
+    decoder()); None = on CUDA for a plain module outside autocast without experts (an FSDP-sharded
+    model gathers its weights in hooks a replay would skip, autocast caches its weight casts, and
+    the experts' routing picks tokens on the host: those decode eagerly); True on a CPU runs the
+    same one-shape step eagerly (what the tests check)."""
     if cuda_graph is None:
         cuda_graph = (input_ids.is_cuda and not torch.is_autocast_enabled("cuda")
+                      and not any(getattr(model.config, "moe_layers", None) or [])
                       and not any(hasattr(p, "full_tensor") for p in model.parameters()))  # a DTensor: FSDP2
     with torch.inference_mode():  # no autograd bookkeeping at all: ~10% of a small model's step
         y = _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
