@@ -880,5 +880,15 @@ if master:
             ("wall time", f"{state['elapsed']:.1f} s ({result['train_s']:.1f} s in training steps)"), ("peak memory", f"{result['peak_memory_mb']:.0f} MiB"),
             ("tokens", f"{state['tokens']:,}"), ("final model", os.path.join(out_dir, "final"))]
     print("\n".join(f"{k:>22}  {v}" for k, v in rows))
+if master and tensorboard:
+    tb.close()
+if master and wandb_log:
+    wandb.finish()
 if ddp:
     dist.destroy_process_group()
+    # everything is written: leave without the interpreter's teardown, where a process-group thread
+    # still joinable now and then aborts a rank ("terminate called without an active exception"),
+    # which torchrun would report as a failed run
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

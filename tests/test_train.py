@@ -63,10 +63,7 @@ def test_kd_sft_lora_fsdp_checkpointing_two_processes_equal_one(tmp_path, dtype,
             "--train_batch_size=4", "--micro_train_batch_size=2", "--max_iters=4", "--learning_rate=3e-2",
             f"--dtype={dtype}"]
     run_train(tmp_path / "single", *args)
-    p = run_train(tmp_path / "fsdp", *args, "--zero_stage=3", nproc=2, check=False)
-    if p.returncode != 0:  # known: a rare abort of one rank in gloo's teardown, after the run has finished
-        assert "terminate called without an active exception" in p.stderr, p.stderr[-3000:]
-        assert (tmp_path / "fsdp" / "summary.json").exists(), p.stderr[-3000:]
+    run_train(tmp_path / "fsdp", *args, "--zero_stage=3", nproc=2)
     a, b = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
     assert_same_losses(a, b, tol)
     assert {o for _, o, _ in a} == {1, 2} and a[-1][2] != a[0][2]  # both objectives drawn, the weights moved
