@@ -328,15 +328,6 @@ if lora_rank:
 def build_objective(i, c):
     """objective i from its keys c = objective_config(i): data, loaders, loss options."""
     frac = 0.0 if method == "select" and i == 2 else eval_frac
-    if streaming:  # read as a stream: max_samples rows (and the held-out ones), nothing converted on disk
-        train_rows, eval_rows = D.load_streaming(c.dataset, c.train_split, c.max_samples, seed,
-                                                 0.0 if c.eval_split else frac, c.eval_max_samples)
-        if c.eval_split:  # a file of its own
-            eval_rows = D.load_rows(c.eval_split)[: c.eval_max_samples or None]
-    else:  # Arrow selections: tokenized with datasets' map below, nothing read into python before
-        with D.rank0_first():  # rank 0 converts and caches the files, the others then read its cache
-            train_rows, eval_rows = D.load_splits(c.dataset, c.train_split, c.eval_split, c.max_samples,
-                                                  c.dataset_probs, seed, frac, c.eval_max_samples, lazy=True)
     common = dict(tokenizer=tokenizer, max_len=c.max_len, template=c.input_template,
                   apply_chat_template=c.apply_chat_template, verbose=master, num_proc=dataset_num_proc)
     if c.kind == "dpo":
@@ -347,7 +338,17 @@ def build_objective(i, c):
         tok = lambda rows, src: D.tokenize_sft(rows, input_key=c.input_key, output_key=c.output_key,
                                                source=src, **common)
         collate = lambda b: D.collate_sft(b, tokenizer.pad_token_id, packing=packing, max_len=c.max_len)
-    with D.rank0_first():  # rank 0 tokenizes into the cache, the others then read it
+    # files: rank 0 converts them to Arrow and tokenizes the rows used (datasets' map) into caches,
+    # the other ranks then read those; a stream has no cache, so every rank reads its own at once
+    with contextlib.nullcontext() if streaming else D.rank0_first():
+        if streaming:  # read as a stream: max_samples rows (and the held-out ones), nothing converted on disk
+            train_rows, eval_rows = D.load_streaming(c.dataset, c.train_split, c.max_samples, seed,
+                                                     0.0 if c.eval_split else frac, c.eval_max_samples)
+            if c.eval_split:  # a file of its own
+                eval_rows = D.load_rows(c.eval_split)[: c.eval_max_samples or None]
+        else:  # Arrow selections, nothing read into python before tokenizing
+            train_rows, eval_rows = D.load_splits(c.dataset, c.train_split, c.eval_split, c.max_samples,
+                                                  c.dataset_probs, seed, frac, c.eval_max_samples, lazy=True)
         train, evals = tok(train_rows, c.dataset), tok(eval_rows, f"{c.eval_split or c.dataset} (eval)")
     for e in evals:
         e["id"] = ("eval", e["id"])  # a separate eval file numbers its rows from 0 too: keep cache keys apart

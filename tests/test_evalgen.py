@@ -31,20 +31,24 @@ def test_split_example_matches_data_py():
     p, r = E.split_example(ex["input_ids"], ex["labels"])
     assert tok.decode(p) == "User: owl\nAssistant: " and r == list(b"OWL") + [tok.eos_token_id]
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """two random tiny byte-level llamas (policy, reference) as GPT and as transformers models."""
+BYTE_IDS = dict(vocab_size=258, bos_token_id=None, eos_token_id=256, pad_token_id=257)
+
+def hf_pair(mktemp, config_class, **kw):
+    """two random tiny byte-level models (policy, reference) of a family, as GPT and as transformers."""
     out = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        cfg = transformers.LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                       initializer_range=0.2, bos_token_id=None, eos_token_id=256, pad_token_id=257)
-        hf = transformers.LlamaForCausalLM(cfg).double().eval()
-        path = str(tmp_path_factory.mktemp(f"m{seed}"))
+        cfg = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, **BYTE_IDS, **kw)
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double().eval()
+        path = str(mktemp(f"m{seed}"))
         hf.save_pretrained(path)
         out.append((GPT.from_pretrained(path, dtype=torch.float64).eval(), hf))
     return out
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return hf_pair(tmp_path_factory.mktemp, transformers.LlamaConfig)
 
 PROMPTS = [list(b"User: owl\nAssistant: "), list(b"User: red fox\nAssistant: ")]
 ANSWERS = [list(b"OWL!") + [256], list(b"RED")]
@@ -55,7 +59,8 @@ def hf_logps(hf, p, a):
         logits = hf(torch.tensor([p + a])).logits[0].double()
     return F.log_softmax(logits[len(p) - 1:len(p) + len(a) - 1], dim=-1)
 
-def test_answer_logps_and_sequence_kl_against_transformers(pair):
+def check_logps_and_kl(pair):
+    """answer log-probs and sequence KL of a (policy, reference) pair against transformers' logits."""
     (pol, hf_pol), (ref, hf_ref) = pair
     got = E.answer_logps(pol, PROMPTS, ANSWERS, pad=257)
     want = [hf_logps(hf_pol, p, a).gather(-1, torch.tensor(a)[:, None]).sum().item() for p, a in zip(PROMPTS, ANSWERS)]
@@ -65,33 +70,19 @@ def test_answer_logps_and_sequence_kl_against_transformers(pair):
     for p, a in zip(PROMPTS, ANSWERS):
         s, t = hf_logps(hf_pol, p, a), hf_logps(hf_ref, p, a)
         want.append(sum((s[i].exp() * (s[i] - t[i])).sum().item() for i in range(len(a))))
-    assert kl.tolist() == pytest.approx(want, rel=1e-6)
+    assert kl.tolist() == pytest.approx(want, rel=1e-6) and min(want) > 0
     assert E.sequence_kl(pol, pol, PROMPTS, ANSWERS, pad=257).abs().max().item() < 1e-12
 
-def test_answer_logps_and_sequence_kl_with_final_softcap(tmp_path):
+def test_answer_logps_and_sequence_kl_against_transformers(pair):
+    check_logps_and_kl(pair)
+
+def test_answer_logps_and_sequence_kl_with_final_softcap(tmp_path_factory):
     """gemma 2's final logit soft-cap is applied by evalgen's heads: log-probs and sequence KL of two
     soft-capped models equal transformers' (whose logits are capped)."""
-    models = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        cfg = transformers.Gemma2Config(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                                        sliding_window=16, final_logit_softcapping=0.5, initializer_range=0.2,
-                                        bos_token_id=None, eos_token_id=256, pad_token_id=257)
-        hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double().eval()
-        hf.save_pretrained(tmp_path / str(seed))
-        models.append((GPT.from_pretrained(str(tmp_path / str(seed)), dtype=torch.float64).eval(), hf))
-    (pol, hf_pol), (ref, hf_ref) = models
-    assert pol.config.final_softcap == 0.5
-    got = E.answer_logps(pol, PROMPTS, ANSWERS, pad=257)
-    want = [hf_logps(hf_pol, p, a).gather(-1, torch.tensor(a)[:, None]).sum().item() for p, a in zip(PROMPTS, ANSWERS)]
-    assert got.tolist() == pytest.approx(want, rel=1e-6)
-    kl = E.sequence_kl(pol, ref, PROMPTS, ANSWERS, pad=257)
-    want = []
-    for p, a in zip(PROMPTS, ANSWERS):
-        s, t = hf_logps(hf_pol, p, a), hf_logps(hf_ref, p, a)
-        want.append(sum((s[i].exp() * (s[i] - t[i])).sum().item() for i in range(len(a))))
-    assert kl.tolist() == pytest.approx(want, rel=1e-6) and min(want) > 0
+    capped = hf_pair(tmp_path_factory.mktemp, transformers.Gemma2Config, head_dim=8, sliding_window=16,
+                     final_logit_softcapping=0.5)
+    assert capped[0][0].config.final_softcap == 0.5
+    check_logps_and_kl(capped)
 
 def test_implicit_reward_judge(pair):
     (pol, hf_pol), (ref, hf_ref) = pair
