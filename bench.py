@@ -812,7 +812,7 @@ def bench_generate(cfg):
     the no-cache loop runs once. tokens/s counts new tokens."""
     import transformers
     from generate import generate, last_logits
-    from model import KVCache
+    from model import KVCache, dense, linear
     S = build_start(cfg)
     dt = S.ptdtype  # generation runs in the compute dtype itself (no autocast)
     hf = hf_model(S, dt).to(S.device).eval()
@@ -840,10 +840,10 @@ def bench_generate(cfg):
         h = torch.randn(B, mc.n_embd, device=S.device, dtype=dt)
         for t in range(n):
             for i, (f, block) in enumerate(zip(c.fused, ours.blocks)):
-                q = F.linear(h, *f["qkv"])[:, :H * hd].view(B, H, 1, hd)
+                q = linear(h, *f["qkv"])[:, :H * hd].view(B, H, 1, hd)
                 y = F.scaled_dot_product_attention(q, c.k[i][:, :, :P + t + 1], c.v[i][:, :, :P + t + 1], enable_gqa=H != K)
-                h = block.mlp.down_proj(F.linear(block.attn.o_proj(y.view(B, H * hd)), *f["gate_up"])[:, :I])
-            ours.lm_head(h).argmax(dim=-1)
+                h = dense(block.mlp.down_proj, linear(dense(block.attn.o_proj, y.view(B, H * hd)), *f["gate_up"])[:, :I])
+            linear(h, ours.lm_head.weight).argmax(dim=-1)
     if all(f is not None and "gate_up" in f for f in KVCache(mc, 1, 1).fuse(ours).fused):
         runs["kernels_only"] = kernels_only
     info = dict(machine(), device=S.device, dtype=cfg["dtype"], load_start=loadavg())

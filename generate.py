@@ -26,9 +26,8 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from model import softcap as cap
+from model import linear, softcap as cap
 
 # -----------------------------------------------------------------------------
 out_dir = ""              # a training run: generates from out_dir/final
@@ -79,7 +78,7 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
 
 def last_logits(h, w, softcap=0.0):
     """the head over the last position only: (B, T, C) -> (B, V) logits (soft-capped, gemma 2)."""
-    return cap(F.linear(h[:, -1], w), softcap)
+    return cap(linear(h[:, -1], w), softcap)
 
 def left_align(input_ids, attention_mask):
     """moves each row's tokens to the right end, padding to the left (a stable sort of the mask
