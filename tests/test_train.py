@@ -30,27 +30,41 @@ def test_accumulation_is_exact(tmp_path):
     assert_same_losses(losses(tmp_path / "a"), losses(tmp_path / "b"))
     assert {o for _, o, _ in losses(tmp_path / "a")} == {1, 2}
 
+DDP_ALRIGHT = ["--method=alright", "--train_batch_size=4", "--micro_train_batch_size=2", "--max_iters=4", *EXACT]
+DDP_MAXRIGHT = ["--method=maxright", "--train_batch_size=4", "--micro_train_batch_size=2", "--max_iters=4",
+                "--opt_estimate_iters=2", "--maxright_interval=2", *EXACT]
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory):
+    """the one-process runs the zero stages compare against, each run once for the module."""
+    done = {}
+    def get(args):
+        key = tuple(args)
+        if key not in done:
+            done[key] = tmp_path_factory.mktemp("single")
+            run_train(done[key], *args)
+        return done[key]
+    return get
+
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
-def test_two_processes_equal_one(tmp_path, zero_stage):
+def test_two_processes_equal_one(tmp_path, zero_stage, single_runs):
     """torchrun with 2 ranks (gloo) gives the single-process losses, for every zero stage."""
-    args = ["--method=alright", "--train_batch_size=4", "--micro_train_batch_size=2", "--max_iters=4", *EXACT]
-    single = tmp_path / "single"
-    run_train(single, *args)
+    args = DDP_ALRIGHT
+    single = single_runs(args)
     run_train(tmp_path / "ddp", *args, f"--zero_stage={zero_stage}", nproc=2)
     assert_same_losses(losses(single), losses(tmp_path / "ddp"))
     ev1, ev2 = metrics(single, "eval")[-1], metrics(tmp_path / "ddp", "eval")[-1]
     assert abs(ev1["eval_loss_1"] - ev2["eval_loss_1"]) <= 1e-5 and abs(ev1["eval_loss_2"] - ev2["eval_loss_2"]) <= 1e-5
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
-def test_maxright_two_processes_equal_one(tmp_path, zero_stage):
+def test_maxright_two_processes_equal_one(tmp_path, zero_stage, single_runs):
     """maxright with f* estimated (the weights and the optimizer state, a shard of it under zero 1,
     are saved and restored around the single-objective runs): 2 ranks give the 1-process f*, choices and losses."""
-    args = ["--method=maxright", "--train_batch_size=4", "--micro_train_batch_size=2", "--max_iters=4",
-            "--opt_estimate_iters=2", "--maxright_interval=2", *EXACT]
-    run_train(tmp_path / "single", *args)
+    args = DDP_MAXRIGHT
+    single = single_runs(args)
     run_train(tmp_path / "ddp", *args, f"--zero_stage={zero_stage}", nproc=2)
-    assert_same_losses(losses(tmp_path / "single"), losses(tmp_path / "ddp"))
-    for a, b in zip(metrics(tmp_path / "single"), metrics(tmp_path / "ddp")):
+    assert_same_losses(losses(single), losses(tmp_path / "ddp"))
+    for a, b in zip(metrics(single), metrics(tmp_path / "ddp")):
         assert abs(a["s_1"] - b["s_1"]) <= 1e-5 and abs(a["s_2"] - b["s_2"]) <= 1e-5
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-5), ("bfloat16", 2e-2)])
