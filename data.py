@@ -11,6 +11,9 @@ Conventions used everywhere below:
   token t+1 is a response token, else -100. Prompt tokens and padding never count.
 - attention_mask holds segment ids: 0 = padding, 1, 2, ... = the document within the row. The
   model attends causally within a segment only, so packed documents never see each other.
+- an example's token fields (input_ids, labels, chosen_ids, ...) are sequences of ints: numpy
+  views of datasets' memory-mapped tokenized cache for rows read through Arrow (no python object
+  per token), python lists for rows given as python dicts. The collators take either.
 """
 import contextlib
 import functools
@@ -18,6 +21,7 @@ import json
 import os
 import random
 
+import numpy as np
 import torch
 
 from configurator import ConfigError  # a bad row or file: one line naming it, no traceback
@@ -433,10 +437,11 @@ def _map_part(part, per_row, fields, num_proc, verbose):
     """per_row over one part of a Rows. An Arrow part goes through datasets' map: batches of rows
     read straight from Arrow, the result written to a cache file beside the source's (a later run
     with the same rows, tokenizer and keys reads it instead; ranks after rank 0 read rank 0's),
-    num_proc worker processes (0: this one). Only the token ids come back as python lists."""
+    num_proc worker processes (0: this one). The examples' token fields are views of the cache file
+    (_arrow_examples)."""
     import datasets
     name, src, idx, ids = part
-    if isinstance(src, list):
+    if isinstance(src, list) or not len(idx):  # (no rows: a map would return a table without columns)
         return per_row(_take(name, src, idx, ids))
 
     def fn(batch, pos):
@@ -460,14 +465,27 @@ def _map_part(part, per_row, fields, num_proc, verbose):
     try:
         mapped = src.select(idx).map(fn, batched=True, with_indices=True, num_proc=num_proc or None, features=features,
                                      remove_columns=src.column_names, desc=f"tokenizing {name}")
-        res = mapped.to_list()
+        return _arrow_examples(mapped.with_format("arrow")[:], fields)
     except UnicodeDecodeError:
         raise _not_utf8(name) from None
     finally:
         if not was_off:
             datasets.enable_progress_bars()
-    return [({"id": r["id"], **{f: r[f] for f in fields}} if r["kept"] else None, r["prompt_len"], r["truncated"])
-            for r in res]
+
+def _arrow_examples(table, fields):
+    """(example or None, prompt length, truncated) per row of the map's Arrow table. The token
+    fields are numpy views of the table's buffers (the memory-mapped cache file): held examples
+    cost pages of that file, not a python int per token (BENCHMARKS.md, "Large datasets")."""
+    col = lambda k: table.column(k).to_pylist()
+    ids, kept, plen, trunc = col("id"), col("kept"), col("prompt_len"), col("truncated")
+    tokens = {}
+    for f in fields:
+        tokens[f] = []
+        for chunk in table.column(f).chunks:  # list<int64>: offsets into one flat buffer of values
+            off, vals = chunk.offsets.to_numpy(), chunk.values.to_numpy()
+            tokens[f] += [vals[a:b] for a, b in zip(off[:-1].tolist(), off[1:].tolist())]
+    return [({"id": i, **{f: tokens[f][r] for f in fields}} if k else None, n, t)
+            for r, (i, k, n, t) in enumerate(zip(ids, kept, plen, trunc))]
 
 def _tokenize(rows, per_row, fields, source, max_len, verbose, num_proc):
     # examples of rows: a list, or a Rows whose Arrow parts go through datasets' map
@@ -516,18 +534,18 @@ def tokenize_dpo(rows, tokenizer, max_len, prompt_key="prompt", chosen_key="chos
 
 def _row(docs, ids_key="input_ids", labels_key="labels"):
     # one row of the batch: documents laid end to end, segment ids 1, 2, ..., positions per document
-    ids, labels, segments, positions = [], [], [], []
-    for j, d in enumerate(docs, 1):
-        n = len(d[ids_key])
-        ids += d[ids_key]
-        labels += d[labels_key]
-        segments += [j] * n
-        positions += range(n)
-    return ids, labels, segments, positions
+    lens = [len(d[ids_key]) for d in docs]
+    cat = lambda k: np.concatenate([np.asarray(d[k], dtype=np.int64) for d in docs])
+    return (cat(ids_key), cat(labels_key), np.repeat(np.arange(1, len(docs) + 1), lens),
+            np.concatenate([np.arange(n) for n in lens]))
 
 def _batch(rows, pad_id, ids):
     T = max(len(r[0]) for r in rows)
-    pad = lambda k, value: torch.tensor([r[k] + [value] * (T - len(r[k])) for r in rows], dtype=torch.long)
+    def pad(k, value):
+        out = np.full((len(rows), T), value, dtype=np.int64)
+        for i, r in enumerate(rows):
+            out[i, :len(r[k])] = r[k]
+        return torch.from_numpy(out)
     return {"input_ids": pad(0, pad_id), "labels": pad(1, -100), "attention_mask": pad(2, 0),
             "position_ids": pad(3, 0), "ids": ids}  # tensors are (B, T), right-padded
 

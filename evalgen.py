@@ -72,7 +72,7 @@ def split_example(ids, labels):
     """(prompt ids, response ids, its eos included) of a tokenized example (data.py's labels:
     labels[t] = ids[t + 1] on the response, -100 before)."""
     p = next(t for t, y in enumerate(labels) if y != -100) + 1
-    return list(ids[:p]), list(ids[p:])
+    return [int(t) for t in ids[:p]], [int(t) for t in ids[p:]]  # python ints, from a list or a numpy view
 
 def greedy(model, prompts, max_new_tokens, eos, pad, batch_size=32):
     """greedy answers (token lists, cut before eos) of a list of prompt token lists."""

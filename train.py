@@ -28,6 +28,7 @@ import time
 from copy import deepcopy
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -481,13 +482,12 @@ def clip_and_step(it):
 def reference_digest(o):
     """sha256 of everything o's cached log-probs depend on: the tokenized pairs (ids, tokens, prompt
     masks), the reference weights (the policy's base under LoRA) and the keys that shape them."""
-    from array import array
     h = hashlib.sha256(json.dumps([pretrain, o.cfg.ref_model, lora_rank, dtype,
                                    {k: v for k, v in config.items() if k.startswith("model_")}]).encode())
     for e in o.train + o.eval:
         h.update(repr(e["id"]).encode())
         for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
-            h.update(array("q", e[k]).tobytes() + b"|")
+            h.update(np.asarray(e[k], dtype=np.int64).tobytes() + b"|")  # a list's or a numpy view's ids alike
     lora_names = {n for n, _ in lora_parameters(raw_model)}
     sd = raw_model.state_dict() if o.ref == "self" else o.ref.state_dict()
     w = hashlib.sha256()
