@@ -288,14 +288,15 @@ def window_mask(mask, window, t0, T, device):
     return band if mask is None else mask & band
 
 def few_rows(x):
-    """x is a decoding step's input on a CPU: at most 64 float32 rows, no autograd."""
+    """x is a decoding step's input on a CPU: float32, no autograd, at most 64 rows (8 on one
+    thread, where w @ x.T loses at 16 and more: BENCHMARKS.md, "Generation")."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and x.numel() <= 64 * x.shape[-1])
+            and x.numel() <= (64 if torch.get_num_threads() > 1 else 8) * x.shape[-1])
 
 def linear(x, w, b=None):
     """F.linear(x, w, b), except for few_rows(x) (decoding: one token per row): there it runs as
     w @ x.T. MKL streams the weight through that product up to ~1.7x faster than through x @ w.T
-    when x has 2-64 rows, and a decoding step is mostly these products (BENCHMARKS.md,
+    when x has a few rows, and a decoding step is mostly these products (BENCHMARKS.md,
     "Generation"). The same dot products, summed in another order (~1e-7 relative). Forwards with
     autograd (training), GPUs and longer inputs keep F.linear."""
     if not few_rows(x):

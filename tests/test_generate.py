@@ -133,15 +133,26 @@ def test_fused_decoding_equals_unfused(name, tmp_path):
     real = torch.cat([mask, torch.ones(3, 6, dtype=torch.long)], dim=1).bool()
     assert (got[real] - want[real]).abs().max().item() <= 1e-5
 
-def test_decoding_products_are_f_linear():
-    """model.linear, the decoding step's products: for 1-64 float32 rows on a CPU without autograd
-    it runs w @ x.T (the weight as the left operand: faster there), which is the float64 product
-    to rounding, in the input's shape, bias or not; with autograd, more rows or another dtype it is
-    F.linear itself, bit for bit."""
-    from model import linear
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decoding_products_are_f_linear(threads):
+    """model.linear, the decoding step's products: for 1-64 float32 rows (1-8 on one thread) on a
+    CPU without autograd it runs w @ x.T (the weight as the left operand: faster there), which is
+    the float64 product to rounding, in the input's shape, bias or not; with autograd, more rows or
+    another dtype it is F.linear itself, bit for bit."""
+    from model import few_rows, linear
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
-    for rows in (1, 3, 8, 64):
+    was, limit = torch.get_num_threads(), 64 if threads > 1 else 8
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            assert few_rows(torch.zeros(limit, 1, 40)) and not few_rows(torch.zeros(limit + 1, 1, 40))
+        check_decoding_products(linear, w, b, g, limit)
+    finally:
+        torch.set_num_threads(was)
+
+def check_decoding_products(linear, w, b, g, limit):
+    for rows in (1, 3, limit):
         x = torch.randn(rows, 1, 40, generator=g)
         for bias in (None, b):
             with torch.inference_mode():
@@ -151,7 +162,7 @@ def test_decoding_products_are_f_linear():
             assert (got - want).abs().max().item() <= 1e-4
             xt = x.view(rows, 40).t()  # the path taken: w @ x.T, bit for bit
             assert torch.equal(got.view(rows, 96), (torch.mm(w, xt) if bias is None else torch.addmm(b[:, None], w, xt)).t())
-    x = torch.randn(65, 40, generator=g)
+    x = torch.randn(limit + 1, 40, generator=g)
     for ctx, xx, ww, bb in [(torch.inference_mode(), x, w, b), (torch.enable_grad(), x[:8], w, b),
                             (torch.inference_mode(), x[:8].double(), w.double(), b.double())]:
         with ctx:
