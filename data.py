@@ -283,8 +283,10 @@ def load_splits(spec, train_split="train", eval_split="", max_samples=0, probs="
     sources = _read_all(spec, train_split)
     blend = len(sources) > 1
     plan = _plan(sources, max_samples, probs, seed, 0.0 if eval_split else eval_frac, eval_max_samples)
-    rows = lambda parts: Rows(parts) if lazy else list(Rows(parts))
-    train = rows([(n, src, idx, _ids(n, idx, blend)) for (n, src), (idx, _) in zip(sources, plan)])
+    def rows(parts, blend):  # [(name, source, indices)] -> a Rows (lazy) or its rows as a list
+        r = Rows([(n, src, idx, _ids(n, idx, blend)) for n, src, idx in parts])
+        return r if lazy else list(r)
+    train = rows([(n, src, idx) for (n, src), (idx, _) in zip(sources, plan)], blend)
     if not _eval:
         return train, []
     if eval_split and _is_dataset(eval_split):
@@ -293,11 +295,11 @@ def load_splits(spec, train_split="train", eval_split="", max_samples=0, probs="
     elif eval_split:
         held = _read_all(spec, eval_split)
     else:
-        return train, rows([(n, src, idx, _ids(n, idx, blend)) for (n, src), (_, idx) in zip(sources, plan)])
+        return train, rows([(n, src, idx) for (n, src), (_, idx) in zip(sources, plan)], blend)
     total = sum(len(src) for _, src in held)  # a given eval set: capped evenly, source by source
     ks = [len(src) if not 0 < eval_max_samples < total else max(1, round(len(src) * eval_max_samples / total))
           for _, src in held]
-    return train, rows([(n, src, _held(len(src), k), _ids(n, _held(len(src), k), blend)) for (n, src), k in zip(held, ks)])
+    return train, rows([(n, src, _held(len(src), k)) for (n, src), k in zip(held, ks)], blend)
 
 # -----------------------------------------------------------------------------
 # tokenizing

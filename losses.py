@@ -184,7 +184,7 @@ def _capped(fn, cap):
     if hasattr(fn, "logits_grad"):
         def logits_grad(z, g, vals, *rest):
             d = slope(z)
-            return fn.logits_grad(z, g, vals, *rest).mul_(d.to(z.dtype))
+            return fn.logits_grad(z, g, vals, *rest).mul_(d)
         capped.logits_grad = logits_grad
     if hasattr(fn, "value_and_grad"):
         def value_and_grad(z, *rest):

@@ -293,22 +293,24 @@ def few_rows(x):
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
             and x.numel() <= (64 if torch.get_num_threads() > 1 else 8) * x.shape[-1])
 
+def _weight_first(x, w, b):
+    # x @ w.T + b computed as (w @ x.T).T, laid out as F.linear's result
+    xt = x.reshape(-1, x.shape[-1]).t()
+    y = torch.mm(w, xt) if b is None else torch.addmm(b[:, None], w, xt)
+    return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
+
 def linear(x, w, b=None):
     """F.linear(x, w, b), except for few_rows(x) (decoding: one token per row): there it runs as
     w @ x.T. MKL streams the weight through that product up to ~1.7x faster than through x @ w.T
     when x has a few rows, and a decoding step is mostly these products (BENCHMARKS.md,
     "Generation"). The same dot products, summed in another order (~1e-7 relative). Forwards with
     autograd (training), GPUs and longer inputs keep F.linear."""
-    if not few_rows(x):
-        return F.linear(x, w, b)
-    xt = x.reshape(-1, x.shape[-1]).t()
-    y = torch.mm(w, xt) if b is None else torch.addmm(b[:, None], w, xt)
-    return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
+    return _weight_first(x, w, b) if few_rows(x) else F.linear(x, w, b)
 
 def dense(layer, x):
-    """layer(x) for a projection; a plain nn.Linear (not LoRA's wrapper) on few_rows(x) runs
-    through linear() above."""
-    return linear(x, layer.weight, layer.bias) if type(layer) is nn.Linear and few_rows(x) else layer(x)
+    """layer(x) for a projection; a plain nn.Linear (not LoRA's wrapper) on few_rows(x) runs as
+    linear() above does."""
+    return _weight_first(x, layer.weight, layer.bias) if type(layer) is nn.Linear and few_rows(x) else layer(x)
 
 def softcap(logits, cap):
     """gemma 2's final logit soft-cap: cap * tanh(logits / cap); cap = 0 leaves the logits as they are."""
@@ -469,10 +471,10 @@ class Attention(nn.Module):
             if torch.is_tensor(t0):  # a frozen cache (KVCache.freeze): write at a device position, attend over all keys
                 kc.index_copy_(2, t0.view(1), k)
                 vc.index_copy_(2, t0.view(1), v)
-                y = attend(q, kc, vc, mask, False, self.scale, self.softcap)
-                return dense(self.o_proj, y.transpose(1, 2).reshape(B, T, H * hd))
-            kc[:, :, t0:t0 + T], vc[:, :, t0:t0 + T] = k, v
-            y = attend(q, kc[:, :, :t0 + T], vc[:, :, :t0 + T], mask, False, self.scale, self.softcap)
+            else:
+                kc[:, :, t0:t0 + T], vc[:, :, t0:t0 + T] = k, v
+                kc, vc = kc[:, :, :t0 + T], vc[:, :, :t0 + T]
+            y = attend(q, kc, vc, mask, False, self.scale, self.softcap)
             return dense(self.o_proj, y.transpose(1, 2).reshape(B, T, H * hd))
         if flash_attn_func is not None and v.is_cuda and v.dtype in (torch.float16, torch.bfloat16):
             y = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seg, self.window, self.scale, self.softcap)

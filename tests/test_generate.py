@@ -139,7 +139,7 @@ def test_decoding_products_are_f_linear(threads):
     CPU without autograd it runs w @ x.T (the weight as the left operand: faster there), which is
     the float64 product to rounding, in the input's shape, bias or not; with autograd, more rows or
     another dtype it is F.linear itself, bit for bit."""
-    from model import few_rows, linear
+    from model import few_rows
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
     was, limit = torch.get_num_threads(), 64 if threads > 1 else 8
@@ -147,11 +147,12 @@ def test_decoding_products_are_f_linear(threads):
     try:
         with torch.inference_mode():
             assert few_rows(torch.zeros(limit, 1, 40)) and not few_rows(torch.zeros(limit + 1, 1, 40))
-        check_decoding_products(linear, w, b, g, limit)
+        check_decoding_products(w, b, g, limit)
     finally:
         torch.set_num_threads(was)
 
-def check_decoding_products(linear, w, b, g, limit):
+def check_decoding_products(w, b, g, limit):
+    from model import linear
     for rows in (1, 3, limit):
         x = torch.randn(rows, 1, 40, generator=g)
         for bias in (None, b):
