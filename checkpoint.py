@@ -1,5 +1,6 @@
 """
-Checkpoints and the final export, for plain, DDP, ZeRO-1 and FSDP2-sharded models alike.
+Checkpoints and the final export, for plain, DDP, ZeRO-1 and FSDP2-sharded models alike, and the
+policy of the out_dir that holds one run (what a new run or a resume finds there, metrics.jsonl).
 
     out_dir/ckpt/iter_0000500/  model.pt (trainable parameters, full), optimizer.pt (full),
                                 state.pt (loop state: data positions, method state, selector),
@@ -13,6 +14,7 @@ hold tensors and plain containers only and load with weights_only=True: a plante
 checkpoint is refused, never run.
 """
 import errno
+import json
 import os
 import pickle
 import random
@@ -229,3 +231,122 @@ def export_final(out_dir, model, fsdp, tokenizer, lora=None, base_model=""):
         os.rename(tmp_dir, final_dir)
         fsync_dir(out_dir)
     _barrier()
+
+# -----------------------------------------------------------------------------
+# out_dir holds one run. A new run refuses another run's outputs there unless told to overwrite
+# them; a resume refuses a config that changes what a step computes, and names the keys.
+
+# keys a resumed run may change: they do not change what a step computes
+HARMLESS = {"out_dir", "resume", "overwrite", "eval_interval", "log_interval", "save_interval", "eval_iters",
+            "max_iters", "max_epochs", "keep_last", "wandb_log", "wandb_project", "wandb_run_name", "tensorboard",
+            "device", "compile", "dist_timeout_s", "gradient_checkpointing", "loss_chunk_size", "selector_labels",
+            "eval_gen_interval", "eval_gen_samples", "eval_gen_max_new_tokens", "reward_model",  # evaluation only
+            "eps", "pareto_front", "opt_estimate_iters",  # when to stop; f* is estimated at the start only
+            "dataset_num_proc", "print_config"}  # how the same tokens are made
+
+def previous_run(out_dir):
+    """what an earlier run left in out_dir: checkpoints, metrics lines, final model, summary."""
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    left = {"ckpt": latest(os.path.join(out_dir, "ckpt")) is not None, "final": os.path.isdir(os.path.join(out_dir, "final")),
+            "metrics.jsonl": os.path.exists(metrics) and os.path.getsize(metrics) > 0,
+            "summary.json": os.path.exists(os.path.join(out_dir, "summary.json"))}
+    return [k for k, v in left.items() if v]
+
+def config_changes(saved, config):
+    """'key: saved -> now' for the keys that differ from the saved run's and change what a step computes."""
+    now = json.loads(json.dumps(config))  # tuples as lists, as in config.json
+    for k in set(saved) - set(now):  # a KEY_i set then and not now: KEY's value applies now
+        if k.rpartition("_")[0] in now:
+            now[k] = now[k.rpartition("_")[0]]
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and k not in HARMLESS and saved[k] != now[k]]
+
+def check_out_dir(config, log=print):
+    """before anything is loaded: resume needs a checkpoint and the same step-changing keys; a new
+    run needs an out_dir free of another run's outputs (or overwrite=True). Returns what to remove."""
+    out_dir = config["out_dir"]
+    if config["resume"]:
+        ckpt_root, path = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "config.json")
+        if latest(ckpt_root) is None:
+            raise ConfigError(f"resume=True but {ckpt_root} holds no checkpoint")
+        if not os.path.exists(path):
+            log(f"warning: {path} is missing: the config cannot be compared with the checkpoint's run")
+            return []
+        with open(path) as f:
+            changes = config_changes(json.load(f), config)
+        if changes:
+            raise ConfigError(f"resume=True, but the config differs from that of the run in {out_dir} in keys that change "
+                              f"what a step computes: {'; '.join(changes)} (restore them, or start a new run: another "
+                              f"out_dir or --overwrite=True)")
+        return []
+    left = previous_run(out_dir)
+    if left and not config["overwrite"]:
+        raise ConfigError(f"out_dir {out_dir} holds another run's {', '.join(left)}: "
+                          f"pass --resume=True to continue it, or --overwrite=True to replace it")
+    return left
+
+def clear(out_dir, left, log=print):
+    """removes another run's outputs (overwrite=True), on rank 0."""
+    for f in left:
+        p = os.path.join(out_dir, f)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    if left:
+        log(f"overwrite=True: removed the previous run's {', '.join(left)} from {out_dir}")
+
+def read_metrics(path, log=print):
+    """the lines of metrics.jsonl. A partial last line (a crash or a full disk during a write) is
+    dropped with a warning; a corrupt line before it is an error naming it."""
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    last = max((j for j, l in enumerate(raw, 1) if l.strip()), default=0)
+    lines = []
+    for j, l in enumerate(raw[:last], 1):
+        if not l.strip():
+            continue
+        try:
+            line = json.loads(l)
+        except ValueError:  # also bytes that are not UTF-8
+            line = None
+        if not (isinstance(line, dict) and isinstance(line.get("iter"), int) and "kind" in line):
+            if j != last:
+                raise ConfigError(f"{path}, line {j}: not a metrics line ({l[:60]!r}); repair or delete that line and resume again")
+            log(f"warning: {path}, line {j}: incomplete last line dropped (written when the previous run ended)")
+            continue
+        lines.append(line)
+    return lines
+
+def rewind_metrics(path, it, log=print):
+    """a resumed run at iteration `it` drops the lines written after that checkpoint."""
+    if os.path.exists(path):
+        keep = [l for l in read_metrics(path, log) if l["iter"] < it or (l["kind"] == "train" and l["iter"] == it)]
+        write_text(path, "".join(json.dumps(l) + "\n" for l in keep))
+
+class Metrics:
+    """metrics.jsonl on rank 0, one JSON object a line, plus optional wandb / tensorboard."""
+
+    def __init__(self, out_dir, master, config, wandb_log=False, wandb_project="", wandb_run_name="", tensorboard=False):
+        self.path, self.master, self.wandb, self.tb = os.path.join(out_dir, "metrics.jsonl"), master, None, None
+        if master and wandb_log:
+            import wandb
+            wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+            self.wandb = wandb
+        if master and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def write(self, line):
+        if not self.master:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        n = line["iter"]
+        scalars = {f"{line['kind']}/{k}": v for k, v in line.items() if isinstance(v, (int, float)) and k not in ("iter", "kind")}
+        if self.wandb:
+            self.wandb.log(scalars, step=n)
+        for k, v in scalars.items() if self.tb else ():
+            self.tb.add_scalar(k, v, n)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()

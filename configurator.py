@@ -122,3 +122,93 @@ def apply(args, config, verbose=None, per_objective=()):
             if verbose:
                 print(f"overriding: {key} = {config[key]!r}")
     return changed
+
+# -----------------------------------------------------------------------------
+# every check of train.py's config, before anything is read or loaded
+
+def _require(cond, msg):
+    if not cond:
+        raise ConfigError(msg)
+
+def objective_keys(c, i, per_objective):
+    """objective i's per-objective keys: KEY_i where set, else KEY."""
+    return types.SimpleNamespace(**{k: c.get(f"{k}_{i}", c[k]) for k in per_objective})
+
+def check(c, per_objective, world_size=1):
+    """train.py's config c: every key's range and every combination, each a ConfigError naming the
+    key. Runs before a model or a dataset is loaded. Returns the objectives' kinds [obj_1 .. obj_K]."""
+    import torch
+
+    import methods
+    import objectives
+    kinds = [c[f"obj_{i}"] for i in range(1, MAX_OBJECTIVES + 1)]
+    K = sum(map(bool, kinds))
+    for i, v in enumerate(kinds, 1):
+        if v:
+            objectives.kind(v, f"obj_{i}")
+    _require(bool(kinds[0]), "config key obj_1 must be set")
+    gap = kinds.index("") + 1 if "" in kinds else None
+    _require(all(kinds[:K]), f"config keys obj_1 ... obj_{K}: objectives are numbered 1..K without gaps, obj_{gap} is not set")
+    kinds = kinds[:K]
+    method = c["method"]
+    _require(method in methods.METHODS, f"config key method: {method!r} is not one of {', '.join(methods.METHODS)}")
+    w = methods.weights(c["lambd"], K)
+    for k, v in c.items():  # the configurator lets a float key take a tuple: only lambd may
+        _require(not isinstance(v, tuple) or k in ("lambd", "adam_betas"),
+                 f"config key {k}: one number, got {v!r} (only lambd takes one weight per objective)")
+    dev = c["device"]
+    _require(not dev.startswith("cuda") or torch.cuda.is_available(), f"config key device: {dev!r}, but this torch "
+             f"({torch.__version__}) sees no CUDA device; use --device=cpu or leave device empty")
+    _require(c["dtype"] in ("", "float32", "bfloat16", "float64"),
+             f"config key dtype: {c['dtype']!r} is not float32, bfloat16 or float64" + (
+                 " (float16 gradients underflow without loss scaling, which train.py does not do: use bfloat16, or float32 "
+                 "where the GPU has no bfloat16)" if c["dtype"] == "float16" else ""))
+    for k in ("log_interval", "maxright_interval", "micro_train_batch_size", "train_batch_size", "aux_steps"):
+        _require(c[k] >= 1, f"config key {k} must be >= 1, got {c[k]}")
+    for k in ("eval_interval", "save_interval", "eval_iters", "keep_last", "max_iters", "max_epochs", "opt_estimate_iters",
+              "loss_chunk_size", "max_norm", "weight_decay", "eps", "dataset_num_proc"):
+        _require(c[k] >= 0, f"config key {k} must be >= 0 (0 = off or automatic), got {c[k]}")
+    _require(c["dist_timeout_s"] > 0, f"config key dist_timeout_s must be > 0, got {c['dist_timeout_s']}")
+    _require(c["max_iters"] > 0 or c["max_epochs"] > 0, "config keys max_iters and max_epochs are both 0: nothing to train")
+    _require(0 <= c["eval_frac"] < 1, f"config key eval_frac must lie in [0, 1), got {c['eval_frac']}")
+    _require(0 <= c["warmup_ratio"] <= 1, f"config key warmup_ratio must lie in [0, 1], got {c['warmup_ratio']}")
+    _require(c["learning_rate"] >= 0, f"config key learning_rate must be >= 0, got {c['learning_rate']}")
+    per_step = c["micro_train_batch_size"] * world_size
+    _require(c["train_batch_size"] % per_step == 0, f"config key train_batch_size ({c['train_batch_size']}) must be a "
+             f"multiple of micro_train_batch_size x world size ({per_step})")
+    _require(c["zero_stage"] in (0, 1, 2, 3), f"config key zero_stage must be 0..3, got {c['zero_stage']}")
+    _require(c["lr_scheduler"] in ("constant", "cosine"), f"config key lr_scheduler: {c['lr_scheduler']!r} is not constant or cosine")
+    _require(not c["cpu_offload"] or c["zero_stage"] >= 2, f"config keys cpu_offload=True and zero_stage={c['zero_stage']}: "
+             f"offloading is FSDP2's, set zero_stage=2 or 3")
+    _require(not (c["resume"] and c["overwrite"]), "config keys resume and overwrite exclude each other: resume continues "
+             "the run in out_dir, overwrite replaces it")
+    _require(c["selector_algorithm"] in ("memory", "penalty"),
+             f"config key selector_algorithm: {c['selector_algorithm']!r} is not memory or penalty")
+    _require(c["selector_activation"] in ("softmax", "sigmoid"),
+             f"config key selector_activation: {c['selector_activation']!r} is not softmax or sigmoid")
+    if method == "select":
+        _require(K == 2 and all(objectives.KINDS[k].per_row for k in kinds), "method=select needs obj_1 and obj_2 of a kind "
+                 f"with per-row losses ({', '.join(k for k, v in objectives.KINDS.items() if v.per_row)}) and no obj_3: "
+                 f"dataset_1 is the trusted set, dataset_2 the one to filter")
+        _require(not c["packing"], "config keys method=select and packing=True: the selector weighs each document's "
+                 "loss, a packed row holds several documents; set packing=False")
+        _require(c["lambd"] == 0.5, f"config key lambd={c['lambd']!r} does nothing under method=select: the upper-level "
+                 f"weight (the original's --lambd) is config key upperlevel_weight")
+        _require(c["selector_algorithm"] == "memory" or world_size == 1 or c["zero_stage"] <= 1,
+                 "selector_algorithm=penalty supports zero_stage 0 and 1")
+        _require(0 < c["select_ratio"] <= 1, f"config key select_ratio must lie in (0, 1], got {c['select_ratio']}")
+    for i, kind in enumerate(kinds, 1):
+        o, spec = objective_keys(c, i, per_objective), objectives.KINDS[kind]
+        _require(o.dataset != "", f"config key dataset_{i} (or dataset) must be set for objective {i} ({kind})")
+        _require(o.max_len > 0, f"config key max_len_{i} (or max_len) must be > 0, got {o.max_len}")
+        _require(spec.reference != "required" or o.ref_model or c["lora_rank"], f"objective {i} is {kind}: set "
+                 f"ref_model_{i} (or ref_model) to the teacher (or train LoRA adapters: the base model is the teacher)")
+        _require(o.budget < 0 or method == "constrained", f"config key budget_{i} is set, but method={method!r}: "
+                 f"a forgetting budget needs method=constrained")
+        spec.check(i, o)
+    if method == "constrained" and K > 1:
+        budgets = [i for i in range(1, K + 1) if objective_keys(c, i, per_objective).budget >= 0]
+        _require(budgets, "method=constrained needs a forgetting budget: set budget_i >= 0 (the largest gap f_i - f_i* "
+                 "objective i may end with) for at least one objective, e.g. --budget_1=0.1")
+        _require(c["dual_lr"] > 0, f"config key dual_lr must be > 0, got {c['dual_lr']}")
+    return kinds

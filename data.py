@@ -211,12 +211,13 @@ def _plan(sources, max_samples, probs, seed, eval_frac, eval_max_samples):
     return plan
 
 @contextlib.contextmanager
-def rank0_first():
+def rank0_first(enabled=True):
     """Rank 0 reads first (datasets converts files to Arrow and caches them), then the other ranks
     read its cache rather than converting the same files at once. Needs the cache on a shared
-    filesystem to save work across nodes (else each node converts its own)."""
+    filesystem to save work across nodes (else each node converts its own). enabled=False: every
+    rank at once (a stream has no cache to share)."""
     dist = torch.distributed
-    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    on = enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if on and dist.get_rank() != 0:
         dist.barrier()
     try:
@@ -224,6 +225,23 @@ def rank0_first():
     finally:  # rank 0 failing lets the others go on to fail with the same message
         if on and dist.get_rank() == 0:
             dist.barrier()
+
+def data_digest(o):
+    """sha256 of an objective's row ids and token lengths (train and eval)."""
+    import hashlib
+    n = lambda e: [len(e[k]) for k in ("input_ids", "chosen_ids", "rejected_ids") if k in e]
+    return hashlib.sha256(json.dumps([[e["id"], n(e)] for e in o.train + o.eval]).encode()).hexdigest()
+
+def check_same_data(objectives, world_size):
+    """every rank read the same rows: a node-local file or path that differs between ranks would
+    train on a mix, or hang."""
+    for o in objectives:
+        digests = [None] * world_size
+        torch.distributed.all_gather_object(digests, data_digest(o))
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        if bad:
+            raise ConfigError(f"objective {o.i} (dataset_{o.i}): rank(s) {bad} read other rows than rank 0 "
+                              f"(ids or token lengths differ); every rank must see the same data")
 
 def load_rows(spec, split="train", max_samples=0, probs="", seed=42, eval_split="", eval_frac=0.0, eval_max_samples=0):
     """Training rows of spec: a .json/.jsonl/.parquet/.csv file, a save_to_disk folder, a hub id,

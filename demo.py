@@ -5,7 +5,8 @@ The embedded default: the toy trade-off end to end on CPU (a few minutes on 2 co
     python demo.py --quick    # a seconds-long smoke version (what the test suite runs)
 
 1. objective 1 alone (SFT) and objective 2 alone (DPO) give f_1*, f_2*;
-2. sequential, mix, alright and maxright at lambd = 0.5 with the same step budget;
+2. sequential, mix, alright and maxright at lambd = 0.5 with the same step budget, and constrained:
+   DPO alone as the objective (lambd = 0) with the SFT gap held within a budget of 0.5;
 3. one table: final eval losses, optimality gaps, ideal distance, time, peak memory;
 4. K = 3: a third objective that conflicts with both (DPO preferring "RED FOX." over "RED FOX!",
    data/toy_calm.jsonl) alone, then sequential, alright and maxright over all three at lambd = 1/3 each;
@@ -20,7 +21,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("sequential", "mix", "alright", "maxright")
+METHODS = ("sequential", "mix", "alright", "maxright", "constrained")
+BUDGET_1 = 0.5  # constrained: the SFT gap f_1 - f_1* allowed at the end
+EXTRA = {"constrained": ["--lambd=0", f"--budget_1={BUDGET_1}"]}
 
 def train(out_dir, *args, config="config/demo.py"):
     cmd = [sys.executable, "train.py", config, f"--out_dir={out_dir}", "--overwrite=True", *args]  # a rerun replaces its runs
@@ -112,16 +115,16 @@ def main(quick=False):
     dpo_alone = train(f"{out}/dpo_alone", "--obj_1=dpo", "--dataset_1=data/toy_pref.jsonl",
                       "--eval_split_1=data/toy_pref_eval.jsonl", "--obj_2=", *budget)
     opt = (sft_alone["eval_loss_1"], dpo_alone["eval_loss_1"])
-    results = {m: train(f"{out}/{m}", f"--method={m}", f"--obj_opt_1={opt[0]}", f"--obj_opt_2={opt[1]}", *budget)
-               for m in METHODS}
+    results = {m: train(f"{out}/{m}", f"--method={m}", f"--obj_opt_1={opt[0]}", f"--obj_opt_2={opt[1]}", *budget,
+                        *EXTRA.get(m, [])) for m in METHODS}
     for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items()]:
         r["behaviour"] = behaviour(f"{out}/{m}")
     sel_budget = ["--max_epochs=1", "--max_samples_2=256"] if quick else []
     train(f"{out}/select", *sel_budget, config="config/demo_select.py")
 
     base = results["sequential"]
-    print(f"\nf_1* (SFT alone) = {opt[0]:.4f}   f_2* (DPO alone) = {opt[1]:.4f}   lambd = 0.5, "
-          f"{base['iters']} steps each\n")
+    print(f"\nf_1* (SFT alone) = {opt[0]:.4f}   f_2* (DPO alone) = {opt[1]:.4f}   lambd = 0.5 (constrained: lambd = 0, "
+          f"budget_1 = {BUDGET_1}), {base['iters']} steps each\n")
     head = f"{'method':>10}  {'f_1':>7}  {'f_2':>7}  {'gap_1':>7}  {'gap_2':>7}  {'ideal dist':>10}  {'train s':>7}  {'x seq':>5}  {'peak MiB':>8}"
     print(head)
     print("-" * len(head))
@@ -131,9 +134,13 @@ def main(quick=False):
         row = dict(f_1=r["eval_loss_1"], f_2=r["eval_loss_2"], gap_1=g1, gap_2=g2, ideal_distance=math.hypot(g1, g2),
                    train_s=r["train_s"], time_vs_sequential=r["train_s"] / base["train_s"],
                    peak_memory_mb=r["peak_memory_mb"], steps=r["counts"])
+        if "budgets_held" in r:
+            row.update(budget_1=r["budget_1"], mu_1=r["mu_1"], budgets_held=r["budgets_held"])
         table[m] = row
         print(f"{m:>10}  {row['f_1']:7.4f}  {row['f_2']:7.4f}  {g1:7.4f}  {g2:7.4f}  {row['ideal_distance']:10.4f}  "
-              f"{row['train_s']:7.1f}  {row['time_vs_sequential']:5.2f}  {row['peak_memory_mb']:8.0f}")
+              f"{row['train_s']:7.1f}  {row['time_vs_sequential']:5.2f}  {row['peak_memory_mb']:8.0f}"
+              + (f"  (budget_1 {row['budget_1']} {'held' if row['budgets_held'] else 'NOT held'}, mu_1 {row['mu_1']:.2f}, "
+                 f"steps {'/'.join(map(str, row['steps'].values()))})" if "budgets_held" in row else ""))
     print("\nbehaviour: share of the held-out prompts (eval_gen_samples of each objective) answered, greedy, in the "
           "SFT format (UPPERCASE words), in it with the preferred '!', and exactly right")
     for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items()]:

@@ -198,35 +198,47 @@ def judge(policy, ref, tokenizer, prompts, answers, beta, rm=None):
     with as_model(policy, ref) as m:
         return beta * (lp - answer_logps(m, prompts, answers, pad))
 
-def evaluate(kind, policy, ref, tokenizer, examples, max_new_tokens=64, beta=0.1, rm=None, batch_size=32):
-    """(metrics, generations) of one objective on its tokenized eval examples. ref: the DPO
-    reference policy / KD teacher (a GPT, or 'self'; unused for sft); rm: (model, tokenizer) of
-    a reward model or None."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+def _sequences(tokenizer, examples):
+    """(prompts, reference answers without eos) of sft / kd examples."""
+    eos = tokenizer.eos_token_id
+    split = [split_example(e["input_ids"], e["labels"]) for e in examples]
+    return [p for p, _ in split], [r[:-1] if r[-1:] == [eos] else r for _, r in split]
+
+def _answers(policy, tokenizer, prompts, max_new_tokens, batch_size):
+    answers = greedy(policy, prompts, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size)
     dec = lambda t: tokenizer.decode(t, skip_special_tokens=True)
-    if kind == "dpo":
-        pairs = [(split_example(e["chosen_ids"], e["chosen_labels"]), split_example(e["rejected_ids"], e["rejected_labels"]))
-                 for e in examples]
-        prompts = [c[0] for c, _ in pairs]
-        chosen = [c[1][:-1] if c[1][-1:] == [eos] else c[1] for c, _ in pairs]
-        rejected = [r[1][:-1] if r[1][-1:] == [eos] else r[1] for _, r in pairs]
-    else:
-        split = [split_example(e["input_ids"], e["labels"]) for e in examples]
-        prompts = [p for p, _ in split]
-        refs = [r[:-1] if r[-1:] == [eos] else r for _, r in split]
-    answers = greedy(policy, prompts, max_new_tokens, eos, pad, batch_size)
-    gens = [{"prompt": dec(p), "output": dec(a)} for p, a in zip(prompts, answers)]
-    if kind == "sft":
-        for g, r in zip(gens, refs):
-            g["reference"] = dec(r)
-        return sft_metrics([g["output"] for g in gens], [g["reference"] for g in gens]), gens
+    return answers, [{"prompt": dec(p), "output": dec(a)} for p, a in zip(prompts, answers)]
+
+def _ref_answers(policy, ref, tokenizer, prompts, gens, max_new_tokens, batch_size):
     with as_model(policy, ref) as m:
-        ref_answers = greedy(m, prompts, max_new_tokens, eos, pad, batch_size)
+        ref_answers = greedy(m, prompts, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size)
     for g, a in zip(gens, ref_answers):
-        g["ref_output"] = dec(a)
-    if kind == "kd":
-        return kd_metrics(policy, ref, prompts, answers, ref_answers, pad), gens
-    # dpo: answers end with eos where the model ended them, as the preference data's do
+        g["ref_output"] = tokenizer.decode(a, skip_special_tokens=True)
+    return ref_answers
+
+def evaluate_sft(policy, ref, tokenizer, examples, max_new_tokens=64, keys=None, rm=None, batch_size=32):
+    prompts, refs = _sequences(tokenizer, examples)
+    _, gens = _answers(policy, tokenizer, prompts, max_new_tokens, batch_size)
+    for g, r in zip(gens, refs):
+        g["reference"] = tokenizer.decode(r, skip_special_tokens=True)
+    return sft_metrics([g["output"] for g in gens], [g["reference"] for g in gens]), gens
+
+def evaluate_kd(policy, ref, tokenizer, examples, max_new_tokens=64, keys=None, rm=None, batch_size=32):
+    prompts, _ = _sequences(tokenizer, examples)
+    answers, gens = _answers(policy, tokenizer, prompts, max_new_tokens, batch_size)
+    ref_answers = _ref_answers(policy, ref, tokenizer, prompts, gens, max_new_tokens, batch_size)
+    return kd_metrics(policy, ref, prompts, answers, ref_answers, tokenizer.pad_token_id), gens
+
+def evaluate_dpo(policy, ref, tokenizer, examples, max_new_tokens=64, keys=None, rm=None, batch_size=32):
+    eos, beta = tokenizer.eos_token_id, getattr(keys, "dpo_beta", 0.1)
+    pairs = [(split_example(e["chosen_ids"], e["chosen_labels"]), split_example(e["rejected_ids"], e["rejected_labels"]))
+             for e in examples]
+    prompts = [c[0] for c, _ in pairs]
+    chosen = [c[1][:-1] if c[1][-1:] == [eos] else c[1] for c, _ in pairs]
+    rejected = [r[1][:-1] if r[1][-1:] == [eos] else r[1] for _, r in pairs]
+    answers, gens = _answers(policy, tokenizer, prompts, max_new_tokens, batch_size)
+    ref_answers = _ref_answers(policy, ref, tokenizer, prompts, gens, max_new_tokens, batch_size)
+    # answers end with eos where the model ended them, as the preference data's do
     close = lambda a: a + [eos] if len(a) < max_new_tokens else a
     ours = judge(policy, ref, tokenizer, prompts, [close(a) for a in answers], beta, rm)
     theirs = judge(policy, ref, tokenizer, prompts, [close(a) for a in ref_answers], beta, rm)
@@ -234,6 +246,17 @@ def evaluate(kind, policy, ref, tokenizer, examples, max_new_tokens=64, beta=0.1
     pr = judge(policy, ref, tokenizer, prompts, [r + [eos] for r in rejected], beta, rm)
     return {"win_rate": win_rate(ours, theirs), "pref_accuracy": win_rate(pc, pr),
             "judge": "reward_model" if rm is not None else "implicit"}, gens
+
+def evaluate(kind, policy, ref, tokenizer, examples, max_new_tokens=64, beta=0.1, rm=None, batch_size=32):
+    """(metrics, generations) of one objective of kind `kind` (a name of objectives.KINDS) on its
+    tokenized eval examples, as its table entry says. ref: the reference policy / teacher (a GPT,
+    or 'self': the policy with its LoRA adapters off; unused for sft); rm: (model, tokenizer) of a
+    reward model or None; beta: the DPO implicit reward's."""
+    from objectives import KINDS, make
+    spec = KINDS[kind]
+    if spec.evaluate is None:
+        raise ValueError(f"objective kind {kind!r} has no behaviour metrics")
+    return spec.evaluate(policy, ref, tokenizer, examples, max_new_tokens, make(kind, dpo_beta=beta).cfg, rm, batch_size)
 
 # -----------------------------------------------------------------------------
 # train.py's eval_gen
@@ -258,12 +281,15 @@ def run(objectives, model, tokenizer, it, out_dir, samples=64, max_new_tokens=64
             ex = o.eval[:samples or None]
             if not ex:
                 continue
-            if o.kind != "sft" and o.ref is None:  # precompute_ref dropped the reference model
+            if o.kind.evaluate is None:
+                per[o.i] = {"skipped": f"objective kind {o.kind.name} has no behaviour metrics"}
+                continue
+            if o.kind.reference != "none" and not o.has_reference():  # precompute_ref dropped the reference model
                 per[o.i] = {"skipped": "no reference model in memory (precompute_ref)"}
                 continue
+            ref = "self" if o.ref_is_policy else o.ref
             with autocast:
-                m, gens = evaluate(o.kind, model, o.ref, tokenizer, ex, max_new_tokens,
-                                   getattr(o, "beta", 0.1), rm if o.kind == "dpo" else None)
+                m, gens = o.kind.evaluate(model, ref, tokenizer, ex, max_new_tokens, o.cfg, rm)
             per[o.i] = m
             flat.update({f"gen_{k}_{o.i}": v for k, v in m.items() if isinstance(v, float)})
             if master:

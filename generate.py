@@ -406,8 +406,9 @@ def main(argv):
     if run_cfg and "input_key" not in changed and c["objective"]:
         c["input_key"] = obj_key(run_cfg, "input_key", i) or c["input_key"]
     if run_cfg and "prompt_key" not in changed and c["objective"]:
-        kind = obj_key(run_cfg, "obj", i)
-        c["prompt_key"] = obj_key(run_cfg, "prompt_key" if kind == "dpo" else "input_key", i) or ""
+        from objectives import KINDS  # the key that holds a row's prompt, as the objective's kind says
+        kind = KINDS.get(obj_key(run_cfg, "obj", i))
+        c["prompt_key"] = obj_key(run_cfg, kind.prompt_key if kind else "input_key", i) or ""
     chat = c["apply_chat_template"].lower()
     if chat not in ("", "true", "false"):
         raise ValueError(f"apply_chat_template: {c['apply_chat_template']!r} is not '', true or false")

@@ -1,6 +1,8 @@
 """
-The bilevel data selector (SEAL / BiPOST): one logit per sample of the dataset to filter, indexed
-by the sample's stable original row id. train.py owns the loop; this file owns the logits.
+The bilevel data selector (SEAL / BiPOST, docs/algorithms.md §3): one logit per sample of the
+dataset to filter, indexed by the sample's stable original row id. This file owns the logits, the
+selection step (`Selection`: the step's forward, micro-batch accumulation and optimizer_step, as
+every method uses them) and the selection's outputs; train.py's loop calls it like any method.
 
 Problem: min_omega l_up(theta*(omega)) s.t. theta*(omega) in argmin_theta (1/N) sum_i w_i(omega) l_i(theta).
 Penalty form: min_{theta,omega} l_up(theta) + gamma [l_ft(theta, omega) - v(omega)], v(omega) = min_theta'
@@ -22,6 +24,8 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from step import optimizer_step
 
 ACTIVATIONS = ("softmax", "sigmoid")
 
@@ -197,3 +201,110 @@ def summary(selector, png_path=None, labels=None, bins=10):
         except ImportError:
             pass
     return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# method=select: one step of the selection and what it writes
+
+class Selection:
+    """the selection's state and step. up: the trusted objective (dataset_1), ft: the one whose rows
+    get weights (dataset_2); step: train.py's Step; params: the trainable parameters; c: the config
+    (selector_* keys, aux_*, upperlevel_*, select_ratio, max_norm, out_dir)."""
+
+    def __init__(self, c, up, ft, step, params, device, all_sum, sync_ctx, log=print, master=True):
+        self.c, self.up, self.ft, self.step, self.params = c, up, ft, step, params
+        self.all_sum, self.sync_ctx, self.log, self.master = all_sum, sync_ctx, log, master
+        self.selector, self.opt, self.aux, self.aux_opt = make(
+            [e["id"] for e in ft.train], c["selector_activation"], c["selector_learning_rate"], c["selector_algorithm"],
+            params, c["aux_learning_rate"], c["adam_betas"], device)
+        self.epoch = 0              # epochs of dataset_2 done: selector_epoch{e}.jsonl written
+
+    def state_dict(self):
+        return dict(state_dict(self.selector, self.opt, self.aux, self.aux_opt), sel_epoch=self.epoch)
+
+    def load_state_dict(self, st):
+        load_state_dict(st, self.selector, self.opt, self.aux, self.aux_opt)
+        self.epoch = st.get("sel_epoch", 0)
+
+    def _swap_aux(self):
+        """exchanges the trainable parameters' values with theta-hat's (penalty algorithm): the same
+        modules then compute l_i(theta-hat); under LoRA theta-hat is a second adapter, cheap in memory."""
+        with torch.no_grad():
+            for p, q in zip(self.params, self.aux):
+                tmp = p.detach().clone()
+                p.copy_(q)
+                q.copy_(tmp)
+
+    def _aux_steps(self, ft, n_ft):
+        """theta-hat <- theta-hat - Adam(grad of the selector-weighted noisy loss), aux_steps times, through
+        the step's accumulation and optimizer_step; returns the per-sample losses l_i(theta-hat) of each
+        micro-batch from the first of these steps (before its update)."""
+        ws, seen = self.step.world_size, None
+        self._swap_aux()
+        for _ in range(self.c["aux_steps"]):
+            losses = []
+            def loss_fn(m, outs):
+                (l_hat, _), = outs
+                losses.append(l_hat.detach())
+                w = self.selector.weights(ft[m]["ids"]).detach().to(l_hat.dtype)
+                return (w * l_hat).sum() / n_ft * ws
+            self.step.accumulate([[(self.ft, b, None)] for b in ft], sync_ctx=self.sync_ctx, loss_fn=loss_fn)
+            gnorm = optimizer_step(self.aux_opt, self.params, self.c["max_norm"])
+            if gnorm != gnorm or gnorm in (float("inf"), float("-inf")):
+                raise RuntimeError(f"non-finite gradient norm {gnorm} in theta-hat's step (selector_algorithm=penalty); "
+                                   f"its update was skipped")
+            seen = seen or losses
+        self._swap_aux()
+        return seen
+
+    def train(self):
+        """one selection step's forward and backward (theta's update is the loop's optimizer_step).
+        memory: one forward gives the trusted set's loss and the noisy set's per-sample losses; theta
+        and the selector logits both update from it. penalty: theta-hat takes aux_steps on the weighted
+        noisy loss first, and the logits follow sum_i grad w_i [l_i(theta) - l_i(theta-hat)] instead.
+        Returns ({1: (loss, stats)}, global token count), as Step.train's caller does."""
+        ws, sel = self.step.world_size, self.selector
+        rho = decayed_weight(self.c["upperlevel_weight"], self.c["upperlevel_weight_decay"], self.ft.loader.epoch)
+        up, ft = self.up.loader.next_step(), self.ft.loader.next_step()
+        n_up = self.all_sum(sum(len(b["ids"]) for b in up)).item()
+        n_ft = self.all_sum(sum(len(b["ids"]) for b in ft)).item()
+        hat = self._aux_steps(ft, n_ft) if self.c["selector_algorithm"] == "penalty" else None
+        total = 0.0
+        def loss_fn(m, outs):
+            nonlocal total
+            (l_up, _), (l_vec, _) = outs
+            up_loss = l_up.sum() / n_up * ws
+            loss_theta, loss_omega = memory_efficient_losses(sel, ft[m]["ids"], l_vec, up_loss, rho, n_ft / ws)
+            if hat is not None:
+                loss_omega = penalty_omega_loss(sel, ft[m]["ids"], l_vec, hat[m], n_ft / ws)
+            total += loss_theta.item()
+            return loss_theta + loss_omega
+        self.step.accumulate([[(self.up, a, None), (self.ft, b, None)] for a, b in zip(up, ft)],
+                             sync_ctx=self.sync_ctx, loss_fn=loss_fn)
+        tokens = sum(int((a["attention_mask"] > 0).sum() + (b["attention_mask"] > 0).sum()) for a, b in zip(up, ft))
+        sel.step(self.opt)
+        return {1: (self.all_sum(total).item() / ws, {"rho": rho})}, int(self.all_sum(tokens).item())
+
+    def after_step(self):
+        """selector.jsonl (and selector_epoch{e}.jsonl) when an epoch of dataset_2 has ended."""
+        if self.ft.loader.epoch != self.epoch:
+            self.epoch = self.ft.loader.epoch
+            self.save(self.epoch)
+
+    def save(self, epoch=None, final=False):
+        """selector.jsonl: the latest weights; selector_epoch{e}.jsonl: those after e epochs of dataset_2;
+        final: selected.jsonl, the kept rows, and the summary."""
+        if not self.master:
+            return
+        out_dir = self.c["out_dir"]
+        self.selector.save_jsonl(os.path.join(out_dir, "selector.jsonl"))
+        if epoch is not None:
+            self.selector.save_jsonl(os.path.join(out_dir, f"selector_epoch{epoch}.jsonl"))
+        if final:
+            rows = self.ft.rows
+            n = export_selected(rows, self.selector, self.c["select_ratio"], os.path.join(out_dir, "selected.jsonl"))
+            self.log(f"selected {n} of {len(rows)} rows of {self.ft.cfg.dataset} -> {out_dir}/selected.jsonl")
+            labels = {}
+            if self.c["selector_labels"]:
+                with open(self.c["selector_labels"]) as f:
+                    labels = {r["id"]: r["corrupted"] for r in map(json.loads, f) if r}
+            self.log(summary(self.selector, os.path.join(out_dir, "selector_weights.png"), labels or None))

@@ -1,28 +1,25 @@
 """
 One training step's computation: a forward of the policy over the rows of one or more objectives,
-each objective's loss from the hidden states (losses.py, through the model's head_fn), backward
-over the micro-steps, clipping and the optimizer update. train.py runs it and bench.py measures
-exactly this code. An objective is a namespace (see `objective`); train.py adds its data to it.
+each objective's loss from the hidden states (its kind's entry in objectives.py, through the
+model's head_fn), backward over the micro-steps, clipping and the optimizer update. train.py runs
+it and bench.py measures exactly this code. Also the reference log-probs computed once and cached
+on disk (precompute_ref).
 """
 import contextlib
+import hashlib
+import json
 import math
-from types import SimpleNamespace
+import os
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import losses as L
-from lora import disabled
+from lora import disabled, lora_parameters
 from model import needs_mask
-
-def objective(kind, ref=None, **kw):
-    """what the step needs of an objective: kind (sft | dpo | kd), the frozen reference / teacher
-    (a GPT, 'self' = the policy with its LoRA adapters off, None = from ref_cache), the cached
-    reference log-probs {row id: (chosen, rejected)}, and the loss options."""
-    o = SimpleNamespace(kind=kind, ref=ref, ref_cache=None, beta=0.1, label_smoothing=0.0, ipo=False, nll_coef=0.0,
-                        kd_loss="forward", kd_beta=0.5, kd_top_k=0, kd_temperature=1.0)
-    o.__dict__.update(kw)
-    return o
+from objectives import Part
 
 def pad_cat(batches, pad_id, device):
     """concatenates micro-batches (of different objectives) into one, rows right-padded to one
@@ -52,7 +49,7 @@ class Step:
         """hidden states, head weight and final logit soft-cap (0: none) of o's teacher / reference
         for rows x (no grad)."""
         with torch.no_grad(), self.autocast:
-            if o.ref == "self":
+            if o.ref_is_policy:
                 with disabled(self.raw_model):
                     return self.model(x["input_ids"], x["attention_mask"], x["position_ids"],
                                       head_fn=lambda h, w, softcap=0.0: (h, w.detach().clone(), softcap))
@@ -71,13 +68,8 @@ class Step:
         return L.sequence_logps(h, w, x["labels"], self.chunk_size, cap).chunk(2)
 
     def normalizers(self, o, micro_batches):
-        """global (all ranks, all micro-batches) token / pair counts of one objective's step."""
-        if o.kind == "dpo":
-            B = sum(sum(i is not None for i in b["ids"]) for b in micro_batches)
-            ct = sum(L.count_tokens(b["labels"][: b["labels"].shape[0] // 2]).item() for b in micro_batches)
-            c = self.all_sum([B, ct])
-            return {"pairs": c[0].item(), "chosen_tokens": max(c[1].item(), 1)}
-        return {"tokens": max(self.all_sum(sum(L.count_tokens(b["labels"]).item() for b in micro_batches)).item(), 1)}
+        """global (all ranks, all micro-batches) counts of one objective's step (tokens, pairs, ...)."""
+        return o.kind.count(micro_batches, self.all_sum)
 
     def losses(self, parts):
         """One forward of the policy over all parts' rows, parts = [(objective, micro-batch, norm)].
@@ -85,62 +77,38 @@ class Step:
         global-batch mean (sum / global count * world, as DDP/FSDP average gradients over ranks);
         with norm=None (sft/kd only) the per-sample mean losses [B] that the data selector weighs."""
         x = pad_cat([b for _, b, _ in parts], self.pad_id, self.device)
-        aux = []
+        refs = []
         for o, b, norm in parts:  # everything that needs no grad, before the policy forward
-            aux.append(self.reference_hidden(o, pad_cat([b], self.pad_id, self.device)) if o.kind == "kd"
-                       else self.ref_logps(o, b) if o.kind == "dpo" else None)
-        ws, cs = self.world_size, self.chunk_size
+            refs.append(self.reference_hidden(o, pad_cat([b], self.pad_id, self.device)) if o.kind.needs == "hidden"
+                        else self.ref_logps(o, b) if o.kind.needs == "logps" else None)
 
         def head(h, w, softcap=0.0):  # h (rows, T, C), w (V, C), the model's final logit soft-cap
             out, r = [], 0
-            for (o, b, norm), a in zip(parts, aux):
+            for (o, b, norm), ref in zip(parts, refs):
                 n, T = b["input_ids"].shape
-                hh, yy = h[r:r + n, :T], x["labels"][r:r + n, :T]
+                out.append(o.kind.loss(Part(o, h[r:r + n, :T], w, x["labels"][r:r + n, :T], b["ids"], ref, norm,
+                                            self.world_size, self.chunk_size, softcap)))
                 r += n
-                if o.kind == "dpo":
-                    tok = L.token_logps(hh, w, yy, cs, softcap=softcap)  # (2B, T)
-                    pc, pr = tok.sum(-1).chunk(2)
-                    rc, rr = (t.to(pc.dtype) for t in a)  # the cache is float64, the policy's float32 (or 64)
-                    losses, cr, rr = L.dpo_loss(pc, pr, rc, rr, o.beta, o.label_smoothing, o.ipo)
-                    if any(i is None for i in b["ids"]):  # eval fillers (id None) count for nothing
-                        real = torch.tensor([i is not None for i in b["ids"]], device=h.device)
-                        losses, cr, rr = losses * real, cr * real, rr * real
-                    loss = losses.sum() / norm["pairs"] * ws
-                    if o.nll_coef:
-                        loss = loss - o.nll_coef * tok[: n // 2].sum() / norm["chosen_tokens"] * ws
-                    st = torch.stack([(cr > rr).float().sum(), cr.sum(), rr.sum()])  # one host sync, later
-                    out.append((loss, {"acc": st[0], "chosen_reward": st[1], "rejected_reward": st[2]}))
-                    continue
-                uniform = norm is not None  # a token mean: the head's gradient can be taken in the forward
-                if o.kind == "kd":
-                    th, tw, tcap = a
-                    kd_stats = {} if o.kd_loss == "forward" and norm is not None else None
-                    tok = L.kd_token_losses(hh, w, th[:, :T], tw, yy, o.kd_loss, o.kd_beta, o.kd_top_k,
-                                            o.kd_temperature, cs, uniform, kd_stats, softcap, tcap)
-                    if kd_stats is not None:  # the loss is the cross-entropy H(p_T, p_S); kd_kl = it less H(p_T)
-                        kl = (tok.detach().sum() - kd_stats["teacher_entropy"]) / norm["tokens"] * ws
-                        out.append((tok.sum() / norm["tokens"] * ws, {"kd_kl": kl}))
-                        continue
-                else:
-                    tok = -L.token_logps(hh, w, yy, cs, uniform=uniform, softcap=softcap)
-                out.append((L.per_sample_mean(tok, yy) if norm is None else tok.sum() / norm["tokens"] * ws, {}))
             return out
 
         with self.autocast:
             return self.model(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=head)
 
-    def accumulate(self, micro_parts, weights, sync_ctx=None):
+    def accumulate(self, micro_parts, weights=None, sync_ctx=None, loss_fn=None):
         """the micro-steps of one optimizer step: micro_parts[m] = [(objective, micro-batch, norm)],
-        the same objectives in every micro-step, weights one per objective (mix: lambd_i).
-        Backward of the weighted sum per micro-step; sync_ctx(last) wraps each (no gradient
-        all-reduce before the last). Returns [(summed loss, summed stats)] per objective, tensors
-        on the device (no host sync inside the loop)."""
+        the same objectives in every micro-step. Backward per micro-step of loss_fn(m, outs), by
+        default the weighted sum of the objectives' losses (weights one per objective; mix: lambd_i);
+        sync_ctx(last) wraps each (no gradient all-reduce before the last). Returns, for the default
+        loss, [(summed loss, summed stats)] per objective, tensors on the device (no host sync
+        inside the loop); with a loss_fn of its own the caller keeps what it needs."""
         sync_ctx = sync_ctx or (lambda last: contextlib.nullcontext())
         totals = None
         for m, parts in enumerate(micro_parts):
             with sync_ctx(m == len(micro_parts) - 1):
                 outs = self.losses(parts)
-                sum(wt * l for wt, (l, _) in zip(weights, outs)).backward()
+                (loss_fn(m, outs) if loss_fn else sum(wt * l for wt, (l, _) in zip(weights, outs))).backward()
+            if loss_fn:
+                continue
             outs = [(l.detach(), st) for l, st in outs]
             totals = outs if totals is None else [
                 (tl + l, {k: tst[k] + v for k, v in st.items()}) for (tl, tst), (l, st) in zip(totals, outs)]
@@ -151,7 +119,7 @@ class Step:
         micro-batch per micro-step) with weight weights[j]. Returns [(global mean loss, stats)]."""
         norms = [self.normalizers(o, mb) for o, mb in zip(objectives, micro_batches)]
         micro = [[(o, mb[m], n) for o, mb, n in zip(objectives, micro_batches, norms)] for m in range(len(micro_batches[0]))]
-        return self.reduce(self.accumulate(micro, weights, sync_ctx), norms)
+        return self.reduce(objectives, self.accumulate(micro, weights, sync_ctx), norms)
 
     @torch.no_grad()
     def evaluate(self, o, batches):
@@ -163,17 +131,17 @@ class Step:
             (l, st), = self.losses([(o, b, norm)])
             totals = (l, st) if totals is None else (totals[0] + l, {k: totals[1][k] + v for k, v in st.items()})
         self.raw_model.train(was_training)
-        return self.reduce([totals], [norm])[0]
+        return self.reduce([o], [totals], [norm])[0]
 
-    def reduce(self, totals, norms):
+    def reduce(self, objectives, totals, norms):
         """[(loss, stats)] summed over micro-steps on this rank -> global means as floats:
-        the loss mean over ranks, DPO stats per pair. One all-reduce, one host sync."""
+        the loss mean over ranks, stats per pair where the kind says so. One all-reduce, one host sync."""
         flat = [v for l, st in totals for v in (l, *st.values())]
         v = (self.all_sum(torch.stack([torch.as_tensor(t, dtype=torch.float64, device=self.device) for t in flat]))
              / self.world_size).tolist()
         res, j = [], 0
-        for (l, st), norm in zip(totals, norms):
-            per = self.world_size / norm["pairs"] if "pairs" in norm else 1.0  # dpo: sums over pairs; kd_kl: a mean already
+        for o, (l, st), norm in zip(objectives, totals, norms):
+            per = self.world_size / norm[o.kind.stats_per] if o.kind.stats_per else 1.0  # dpo: sums over pairs; kd_kl: a mean already
             stats = {k: v[j + 1 + q] * per for q, k in enumerate(st)}
             res.append((v[j], stats))
             j += 1 + len(st)
@@ -192,3 +160,51 @@ def optimizer_step(optimizer, params, max_norm, lr=None):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return gnorm
+
+# -----------------------------------------------------------------------------
+# reference log-probs computed once (precompute_ref) and cached on disk: the reference model is then dropped
+
+def _gather(obj, world_size):
+    if world_size == 1:
+        return [obj]
+    parts = [None] * world_size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+def reference_digest(o, raw_model, identity, world_size=1):
+    """sha256 of everything o's cached log-probs depend on: the tokenized pairs (ids, tokens, prompt
+    masks), the reference weights (the policy's base under LoRA) and `identity` (the keys that shape
+    them: pretrain, ref_model, lora_rank, dtype, model_*)."""
+    h = hashlib.sha256(json.dumps(identity).encode())
+    for e in o.train + o.eval:
+        h.update(repr(e["id"]).encode())
+        for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
+            h.update(np.asarray(e[k], dtype=np.int64).tobytes() + b"|")  # a list's or a numpy view's ids alike
+    lora_names = {n for n, _ in lora_parameters(raw_model)}
+    sd = raw_model.state_dict() if o.ref_is_policy else o.ref.state_dict()
+    w = hashlib.sha256()
+    for k, v in sd.items():
+        if k not in lora_names:
+            v = v.to_local() if hasattr(v, "to_local") else v  # a shard under FSDP: all ranks' digests below
+            w.update(k.encode() + v.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    h.update("".join(_gather(w.hexdigest(), world_size)).encode())
+    return h.hexdigest()
+
+def cache_reference(step, o, out_dir, digest, batches, master=True, progress=lambda b, desc: b):
+    """o.ref_cache = {row id: (log pi_ref(chosen), log pi_ref(rejected))} over `batches` (every
+    rank runs the same number: a sharded policy forward is collective), read from or written to
+    out_dir/ref_logps_{i}_{digest}.pt. Returns the file's path."""
+    path = os.path.join(out_dir, f"ref_logps_{o.i}_{digest[:16]}.pt")
+    if os.path.exists(path):
+        o.ref_cache = torch.load(path, weights_only=True)
+        return path
+    cache = {}
+    for b in progress(batches, f"reference log-probs {o.i}"):
+        rc, rr = step.ref_logps(o, b)
+        cache.update({i: (c, r) for i, c, r in zip(b["ids"], rc.tolist(), rr.tolist()) if i is not None})
+    cache = {k: v for p in _gather(cache, step.world_size) for k, v in p.items()}
+    if master:
+        torch.save(cache, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    o.ref_cache = cache
+    return path

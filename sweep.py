@@ -30,18 +30,17 @@ import configurator
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(ROOT, "train.py")
-METHODS = ("sequential", "mix", "alright", "maxright")
-MARKERS = {"single": "*", "sequential": "s", "mix": "D", "alright": "o", "maxright": "^"}
+METHODS = ("sequential", "mix", "alright", "maxright", "constrained")
+MARKERS = {"single": "*", "sequential": "s", "mix": "D", "alright": "o", "maxright": "^", "constrained": "v"}
 
 def base_config(args):
-    """train.py's config after the config files and overrides in `args` (the header's defaults, as
-    train.py applies them), without running train.py."""
-    src = open(TRAIN).read()
-    scope = {}
-    exec(compile(src[: src.index("config_keys = ")], TRAIN, "exec"), scope)
-    cfg = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
-    configurator.apply(args, cfg, verbose=False, per_objective=scope["per_objective"])
-    return cfg
+    """train.py's config after the config files and overrides in `args`, checked by train.py itself
+    (`--print_config=True`: nothing is loaded or trained). A bad key is train.py's one-line error."""
+    p = subprocess.run([sys.executable, TRAIN, *args, "--print_config=True"], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        err = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        raise configurator.ConfigError(f"sweep: the base config: {err.removeprefix('error: ')}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 def simplex_grid(K, n):
     """every lambd on the simplex with coordinates in {0, 1/(n-1), ..., 1}, as tuples of floats."""
@@ -86,7 +85,9 @@ def launch(launcher, run_dir, args, extra):
 
 def run_all(args, methods, n, out_dir, launcher):
     """runs what is missing; returns ({name: summary}, {name: (method, lambd)}, failed names, K)."""
-    cfg = base_config(args)
+    # checked as its runs will be: the budgets of a constrained sweep, none for the other methods
+    cfg = base_config([*args, "--method=constrained"] if "constrained" in methods else
+                      [*args, *(f"--budget_{i}=-1.0" for i in range(1, configurator.MAX_OBJECTIVES + 1))])
     K = sum(bool(cfg[f"obj_{i}"]) for i in range(1, configurator.MAX_OBJECTIVES + 1))
     if K < 2:
         raise configurator.ConfigError("sweep: the base config trains one objective; set obj_2 (and obj_3, ...)")
@@ -99,6 +100,8 @@ def run_all(args, methods, n, out_dir, launcher):
             print(f"sweep: {name} finished before, skipped", flush=True)
         else:
             extra = [f"--method={'sequential' if method == 'single' else method}", f"--lambd={','.join(map(repr, w))}"]
+            if method != "constrained":  # a forgetting budget is constrained's alone
+                extra += [f"--budget_{i}=-1.0" for i in range(1, K + 1)]
             if method != "single":
                 opt = [done[f"single_{i}"][f"eval_loss_{i}"] for i in range(1, K + 1) if f"single_{i}" in done]
                 extra += [f"--obj_opt_{i}={v!r}" for i, v in enumerate(opt, 1)] if len(opt) == K else []

@@ -20,9 +20,10 @@ def free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-def run_train(out_dir, *args, nproc=1, check=True, base=TINY):
-    """runs train.py with `base` then `args` (under torchrun when nproc > 1); returns the CompletedProcess."""
-    cmd = [sys.executable, "train.py", *base, *args, f"--out_dir={out_dir}"]
+def run_train(out_dir, *args, nproc=1, check=True, base=TINY, script="train.py"):
+    """runs train.py (or a script that runs it) with `base` then `args` (under torchrun when nproc > 1);
+    returns the CompletedProcess."""
+    cmd = [sys.executable, script, *base, *args, f"--out_dir={out_dir}"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                "--master_addr=127.0.0.1", *cmd[1:]]

@@ -262,7 +262,8 @@ def test_final_softcap_in_the_step(kind, tmp_path):
     formulas on the model's full, capped logits (which match transformers: test_logits_match).
     A head_fn that cannot take the cap is refused, not run on uncapped logits."""
     import bench
-    from step import Step, objective
+    from objectives import make
+    from step import Step
     make_hf("gemma2_final_softcap", tmp_path)
     policy = GPT.from_pretrained(str(tmp_path), dtype=torch.float64)
     other = GPT.from_pretrained(str(tmp_path), dtype=torch.float64).requires_grad_(False)
@@ -274,7 +275,7 @@ def test_final_softcap_in_the_step(kind, tmp_path):
         policy(torch.randint(0, V, (1, 5)), head_fn=lambda h, w: h @ w.t())
     pairs = bench.random_pairs(3, 14, 5, V, torch.Generator().manual_seed(2))
     b = bench.dpo_batch(pairs, range(3)) if kind == "dpo" else bench.sft_batch(pairs, range(3))
-    o = objective(kind, ref=other, beta=0.5)
+    o = make(kind, ref=other, dpo_beta=0.5)
     step = Step(policy, policy, chunk_size=4)
     (loss, _), = step.losses([(o, b, step.normalizers(o, [b]))])
     y, keep = b["labels"], b["labels"] != -100

@@ -77,9 +77,11 @@ def test_demo_quick(tmp_path):
                        text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.load(open(os.path.join(ROOT, "out/demo_quick/demo.json")))
-    assert set(res["methods"]) == {"sequential", "mix", "alright", "maxright"}
+    assert set(res["methods"]) == {"sequential", "mix", "alright", "maxright", "constrained"}
     for row in res["methods"].values():
         assert abs(row["ideal_distance"] - (row["gap_1"] ** 2 + row["gap_2"] ** 2) ** 0.5) < 1e-9
+    c = res["methods"]["constrained"]  # the summary's verdict is the final gap against the budget
+    assert c["budget_1"] == 0.5 and c["budgets_held"] == (c["gap_1"] <= 0.5) and sum(c["steps"].values()) == 16
     k3 = res["k3"]  # K = 3 beside it: three methods, the distance to (f_1*, f_2*, f_3*) over three gaps
     assert set(k3["methods"]) == {"sequential", "alright", "maxright"} and k3["opt"][:2] == res["opt"]
     for row in k3["methods"].values():

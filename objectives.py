@@ -1,0 +1,233 @@
+"""
+The objective kinds, one table (docs/algorithms.md §1). Each entry says everything the rest of the
+code needs of a kind: how its rows are tokenized and collated, what it needs of a reference /
+teacher, its loss from the policy's hidden states, its per-objective config keys with defaults,
+how its global batch is counted, how evalgen judges it and which row key holds a prompt for
+generate.py. train.py, step.py, evalgen.py, generate.py and bench.py read the table; nothing
+else dispatches on a kind's name.
+
+Adding a kind: a loss function in losses.py, one `Kind(...)` in KINDS, and its tests.
+
+An objective (`Objective`) is one numbered objective of a run: its kind, its resolved keys, its
+data and loaders, and its reference (a frozen model, the policy with its LoRA adapters off, or
+cached log-probs).
+"""
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
+
+import torch
+
+import data as D
+import losses as L
+from configurator import ConfigError
+
+# -----------------------------------------------------------------------------
+# the keys every objective has: KEY is every objective's default, KEY_i sets objective i's alone
+
+COMMON_KEYS = dict(
+    dataset="",                 # hub id, file, folder, or comma-separated blend (dataset_i must be set)
+    dataset_probs="",
+    train_split="train",
+    eval_split="",              # a split name, or a separate file/folder; '' = a held-out slice of eval_frac
+    input_key="input",          # sft / kd rows
+    output_key="output",
+    prompt_key="prompt",        # pairwise rows
+    chosen_key="chosen",
+    rejected_key="rejected",
+    input_template="User: {}\nAssistant: ",
+    apply_chat_template=False,
+    max_len=512,
+    max_samples=0,              # 0 = all
+    eval_max_samples=1000,      # cap on the eval rows (the held-out slice or eval_split); 0 = no cap
+    obj_opt=-1.0,               # f_i* for maxright / constrained and the metrics (-1 = estimate it with a short run)
+    budget=-1.0,                # method=constrained: the largest gap f_i - f_i* objective i may end with (-1 = none)
+    ref_model="",               # reference / teacher ('' = the initial policy; the base model under LoRA)
+)
+
+# -----------------------------------------------------------------------------
+# the table's record
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    doc: str
+    keys: dict                  # its own per-objective keys and their defaults
+    tokenize: Callable          # (rows, source, keys, common tokenize kwargs) -> examples
+    collate: Callable           # (examples, pad_id, keys, packing) -> batch
+    count: Callable             # (micro-batches, all_sum) -> global counts the loss divides by
+    loss: Callable              # (Part) -> (loss, stats); Part.norm None: per-row losses [B]
+    reference: str = "none"     # none | initial (default: the initial policy) | required (a teacher must be named)
+    needs: str = ""             # what the step computes of the reference first: "" | "logps" (cacheable) | "hidden"
+    per_row: bool = False       # its loss can be given per row (the data selector weighs rows)
+    stats_per: str = ""         # the count its summed stats are divided by ("pairs"), '' = stats are means already
+    prompt_key: str = "input_key"  # the key naming a row's prompt (generate.py --objective)
+    evaluate: Optional[Callable] = None  # evalgen: (policy, ref, tokenizer, examples, max_new_tokens, keys, rm) -> (metrics, gens)
+    check: Callable = lambda i, c: None  # its keys' checks, before anything is loaded: raise ConfigError
+
+@dataclass
+class Part:
+    """one objective's rows in a step's forward, as its loss sees them."""
+    o: "Objective"
+    hidden: torch.Tensor        # (rows, T, C) policy hidden states
+    weight: torch.Tensor        # (V, C) output head
+    labels: torch.Tensor        # (rows, T), shifted, -100 where no loss
+    ids: list                   # row / pair ids (None: an eval filler that counts for nothing)
+    ref: Any                    # what the reference gave (kind.needs), or None
+    norm: Optional[dict]        # global counts (kind.count), or None for per-row losses
+    world_size: int
+    chunk_size: int
+    softcap: float
+
+@dataclass(eq=False)
+class Objective:
+    """objective i of a run. ref: a frozen reference / teacher model; ref_is_policy: the policy with
+    its LoRA adapters off is the reference; ref_cache: {row id: (chosen, rejected)} log-probs that
+    replace the reference model (precompute_ref)."""
+    i: int
+    kind: Kind
+    cfg: SimpleNamespace
+    train: list = field(default_factory=list)
+    eval: list = field(default_factory=list)
+    rows: Any = None            # the raw training rows (the selector exports them)
+    collate: Optional[Callable] = None
+    loader: Any = None
+    probe: Any = None           # a second loader over train: the fresh batches that re-evaluate a gap
+    ref: Optional[torch.nn.Module] = None
+    ref_is_policy: bool = False
+    ref_cache: Optional[dict] = None
+    opt: float = -1.0
+
+    def has_reference(self):
+        return self.ref is not None or self.ref_is_policy
+
+# -----------------------------------------------------------------------------
+# tokenizing, collating, counting
+
+def _tokenize_pairs(rows, source, c, common):
+    return D.tokenize_dpo(rows, prompt_key=c.prompt_key, chosen_key=c.chosen_key, rejected_key=c.rejected_key,
+                          source=source, **common)
+
+def _tokenize_sequences(rows, source, c, common):
+    return D.tokenize_sft(rows, input_key=c.input_key, output_key=c.output_key, source=source, **common)
+
+def _collate_pairs(examples, pad_id, c, packing):
+    return D.collate_dpo(examples, pad_id)
+
+def _collate_sequences(examples, pad_id, c, packing):
+    return D.collate_sft(examples, pad_id, packing=packing, max_len=c.max_len)
+
+def _count_tokens(micro_batches, all_sum):
+    return {"tokens": max(all_sum(sum(L.count_tokens(b["labels"]).item() for b in micro_batches)).item(), 1)}
+
+def _count_pairs(micro_batches, all_sum):
+    B = sum(sum(i is not None for i in b["ids"]) for b in micro_batches)
+    ct = sum(L.count_tokens(b["labels"][: b["labels"].shape[0] // 2]).item() for b in micro_batches)
+    c = all_sum([B, ct])
+    return {"pairs": c[0].item(), "chosen_tokens": max(c[1].item(), 1)}
+
+# -----------------------------------------------------------------------------
+# losses from hidden states (losses.py does the arithmetic)
+
+def _token_mean(p, tok):
+    """a token-level loss [rows, T]: this rank's share of the global token mean, or per-row means."""
+    if p.norm is None:
+        return L.per_sample_mean(tok, p.labels), {}
+    return tok.sum() / p.norm["tokens"] * p.world_size, {}
+
+def sft_part(p):
+    tok = -L.token_logps(p.hidden, p.weight, p.labels, p.chunk_size, uniform=p.norm is not None, softcap=p.softcap)
+    return _token_mean(p, tok)
+
+def dpo_part(p):
+    c = p.o.cfg
+    n = p.hidden.shape[0]
+    tok = L.token_logps(p.hidden, p.weight, p.labels, p.chunk_size, softcap=p.softcap)  # (2B, T)
+    pc, pr = tok.sum(-1).chunk(2)
+    rc, rr = (t.to(pc.dtype) for t in p.ref)  # the cache is float64, the policy's float32 (or 64)
+    losses, cr, rr = L.dpo_loss(pc, pr, rc, rr, c.dpo_beta, c.dpo_label_smoothing, c.dpo_ipo)
+    if any(i is None for i in p.ids):  # eval fillers (id None) count for nothing
+        real = torch.tensor([i is not None for i in p.ids], device=p.hidden.device)
+        losses, cr, rr = losses * real, cr * real, rr * real
+    loss = losses.sum() / p.norm["pairs"] * p.world_size
+    if c.dpo_nll_loss_coef:
+        loss = loss - c.dpo_nll_loss_coef * tok[: n // 2].sum() / p.norm["chosen_tokens"] * p.world_size
+    st = torch.stack([(cr > rr).float().sum(), cr.sum(), rr.sum()])  # one host sync, later
+    return loss, {"acc": st[0], "chosen_reward": st[1], "rejected_reward": st[2]}
+
+def kd_part(p):
+    c, (th, tw, tcap) = p.o.cfg, p.ref
+    T = p.hidden.shape[1]
+    stats = {} if c.kd_loss == "forward" and p.norm is not None else None
+    tok = L.kd_token_losses(p.hidden, p.weight, th[:, :T], tw, p.labels, c.kd_loss, c.kd_beta, c.kd_top_k,
+                            c.kd_temperature, p.chunk_size, p.norm is not None, stats, p.softcap, tcap)
+    if stats is not None:  # the loss is the cross-entropy H(p_T, p_S); kd_kl = it less H(p_T)
+        kl = (tok.detach().sum() - stats["teacher_entropy"]) / p.norm["tokens"] * p.world_size
+        return tok.sum() / p.norm["tokens"] * p.world_size, {"kd_kl": kl}
+    return _token_mean(p, tok)
+
+# -----------------------------------------------------------------------------
+# per-kind checks of the config keys
+
+def _check(cond, msg):
+    if not cond:
+        raise ConfigError(msg)
+
+def _check_dpo(i, c):
+    _check(c.dpo_beta > 0, f"config key dpo_beta_{i} (or dpo_beta) must be > 0, got {c.dpo_beta}")
+    _check(0 <= c.dpo_label_smoothing < 0.5, f"config key dpo_label_smoothing_{i} (or dpo_label_smoothing) must lie in "
+           f"[0, 0.5), got {c.dpo_label_smoothing}")
+
+def _check_kd(i, c):
+    _check(c.kd_loss in L.KD_KINDS, f"config key kd_loss_{i} (or kd_loss): {c.kd_loss!r} is not one of {', '.join(L.KD_KINDS)}")
+    _check(c.kd_top_k >= 0, f"config key kd_top_k_{i} (or kd_top_k) must be >= 0 (0 = the full vocabulary), got {c.kd_top_k}")
+    _check(c.kd_top_k == 0 or c.kd_loss == "forward", f"config key kd_top_k_{i}={c.kd_top_k} needs kd_loss_{i}=forward, "
+           f"got {c.kd_loss!r}")
+    _check(c.kd_loss != "jsd" or 0 < c.kd_beta < 1, f"config key kd_beta_{i} (or kd_beta): jsd needs 0 < kd_beta < 1, got {c.kd_beta}")
+    _check(c.kd_temperature > 0, f"config key kd_temperature_{i} (or kd_temperature) must be > 0, got {c.kd_temperature}")
+
+def _evaluate(name):
+    def run(*a, **kw):
+        import evalgen  # generation machinery, loaded when a run judges what the model says
+        return getattr(evalgen, name)(*a, **kw)
+    return run
+
+# -----------------------------------------------------------------------------
+# the table
+
+KINDS = {k.name: k for k in [
+    Kind("sft", "supervised fine-tuning: the mean negative log-likelihood of the response tokens",
+         keys={}, tokenize=_tokenize_sequences, collate=_collate_sequences, count=_count_tokens, loss=sft_part,
+         per_row=True, evaluate=_evaluate("evaluate_sft")),
+    Kind("dpo", "direct preference optimization on (prompt, chosen, rejected) pairs against a frozen reference",
+         keys=dict(dpo_beta=0.1, dpo_ipo=False, dpo_label_smoothing=0.0, dpo_nll_loss_coef=0.0),
+         tokenize=_tokenize_pairs, collate=_collate_pairs, count=_count_pairs, loss=dpo_part,
+         reference="initial", needs="logps", stats_per="pairs", prompt_key="prompt_key",
+         evaluate=_evaluate("evaluate_dpo"), check=_check_dpo),
+    Kind("kd", "knowledge distillation: a divergence from a teacher's next-token distribution on the response tokens",
+         keys=dict(kd_loss="forward", kd_beta=0.5, kd_top_k=0, kd_temperature=1.0),  # kd_loss: forward | reverse | jsd; kd_beta: jsd mixing; kd_top_k 0 = full vocabulary
+         tokenize=_tokenize_sequences, collate=_collate_sequences, count=_count_tokens, loss=kd_part,
+         reference="required", needs="hidden", per_row=True, evaluate=_evaluate("evaluate_kd"), check=_check_kd),
+]}
+
+def per_objective_keys():
+    """every per-objective key with its default: the common ones, then each kind's."""
+    keys = dict(COMMON_KEYS)
+    for k in KINDS.values():
+        keys.update(k.keys)
+    return keys
+
+def kind(name, key="obj"):
+    """the Kind named `name`, or a ConfigError naming the key and the known kinds."""
+    if name not in KINDS:
+        raise ConfigError(f"config key {key}: {name!r} is not one of {', '.join(KINDS)}")
+    return KINDS[name]
+
+def make(kind_name, i=1, ref=None, ref_is_policy=False, **keys):
+    """an Objective outside a run (tests, bench): kind_name's keys at their defaults but for `keys`."""
+    cfg = dict(per_objective_keys())
+    unknown = set(keys) - set(cfg)
+    if unknown:
+        raise TypeError(f"unknown objective keys {sorted(unknown)}")
+    cfg.update(keys)
+    return Objective(i=i, kind=kind(kind_name), cfg=SimpleNamespace(**cfg), ref=ref, ref_is_policy=ref_is_policy)

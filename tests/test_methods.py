@@ -1,0 +1,146 @@
+"""The methods and the objective kinds as one place each: every method gives, to the bit, the draws
+and losses of the code before they moved into methods.py / objectives.py / selector.py; a kind added
+inside a test (a loss function and a table entry) trains next to SFT; the constrained method (a
+forgetting budget) against a hand-worked multiplier sequence, across resume and ranks; every bad
+config key refused before anything is loaded."""
+import json
+import os
+import random
+
+import pytest
+
+import methods
+from helpers import ROOT, metrics, refused, resume_after_cut, run_train
+
+BEFORE = json.load(open(os.path.join(ROOT, "tests", "data", "methods_before.json")))
+
+@pytest.mark.parametrize("case", sorted(BEFORE))
+def test_same_draws_and_losses_as_before(tmp_path, case):
+    """tests/data/methods_before.json holds every train and eval line (picks, losses, stats, token
+    counts, maxright's weighted gaps, the selector's final weights) of these runs, written by the
+    code at commit 819404b, before the methods and kinds moved into their own modules. float64: the
+    same sums in the same order give the same bits, so the comparison is exact equality."""
+    want = BEFORE[case]
+    run_train(tmp_path, *want["args"])
+    drop = lambda lines, keys: [{k: v for k, v in l.items() if k not in keys} for l in lines]
+    assert drop(metrics(tmp_path), ("elapsed_s", "lr", "kind")) == want["train"]
+    assert drop(metrics(tmp_path, "eval"), ("elapsed_s", "kind")) == want["eval"]
+    if "selector" in want:
+        with open(tmp_path / "selector.jsonl") as f:
+            assert [json.loads(l) for l in f] == want["selector"]
+
+# -----------------------------------------------------------------------------
+# a new kind: a loss function and one table entry, nothing else
+
+TOY_KIND = '''
+import dataclasses, runpy, sys
+sys.path.insert(0, {root!r})
+import torch.nn.functional as F
+import objectives
+
+def plain_sft_part(p):
+    """toy_scale x the SFT token mean from full [rows, T, V] logits (no chunked head); a stat
+    counts its calls, so the log shows this function ran."""
+    logits = (p.hidden @ p.weight.T).double()
+    nll = F.cross_entropy(logits.flatten(0, 1), p.labels.flatten(), ignore_index=-100, reduction="sum")
+    return p.o.cfg.toy_scale * nll / p.norm["tokens"] * p.world_size, {{"toy_calls": nll.new_ones(())}}
+
+objectives.KINDS["toy"] = dataclasses.replace(objectives.KINDS["sft"], name="toy", doc="plain sft",
+                                              keys=dict(toy_scale=1.0), loss=plain_sft_part, per_row=False)
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path({train!r}, run_name="__main__")
+'''
+
+def test_a_kind_added_in_a_test_trains_with_alright_next_to_sft(tmp_path):
+    """objective 2 of kind 'toy' (a loss function and a table entry, registered by a wrapper script
+    before train.py runs) against the same run with objective 2 of kind sft on the same rows: the
+    same ALRIGHT draws and, step for step, the same losses (its plain full-logit cross-entropy is
+    the chunked SFT loss's independent reference), its own stat logged on its steps; its key
+    toy_scale_2=3 triples its loss (eval at iteration 0, before any update)."""
+    script = tmp_path / "toy_train.py"
+    script.write_text(TOY_KIND.format(root=ROOT, train=os.path.join(ROOT, "train.py")))
+    args = ["--obj_2=toy", "--dataset_2=data/toy_sft.jsonl", "--eval_split_2=data/toy_sft_eval.jsonl",
+            "--method=alright", "--lambd=0.5", "--max_iters=8", "--train_batch_size=4", "--micro_train_batch_size=2",
+            "--dtype=float64", "--eval_interval=4"]
+    run_train(tmp_path / "toy", *args, script=str(script))
+    run_train(tmp_path / "sft", *args, "--obj_2=sft", script=str(script))
+    a, b = metrics(tmp_path / "toy"), metrics(tmp_path / "sft")
+    assert [l["obj"] for l in a] == [l["obj"] for l in b] == methods.alright_draws(42, (0.5, 0.5), 8)
+    assert {1, 2} <= {l["obj"] for l in a}
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-9 * abs(y["loss"]), (x, y)
+        assert x.get("toy_calls") == (2.0 if x["obj"] == 2 else None)  # 2 micro-steps
+    for x, y in zip(metrics(tmp_path / "toy", "eval"), metrics(tmp_path / "sft", "eval")):
+        assert abs(x["eval_loss_2"] - y["eval_loss_2"]) <= 1e-9 and abs(x["eval_loss_1"] - y["eval_loss_1"]) <= 1e-9
+    run_train(tmp_path / "scaled", *args, "--toy_scale_2=3", "--max_iters=1", script=str(script))
+    x, y = metrics(tmp_path / "scaled", "eval")[0], metrics(tmp_path / "sft", "eval")[0]
+    assert x["iter"] == y["iter"] == 0 and abs(x["eval_loss_2"] - 3 * y["eval_loss_2"]) <= 1e-9
+
+# -----------------------------------------------------------------------------
+# constrained: a forgetting budget by primal-dual updates
+
+def test_multiplier_update_by_hand():
+    """budget 0.1 on objective 1, dual_lr 0.5, lambd (0.2, 0.8), gaps re-evaluated every 2 steps as
+    0.5, 0.3, 0.0, -0.5: mu = 0.2, 0.3, 0.25, 0 (0.25 - 0.3 clipped at 0), and each step draws
+    objective 1 with probability (0.2 + mu) / (1 + mu), from the run's own seeded generator."""
+    m = methods.make("constrained", (0.2, 0.8), 8, seed=7, interval=2, budgets={1: 0.1}, dual_lr=0.5)
+    gaps = iter([0.5, 0.3, 0.0, -0.5])
+    mus, picks = [], []
+    for it in range(8):
+        picks += m.pick(it, lambda i: next(gaps) if i == 1 else pytest.fail("an unconstrained gap was evaluated"))
+        mus.append(m.mu[1])
+        m.update(picks[-1], 123.0)  # between re-evaluations: the logged gap follows training, mu does not move
+    want_mu = [0.2, 0.2, 0.3, 0.3, 0.25, 0.25, 0.0, 0.0]
+    assert mus == pytest.approx(want_mu, abs=1e-15)
+    r = random.Random(7)
+    want = [1 if r.random() < (0.2 + mu) / (1 + mu) else 2 for mu in want_mu]
+    assert picks == want
+    assert methods.constrained_probs((0.2, 0.8), {1: 0.2}) == pytest.approx([0.4 / 1.2, 0.8 / 1.2])
+    assert methods.dual_update({1: 0.0, 3: 1.0}, {1: 0.4, 3: 0.0}, {1: 0.1, 3: 0.5}, 2.0) == pytest.approx({1: 0.6, 3: 0.0})
+
+CONSTRAINED = ["--method=constrained", "--budget_1=0.05", "--lambd=0.2", "--dual_lr=2", "--maxright_interval=2",
+               "--opt_estimate_iters=2", "--train_batch_size=4", "--micro_train_batch_size=2", "--max_iters=6",
+               "--dtype=float64"]
+
+def test_constrained_logs_resumes_and_splits_exactly(tmp_path):
+    """the train lines carry the gap and multiplier behind each choice, the summary each budget and
+    whether it held; a run cut after its checkpoint at 4 resumes to the same lines (multipliers,
+    draws, losses) to the bit; 2 ranks give the 1-process losses and multipliers."""
+    run_train(tmp_path / "a", *CONSTRAINED, "--save_interval=2")
+    lines = metrics(tmp_path / "a")
+    assert all("mu_1" in l and "g_1" in l and "mu_2" not in l for l in lines)
+    assert any(l["mu_1"] > 0 for l in lines)
+    summary = json.load(open(tmp_path / "a" / "summary.json"))
+    assert summary["budget_1"] == 0.05 and summary["budgets_held"] == (summary["eval_loss_1"] - summary["opt"]["1"] <= 0.05)
+    resume_after_cut(tmp_path / "a", tmp_path / "cut", [*CONSTRAINED, "--save_interval=2"], "iter_0000006")
+    drop = lambda ls: [{k: v for k, v in l.items() if k != "elapsed_s"} for l in ls]
+    assert drop(metrics(tmp_path / "cut")) == drop(lines)
+    run_train(tmp_path / "ddp", *CONSTRAINED, nproc=2)
+    for x, y in zip(lines, metrics(tmp_path / "ddp")):
+        assert x["obj"] == y["obj"] and abs(x["loss"] - y["loss"]) <= 1e-5 and abs(x["mu_1"] - y["mu_1"]) <= 1e-5
+
+# -----------------------------------------------------------------------------
+# every refusal before anything is loaded
+
+@pytest.mark.parametrize("arg,words", [
+    (["--obj_2=kd", "--ref_model_2=/no/such/teacher", "--kd_loss_2=backward"], ["kd_loss_2", "'backward'"]),
+    (["--obj_2=kd", "--ref_model_2=/no/such/teacher", "--kd_top_k=5", "--kd_loss=jsd"], ["kd_top_k_2"]),
+    (["--obj_2=kd"], ["ref_model_2", "teacher"]),
+    (["--method=select", "--obj_2=sft", "--selector_algorithm=fast"], ["selector_algorithm", "'fast'"]),
+    (["--method=select"], ["method=select", "per-row"]),
+    (["--method=constrained"], ["budget_i", "method=constrained"]),
+    (["--budget_1=0.1"], ["budget_1", "method=constrained"]),
+    (["--dpo_beta=-0.1"], ["dpo_beta_2", "> 0"]),
+    (["--dpo_label_smoothing_2=0.5"], ["dpo_label_smoothing_2"]),
+    (["--eval_frac=1.5"], ["eval_frac"]),
+    (["--max_len_1=0"], ["max_len_1"]),
+    (["--max_norm=-1"], ["max_norm"]),
+    (["--warmup_ratio=2"], ["warmup_ratio"]),
+])
+def test_every_refusal_comes_before_loading(tmp_path, arg, words):
+    """the datasets and the model do not exist: a check that ran after loading would fail on them
+    first. The refusal names the key, and out_dir is not even made."""
+    p = run_train(tmp_path / "out", "--dataset_1=/no/such/data.jsonl", "--dataset_2=/no/such/pairs.jsonl",
+                  "--pretrain=/no/such/model", *arg, check=False)
+    refused(p, *words)
+    assert not os.path.exists(tmp_path / "out")
