@@ -187,7 +187,7 @@ def check(c, per_objective, world_size=1):
     _require(c["selector_activation"] in ("softmax", "sigmoid"),
              f"config key selector_activation: {c['selector_activation']!r} is not softmax or sigmoid")
     if method == "select":
-        _require(K == 2 and all(objectives.KINDS[k].per_row for k in kinds), "method=select needs obj_1 and obj_2 of a kind "
+        _require(K == 2 and all(objectives.KINDS[k].per_row for k in kinds), "method=select needs obj_1 and obj_2 of kinds "
                  f"with per-row losses ({', '.join(k for k, v in objectives.KINDS.items() if v.per_row)}) and no obj_3: "
                  f"dataset_1 is the trusted set, dataset_2 the one to filter")
         _require(not c["packing"], "config keys method=select and packing=True: the selector weighs each document's "

@@ -18,6 +18,7 @@ Conventions used everywhere below:
 import contextlib
 import functools
 import json
+import math
 import os
 import random
 
@@ -158,6 +159,13 @@ class Rows:
     def __iter__(self):
         for name, src, idx, ids in self.parts:
             yield from _take(name, src, idx, ids)
+
+    def first(self):
+        """the first row, or None: reads that row alone."""
+        for name, src, idx, ids in self.parts:
+            if len(idx):
+                return _take(name, src, idx[:1], ids[:1])[0]
+        return None
 
 def _held(n, k):
     # k of a source's n row indices, spread evenly over it and independent of the seed,
@@ -427,29 +435,63 @@ def _dpo_texts(tokenizer, row, where, prompt_key, chosen_key, rejected_key, temp
     return p, c, r
 
 SFT_FIELDS, DPO_FIELDS = ("input_ids", "labels"), ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
+FLOAT_FIELDS = ("weight",)  # per-row numbers kept as one-element sequences beside the token fields
 
-def _sft_rows(rows, tokenizer, max_len, source, **keys):
+def _weight(row, key, where):
+    """a row's weight (weight_key): a finite number >= 0."""
+    if key not in row:
+        raise ConfigError(f"{where}: missing key {key!r} (the row weight named by weight_key; keys present: {_keys(row)})")
+    w = row[key]
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise ConfigError(f"{where}: field {key!r} (the row weight) must be a finite number >= 0, found {w!r}")
+    return [float(w)]
+
+def _label(row, key, where):
+    """a KTO row's label (label_key): true = a desirable completion, false = an undesirable one."""
+    if key not in row:
+        raise ConfigError(f"{where}: missing key {key!r} (the KTO label; keys present: {_keys(row)})")
+    if not isinstance(row[key], bool):
+        raise ConfigError(f"{where}: field {key!r} (the KTO label) must be true or false, found {row[key]!r}")
+    return [int(row[key])]
+
+def _scalars(rows, source, weight_key, label_key):
+    """{field: value} of each row's weight / label, as the tokenized example carries them."""
+    out = []
+    for i, row in enumerate(rows):
+        where, x = _where(source, row, i), {}
+        if weight_key:
+            x["weight"] = _weight(row, weight_key, where)
+        if label_key:
+            x["desirable"] = _label(row, label_key, where)
+        out.append(x)
+    return out
+
+def _extra_fields(weight_key, label_key):
+    return (("weight",) if weight_key else ()) + (("desirable",) if label_key else ())
+
+def _sft_rows(rows, tokenizer, max_len, source, weight_key="", label_key="", **keys):
     """[(example or None when dropped, prompt length, truncated)] per row: the SFT tokenizing step."""
     texts = [_sft_texts(tokenizer, row, _where(source, row, i), **keys) for i, row in enumerate(rows)]
     P, R = _encode(tokenizer, [p for p, _ in texts], [r for _, r in texts])
     res = []
-    for i, (row, p, r) in enumerate(zip(rows, P, R)):
+    for i, (row, p, r, x) in enumerate(zip(rows, P, R, _scalars(rows, source, weight_key, label_key))):
         ex = _example(p, r, max_len)
-        res.append((None if ex is None else {"id": row.get("_id", i), "input_ids": ex[0], "labels": ex[1]},
+        res.append((None if ex is None else {"id": row.get("_id", i), "input_ids": ex[0], "labels": ex[1], **x},
                     len(p), ex is not None and ex[2]))
     return res
 
-def _dpo_rows(rows, tokenizer, max_len, source, **keys):
+def _dpo_rows(rows, tokenizer, max_len, source, weight_key="", **keys):
     """[(example or None when dropped, prompt length, truncated)] per row: the DPO tokenizing step."""
     texts = [_dpo_texts(tokenizer, row, _where(source, row, i), **keys) for i, row in enumerate(rows)]
+    extra = _scalars(rows, source, weight_key, "")
     P, C = _encode(tokenizer, [t[0] for t in texts], [t[1] for t in texts])
     _, R = _encode(tokenizer, [], [t[2] for t in texts])
     res = []
-    for i, (row, p, c, r) in enumerate(zip(rows, P, C, R)):
+    for i, (row, p, c, r, x) in enumerate(zip(rows, P, C, R, extra)):
         ec, er = _example(p, c, max_len), _example(p, r, max_len)
         keep = ec is not None and er is not None
         res.append(({"id": row.get("_id", i), "chosen_ids": ec[0], "chosen_labels": ec[1],
-                     "rejected_ids": er[0], "rejected_labels": er[1]} if keep else None,
+                     "rejected_ids": er[0], "rejected_labels": er[1], **x} if keep else None,
                     len(p), keep and (ec[2] or er[2])))
     return res
 
@@ -478,7 +520,7 @@ def _map_part(part, per_row, fields, num_proc, verbose):
     V = datasets.Value
     features = datasets.Features({"id": V("string" if ids and isinstance(ids[0], str) else "int64"), "kept": V("bool"),
                                   "prompt_len": V("int64"), "truncated": V("bool"),
-                                  **{f: datasets.Sequence(V("int64")) for f in fields}})
+                                  **{f: datasets.Sequence(V("float64" if f in FLOAT_FIELDS else "int64")) for f in fields}})
     was_off = datasets.are_progress_bars_disabled()
     if not verbose or len(idx) < 50_000:  # a bar only where tokenizing takes a while
         datasets.disable_progress_bars()
@@ -519,7 +561,7 @@ def _tokenize(rows, per_row, fields, source, max_len, verbose, num_proc):
     return out
 
 def tokenize_sft(rows, tokenizer, max_len, input_key="input", output_key="output", template="User: {}\nAssistant: ",
-                 apply_chat_template=False, system_key="", source="", verbose=False, num_proc=0):
+                 apply_chat_template=False, system_key="", source="", verbose=False, num_proc=0, weight_key="", label_key=""):
     """SFT/KD examples {"id", "input_ids", "labels"}. A row is either input/output strings (the
     prompt is template with {} = input, or the chat template when apply_chat_template; the
     system_key field, when given, goes first: as a system message, or as a line before the
@@ -529,14 +571,16 @@ def tokenize_sft(rows, tokenizer, max_len, input_key="input", output_key="output
     leaves no room for a response token are dropped (an error when that leaves nothing; no rows
     in, no examples out). source names the data in messages and in the verbose counts.
     rows: a list of dicts, or a Rows (load_splits(lazy=True)), tokenized with datasets' map
-    (cached, num_proc processes)."""
+    (cached, num_proc processes). weight_key: the column of each row's weight (example "weight",
+    [w]); label_key: the column of a KTO row's label (example "desirable", [0 or 1])."""
     keys = dict(input_key=input_key, output_key=output_key, template=template,
-                apply_chat_template=apply_chat_template, system_key=system_key)
+                apply_chat_template=apply_chat_template, system_key=system_key, weight_key=weight_key, label_key=label_key)
     per_row = functools.partial(_sft_rows, tokenizer=tokenizer, max_len=max_len, source=source, **keys)
-    return _tokenize(rows, per_row, SFT_FIELDS, source, max_len, verbose, num_proc)
+    return _tokenize(rows, per_row, SFT_FIELDS + _extra_fields(weight_key, label_key), source, max_len, verbose, num_proc)
 
 def tokenize_dpo(rows, tokenizer, max_len, prompt_key="prompt", chosen_key="chosen", rejected_key="rejected",
-                 template="User: {}\nAssistant: ", apply_chat_template=False, source="", verbose=False, num_proc=0):
+                 template="User: {}\nAssistant: ", apply_chat_template=False, source="", verbose=False, num_proc=0,
+                 weight_key=""):
     """DPO examples {"id", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}. A row is
     - prompt/chosen/rejected strings: the prompt is rendered as in tokenize_sft;
     - chosen and rejected message lists: the prompt is every message but the last (the two lists
@@ -545,9 +589,42 @@ def tokenize_dpo(rows, tokenizer, max_len, prompt_key="prompt", chosen_key="chos
       dialogues; the prompt is their longest shared prefix cut after its last "Assistant:", used
       as is (no template). Truncation, dropping and rows (a list or a Rows) as in tokenize_sft, per pair."""
     keys = dict(prompt_key=prompt_key, chosen_key=chosen_key, rejected_key=rejected_key, template=template,
-                apply_chat_template=apply_chat_template)
+                apply_chat_template=apply_chat_template, weight_key=weight_key)
     per_row = functools.partial(_dpo_rows, tokenizer=tokenizer, max_len=max_len, source=source, **keys)
-    return _tokenize(rows, per_row, DPO_FIELDS, source, max_len, verbose, num_proc)
+    return _tokenize(rows, per_row, DPO_FIELDS + _extra_fields(weight_key, ""), source, max_len, verbose, num_proc)
+
+def _split_prompt(ids, labels):
+    """(prompt ids, completion ids) of a tokenized example: the completion starts where the labels do."""
+    start = next(t for t, y in enumerate(labels) if y != -100) + 1
+    return list(ids[:start]), list(ids[start:])
+
+def tokenize_kto(rows, tokenizer, max_len, prompt_key="prompt", completion_key="completion", label_key="label",
+                 chosen_key="chosen", rejected_key="rejected", template="User: {}\nAssistant: ", apply_chat_template=False,
+                 source="", verbose=False, num_proc=0, weight_key=""):
+    """KTO examples, laid out as pairs: "chosen_*" the row (prompt + completion + eos, tokenized as
+    tokenize_sft), "rejected_*" its mismatched row for the reference point z0 (its prompt with the
+    next example's completion, cycled), "desirable" [0 or 1]. Unpaired rows {prompt, completion,
+    label}; a set whose first row has chosen / rejected and no completion is read as pairs, each
+    pair giving a desirable row (id "<id>/chosen") and an undesirable one ("<id>/rejected")."""
+    first = rows.first() if isinstance(rows, Rows) else (rows[0] if len(rows) else None)
+    common = dict(template=template, apply_chat_template=apply_chat_template, source=source, verbose=verbose,
+                  num_proc=num_proc, weight_key=weight_key)
+    if first is not None and completion_key not in first and chosen_key in first and rejected_key in first:
+        singles = []
+        for e in tokenize_dpo(rows, tokenizer, max_len, prompt_key, chosen_key, rejected_key, **common):
+            x = {"weight": e["weight"]} if weight_key else {}
+            for side, good in (("chosen", 1), ("rejected", 0)):
+                singles.append({"id": f"{e['id']}/{side}", "input_ids": e[f"{side}_ids"], "labels": e[f"{side}_labels"],
+                                "desirable": [good], **x})
+    else:
+        singles = tokenize_sft(rows, tokenizer, max_len, prompt_key, completion_key, label_key=label_key, **common)
+    parts = [_split_prompt(e["input_ids"], e["labels"]) for e in singles]
+    out = []
+    for j, e in enumerate(singles):
+        kl = _example(parts[j][0], parts[(j + 1) % len(parts)][1], max_len)  # a prompt that kept its own answer fits
+        out.append({"id": e["id"], "chosen_ids": e["input_ids"], "chosen_labels": e["labels"], "rejected_ids": kl[0],
+                    "rejected_labels": kl[1], "desirable": e["desirable"], **({"weight": e["weight"]} if weight_key else {})})
+    return out
 
 # -----------------------------------------------------------------------------
 # collating
@@ -569,6 +646,11 @@ def _batch(rows, pad_id, ids):
     return {"input_ids": pad(0, pad_id), "labels": pad(1, -100), "attention_mask": pad(2, 0),
             "position_ids": pad(3, 0), "ids": ids}  # tensors are (B, T), right-padded
 
+def _weighted(examples):
+    """the examples carry weights (weight_key) other than 1: a batch of weights 1 is collated as an
+    unweighted one, so its loss is today's to the bit."""
+    return "weight" in examples[0] and any(float(e["weight"][0]) != 1.0 for e in examples)
+
 def collate_sft(examples, pad_id, packing=False, max_len=0):
     """A batch of SFT/KD examples. Unpacked: one example per row. packing=True: the examples (one
     micro-batch of the Loader, so batch_size counts documents, not rows) go first-fit, in order,
@@ -588,14 +670,33 @@ def collate_sft(examples, pad_id, packing=False, max_len=0):
                 sizes.append(0)
             bins[j].append(e)
             sizes[j] += n
-    return _batch([_row(b) for b in bins], pad_id, [e["id"] for b in bins for e in b])
+    batch = _batch([_row(b) for b in bins], pad_id, [e["id"] for b in bins for e in b])
+    if _weighted(examples):  # per token: each document's tokens carry its row's weight (0 on padding)
+        w = np.zeros(batch["input_ids"].shape)
+        for r, b in enumerate(bins):
+            w[r, : sum(len(d["input_ids"]) for d in b)] = np.concatenate([np.full(len(d["input_ids"]), d["weight"][0]) for d in b])
+        batch["weights"] = torch.from_numpy(w)
+    return batch
 
 def collate_dpo(examples, pad_id):
     """A batch of B pairs as 2B rows, the B chosen first then the B rejected, padded to one length.
-    ids has the B pair ids."""
+    ids has the B pair ids; "weights" [B] the pairs' weights when the examples have them."""
     rows = [_row([e], "chosen_ids", "chosen_labels") for e in examples]
     rows += [_row([e], "rejected_ids", "rejected_labels") for e in examples]
-    return _batch(rows, pad_id, [e["id"] for e in examples])
+    batch = _batch(rows, pad_id, [e["id"] for e in examples])
+    if _weighted(examples):
+        batch["weights"] = torch.tensor([float(e["weight"][0]) for e in examples], dtype=torch.float64)
+    return batch
+
+def collate_kto(examples, pad_id):
+    """A batch of B KTO rows: the rows themselves (as SFT rows), "kl" their B mismatched rows (a
+    batch of its own: no gradient flows through them), "desirable" [B] bools, "weights" [B] when given."""
+    batch = _batch([_row([e], "chosen_ids", "chosen_labels") for e in examples], pad_id, [e["id"] for e in examples])
+    batch["kl"] = _batch([_row([e], "rejected_ids", "rejected_labels") for e in examples], pad_id, [e["id"] for e in examples])
+    batch["desirable"] = torch.tensor([bool(e["desirable"][0]) for e in examples])
+    if _weighted(examples):
+        batch["weights"] = torch.tensor([float(e["weight"][0]) for e in examples], dtype=torch.float64)
+    return batch
 
 # -----------------------------------------------------------------------------
 # streaming to ranks

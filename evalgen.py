@@ -7,6 +7,10 @@ Behaviour metrics: what the model says on the held-out prompts, judged per objec
        model (any transformers sequence-classification checkpoint with one output) or, without
        one, by the DPO implicit reward beta * (log pi(y|x) - log pi_ref(y|x)); a tie counts 1/2.
        pref_accuracy: the same judge prefers chosen to rejected on the held-out pairs
+  simpo, orpo  pref_accuracy: the share of held-out pairs whose chosen answer has the higher mean
+       token log-prob (or the reward model's score); no win rate: there is no reference policy
+  kto  reward_sign_accuracy (_desirable, _undesirable): the share of held-out rows whose implicit
+       reward log pi(y|x) - log pi_ref(y|x) has the sign of the row's label
   kd   teacher_exact (the student's greedy answer equals the teacher's), teacher_token_agreement
        (positions where both emit the same token, over the longer answer), seq_kl: the sum over
        the student's own greedy answer of KL(student || teacher) at each position, per answer
@@ -246,6 +250,39 @@ def evaluate_dpo(policy, ref, tokenizer, examples, max_new_tokens=64, keys=None,
     pr = judge(policy, ref, tokenizer, prompts, [r + [eos] for r in rejected], beta, rm)
     return {"win_rate": win_rate(ours, theirs), "pref_accuracy": win_rate(pc, pr),
             "judge": "reward_model" if rm is not None else "implicit"}, gens
+
+def evaluate_pairs(policy, ref, tokenizer, examples, max_new_tokens=64, keys=None, rm=None, batch_size=32):
+    """reference-free preference kinds (simpo, orpo): pref_accuracy, the share of held-out pairs whose
+    chosen answer has the higher mean token log-prob (the ranking both losses train), or the reward
+    model's preference when one is given; the greedy answers are written for reading."""
+    eos = tokenizer.eos_token_id
+    pairs = [(split_example(e["chosen_ids"], e["chosen_labels"]), split_example(e["rejected_ids"], e["rejected_labels"]))
+             for e in examples]
+    prompts = [c[0] for c, _ in pairs]
+    _, gens = _answers(policy, tokenizer, prompts, max_new_tokens, batch_size)
+    if rm is not None:
+        score = lambda ans: judge(policy, None, tokenizer, prompts, ans, 1.0, rm)
+    else:
+        pad = tokenizer.pad_token_id
+        score = lambda ans: answer_logps(policy, prompts, ans, pad) / torch.tensor([max(len(a), 1) for a in ans])
+    pc, pr = score([c[1] for c, _ in pairs]), score([r[1] for _, r in pairs])
+    return {"pref_accuracy": win_rate(pc, pr), "judge": "reward_model" if rm is not None else "mean_logp"}, gens
+
+def evaluate_kto(policy, ref, tokenizer, examples, max_new_tokens=64, keys=None, rm=None, batch_size=32):
+    """kto: accuracy of the sign of the implicit reward r = log pi(y|x) - log pi_ref(y|x) on the
+    held-out rows, by label (desirable: r > 0; undesirable: r < 0)."""
+    split = [split_example(e["chosen_ids"], e["chosen_labels"]) for e in examples]
+    prompts, answers = [p for p, _ in split], [a for _, a in split]
+    _, gens = _answers(policy, tokenizer, prompts, max_new_tokens, batch_size)
+    pad = tokenizer.pad_token_id
+    r = answer_logps(policy, prompts, answers, pad)
+    with as_model(policy, ref) as m:
+        r = r - answer_logps(m, prompts, answers, pad)
+    good = [bool(e["desirable"][0]) for e in examples]
+    acc = lambda want: [float((x > 0) == want) for x, g in zip(r.tolist(), good) if g == want]
+    mean = lambda v: sum(v) / len(v) if v else float("nan")
+    return {"reward_sign_accuracy_desirable": mean(acc(True)), "reward_sign_accuracy_undesirable": mean(acc(False)),
+            "reward_sign_accuracy": mean(acc(True) + acc(False))}, gens
 
 def evaluate(kind, policy, ref, tokenizer, examples, max_new_tokens=64, beta=0.1, rm=None, batch_size=32):
     """(metrics, generations) of one objective of kind `kind` (a name of objectives.KINDS) on its

@@ -1,5 +1,5 @@
 """
-The training objectives (SFT, DPO, KD) as pure functions of final hidden states and the output head.
+The training objectives (SFT, DPO, SimPO, ORPO, KTO, KD) as pure functions of final hidden states and the output head.
 Vocabularies of 128k+ make [B, T, V] logits the memory bottleneck, so every loss that needs the
 vocabulary keeps only the labelled positions, then projects them in chunks of `chunk_size` tokens
 (0: auto_chunk_size(V)): [chunk, V] logits exist one chunk at a time, are recomputed in backward, and the head's gradient
@@ -288,6 +288,46 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
+
+def _smoothed(h, label_smoothing):
+    # -(1 - eps) log sigmoid(h) - eps log sigmoid(-h): the conservative (label-smoothed) logistic loss
+    return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+
+def simpo_loss(chosen_mean_logps, rejected_mean_logps, beta=2.0, gamma=0.5, label_smoothing=0.0):
+    """Per-pair SimPO losses (Meng et al. 2024) from [B] MEAN response-token log-probs a, b (no
+    reference model): -log sigmoid(beta (a - b) - gamma), label-smoothed as DPO's. Returns (losses,
+    chosen_rewards = beta a, rejected_rewards = beta b), rewards detached."""
+    h = beta * (chosen_mean_logps - rejected_mean_logps) - gamma
+    return (_smoothed(h, label_smoothing), beta * chosen_mean_logps.detach(), beta * rejected_mean_logps.detach())
+
+def log_odds(mean_logps):
+    """log(p / (1 - p)) of p = exp(a), a = a mean token log-prob < 0: a - log(1 - exp(a)), with
+    log(1 - exp(a)) as log(-expm1(a)) near 0 and log1p(-exp(a)) below -ln 2 (no cancellation)."""
+    a = mean_logps.clamp(max=-1e-12)  # a = 0 (p = 1) would be infinite odds
+    log1m = torch.where(a > -0.6931471805599453, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+    return a - log1m
+
+def orpo_ratio_loss(chosen_mean_logps, rejected_mean_logps):
+    """Per-pair odds-ratio term of ORPO (Hong et al. 2024): -log sigmoid(log odds(chosen) - log
+    odds(rejected)), odds from the mean token log-probs. Returns (losses, the log odds ratio,
+    detached). The caller adds the chosen answer's NLL (a token mean) and weighs this by lambda."""
+    ratio = log_odds(chosen_mean_logps) - log_odds(rejected_mean_logps)
+    return -F.logsigmoid(ratio), ratio.detach()
+
+def kto_loss(rewards, desirable, z0, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+    """Per-row KTO losses (Ethayarajh et al. 2024) from [B] implicit rewards r = log pi(y|x) -
+    log pi_ref(y|x) (sums over the completion), desirable [B] bools and the reference point z0
+    (a detached scalar, see kto_reference_point): desirable rows w_d (1 - sigmoid(beta (r - z0))),
+    undesirable ones w_u (1 - sigmoid(beta (z0 - r)))."""
+    z0 = torch.as_tensor(z0, dtype=rewards.dtype, device=rewards.device).detach()
+    good = desirable_weight * (1 - torch.sigmoid(beta * (rewards - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - rewards)))
+    return torch.where(desirable, good, bad)
+
+def kto_reference_point(mismatched_rewards_sum, count):
+    """z0 = max(0, mean r over the mismatched pairs (x_i, y_{i+1})): the sum and the count already
+    summed over micro-batches and ranks."""
+    return max(0.0, float(mismatched_rewards_sum) / max(float(count), 1.0))
 
 # -----------------------------------------------------------------------------
 # KD

@@ -35,6 +35,7 @@ COMMON_KEYS = dict(
     prompt_key="prompt",        # pairwise rows
     chosen_key="chosen",
     rejected_key="rejected",
+    weight_key="",              # a numeric column: each training row's loss times its weight, over the weighted count (eval: unweighted)
     input_template="User: {}\nAssistant: ",
     apply_chat_template=False,
     max_len=512,
@@ -55,7 +56,7 @@ class Kind:
     keys: dict                  # its own per-objective keys and their defaults
     tokenize: Callable          # (rows, source, keys, common tokenize kwargs) -> examples
     collate: Callable           # (examples, pad_id, keys, packing) -> batch
-    count: Callable             # (micro-batches, all_sum) -> global counts the loss divides by
+    count: Callable             # (micro-batches, step, objective) -> global counts the loss divides by (all ranks, all micro-steps)
     loss: Callable              # (Part) -> (loss, stats); Part.norm None: per-row losses [B]
     reference: str = "none"     # none | initial (default: the initial policy) | required (a teacher must be named)
     needs: str = ""             # what the step computes of the reference first: "" | "logps" (cacheable) | "hidden"
@@ -73,6 +74,7 @@ class Part:
     weight: torch.Tensor        # (V, C) output head
     labels: torch.Tensor        # (rows, T), shifted, -100 where no loss
     ids: list                   # row / pair ids (None: an eval filler that counts for nothing)
+    batch: dict                 # the micro-batch on the device: its "weights" (weight_key), "desirable" (kto), ...
     ref: Any                    # what the reference gave (kind.needs), or None
     norm: Optional[dict]        # global counts (kind.count), or None for per-row losses
     world_size: int
@@ -106,10 +108,16 @@ class Objective:
 
 def _tokenize_pairs(rows, source, c, common):
     return D.tokenize_dpo(rows, prompt_key=c.prompt_key, chosen_key=c.chosen_key, rejected_key=c.rejected_key,
-                          source=source, **common)
+                          source=source, weight_key=c.weight_key, **common)
 
 def _tokenize_sequences(rows, source, c, common):
-    return D.tokenize_sft(rows, input_key=c.input_key, output_key=c.output_key, source=source, **common)
+    return D.tokenize_sft(rows, input_key=c.input_key, output_key=c.output_key, source=source, weight_key=c.weight_key,
+                          **common)
+
+def _tokenize_kto(rows, source, c, common):
+    return D.tokenize_kto(rows, prompt_key=c.prompt_key, completion_key=c.completion_key, label_key=c.label_key,
+                          chosen_key=c.chosen_key, rejected_key=c.rejected_key, source=source, weight_key=c.weight_key,
+                          **common)
 
 def _collate_pairs(examples, pad_id, c, packing):
     return D.collate_dpo(examples, pad_id)
@@ -117,26 +125,71 @@ def _collate_pairs(examples, pad_id, c, packing):
 def _collate_sequences(examples, pad_id, c, packing):
     return D.collate_sft(examples, pad_id, packing=packing, max_len=c.max_len)
 
-def _count_tokens(micro_batches, all_sum):
-    return {"tokens": max(all_sum(sum(L.count_tokens(b["labels"]).item() for b in micro_batches)).item(), 1)}
+def _collate_kto(examples, pad_id, c, packing):
+    return D.collate_kto(examples, pad_id)
 
-def _count_pairs(micro_batches, all_sum):
+def _real(b):
+    return torch.tensor([i is not None for i in b["ids"]], dtype=torch.float64)
+
+def _count_tokens(micro_batches, step, o):
+    if any("weights" in b for b in micro_batches):  # weighted: each labelled token counts its row's weight
+        n = sum(float((b["weights"] * (b["labels"] != L.IGNORE_INDEX)).sum()) if "weights" in b else
+                L.count_tokens(b["labels"]).item() for b in micro_batches)
+        return {"tokens": max(step.all_sum(n).item(), 1e-12)}
+    return {"tokens": max(step.all_sum(sum(L.count_tokens(b["labels"]).item() for b in micro_batches)).item(), 1)}
+
+def _count_pairs(micro_batches, step, o):
+    if any("weights" in b for b in micro_batches):
+        w = lambda b: b["weights"] if "weights" in b else torch.ones(len(b["ids"]), dtype=torch.float64)
+        B = sum(float((w(b) * _real(b)).sum()) for b in micro_batches)
+        ct = sum(float((w(b) * (b["labels"][: b["labels"].shape[0] // 2] != L.IGNORE_INDEX).sum(-1)).sum())
+                 for b in micro_batches)
+        c = step.all_sum([B, ct])
+        return {"pairs": max(c[0].item(), 1e-12), "chosen_tokens": max(c[1].item(), 1e-12)}
     B = sum(sum(i is not None for i in b["ids"]) for b in micro_batches)
     ct = sum(L.count_tokens(b["labels"][: b["labels"].shape[0] // 2]).item() for b in micro_batches)
-    c = all_sum([B, ct])
+    c = step.all_sum([B, ct])
     return {"pairs": c[0].item(), "chosen_tokens": max(c[1].item(), 1)}
+
+def _count_kto(micro_batches, step, o):
+    """the global (weighted) row count, and KTO's reference point z0 = max(0, mean r of the
+    mismatched rows): their policy log-probs from a no-grad forward, their reference log-probs
+    as the rows' (a model, or the cache), all micro-batches of the step and all ranks."""
+    rows, r_sum, r_n = 0.0, 0.0, 0.0
+    for b in micro_batches:
+        real = _real(b)
+        rows += float(((b["weights"] if "weights" in b else 1.0) * real).sum())
+        kl_policy = step.policy_logps(b["kl"]).double().cpu()
+        kl_ref = step.ref_logps(o, b)[1].double().cpu()
+        r_sum += float(((kl_policy - kl_ref) * real).sum())
+        r_n += float(real.sum())
+    c = step.all_sum([rows, r_sum, r_n])
+    return {"rows": max(c[0].item(), 1e-12), "z0": L.kto_reference_point(c[1].item(), c[2].item())}
 
 # -----------------------------------------------------------------------------
 # losses from hidden states (losses.py does the arithmetic)
 
+def _weights(p, like):
+    """the part's row weights on the device in like's dtype ([rows, T] per token for sequences,
+    [B] per pair / row), or None without weight_key."""
+    w = p.batch.get("weights")
+    if w is None:
+        return None
+    w = w.to(like.device, like.dtype)
+    return w[:, : like.shape[1]] if w.dim() == 2 else w
+
 def _token_mean(p, tok):
     """a token-level loss [rows, T]: this rank's share of the global token mean, or per-row means."""
+    w = _weights(p, tok)
+    if w is not None:
+        tok = tok * w
     if p.norm is None:
         return L.per_sample_mean(tok, p.labels), {}
     return tok.sum() / p.norm["tokens"] * p.world_size, {}
 
 def sft_part(p):
-    tok = -L.token_logps(p.hidden, p.weight, p.labels, p.chunk_size, uniform=p.norm is not None, softcap=p.softcap)
+    uniform = p.norm is not None and "weights" not in p.batch  # every token counts alike: the head's gradient in the forward
+    tok = -L.token_logps(p.hidden, p.weight, p.labels, p.chunk_size, uniform=uniform, softcap=p.softcap)
     return _token_mean(p, tok)
 
 def dpo_part(p):
@@ -146,21 +199,92 @@ def dpo_part(p):
     pc, pr = tok.sum(-1).chunk(2)
     rc, rr = (t.to(pc.dtype) for t in p.ref)  # the cache is float64, the policy's float32 (or 64)
     losses, cr, rr = L.dpo_loss(pc, pr, rc, rr, c.dpo_beta, c.dpo_label_smoothing, c.dpo_ipo)
+    w = _weights(p, losses)
+    if w is not None:  # weighted: the losses, the NLL term and the stats of each pair times its weight
+        return _weighted_dpo(p, tok, losses, cr, rr, w)
     if any(i is None for i in p.ids):  # eval fillers (id None) count for nothing
         real = torch.tensor([i is not None for i in p.ids], device=p.hidden.device)
         losses, cr, rr = losses * real, cr * real, rr * real
+    if p.norm is None:  # per pair (the data selector weighs them): the DPO loss (+ the chosen answer's token-mean NLL)
+        nll = -L.per_sample_mean(tok[: n // 2], p.labels[: n // 2]) if c.dpo_nll_loss_coef else 0.0
+        return losses + c.dpo_nll_loss_coef * nll, {}
     loss = losses.sum() / p.norm["pairs"] * p.world_size
     if c.dpo_nll_loss_coef:
         loss = loss - c.dpo_nll_loss_coef * tok[: n // 2].sum() / p.norm["chosen_tokens"] * p.world_size
     st = torch.stack([(cr > rr).float().sum(), cr.sum(), rr.sum()])  # one host sync, later
     return loss, {"acc": st[0], "chosen_reward": st[1], "rejected_reward": st[2]}
 
+def _weighted_dpo(p, tok, losses, cr, rr, w):
+    c, n = p.o.cfg, p.hidden.shape[0]
+    w = w * torch.tensor([i is not None for i in p.ids], device=w.device, dtype=w.dtype)
+    if p.norm is None:
+        nll = -L.per_sample_mean(tok[: n // 2], p.labels[: n // 2]) if c.dpo_nll_loss_coef else 0.0
+        return w * (losses + c.dpo_nll_loss_coef * nll), {}
+    loss = (w * losses).sum() / p.norm["pairs"] * p.world_size
+    if c.dpo_nll_loss_coef:
+        loss = loss - c.dpo_nll_loss_coef * (w[:, None] * tok[: n // 2]).sum() / p.norm["chosen_tokens"] * p.world_size
+    st = torch.stack([(w * (cr > rr)).sum(), (w * cr).sum(), (w * rr).sum()])
+    return loss, {"acc": st[0], "chosen_reward": st[1], "rejected_reward": st[2]}
+
+def _mean_logps(p):
+    """(token log-probs (2B, T), the chosen and the rejected answers' mean token log-probs (B,))."""
+    tok = L.token_logps(p.hidden, p.weight, p.labels, p.chunk_size, softcap=p.softcap)
+    mean = tok.sum(-1) / (p.labels != L.IGNORE_INDEX).sum(-1).clamp(min=1)
+    return (tok, *mean.chunk(2))
+
+def _pair_losses(p, losses, stats):
+    """per-pair losses -> this rank's share of the global pair mean, eval fillers (id None) masked;
+    or the per-pair losses themselves (norm None); stats summed over the real pairs."""
+    real = torch.tensor([i is not None for i in p.ids], device=p.hidden.device, dtype=losses.dtype)
+    w = _weights(p, losses)
+    real = real if w is None else real * w  # weighted: each pair's loss and stats times its weight
+    if w is not None or any(i is None for i in p.ids):
+        losses, stats = losses * real, [s * real for s in stats]
+    if p.norm is None:
+        return losses, None
+    count = p.norm["pairs"] if "pairs" in p.norm else p.norm["rows"]
+    return losses.sum() / count * p.world_size, torch.stack([s.sum() for s in stats]) if stats else None  # one host sync, later
+
+def simpo_part(p):
+    c = p.o.cfg
+    _, a, b = _mean_logps(p)
+    losses, cr, rr = L.simpo_loss(a, b, c.dpo_beta, c.simpo_gamma, c.dpo_label_smoothing)
+    loss, st = _pair_losses(p, losses, [(cr > rr).float(), cr, rr])
+    return (loss, {}) if st is None else (loss, {"acc": st[0], "chosen_reward": st[1], "rejected_reward": st[2]})
+
+def orpo_part(p):
+    c, n = p.o.cfg, p.hidden.shape[0]
+    tok, a, b = _mean_logps(p)
+    ratio_losses, ratio = L.orpo_ratio_loss(a, b)
+    if p.norm is None:  # per pair: the chosen answer's token-mean NLL + lambda x the odds-ratio term
+        return _pair_losses(p, -a + c.orpo_lambda * ratio_losses, [])[0], {}
+    loss, st = _pair_losses(p, c.orpo_lambda * ratio_losses, [(ratio > 0).float(), ratio])
+    w = _weights(p, a)
+    chosen = tok[: n // 2] if w is None else w[:, None] * tok[: n // 2]
+    nll = -chosen.sum() / p.norm["chosen_tokens"] * p.world_size  # the SFT term: a token mean over the chosen answers
+    return nll + loss, {"acc": st[0], "log_odds_ratio": st[1]}
+
+def kto_part(p):
+    c = p.o.cfg
+    r = L.sequence_logps(p.hidden, p.weight, p.labels, p.chunk_size, p.softcap)
+    r = r - p.ref[0].to(r.dtype)  # the reference's log-probs of the rows (a model or the cache)
+    desirable = p.batch["desirable"].to(r.device)
+    z0 = p.norm["z0"] if p.norm is not None else 0.0
+    losses = L.kto_loss(r, desirable, z0, c.dpo_beta, c.kto_desirable_weight, c.kto_undesirable_weight)
+    right = ((r > 0) == desirable).to(r.dtype)  # the sign of r agrees with the label
+    loss, st = _pair_losses(p, losses, [right, r.detach()])
+    if st is None:
+        return loss, {}
+    n_real = sum(i is not None for i in p.ids) if "weights" not in p.batch else float(_weights(p, r).sum())
+    return loss, {"acc": st[0], "reward": st[1], "z0": r.new_tensor(z0 * n_real)}
+
 def kd_part(p):
     c, (th, tw, tcap) = p.o.cfg, p.ref
     T = p.hidden.shape[1]
-    stats = {} if c.kd_loss == "forward" and p.norm is not None else None
+    weighted = "weights" in p.batch
+    stats = {} if c.kd_loss == "forward" and p.norm is not None and not weighted else None
     tok = L.kd_token_losses(p.hidden, p.weight, th[:, :T], tw, p.labels, c.kd_loss, c.kd_beta, c.kd_top_k,
-                            c.kd_temperature, p.chunk_size, p.norm is not None, stats, p.softcap, tcap)
+                            c.kd_temperature, p.chunk_size, p.norm is not None and not weighted, stats, p.softcap, tcap)
     if stats is not None:  # the loss is the cross-entropy H(p_T, p_S); kd_kl = it less H(p_T)
         kl = (tok.detach().sum() - stats["teacher_entropy"]) / p.norm["tokens"] * p.world_size
         return tok.sum() / p.norm["tokens"] * p.world_size, {"kd_kl": kl}
@@ -177,6 +301,19 @@ def _check_dpo(i, c):
     _check(c.dpo_beta > 0, f"config key dpo_beta_{i} (or dpo_beta) must be > 0, got {c.dpo_beta}")
     _check(0 <= c.dpo_label_smoothing < 0.5, f"config key dpo_label_smoothing_{i} (or dpo_label_smoothing) must lie in "
            f"[0, 0.5), got {c.dpo_label_smoothing}")
+
+def _check_simpo(i, c):
+    _check(c.dpo_beta > 0, f"config key dpo_beta_{i} (or dpo_beta) must be > 0 (SimPO's beta: ~2), got {c.dpo_beta}")
+    _check(0 <= c.dpo_label_smoothing < 0.5, f"config key dpo_label_smoothing_{i} (or dpo_label_smoothing) must lie in "
+           f"[0, 0.5), got {c.dpo_label_smoothing}")
+
+def _check_orpo(i, c):
+    _check(c.orpo_lambda >= 0, f"config key orpo_lambda_{i} (or orpo_lambda) must be >= 0, got {c.orpo_lambda}")
+
+def _check_kto(i, c):
+    _check(c.dpo_beta > 0, f"config key dpo_beta_{i} (or dpo_beta) must be > 0 (KTO's beta), got {c.dpo_beta}")
+    for k in ("kto_desirable_weight", "kto_undesirable_weight"):
+        _check(getattr(c, k) >= 0, f"config key {k}_{i} (or {k}) must be >= 0, got {getattr(c, k)}")
 
 def _check_kd(i, c):
     _check(c.kd_loss in L.KD_KINDS, f"config key kd_loss_{i} (or kd_loss): {c.kd_loss!r} is not one of {', '.join(L.KD_KINDS)}")
@@ -202,8 +339,21 @@ KINDS = {k.name: k for k in [
     Kind("dpo", "direct preference optimization on (prompt, chosen, rejected) pairs against a frozen reference",
          keys=dict(dpo_beta=0.1, dpo_ipo=False, dpo_label_smoothing=0.0, dpo_nll_loss_coef=0.0),
          tokenize=_tokenize_pairs, collate=_collate_pairs, count=_count_pairs, loss=dpo_part,
-         reference="initial", needs="logps", stats_per="pairs", prompt_key="prompt_key",
+         reference="initial", needs="logps", per_row=True, stats_per="pairs", prompt_key="prompt_key",
          evaluate=_evaluate("evaluate_dpo"), check=_check_dpo),
+    Kind("simpo", "SimPO: reference-free preference optimization on length-normalized log-probs with a target margin",
+         keys=dict(simpo_gamma=0.5),  # dpo_beta is SimPO's beta (its recipes: ~2; 0.1 is DPO's scale)
+         tokenize=_tokenize_pairs, collate=_collate_pairs, count=_count_pairs, loss=simpo_part, per_row=True,
+         stats_per="pairs", prompt_key="prompt_key", evaluate=_evaluate("evaluate_pairs"), check=_check_simpo),
+    Kind("orpo", "ORPO: the chosen answer's NLL plus an odds-ratio preference term, no reference model",
+         keys=dict(orpo_lambda=0.1),
+         tokenize=_tokenize_pairs, collate=_collate_pairs, count=_count_pairs, loss=orpo_part, per_row=True,
+         stats_per="pairs", prompt_key="prompt_key", evaluate=_evaluate("evaluate_pairs"), check=_check_orpo),
+    Kind("kto", "KTO: unpaired desirable / undesirable completions against a frozen reference and the reference point z0",
+         keys=dict(completion_key="completion", label_key="label", kto_desirable_weight=1.0, kto_undesirable_weight=1.0),
+         tokenize=_tokenize_kto, collate=_collate_kto, count=_count_kto, loss=kto_part, reference="initial",
+         needs="logps", per_row=True, stats_per="rows", prompt_key="prompt_key", evaluate=_evaluate("evaluate_kto"),
+         check=_check_kto),
     Kind("kd", "knowledge distillation: a divergence from a teacher's next-token distribution on the response tokens",
          keys=dict(kd_loss="forward", kd_beta=0.5, kd_top_k=0, kd_temperature=1.0),  # kd_loss: forward | reverse | jsd; kd_beta: jsd mixing; kd_top_k 0 = full vocabulary
          tokenize=_tokenize_sequences, collate=_collate_sequences, count=_count_tokens, loss=kd_part,

@@ -58,18 +58,34 @@ class Step:
             return o.ref(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w, softcap=0.0: (h, keep(w), softcap))
 
     def ref_logps(self, o, b):
-        """reference log pi(chosen), log pi(rejected), each (B,): from the cache or a no-grad forward."""
+        """reference log pi(chosen), log pi(rejected), each (B,): from the cache or a no-grad forward.
+        A batch with mismatched rows b["kl"] (kto) gets (its rows', the mismatched rows'), kept in
+        b: the step asks for them twice (z0 first, then the loss)."""
+        if "ref_logps" in b:
+            return b["ref_logps"]
         if o.ref_cache is not None:
             c = torch.tensor([o.ref_cache[i] if i is not None else (0.0, 0.0) for i in b["ids"]], dtype=torch.float64)
             c = c.to(self.device, non_blocking=True)  # (B, 2)
-            return c[:, 0], c[:, 1]
+            res = c[:, 0], c[:, 1]
+        else:
+            x = pad_cat([b, b["kl"]] if "kl" in b else [b], self.pad_id, self.device)
+            h, w, cap = self.reference_hidden(o, x)
+            res = L.sequence_logps(h, w, x["labels"], self.chunk_size, cap).chunk(2)
+        if "kl" in b:
+            b["ref_logps"] = res
+        return res
+
+    @torch.no_grad()
+    def policy_logps(self, b):
+        """log pi(y|x) (B,) of the policy for the rows of b, no grad (kto's mismatched rows)."""
         x = pad_cat([b], self.pad_id, self.device)
-        h, w, cap = self.reference_hidden(o, x)
-        return L.sequence_logps(h, w, x["labels"], self.chunk_size, cap).chunk(2)
+        with self.autocast:
+            return self.model(x["input_ids"], x["attention_mask"], x["position_ids"],
+                              head_fn=lambda h, w, softcap=0.0: L.sequence_logps(h, w, x["labels"], self.chunk_size, softcap))
 
     def normalizers(self, o, micro_batches):
         """global (all ranks, all micro-batches) counts of one objective's step (tokens, pairs, ...)."""
-        return o.kind.count(micro_batches, self.all_sum)
+        return o.kind.count(micro_batches, self, o)
 
     def losses(self, parts):
         """One forward of the policy over all parts' rows, parts = [(objective, micro-batch, norm)].
@@ -86,7 +102,7 @@ class Step:
             out, r = [], 0
             for (o, b, norm), ref in zip(parts, refs):
                 n, T = b["input_ids"].shape
-                out.append(o.kind.loss(Part(o, h[r:r + n, :T], w, x["labels"][r:r + n, :T], b["ids"], ref, norm,
+                out.append(o.kind.loss(Part(o, h[r:r + n, :T], w, x["labels"][r:r + n, :T], b["ids"], b, ref, norm,
                                             self.world_size, self.chunk_size, softcap)))
                 r += n
             return out

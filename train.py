@@ -211,7 +211,8 @@ def build_objective(i, c):
             rows, eval_rows = D.load_splits(c.dataset, c.train_split, c.eval_split, c.max_samples, c.dataset_probs,
                                             seed, frac, c.eval_max_samples, lazy=True)
         train = kind.tokenize(rows, c.dataset, c, common)
-        evals = kind.tokenize(eval_rows, f"{c.eval_split or c.dataset} (eval)", c, common)
+        unweighted = type(c)(**{**vars(c), "weight_key": ""})  # the eval loss is the plain objective's, whatever the weights
+        evals = kind.tokenize(eval_rows, f"{c.eval_split or c.dataset} (eval)", unweighted, common)
     for e in evals:
         e["id"] = ("eval", e["id"])  # a separate eval file numbers its rows from 0 too: keep cache keys apart
     loader = lambda s: D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, s, collate)
