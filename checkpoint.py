@@ -110,20 +110,28 @@ def save(ckpt_root, it, model, optimizer, state, keep_last=2, fsdp=False):
     if master:
         fsync_dir(tmp)
         final = os.path.join(ckpt_root, f"iter_{it:07d}")
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)  # atomic: until here the previous iter_ dir is the newest complete one
+        old = os.path.join(ckpt_root, f"old_iter_{it:07d}")
+        if os.path.isdir(final):  # the same step saved again (a resumed finished run): set the old one aside first
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)  # atomic: until here the previous iter_ dir (or old_iter_) is the newest complete one
         fsync_dir(ckpt_root)
+        shutil.rmtree(old, ignore_errors=True)
         kept = sorted(d for d in os.listdir(ckpt_root) if d.startswith("iter_"))
         for d in kept[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
     _barrier()
 
 def latest(ckpt_root):
-    """the newest complete checkpoint dir, or None: iter_ dirs appear only by an atomic rename."""
+    """the newest complete checkpoint dir, or None: iter_ dirs appear only by an atomic rename; an
+    old_iter_N (set aside while the same step was saved again) counts when its iter_N is missing."""
     if not os.path.isdir(ckpt_root):
         return None
-    dirs = sorted(d for d in os.listdir(ckpt_root) if d.startswith("iter_"))
-    return os.path.join(ckpt_root, dirs[-1]) if dirs else None
+    found = {}
+    for d in sorted(os.listdir(ckpt_root)):  # "iter_..." sorts after "old_iter_...": it wins for the same step
+        if d.startswith(("iter_", "old_iter_")):
+            found[d.rpartition("iter_")[2]] = d
+    return os.path.join(ckpt_root, found[max(found)]) if found else None
 
 def _load(path):
     # weights_only: tensors and plain containers; anything else (code to run) is refused

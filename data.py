@@ -405,6 +405,8 @@ def _sft_texts(tokenizer, row, where, input_key, output_key, template, apply_cha
     # (prompt, response) texts of one SFT row
     if "messages" in row and input_key not in row:
         return _chat(tokenizer, row["messages"], where, "messages")
+    if isinstance(row.get(input_key), list) and isinstance(row.get(output_key), list):  # prompt and answer as messages
+        return _chat(tokenizer, row[input_key] + row[output_key], where, f"{input_key} + {output_key}")
     system = _field(row, system_key, where) if system_key else ""
     return (_prompt(tokenizer, _field(row, input_key, where), template, apply_chat_template, system),
             _field(row, output_key, where))

@@ -10,7 +10,8 @@ The embedded default: the toy trade-off end to end on CPU (a few minutes on 2 co
 3. one table: final eval losses, optimality gaps, ideal distance, time, peak memory;
 4. K = 3: a third objective that conflicts with both (DPO preferring "RED FOX." over "RED FOX!",
    data/toy_calm.jsonl) alone, then sequential, alright and maxright over all three at lambd = 1/3 each;
-5. bilevel data selection on the noisy toy set: the fraction of clean rows kept.
+5. objective 2 as SimPO (no reference model) instead of DPO, with ALRIGHT: its behaviour beside DPO's;
+6. bilevel data selection on the noisy toy set: the fraction of clean rows kept.
 Every run is a plain `python train.py config/demo.py --key=value` subprocess, printed as it starts.
 """
 import json
@@ -117,7 +118,8 @@ def main(quick=False):
     opt = (sft_alone["eval_loss_1"], dpo_alone["eval_loss_1"])
     results = {m: train(f"{out}/{m}", f"--method={m}", f"--obj_opt_1={opt[0]}", f"--obj_opt_2={opt[1]}", *budget,
                         *EXTRA.get(m, [])) for m in METHODS}
-    for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items()]:
+    simpo = train(f"{out}/alright_simpo", "--method=alright", "--obj_2=simpo", "--dpo_beta=2.0", *budget)  # SimPO's beta
+    for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items(), ("alright_simpo", simpo)]:
         r["behaviour"] = behaviour(f"{out}/{m}")
     sel_budget = ["--max_epochs=1", "--max_samples_2=256"] if quick else []
     train(f"{out}/select", *sel_budget, config="config/demo_select.py")
@@ -143,8 +145,8 @@ def main(quick=False):
                  f"steps {'/'.join(map(str, row['steps'].values()))})" if "budgets_held" in row else ""))
     print("\nbehaviour: share of the held-out prompts (eval_gen_samples of each objective) answered, greedy, in the "
           "SFT format (UPPERCASE words), in it with the preferred '!', and exactly right")
-    for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items()]:
-        print(f"{m:>10}  format {r['behaviour']['fmt']:6.1%}  with the preferred '!' {r['behaviour']['pref']:6.1%}  "
+    for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items(), ("alright_simpo", simpo)]:
+        print(f"{m:>13}  format {r['behaviour']['fmt']:6.1%}  with the preferred '!' {r['behaviour']['pref']:6.1%}  "
               f"exactly the prompt in UPPERCASE ('!' or not) {r['behaviour']['exact']:6.1%}")
     k3 = three_objectives(out, opt, budget, quick)
     with open(os.path.join(ROOT, "data/toy_noisy_labels.jsonl")) as f:
@@ -159,7 +161,9 @@ def main(quick=False):
     plot(results, opt, os.path.join(ROOT, out, "pareto.png"))
     with open(os.path.join(ROOT, out, "demo.json"), "w") as f:
         json.dump({"opt": opt, "methods": table, "selection_clean_fraction": clean, "k3": k3,
-                   "behaviour": {m: r["behaviour"] for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items()]}},
+                   "behaviour": {m: r["behaviour"] for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone),
+                                                                *results.items(), ("alright_simpo", simpo)]},
+                   "alright_simpo": {"f_1": simpo["eval_loss_1"], "f_2_simpo": simpo["eval_loss_2"], "gap_1": simpo["eval_loss_1"] - opt[0]}},
                   f, indent=2)
     print(f"demo done in {time.time() - t0:.0f} s; runs, metrics and final models under {out}/")
     return table, clean

@@ -395,6 +395,11 @@ def main(argv):
     import configurator
     c = {k: globals()[k] for k in config_keys}
     changed = set(configurator.apply(argv, c))
+    for k, ok, want in (("temperature", c["temperature"] >= 0, ">= 0 (0 = greedy)"), ("max_new_tokens", c["max_new_tokens"] > 0, "> 0"),
+                        ("top_p", 0 < c["top_p"] <= 1, "in (0, 1]"), ("top_k", c["top_k"] >= 0, ">= 0 (0 = off)"),
+                        ("batch_size", c["batch_size"] >= 1, ">= 1")):
+        if not ok:
+            raise ValueError(f"--{k} must be {want}, got {c[k]!r}")
     dev = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = c["dtype"] or ("bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32")
     model, tok, path = load_model(c["out_dir"], c["pretrain"], c["adapter"], dev, getattr(torch, dt), c["ckpt"])

@@ -5,7 +5,8 @@ A prompt is one short lowercase word (a quarter of the rows) or two. SFT answers
 and stops; the preference data prefers the same answer with an exclamation mark ("RED FOX!")
 over the plain SFT answer ("RED FOX"), so DPO pushes down exactly what SFT teaches (the end of
 the answer) while agreeing on the rest: a real trade-off, and sequential training forgets. The noisy SFT set has
-30% of its answers replaced by random letters; which rows is written only to the labels file.
+30% of its answers replaced by random letters; which rows is written only to the labels file. The
+noisy preference set has 30% of its pairs swapped (chosen and rejected exchanged), likewise labelled.
 With the template "User: {}\nAssistant: " every prompt + response is at most 48 bytes.
 """
 import json
@@ -42,11 +43,11 @@ def make(seed=0):
     # eval prompts never appear as a training row (their words do, inside other prompts)
     eval_singles, singles, eval_pairs, pairs = words[:100], words[100:], pairs[:300], pairs[300:]
 
-    def draw(n, singles, pairs, repeat=True):  # a quarter single words, the rest distinct pairs
+    def draw(n, singles, pairs, repeat=True, r=rng):  # a quarter single words, the rest distinct pairs
         k = n // 4
-        out = [rng.choice(singles) for _ in range(k)] if repeat else rng.sample(singles, k)
-        out += rng.sample(pairs, n - k)
-        rng.shuffle(out)
+        out = [r.choice(singles) for _ in range(k)] if repeat else r.sample(singles, k)
+        out += r.sample(pairs, n - k)
+        r.shuffle(out)
         return out
 
     sft = lambda p: {"input": p, "output": p.upper()}
@@ -75,6 +76,18 @@ def make(seed=0):
     calm = lambda p: {"prompt": p, "chosen": p.upper() + ".", "rejected": p.upper() + "!"}
     files["toy_calm.jsonl"] = [calm(p) for p in draw(1000, singles, pairs)]
     files["toy_calm_eval.jsonl"] = [calm(p) for p in draw(200, eval_singles[50:], eval_pairs[150:], repeat=False)]
+    # preference pairs to select from (drawn by a generator of their own, so every file above stays
+    # as it was): a clean trusted set, and a noisy set with 30% of its pairs swapped (chosen = the
+    # plain answer, rejected = the one with "!"); which pairs is written only to the labels file
+    prng = random.Random(seed + 1)
+    clean = draw(1200, singles, pairs, r=prng)
+    noisy = [pref(p) for p in clean[200:]]
+    swapped = set(prng.sample(range(len(noisy)), len(noisy) * 3 // 10))
+    for i in swapped:
+        noisy[i]["chosen"], noisy[i]["rejected"] = noisy[i]["rejected"], noisy[i]["chosen"]
+    files["toy_pref_trusted.jsonl"] = [pref(p) for p in clean[:200]]
+    files["toy_pref_noisy.jsonl"] = noisy
+    files["toy_pref_noisy_labels.jsonl"] = [{"id": i, "corrupted": i in swapped} for i in range(len(noisy))]
     return files
 
 def write(out_dir=os.path.dirname(os.path.abspath(__file__))):

@@ -144,3 +144,46 @@ def test_every_refusal_comes_before_loading(tmp_path, arg, words):
                   "--pretrain=/no/such/model", *arg, check=False)
     refused(p, *words)
     assert not os.path.exists(tmp_path / "out")
+
+def test_every_module_is_packaged():
+    """pyproject's py-modules names every top-level module of the repository (a plain `pip install .`
+    would otherwise miss one)."""
+    import glob
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["py-modules"])
+    assert listed == {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
+
+def test_saving_a_step_again_keeps_a_checkpoint_at_every_moment(tmp_path, monkeypatch):
+    """checkpoint.save at an iter_N that exists (a finished run resumed with save_interval=0): a kill
+    between setting the old iter_N aside and renaming the new one in still leaves it loadable."""
+    import shutil
+
+    import torch
+
+    import checkpoint
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(m.parameters())
+    checkpoint.save(str(tmp_path), 5, m, opt, {"iter": 5}, keep_last=1)
+    real_rename = os.rename
+    def killed(src, dst):
+        if os.path.basename(src).startswith("tmp_iter_"):
+            raise KeyboardInterrupt  # the moment the old code had already deleted iter_0000005
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(str(tmp_path), 5, m, opt, {"iter": 5}, keep_last=1)
+    path = checkpoint.latest(str(tmp_path))
+    assert path and torch.load(os.path.join(path, "state.pt"))["iter"] == 5
+    monkeypatch.setattr(os, "rename", real_rename)
+    checkpoint.save(str(tmp_path), 5, m, opt, {"iter": 5}, keep_last=1)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000005"]
+    shutil.rmtree(tmp_path / "iter_0000005")
+
+@pytest.mark.parametrize("arg", ["--temperature=-0.5", "--max_new_tokens=0", "--top_p=0", "--batch_size=0"])
+def test_generate_refuses_bad_sampling_keys_before_loading(arg):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "generate.py", "--pretrain=/no/such/model", "--prompt=hi", arg], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and f"--{arg[2:].split('=')[0]} must be" in p.stderr and "Traceback" not in p.stderr

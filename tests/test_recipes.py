@@ -89,6 +89,7 @@ def test_demo_quick(tmp_path):
         assert sum(row["steps"].values()) == 16
     assert os.path.exists(os.path.join(ROOT, "out/demo_quick/pareto.png"))
     assert "ideal dist" in p.stdout and "selection: kept" in p.stdout
+    assert set(res["behaviour"]) >= {"alright_simpo", "constrained"} and "alright_simpo" in p.stdout
 
 def tiny_hf(path, seed=0):
     from model import byte_tokenizer
