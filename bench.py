@@ -1,19 +1,23 @@
 """
 Throughput and peak memory of BiPOST training steps, computed as train.py computes them (one
-forward of model.GPT with the losses of losses.py applied through head_fn, one backward, gradient
-clipping, one AdamW step):
+forward of model.GPT with the losses of objectives.py / losses.py applied through head_fn, one
+backward, gradient clipping, one AdamW step), set up as train.py sets up (runtime.py: device,
+dtype, autocast, AdamW; methods.py: ALRIGHT's draw and MAXRIGHT's pick; step.py: the step):
 
-    python bench.py                                   # tiny llama on CPU, every case
-    python bench.py --compare=True --rounds=3         # + the same DPO step in plain transformers and TRL
+    python bench.py                                   # tiny llama on CPU in float32, the default cases (all but alright3)
+    python bench.py --compare=True --rounds=3         # + the same DPO and SFT steps in plain transformers, and TRL
     python bench.py --mode=memory                     # loss peak memory: chunked vs full logits, 128k vocab
+    python bench.py --mode=generate                   # batched greedy generation against transformers
     python bench.py --pretrain=meta-llama/Llama-3.2-1B --dtype=bfloat16 --batch_size=4 --seq_len=2048 --prompt_len=512
 
 Cases (--cases=...): sft; dpo (the frozen initial policy as reference, forwarded every step);
 dpo_precomputed (reference log-probs computed once before timing: no reference forward); kd (a
 second frozen model of the same shape as teacher); mix (sft and dpo rows in one forward, both
-losses, one backward); alright (sft with probability lambd, else dpo, drawn per step); alright3
-(sft, dpo or kd, each with probability 1/3: K = 3 at the cost of one objective); maxright
-(like alright, plus a no-grad evaluation of both objectives every maxright_interval steps).
+losses, one backward); alright (methods.Alright: sft with probability lambd, else dpo, drawn per
+step); alright3 (sft, dpo or kd, each with probability 1/3: K = 3 at the cost of one objective);
+maxright (methods.Maxright over sft and dpo: a no-grad evaluation of both every maxright_interval
+steps; f_i* stand-ins 0.1 below each objective's loss after the warm-up, so the choice moves
+between the two as the losses move).
 Data: random token ids, every row seq_len tokens, the first prompt_len of them a masked prompt.
 Step time: the median of `iters` timed steps after `warmup_iters` untimed ones, one case after the
 other in this process (alright and maxright: per-objective medians, see summarize); with rounds > 1
@@ -26,11 +30,21 @@ CUDA torch.cuda.max_memory_allocated minus the memory allocated before the first
 peak RSS (VmHWM, reset through /proc/self/clear_refs after the case is built) minus the RSS
 before the first step. Both count gradients, AdamW state, activations and logits, not the weights
 and data that exist before the first step; the CPU figure also counts allocator overhead.
+FLOPs per step (printed per case, by part, with TFLOP/s; MFU when peak_flops > 0): matrix products
+only. N = the weights a token is multiplied by: every linear layer of the blocks (an expert's
+weighted by the share of tokens routed to it) and the output head; the input embedding is a
+lookup, not counted. A trained weight costs 2N per token forward and 4N backward (its input's and
+its own gradient); a frozen one (LoRA's base, the head under LoRA) 2N + 2N, and each adapter
+6 r (in + out). The head runs on the labelled (response) positions only; DPO's head recomputes
+its logits in backward (2 N_head more per labelled token; SFT and forward KD take the head's
+gradient in the forward). A reference or teacher forward costs 2N. Attention's score and value
+products are counted over each row's full T x T (PaLM's convention; causal kernels compute about
+half): 4 L H hd T per token forward, 3x that with backward. Gradient checkpointing adds its
+recomputed forward of the blocks.
 """
 import contextlib
 import json as json_lib
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -44,17 +58,19 @@ import torch
 import torch.nn.functional as F
 
 import losses as L
-from lora import inject
-from model import GPT, Config
-from methods import alright_pick
-from step import Step, objective, optimizer_step
+import methods
+import objectives
+import runtime
+from lora import inject, lora_parameters
+from model import GPT, Config, Router
+from step import Step, optimizer_step
 
-# the joint cases: the objectives each one draws from (alright3: each with probability 1/3)
+# the joint cases: the objectives each one draws from, objective i = the i-th (alright3: each with probability 1/3)
 JOINT = {"alright": ("sft", "dpo"), "maxright": ("sft", "dpo"), "alright3": ("sft", "dpo", "kd")}
 
 # -----------------------------------------------------------------------------
 # default config values
-mode = "steps"            # steps: optimizer steps of each case | memory: one loss + backward, chunked vs full logits
+mode = "steps"            # steps: each case's optimizer steps | memory: loss + backward, chunked vs full logits | generate
 cases = "sft,dpo,dpo_precomputed,kd,mix,alright,maxright"
 compare = False           # also the dpo step in plain transformers and in TRL's DPOTrainer (needs trl)
 json = ""                 # write the figures to this file as JSON
@@ -66,7 +82,7 @@ model_n_head = 8
 model_n_kv_head = 4
 model_n_embd = 256
 model_intermediate_size = 688
-dtype = "float32"         # float32 | bfloat16 | float16: autocast over float32 weights, as train.py
+dtype = "float32"         # float32 | bfloat16 | float16: autocast over float32 weights (runtime.precision, as train.py)
 device = ""               # '' = cuda when available, else cpu
 gradient_checkpointing = False
 compile = False           # torch.compile each block, as train.py --compile=True (the peers stay eager)
@@ -91,7 +107,7 @@ warmup_iters = 2          # untimed steps per case (of each objective for alrigh
 iters = 10                # timed steps per case (the median is reported)
 rounds = 1                # run every case (and the peers) this many times, one round after the other; report medians
 memory = True             # peak memory per case, each in a fresh process
-peak_flops = 0.0          # the device's peak FLOP/s in dtype (e.g. 989e12 for H100 bf16 dense); > 0 reports MFU
+peak_flops = 0.0          # the device's peak FLOP/s in dtype (e.g. 989e12 for H100 bf16 dense); > 0 reports MFU per case
 seed = 1337
 # memory mode: one loss + backward from hidden states, no model
 mem_vocab_size = 128256
@@ -145,23 +161,16 @@ def dpo_batch(pairs, ids, device="cpu"):
 # -----------------------------------------------------------------------------
 # the BiPOST step: step.py's Step, the code train.py runs, on one process
 
-def make_optimizer(model, lr=5e-5, betas=(0.9, 0.95)):
-    """train.py's AdamW: weight decay 0 (two groups), fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.0},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = params[0].is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **({"fused": True} if fused else {})), params
-
 def bipost_step(step, optimizer, params, parts, max_norm=1.0):
-    """one optimizer step as train.py's train_step + clip_and_step run it: parts = [(objective,
-    batch, weight)], one micro-batch each; returns each part's loss."""
+    """one optimizer step as train.py's train_step + update run it: parts = [(objective, batch,
+    weight)], one micro-batch each; returns each part's loss."""
     res = step.train([o for o, _, _ in parts], [[b] for _, b, _ in parts], [wt for _, _, wt in parts])
     optimizer_step(optimizer, params, max_norm)
     return [l for l, _ in res]
 
 def precompute_ref_logps(step, o, batches):
-    """reference log-probs of every pair once, keyed by pair id (train.py's precompute_ref)."""
+    """reference log-probs of every pair once, keyed by pair id: step.cache_reference's cache
+    (Step.ref_logps), kept in memory."""
     cache = {}
     for b in batches:
         rc, rr = step.ref_logps(o, b)
@@ -413,6 +422,55 @@ def machine():
 def loadavg():
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json_lib.dump(obj, f, indent=2)
+    print(f"wrote {path}")
+
+# -----------------------------------------------------------------------------
+# FLOPs: what one step multiplies (see the header)
+
+def matmul_params(model):
+    """the weights a token of `model` is multiplied by: body (every linear layer and router of the
+    blocks; an expert's weighted by n_expert_per_tok / n_expert, the share of tokens it gets), head
+    (the output head; the input embedding is a lookup, not a product), lora (the adapters' r (in +
+    out), summed) and att (layers x query heads x head_dim: attention's score and value products)."""
+    c, body = model.config, 0.0
+    for n, m in model.named_modules():
+        if n.startswith("blocks.") and isinstance(m, (torch.nn.Linear, Router)):
+            body += m.weight.numel() * (c.n_expert_per_tok / c.n_expert if ".experts." in n else 1)
+    return dict(body=round(body), head=model.lm_head.weight.numel(), att=c.n_layer * c.n_head * c.head_dim,
+                lora=sum(p.numel() for _, p in lora_parameters(model)))
+
+def step_flops(parts, M, checkpointing=False, train=True):
+    """FLOPs of one optimizer step over parts = [(objective, batch, weight)] by part (train=False:
+    one no-grad forward, an evaluation); M: matmul_params of the policy (its reference and teacher
+    have the policy's shape, without adapters)."""
+    f = {}
+    add = lambda k, v: f.__setitem__(k, f.get(k, 0) + v)
+    for o, b, _ in parts:
+        tok, lab, T = int(b["attention_mask"].sum()), int((b["labels"] != IGNORE_INDEX).sum()), b["input_ids"].shape[1]
+        att = 4 * M["att"] * tok * T  # one forward's score and value products, over each row's full T x T
+        fwd = 2 * M["body"] * tok + att + 2 * M["head"] * lab  # a forward without adapters (a reference, a teacher)
+        if not train:
+            add("policy forward", fwd + 2 * M["lora"] * tok)
+        else:
+            g = 2 if M["lora"] else 4  # backward: the input's gradient, and the weight's own unless it is frozen
+            add("policy body", (2 + g) * M["body"] * tok)
+            add("policy head", (2 + g) * M["head"] * lab)
+            add("attention", 3 * att)
+            if M["lora"]:
+                add("LoRA adapters", 6 * M["lora"] * tok)
+            if o.kind.name == "dpo" or o.kind.name == "kd" and o.cfg.kd_loss != "forward":  # no head gradient in the forward
+                add("head recompute", 2 * M["head"] * lab)
+            if checkpointing:
+                add("checkpoint recompute", 2 * (M["body"] + M["lora"]) * tok + att)
+        if o.kind.needs == "logps" and o.ref_cache is None:
+            add("reference forward", fwd)
+        if o.kind.needs == "hidden":  # reverse KL / JSD recompute the teacher's logits in backward
+            add("teacher forward", fwd + 2 * M["head"] * lab * (train and o.cfg.kd_loss != "forward"))
+    return f
+
 # -----------------------------------------------------------------------------
 # steps mode: every case is a runner whose step() runs and times one optimizer step
 
@@ -422,20 +480,13 @@ def default_device(device):
     return "cuda:0" if device == "cuda" else device
 
 def build_start(cfg):
-    """the state every case starts from: config, device, initial weights, teacher, batches."""
-    device = default_device(cfg["device"])
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ptdtype = getattr(torch, cfg["dtype"])
-    master_dtype = torch.float64 if ptdtype == torch.float64 else torch.float32
-    half = ptdtype in (torch.bfloat16, torch.float16)
-    S = SimpleNamespace(cfg=dict(cfg, device=device, device_type=device_type), device=device, device_type=device_type,
-                        ptdtype=ptdtype, master_dtype=master_dtype,
-                        autocast=torch.autocast(device_type, dtype=ptdtype) if half else contextlib.nullcontext(),
-                        sync=torch.cuda.synchronize if device_type == "cuda" else (lambda: None))
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    """the state every case starts from: config, device and precision (runtime.py, as train.py),
+    initial weights, teacher, batches."""
+    W = runtime.init(default_device(cfg["device"]))
+    dtype, ptdtype, master_dtype, autocast = runtime.precision(cfg["dtype"], W.device_type)
+    S = SimpleNamespace(cfg=dict(cfg, device=W.device, device_type=W.device_type, dtype=dtype), device=W.device,
+                        device_type=W.device_type, ptdtype=ptdtype, master_dtype=master_dtype, autocast=autocast,
+                        sync=torch.cuda.synchronize if W.device_type == "cuda" else (lambda: None))
     torch.manual_seed(cfg["seed"])
     if cfg["pretrain"]:
         S.base = GPT.from_pretrained(cfg["pretrain"], dtype=ptdtype if cfg["lora_rank"] else master_dtype, device="cpu")
@@ -456,7 +507,7 @@ def build_start(cfg):
     # theirs on the device already)
     S.sft_batches = [sft_batch(S.pairs[i * B:(i + 1) * B], range(i * B, (i + 1) * B)) for i in range(n_batches)]
     S.dpo_batches = [dpo_batch(S.pairs[i * B:(i + 1) * B], range(i * B, (i + 1) * B)) for i in range(n_batches)]
-    on_device = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+    on_device = lambda b: {k: v.to(S.device) if torch.is_tensor(v) else v for k, v in b.items()}
     S.sft_batches_dev, S.dpo_batches_dev = [on_device(b) for b in S.sft_batches], [on_device(b) for b in S.dpo_batches]
     return S
 
@@ -467,94 +518,113 @@ def timed(S, fn):
     S.sync()
     return time.perf_counter() - t0, out
 
+def hf_trainer(name, S):
+    """the plain transformers loop on the same weights and batches (transformers: DPO against a
+    frozen copy, transformers_sft: SFT): train(kind, k) -> (seconds, tokens) of step k."""
+    cfg, ac = S.cfg, S.autocast
+    model = hf_model(S, S.master_dtype).to(S.device).train()
+    model.config.use_cache = False
+    if cfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = hf_model(S, S.ptdtype).to(S.device).eval().requires_grad_(False) if name == "transformers" else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], betas=cfg["adam_betas"], eps=1e-8,
+                            weight_decay=0.0, **({"fused": True} if S.device_type == "cuda" else {}))
+
+    def train(kind, k):
+        if ref is None:
+            b = S.sft_batches_dev[k % len(S.sft_batches)]
+            dt, _ = timed(S, lambda: hf_sft_step(model, opt, b, ac, cfg["max_norm"]))
+        else:
+            b = S.dpo_batches_dev[k % len(S.dpo_batches)]
+            dt, _ = timed(S, lambda: hf_dpo_step(model, ref, opt, b, cfg["dpo_beta"], ac, cfg["max_norm"]))
+        return dt, int(b["attention_mask"].sum())
+    return train
+
+def bipost_trainer(name, S, R):
+    """case `name` set up as train.py sets up: a fresh policy (LoRA adapters in float32 over the
+    frozen base), the frozen reference / teacher in the compute dtype (under LoRA the reference is
+    the policy with its adapters off), runtime.optimizer's AdamW (weight decay 0, fused on CUDA),
+    objectives.make's objectives (1 sft, 2 dpo, 3 kd) and step.Step. Sets R.eval(kind, k) (the
+    no-grad loss on batch k) and R.flops (FLOPs per step of each objective it trains, by part);
+    returns train(kind, k) -> (seconds, tokens) of one timed optimizer step."""
+    cfg = S.cfg
+    model = deepcopy(S.base).to(S.device)
+    model.gradient_checkpointing = cfg["gradient_checkpointing"]
+    if cfg["compile"]:
+        model.compile_blocks()  # train.py's --compile
+    if cfg["lora_rank"]:
+        inject(model, cfg["lora_rank"], cfg["lora_alpha"], 0.0, cfg["target_modules"])
+        for _, p in lora_parameters(model):
+            p.data = p.data.to(S.master_dtype)
+    model.train()
+    optimizer, params = runtime.optimizer(model, cfg["learning_rate"], cfg["adam_betas"], 0.0, fused=S.device_type == "cuda")
+    uses = JOINT.get(name) or {"mix": ("sft", "dpo"), "dpo_precomputed": ("dpo",)}.get(name, (name,))
+    frozen = lambda m: deepcopy(m).to(S.device, S.ptdtype).eval().requires_grad_(False)
+    lora = bool(cfg["lora_rank"])
+    sft = objectives.make("sft", 1)
+    dpo = objectives.make("dpo", 2, ref=frozen(S.base) if "dpo" in uses and not lora else None, ref_is_policy=lora,
+                          dpo_beta=cfg["dpo_beta"])
+    kd = objectives.make("kd", 3, ref=frozen(S.teacher) if "kd" in uses else None, kd_loss=cfg["kd_loss"])
+    core = Step(model, model, S.autocast, cfg["loss_chunk_size"], 0, S.device)  # train.py's step computation
+    if name == "dpo_precomputed":
+        precompute_ref_logps(core, dpo, S.dpo_batches)
+        dpo.ref = None  # the cache replaces the reference model
+    obj = {"sft": sft, "dpo": dpo, "dpo_precomputed": dpo, "kd": kd}
+    batch = lambda o, k: (S.dpo_batches if o is dpo else S.sft_batches)[k % len(S.sft_batches)]
+    lambd = cfg["lambd"]
+    parts = lambda kind, k: ([(sft, batch(sft, k), lambd), (dpo, batch(dpo, k), 1 - lambd)] if kind == "mix" else
+                             [(obj[kind], batch(obj[kind], k), 1.0)])
+
+    def train(kind, k):
+        ps = parts(kind, k)
+        dt, losses = timed(S, lambda: bipost_step(core, optimizer, params, ps, cfg["max_norm"]))
+        R.last_loss = losses[0]
+        return dt, sum(int(b["attention_mask"].sum()) for _, b, _ in ps)
+    R.eval = lambda kind, k: core.evaluate(obj[kind], [batch(obj[kind], k)])[0]
+    M = matmul_params(model)
+    R.flops = {kind: step_flops(parts(kind, 0), M, cfg["gradient_checkpointing"]) for kind in JOINT.get(name, (name,))}
+    if name == "maxright":  # one evaluation of both objectives
+        R.flops["evaluation"] = step_flops(parts("sft", 0) + parts("dpo", 0), M, train=False)
+    return train
+
 def make_runner(name, S):
     """a fresh policy (and reference / teacher) for case `name`. Returns a namespace with warm(n)
-    (untimed steps) and step() (one timed optimizer step, appended to .times / .objs / .evals)."""
-    cfg, ac, chunk = S.cfg, S.autocast, S.cfg["loss_chunk_size"]
-    R = SimpleNamespace(name=name, times=[], objs=[], tokens=[], evals=[], k=0)
-    if name in ("transformers", "transformers_sft"):  # the plain transformers loop, same weights and batches
-        model = hf_model(S, S.master_dtype).to(S.device).train()
-        model.config.use_cache = False
-        if cfg["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        ref = hf_model(S, S.ptdtype).to(S.device).eval().requires_grad_(False) if name == "transformers" else None
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], betas=cfg["adam_betas"], eps=1e-8,
-                                weight_decay=0.0, **({"fused": True} if S.device_type == "cuda" else {}))
-        def train(kind, k):
-            if name == "transformers_sft":
-                b = S.sft_batches_dev[k % len(S.sft_batches)]
-                dt, _ = timed(S, lambda: hf_sft_step(model, opt, b, ac, cfg["max_norm"]))
-            else:
-                b = S.dpo_batches_dev[k % len(S.dpo_batches)]
-                dt, _ = timed(S, lambda: hf_dpo_step(model, ref, opt, b, cfg["dpo_beta"], ac, cfg["max_norm"]))
-            return dt, int(b["attention_mask"].sum())
-    else:
-        model = deepcopy(S.base).to(S.device)
-        model.gradient_checkpointing = cfg["gradient_checkpointing"]
-        if cfg["compile"]:
-            model.compile_blocks()  # train.py's --compile
-        if cfg["lora_rank"]:
-            inject(model, cfg["lora_rank"], cfg["lora_alpha"], 0.0, cfg["target_modules"])
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.data = p.data.to(S.master_dtype)  # adapters train in float32
-        model.train()
-        optimizer, params = make_optimizer(model, cfg["learning_rate"], cfg["adam_betas"])
-        ref = "self" if cfg["lora_rank"] else None  # 'self': the policy with its adapters off
-        if name in ("dpo", "dpo_precomputed", "mix", "alright", "maxright", "alright3") and ref is None:
-            ref = deepcopy(S.base).to(S.device, S.ptdtype).eval().requires_grad_(False)
-        sft, dpo = objective("sft"), objective("dpo", ref=ref, beta=cfg["dpo_beta"])
-        kd = objective("kd", kd_loss=cfg["kd_loss"])
-        if name in ("kd", "alright3"):
-            kd.ref = deepcopy(S.teacher).to(S.device, S.ptdtype).eval().requires_grad_(False)
-        core = Step(model, model, ac, chunk, 0, S.device)  # train.py's step computation
-        if name == "dpo_precomputed":
-            precompute_ref_logps(core, dpo, S.dpo_batches)
-            if ref != "self":
-                dpo.ref = ref = None  # the cache replaces the reference model
-        lambd = cfg["lambd"]
-        parts = {"sft": lambda k: [(sft, S.sft_batches[k % len(S.sft_batches)], 1.0)],
-                 "dpo": lambda k: [(dpo, S.dpo_batches[k % len(S.dpo_batches)], 1.0)],
-                 "kd": lambda k: [(kd, S.sft_batches[k % len(S.sft_batches)], 1.0)],
-                 "mix": lambda k: [(sft, S.sft_batches[k % len(S.sft_batches)], lambd),
-                                   (dpo, S.dpo_batches[k % len(S.dpo_batches)], 1 - lambd)]}
-        parts["dpo_precomputed"] = parts["dpo"]
-        def train(kind, k):
-            ps = parts[kind](k)
-            dt, losses = timed(S, lambda: bipost_step(core, optimizer, params, ps, cfg["max_norm"]))
-            R.last_loss = losses[0]
-            return dt, sum(int(b["attention_mask"].sum()) for _, b, _ in ps)
-        R.eval = {"sft": lambda k: core.evaluate(sft, [S.sft_batches[k % len(S.sft_batches)]])[0],
-                  "dpo": lambda k: core.evaluate(dpo, [S.dpo_batches[k % len(S.dpo_batches)]])[0]}
-    joint = name in JOINT
-    rng, w, s, opt_f = random.Random(cfg["seed"]), {"sft": cfg["lambd"], "dpo": 1 - cfg["lambd"]}, {}, {}
-    if name == "alright3":
-        w = {i: 1 / 3 for i in JOINT[name]}
+    (untimed steps of each objective) and step() (one timed optimizer step, appended to .times /
+    .objs / .evals). The joint cases pick each step's objective with methods.py's method object,
+    as train.py does: pick(it, gap) before the step, update(i, gap) after it."""
+    cfg = S.cfg
+    R = SimpleNamespace(name=name, times=[], objs=[], tokens=[], evals=[], k=0, flops={})
+    train = hf_trainer(name, S) if name.startswith("transformers") else bipost_trainer(name, S, R)
+    kinds, single = JOINT.get(name), {"transformers": "dpo", "transformers_sft": "sft"}.get(name, name)
+    if kinds:
+        w = methods.weights(cfg["lambd"], 2) if len(kinds) == 2 else (1 / len(kinds),) * len(kinds)
+        R.method = methods.make("alright" if name == "alright3" else name, w, seed=cfg["seed"],
+                                interval=cfg["maxright_interval"])
+    f_star = {}  # maxright's f_i*
 
     def warm(n):
         for k in range(n):
-            for kind in (JOINT[name] if joint else ("dpo",) if name.startswith("transformers") else (name,)):
+            for kind in kinds or (single,):
                 train(kind, k)
         if name == "maxright":
             # f* stand-ins: 0.1 below each current loss, so both weighted gaps start equal and the
             # choice alternates as the losses move; it only decides which step cost is paid
-            opt_f.update({kind: R.eval[kind](0) - 0.1 for kind in ("sft", "dpo")})
+            f_star.update({i: R.eval(kind, 0) - 0.1 for i, kind in enumerate(kinds, 1)})
 
     def step():
-        k, t_eval = R.k, 0.0
+        k, kind, t_eval = R.k, single, 0.0
         R.k += 1
-        if name in ("alright", "alright3"):  # objective i with probability w_i, drawn once per step (train.py's draw)
-            kind = JOINT[name][alright_pick(rng, list(w.values())) - 1]
-        elif name == "maxright":  # the larger weighted gap; both refreshed every k steps, no grad
-            if k % cfg["maxright_interval"] == 0:
-                t_eval, s_new = timed(S, lambda: {i: w[i] * (R.eval[i](k + 1) - opt_f[i]) for i in ("sft", "dpo")})
-                s.update(s_new)
-            kind = "sft" if s["sft"] >= s["dpo"] else "dpo"
-        else:
-            kind = "dpo" if name.startswith("transformers") else name
+        if kinds:
+            evaluated = []
+
+            def gap(i):  # f_i - f_i* on a fresh batch, no grad (maxright's re-evaluation, timed with the step)
+                evaluated.append(i)
+                return R.eval(kinds[i - 1], k + 1) - f_star[i]
+            t_pick, (i,) = timed(S, lambda: R.method.pick(k, gap))
+            kind, t_eval = kinds[i - 1], t_pick if evaluated else 0.0
         dt, n = train(kind, k)
-        if name == "maxright":
-            s[kind] = w[kind] * (R.last_loss - opt_f[kind])  # the chosen one's pre-update loss
+        if f_star:  # the trained objective's gap, from its pre-update loss
+            R.method.update(i, R.last_loss - f_star[i])
         R.times.append(dt + t_eval)
         R.evals.append(t_eval)
         R.objs.append(kind)
@@ -566,9 +636,13 @@ def make_runner(name, S):
 def summarize(R, results, lambd):
     """step time (median) and tokens/s of a runner; alright / maxright also against the
     single-objective runners of the same run: per-objective medians of their training steps,
-    weighted by lambd (alright) or by the realized counts (maxright, plus its evaluations)."""
+    weighted by lambd (alright) or by the realized counts (maxright, plus its evaluations).
+    FLOPs per step (R.flops): the same weighting of each objective's, plus the evaluations'."""
     out = {"case": R.name, "times": R.times, "tokens_per_step": statistics.mean(R.tokens)}
     out["step_s"] = statistics.median(R.times)
+    flops = {kind: sum(p.values()) for kind, p in getattr(R, "flops", {}).items()}
+    if flops:
+        out["flops_parts"], out["flops"] = R.flops, flops.get(R.name)
     if R.name in JOINT:
         kinds = JOINT[R.name]
         by = {i: [t - e for t, e, o in zip(R.times, R.evals, R.objs) if o == i] for i in kinds}
@@ -581,6 +655,8 @@ def summarize(R, results, lambd):
               {i: 1 / 3 for i in kinds} if R.name == "alright3" and len(med) == 3 else {i: len(by[i]) / n for i in med})
         out["step_s"] = sum(wt[i] * med[i] for i in med) + sum(R.evals) / n
         out["tokens_per_step"] = sum(wt[i] * statistics.mean(t for t, o in zip(R.tokens, R.objs) if o == i) for i in med)
+        if flops:
+            out["flops"] = sum(wt[i] * flops[i] for i in med) + flops.get("evaluation", 0) * len(out["eval_s"]) / n
         if all(i in results for i in kinds):
             out["single_step_s"] = sum(wt[i] * results[i]["step_s"] for i in med)
             out["vs_single"] = out["step_s"] / out["single_step_s"]
@@ -622,10 +698,6 @@ def case_memory_subprocess(name, argv):
             return json_lib.loads(line[len("BENCH_RESULT "):])
     raise RuntimeError(f"memory subprocess for {name} failed (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
 
-def flops_per_token(model_cfg, n_params, T):
-    """training FLOPs per token of one forward + backward (PaLM / nanoGPT estimate: 6N + 12 L H hd T)."""
-    return 6 * n_params + 12 * model_cfg.n_layer * model_cfg.n_head * model_cfg.head_dim * T
-
 def print_table(rows, header):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(str(v).rjust(w) for v, w in zip(r, widths))
@@ -633,6 +705,33 @@ def print_table(rows, header):
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print(line(r))
+
+def run_round(S, order, trl, rnd):
+    """one round: every case, one after the other, each freed before the next, as separate training
+    runs would be (every round runs them all again, so slow drift of the machine reaches every case
+    alike); then TRL; then the round's ratios."""
+    cfg, res = S.cfg, {}
+    W, n, B, T = cfg["warmup_iters"], cfg["iters"], cfg["batch_size"], cfg["seq_len"]
+    line = lambda c: print(f"  {c:<16} {res[c]['step_s'] * 1e3:9.1f} ms/step  {res[c]['tokens_per_s']:9.0f} tok/s  "
+                           f"(round {rnd + 1}, load {loadavg()})")
+    for c in order:
+        R = make_runner(c, S)
+        R.warm(W)
+        for _ in range(n):
+            R.step()
+        res[c] = summarize(R, res, cfg["lambd"])
+        line(c)
+        del R
+    if trl is not None:
+        times, peak = trl_dpo_step_times(S, W + n)
+        times = times[W:]
+        res["trl"] = {"case": "trl", "times": times, "step_s": statistics.median(times), "version": trl.__version__,
+                      "tokens_per_step": 2 * B * T, "tokens_per_s": 2 * B * T / statistics.median(times)}
+        if peak is not None:
+            res["trl"]["peak_mib"] = peak
+        line("trl")
+    ratios(res)
+    return res
 
 def main_steps(cfg, argv):
     S = build_start(cfg)
@@ -648,54 +747,28 @@ def main_steps(cfg, argv):
         R.step()
         print("BENCH_RESULT " + json_lib.dumps({"case": cfg["case"], "peak_mib": memory_peak(S.device, base)}))
         return
-
     if cfg["profile"]:
         return profile_case(cfg["profile"], S)
-    mcfg, B, T = S.base.config, cfg["batch_size"], cfg["seq_len"]
+    cfg, mcfg, M = S.cfg, S.base.config, matmul_params(S.base)
     info = dict(machine(), device=S.device, dtype=cfg["dtype"], load_start=loadavg())
-    n_params = S.base.num_params() - S.base.wte.weight.numel()
+    n_params = sum(p.numel() for n, p in S.base.named_parameters() if not n.startswith("wte."))
     print(f"bench: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, {info['torch_threads']} threads, "
-          f"torch {info['torch']}, {S.device} {cfg['dtype']}, {n_params / 1e6:.2f}M non-embedding params, vocab "
-          f"{mcfg.vocab_size}, {B} x {T} tokens ({cfg['prompt_len']} prompt), load {info['load_start']}")
-    compare = cfg["compare"]
-    if compare and cfg["lora_rank"]:
-        print("compare: LoRA runs compare with TRL + PEFT only (the plain transformers peers train the full model)")
-    elif compare:
-        names += ["transformers"] * ("dpo" in names) + ["transformers_sft"] * ("sft" in names)
+          f"torch {info['torch']}, {S.device} {cfg['dtype']}, N = {(M['body'] + M['head']) / 1e6:.2f}M matmul params "
+          f"({M['body'] / 1e6:.2f}M blocks + {M['head'] / 1e6:.2f}M head; {n_params / 1e6:.2f}M params besides the input "
+          f"embedding), vocab {mcfg.vocab_size}, {cfg['batch_size']} x {cfg['seq_len']} tokens ({cfg['prompt_len']} "
+          f"prompt), load {info['load_start']}")
     trl = None
-    if compare and "dpo" in names:
+    if cfg["compare"] and cfg["lora_rank"]:
+        print("compare: LoRA runs compare with TRL + PEFT only (the plain transformers peers train the full model)")
+    elif cfg["compare"]:
+        names += ["transformers"] * ("dpo" in names) + ["transformers_sft"] * ("sft" in names)
+    if cfg["compare"] and "dpo" in names:
         try:
             import trl
         except ImportError:
             print("compare: trl is not installed, TRL skipped")
-    W, n = cfg["warmup_iters"], cfg["iters"]
     order = sorted(names, key=lambda c: (c in JOINT) + 2 * c.startswith("transformers"))  # singles first
-    rounds = []
-    for rnd in range(cfg["rounds"]):
-        # one case after the other, each freed before the next, as separate training runs would be;
-        # every round runs them all again, so slow drift of the machine reaches every case alike
-        res = {}
-        for c in order:
-            R = make_runner(c, S)
-            R.warm(W)
-            for _ in range(n):
-                R.step()
-            res[c] = summarize(R, res, cfg["lambd"])
-            print(f"  {c:<16} {res[c]['step_s'] * 1e3:9.1f} ms/step  {res[c]['tokens_per_s']:9.0f} tok/s  "
-                  f"(round {rnd + 1}, load {loadavg()})")
-            del R
-        if trl is not None:
-            times, peak = trl_dpo_step_times(S, W + n)
-            times = times[W:]
-            res["trl"] = {"case": "trl", "times": times, "step_s": statistics.median(times), "version": trl.__version__,
-                          "tokens_per_step": 2 * B * T}
-            if peak is not None:
-                res["trl"]["peak_mib"] = peak
-            res["trl"]["tokens_per_s"] = 2 * B * T / res["trl"]["step_s"]
-            print(f"  {'trl':<16} {res['trl']['step_s'] * 1e3:9.1f} ms/step  {res['trl']['tokens_per_s']:9.0f} tok/s  "
-                  f"(round {rnd + 1}, load {loadavg()})")
-        ratios(res)
-        rounds.append(res)
+    rounds = [run_round(S, order, trl, rnd) for rnd in range(cfg["rounds"])]
     results = combine(rounds)
     info["load_end"] = loadavg()
     if cfg["memory"]:
@@ -704,9 +777,16 @@ def main_steps(cfg, argv):
                 results[c]["peak_mib"] = case_memory_subprocess(c, argv)["peak_mib"]
     if "peak_mib" in results.get("trl", {}) and "peak_mib" in results.get("dpo", {}):
         results["trl"]["memory_ratio"] = results["dpo"]["peak_mib"] / results["trl"]["peak_mib"]
-    if cfg["peak_flops"] > 0 and "sft" in results:
-        results["sft"]["mfu"] = results["sft"]["tokens_per_s"] * flops_per_token(mcfg, n_params, T) / cfg["peak_flops"]
+    for r in results.values():
+        if r.get("flops"):
+            r["tflops_per_s"] = r["flops"] / r["step_s"] / 1e12
+            if cfg["peak_flops"] > 0:
+                r["mfu"] = r["flops"] / r["step_s"] / cfg["peak_flops"]
+    report_steps(S, results, info, len(rounds))
 
+def report_steps(S, results, info, n_rounds):
+    """the table of step times (with every ratio), then each case's FLOPs per step by part."""
+    cfg, B, T = S.cfg, S.cfg["batch_size"], S.cfg["seq_len"]
     rows = []
     for c, r in results.items():
         note = ""
@@ -722,21 +802,30 @@ def main_steps(cfg, argv):
                     f"this{each('bipost_speedup')}")
         if "memory_ratio" in r:
             note += f"; BiPOST dpo peak memory = {r['memory_ratio']:.2f}x this"
-        if "mfu" in r:
-            note = f"MFU {100 * r['mfu']:.1f}%"
         mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
         rows.append([c, f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}", mem, note])
-    print(f"\n{S.device} {cfg['dtype']}, batch {B} x {T} tokens (dpo: {B} pairs = {2 * B} rows), median of {n} steps "
-          f"after {W} warmup{f', median over {len(rounds)} rounds' if len(rounds) > 1 else ''}, "
+    print(f"\n{S.device} {cfg['dtype']}, batch {B} x {T} tokens (dpo: {B} pairs = {2 * B} rows), median of {cfg['iters']} "
+          f"steps after {cfg['warmup_iters']} warmup{f', median over {n_rounds} rounds' if n_rounds > 1 else ''}, "
           f"load {info['load_start']} -> {info['load_end']}")
     print_table(rows, ["case", "ms/step", "tokens/s", "peak MiB", "note"])
     mem_note = ("peak memory: max_memory_allocated above the pre-step allocation" if S.device_type == "cuda" else
                 "peak memory: peak RSS above the pre-step RSS") + ", a fresh process per case"
     print(mem_note)
+    print("\nFLOPs per step (GFLOP; matrix products only: N excludes the input embedding, the head runs on the labelled "
+          "positions, attention over each row's full T x T; see bench.py's header)")
+    gf = lambda v: f"{v / 1e9:,.2f}"
+    for c, r in results.items():
+        if not r.get("flops"):
+            continue
+        mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        if c in JOINT:
+            parts = ", ".join(f"{k} {gf(sum(p.values()))}" for k, p in r["flops_parts"].items())
+            parts = f"weighted as its step time: {parts}" + (" (per evaluation)" if "evaluation" in r["flops_parts"] else "")
+        else:
+            parts = " + ".join(f"{k} {gf(v)}" for k, v in r["flops_parts"][c].items())
+        print(f"  {c:<16} {gf(r['flops']):>9}  {r['tflops_per_s']:7.2f} TFLOP/s{mfu}  = {parts}")
     if cfg["json"]:
-        with open(cfg["json"], "w") as f:
-            json_lib.dump({"machine": info, "config": cfg, "results": results, "memory": mem_note}, f, indent=2)
-        print(f"wrote {cfg['json']}")
+        write_json(cfg["json"], {"machine": info, "config": cfg, "results": results, "memory": mem_note})
 
 def profile_case(name, S, steps=3):
     """torch.profiler over a few steps of one case: the kernels that take the time, and host vs
@@ -761,7 +850,7 @@ def profile_case(name, S, steps=3):
 
 def main_memory(cfg, argv):
     device = default_device(cfg["device"])
-    ptdtype = getattr(torch, cfg["dtype"])
+    cfg["dtype"], ptdtype, _, _ = runtime.precision(cfg["dtype"], device.split(":")[0])  # the tensors' dtype, no autocast
     args = (cfg["mem_vocab_size"], cfg["mem_seq_len"], cfg["mem_n_embd"], cfg["mem_chunk_size"], device, ptdtype,
             cfg["mem_train_head"])
     if cfg["case"]:
@@ -793,26 +882,46 @@ def main_memory(cfg, argv):
     print("peak memory: " + ("max_memory_allocated above the inputs" if device.startswith("cuda") else
                              "peak RSS above the RSS after the inputs are allocated, a fresh process per case"))
     if cfg["json"]:
-        with open(cfg["json"], "w") as f:
-            json_lib.dump({"machine": info, "config": cfg, "results": results}, f, indent=2)
-        print(f"wrote {cfg['json']}")
+        write_json(cfg["json"], {"machine": info, "config": cfg, "results": results})
 
 # -----------------------------------------------------------------------------
 # generate mode: batched greedy decoding, generate.py against transformers' generate and no cache
+
+def kernels_only(ours, x, S, dt):
+    """the floor of a decoding step, for families with separate q/k/v and gate/up (else None): the
+    prefill forward, then per step only the matrix products and attention kernels generate.py
+    makes (fused weights through model.linear, the cache's keys and values), none of the norms,
+    rope, residuals, cache writes or bookkeeping around them."""
+    from generate import last_logits
+    from model import KVCache, dense, linear
+    mc, (B, P) = ours.config, x.shape
+    H, K, hd, I = mc.n_head, mc.n_kv_head, mc.head_dim, mc.intermediate_size
+    if not all(f is not None and "gate_up" in f for f in KVCache(mc, 1, 1).fuse(ours).fused):
+        return None
+
+    @torch.inference_mode()  # as generate.py
+    def run(n):
+        c = KVCache(mc, B, P + n, S.device, dt).fuse(ours)
+        ours(x, head_fn=last_logits)  # the prefill, as generate.py runs it
+        h = torch.randn(B, mc.n_embd, device=S.device, dtype=dt)
+        for t in range(n):
+            for i, (f, block) in enumerate(zip(c.fused, ours.blocks)):
+                q = linear(h, *f["qkv"])[:, :H * hd].view(B, H, 1, hd)
+                y = F.scaled_dot_product_attention(q, c.k[i][:, :, :P + t + 1], c.v[i][:, :, :P + t + 1], enable_gqa=H != K)
+                h = dense(block.mlp.down_proj, linear(dense(block.attn.o_proj, y.view(B, H * hd)), *f["gate_up"])[:, :I])
+            linear(h, ours.lm_head.weight).argmax(dim=-1)
+    return run
 
 def bench_generate(cfg):
     """tokens/s of batched greedy generation: batch_size random prompts of prompt_len tokens, seq_len
     new tokens per row (no eos), on the same weights and batch: generate.py (KV cache, q|k|v and
     gate|up fused), the same unfused (fuse=False), transformers' generate (its default dynamic cache),
-    generate.py with use_cache=False (the full forward every step), and the floor ("kernels only",
-    for families with separate q/k/v and gate/up): the prefill forward, then only the matrix
-    products and attention kernels of each step, none of the norms, rope, residuals or bookkeeping
-    around them; transformers' time over the floor's bounds what any generator of these kernels can
-    reach. All but the no-cache loop alternate for `rounds` runs after one warm-up each (medians);
-    the no-cache loop runs once. tokens/s counts new tokens."""
+    generate.py with use_cache=False (the full forward every step), and the floor (kernels_only);
+    transformers' time over the floor's bounds what any generator of these kernels can reach. All
+    but the no-cache loop alternate for `rounds` runs after one warm-up each (medians); the no-cache
+    loop runs once. tokens/s counts new tokens."""
     import transformers
-    from generate import generate, last_logits
-    from model import KVCache, dense, linear
+    from generate import generate
     S = build_start(cfg)
     dt = S.ptdtype  # generation runs in the compute dtype itself (no autocast)
     hf = hf_model(S, dt).to(S.device).eval()
@@ -830,25 +939,11 @@ def bench_generate(cfg):
     }
     if S.device_type == "cuda":  # generate.py replays a CUDA graph per step there; this is its eager step
         runs["no_graph"] = lambda n: generate(ours, x, n, cuda_graph=False)
-    mc = ours.config
-    H, K, hd, I = mc.n_head, mc.n_kv_head, mc.head_dim, mc.intermediate_size
-
-    @torch.inference_mode()  # as generate.py
-    def kernels_only(n):
-        c = KVCache(mc, B, P + n, S.device, dt).fuse(ours)
-        ours(x, head_fn=last_logits)  # the prefill, as generate.py runs it
-        h = torch.randn(B, mc.n_embd, device=S.device, dtype=dt)
-        for t in range(n):
-            for i, (f, block) in enumerate(zip(c.fused, ours.blocks)):
-                q = linear(h, *f["qkv"])[:, :H * hd].view(B, H, 1, hd)
-                y = F.scaled_dot_product_attention(q, c.k[i][:, :, :P + t + 1], c.v[i][:, :, :P + t + 1], enable_gqa=H != K)
-                h = dense(block.mlp.down_proj, linear(dense(block.attn.o_proj, y.view(B, H * hd)), *f["gate_up"])[:, :I])
-            linear(h, ours.lm_head.weight).argmax(dim=-1)
-    if all(f is not None and "gate_up" in f for f in KVCache(mc, 1, 1).fuse(ours).fused):
-        runs["kernels_only"] = kernels_only
-    info = dict(machine(), device=S.device, dtype=cfg["dtype"], load_start=loadavg())
+    if (floor := kernels_only(ours, x, S, dt)) is not None:
+        runs["kernels_only"] = floor
+    info = dict(machine(), device=S.device, dtype=S.cfg["dtype"], load_start=loadavg())
     print(f"bench generate: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, {info['torch_threads']} threads, "
-          f"torch {info['torch']}, transformers {transformers.__version__}, {S.device} {cfg['dtype']}, "
+          f"torch {info['torch']}, transformers {transformers.__version__}, {S.device} {S.cfg['dtype']}, "
           f"{ours.num_params() / 1e6:.2f}M params, vocab {V}, batch {B}, prompt {P}, {N} new tokens")
     times, outs = {k: [] for k in runs}, {}
     with torch.no_grad():
@@ -863,22 +958,24 @@ def bench_generate(cfg):
                 print(f"  {k:<14} {dt_s:8.2f} s  {B * N / dt_s:9.0f} tok/s  (round {rnd + 1}, load {loadavg()})")
     res = {k: {"seconds": statistics.median(v), "tokens_per_s": B * N / statistics.median(v), "runs_s": v}
            for k, v in times.items()}
-    # the ratio to transformers: the median of each round's ratio (the two ran back to back)
-    res["vs_transformers"] = statistics.median(b / a for a, b in zip(times["generate.py"], times["transformers"]))
-    res["vs_transformers_rounds"] = [b / a for a, b in zip(times["generate.py"], times["transformers"])]
+    # each ratio to transformers: the median of each round's ratio (the two ran back to back)
+    per_round = lambda k: [b / a for a, b in zip(times[k], times["transformers"])]
+    res["vs_transformers_rounds"] = per_round("generate.py")
+    res["vs_transformers"] = statistics.median(res["vs_transformers_rounds"])
     res["vs_no_cache"] = res["generate.py"]["tokens_per_s"] / res["no_cache"]["tokens_per_s"]
-    ratio = lambda k: statistics.median(b / a for a, b in zip(times[k], times["transformers"]))
-    res["unfused_vs_transformers"] = ratio("unfused")
+    res["unfused_vs_transformers"] = statistics.median(per_round("unfused"))
     if "kernels_only" in runs:
-        res["kernels_only_vs_transformers"] = ratio("kernels_only")  # the ceiling of vs_transformers
-    same = lambda a, b: float((outs[a][:, P:] == outs[b][:, P:]).float().mean())
-    res["same_tokens_transformers"], res["same_tokens_no_cache"] = same("generate.py", "transformers"), same("generate.py", "no_cache")
-    res["same_tokens_unfused"] = same("generate.py", "unfused")
-    if "no_graph" in runs:  # the CUDA-graph replay against the same step run eagerly
-        res["same_tokens_no_graph"] = same("generate.py", "no_graph")
+        res["kernels_only_vs_transformers"] = statistics.median(per_round("kernels_only"))  # the ceiling of vs_transformers
+    for k in ("transformers", "no_cache", "unfused", "no_graph"):  # no_graph: the CUDA-graph replay against the eager step
+        if k in outs:
+            res[f"same_tokens_{k}"] = float((outs["generate.py"][:, P:] == outs[k][:, P:]).float().mean())
     info["load_end"] = loadavg()
-    print(f"\n{S.device} {cfg['dtype']}, batch {B}, prompt {P}, {N} new tokens, median of {cfg['rounds']} runs, "
-          f"load {info['load_start']} -> {info['load_end']}")
+    report_generate(res, runs, S.cfg, info)
+    return res
+
+def report_generate(res, runs, cfg, info):
+    print(f"\n{info['device']} {cfg['dtype']}, batch {cfg['batch_size']}, prompt {cfg['prompt_len']}, {cfg['seq_len']} "
+          f"new tokens, median of {cfg['rounds']} runs, load {info['load_start']} -> {info['load_end']}")
     print_table([[k, f"{res[k]['seconds']:.2f}", f"{res[k]['tokens_per_s']:.0f}",
                   f"{res['generate.py']['tokens_per_s'] / res[k]['tokens_per_s']:.2f}x"] for k in runs],
                 ["generator", "seconds", "new tokens/s", "generate.py is"])
@@ -890,19 +987,17 @@ def bench_generate(cfg):
           + (f", eager step (no graph) {res['same_tokens_no_graph']:.3f}" if "no_graph" in runs else "")
           + f" (random weights in {cfg['dtype']}: near-ties may differ)")
     if cfg["json"]:
-        with open(cfg["json"], "w") as f:
-            json_lib.dump({"machine": info, "config": cfg, "results": res}, f, indent=2)
-        print(f"wrote {cfg['json']}")
-    return res
+        write_json(cfg["json"], {"machine": info, "config": cfg, "results": res})
 
 if __name__ == "__main__":
     import configurator
+    if {"-h", "--help"} & set(sys.argv[1:]):  # the header, then every config key with its default and meaning
+        src = open(__file__).read()
+        print(__doc__ + src[src.index("# default config values"):src.index("# ----", src.index("profile = "))])
+        sys.exit()
     _cfg = {k: globals()[k] for k in config_keys}
     configurator.apply(sys.argv[1:], _cfg, verbose=False)
     globals().update(_cfg)
-    if mode == "generate":
-        bench_generate(_cfg)
-        sys.exit()
-    if mode not in ("steps", "memory"):
-        raise ValueError(f"config key mode: {mode!r} is not steps or memory")
-    (main_memory if mode == "memory" else main_steps)(_cfg, sys.argv[1:])
+    if mode not in ("steps", "memory", "generate"):
+        raise ValueError(f"config key mode: {mode!r} is not steps, memory or generate")
+    {"steps": main_steps, "memory": main_memory, "generate": lambda c, argv: bench_generate(c)}[mode](_cfg, sys.argv[1:])

@@ -1,6 +1,7 @@
 """bench.py's two sides of the DPO comparison do the same work: the BiPOST step (model.GPT +
 losses.py through head_fn) and the plain transformers step (full logits, log_softmax, gather)
-give the same losses on the same weights and batch, before and after one AdamW step."""
+give the same losses on the same weights and batch, before and after one AdamW step. Its joint
+cases pick with methods.py's code, and its FLOP count is the hand count of the model's products."""
 import math
 import os
 import sys
@@ -10,6 +11,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
+import methods  # noqa: E402
+import objectives  # noqa: E402
+import runtime  # noqa: E402
 from model import GPT, Config  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -24,8 +28,8 @@ def test_bipost_dpo_step_equals_plain_transformers_step():
     pairs[1] = (pairs[1][0], pairs[1][1], pairs[1][1][:5] + pairs[1][2][5:])  # chosen/rejected share a prefix
     b = bench.dpo_batch(pairs, range(3))
 
-    o = bench.objective("dpo", ref=deepcopy(ref).eval().requires_grad_(False), beta=0.5)
-    opt, params = bench.make_optimizer(policy, lr=1e-3)
+    o = objectives.make("dpo", ref=deepcopy(ref).eval().requires_grad_(False), dpo_beta=0.5)
+    opt, params = runtime.optimizer(policy, 1e-3, (0.9, 0.95))  # bench's AdamW: weight decay 0, not fused on CPU
     step = bench.Step(policy, policy, chunk_size=5)
     ours = [bench.bipost_step(step, opt, params, [(o, b, 1.0)])[0] for _ in range(2)]
 
@@ -60,8 +64,8 @@ def test_bench_step_is_train_py_step(tmp_path):
     policy = GPT.from_pretrained(init, dtype=torch.float64)
     ref = GPT.from_pretrained(init, dtype=torch.float64).eval().requires_grad_(False)
     hf_policy, hf_ref = bench.to_hf(policy, torch.float64), bench.to_hf(ref, torch.float64).requires_grad_(False)
-    o = bench.objective("dpo", ref=ref, beta=0.5)
-    opt, params = bench.make_optimizer(policy, lr=3e-3)
+    o = objectives.make("dpo", ref=ref, dpo_beta=0.5)
+    opt, params = runtime.optimizer(policy, 3e-3, (0.9, 0.95))
     step = bench.Step(policy, policy, pad_id=tok.pad_token_id)
     ours = [bench.bipost_step(step, opt, params, [(o, b, 1.0)])[0] for _ in range(2)]
     hf_opt = torch.optim.AdamW(hf_policy.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
@@ -84,3 +88,77 @@ def test_alright3_is_weighed_against_the_three_single_objective_steps():
     assert math.isclose(out["step_s"], (1.1 + 2.1 + 3.3) / 3) and math.isclose(out["single_step_s"], 2.0)
     assert math.isclose(out["vs_single"], (1.1 + 2.1 + 3.3) / 3 / 2.0)
     assert math.isclose(out["tokens_per_step"], 20.0)
+
+def tiny_start(**kw):
+    """bench's starting state for a tiny llama on the CPU (float32), with kw over its defaults."""
+    cfg = {k: getattr(bench, k) for k in bench.config_keys}
+    cfg.update(model_n_layer=2, model_n_embd=32, model_n_head=4, model_n_kv_head=2, model_intermediate_size=64,
+               model_vocab_size=97, batch_size=2, seq_len=16, prompt_len=4, warmup_iters=1, iters=7, device="cpu", **kw)
+    return bench.build_start(cfg)
+
+def test_joint_cases_pick_with_methods_py(monkeypatch):
+    """alright / alright3 train the objectives methods.alright_draws gives for the seed and weights;
+    maxright's choices are those of a methods.Maxright fed the same gaps (eval loss - stand-in f*)
+    and the same updates (the trained objective's loss - f*), its gaps re-evaluated every
+    maxright_interval steps."""
+    S = tiny_start(lambd=0.5, maxright_interval=2)
+    for name, w in (("alright", (0.5, 0.5)), ("alright3", (1 / 3,) * 3)):
+        R = bench.make_runner(name, S)
+        R.warm(1)
+        for _ in range(7):
+            R.step()
+        assert R.objs == [bench.JOINT[name][i - 1] for i in methods.alright_draws(S.cfg["seed"], w, 7)], R.objs
+        assert isinstance(R.method, methods.Alright)
+    calls, pick, update = [], methods.Maxright.pick, methods.Maxright.update
+
+    def spy_pick(self, it, gap):
+        seen = {}
+        out = pick(self, it, lambda i: seen.setdefault(i, gap(i)))
+        calls.append(("pick", it, seen, out))
+        return out
+    monkeypatch.setattr(methods.Maxright, "pick", spy_pick)
+    monkeypatch.setattr(methods.Maxright, "update", lambda self, i, g: (calls.append(("update", i, g)), update(self, i, g)))
+    R = bench.make_runner("maxright", S)
+    R.warm(1)
+    for _ in range(7):
+        R.step()
+    monkeypatch.undo()
+    ref, chosen = methods.Maxright((0.5, 0.5), interval=2), []
+    for c in calls:
+        if c[0] == "pick":
+            assert ref.pick(c[1], lambda i: c[2][i]) == c[3]
+            chosen.append(bench.JOINT["maxright"][c[3][0] - 1])
+        else:
+            ref.update(c[1], c[2])
+    assert R.objs == chosen and len(chosen) == 7 and set(chosen) == {"sft", "dpo"}, chosen
+    assert [c[1] for c in calls if c[0] == "pick" and c[2]] == [0, 2, 4, 6]  # both gaps re-evaluated every 2 steps
+    assert [e > 0 for e in R.evals] == [k % 2 == 0 for k in range(7)]  # those evaluations are timed with their step
+
+def test_flop_count_is_the_hand_count():
+    """matmul_params counts every product's weights (blocks and head, not the input embedding):
+    all parameters but the embedding and the norms; LoRA adds r (in + out) per adapted layer. The
+    DPO step's FLOPs by part equal the hand count: policy 6N per token (head on labelled positions),
+    head recompute 2 V C, reference 2N, attention 12 L H hd T per token."""
+    from lora import inject
+    S = tiny_start()
+    c, m = S.base.config, S.base
+    L_, C, H, K, hd, I, V = c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.intermediate_size, c.vocab_size
+    M = bench.matmul_params(m)
+    assert M["body"] == L_ * (2 * C * H * hd + 2 * C * K * hd + 3 * C * I) and M["head"] == V * C and M["lora"] == 0
+    norms = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 1)
+    assert M["body"] + M["head"] == m.num_params() - m.wte.weight.numel() - norms
+    B, T, P = S.cfg["batch_size"], S.cfg["seq_len"], S.cfg["prompt_len"]
+    tok, lab = 2 * B * T, 2 * B * (T - P)  # dpo: B pairs = 2B rows
+    R = bench.make_runner("dpo", S)
+    want = {"policy body": 6 * M["body"] * tok, "policy head": 6 * V * C * lab, "attention": 12 * L_ * H * hd * T * tok,
+            "head recompute": 2 * V * C * lab,
+            "reference forward": 2 * M["body"] * tok + 4 * L_ * H * hd * T * tok + 2 * V * C * lab}
+    assert R.flops == {"dpo": want}
+    lora = deepcopy(m)
+    inject(lora, 4, 8, 0.0, "q_proj,v_proj")
+    Ml = bench.matmul_params(lora)
+    assert Ml["body"] == M["body"] and Ml["lora"] == L_ * 4 * ((C + H * hd) + (C + K * hd))
+    f = bench.step_flops([(objectives.make("sft"), S.sft_batches[0], 1.0)], Ml)
+    tok, lab = B * T, B * (T - P)
+    assert f == {"policy body": 4 * M["body"] * tok, "policy head": 4 * V * C * lab, "attention": 12 * L_ * H * hd * T * tok,
+                 "LoRA adapters": 6 * Ml["lora"] * tok}  # frozen weights: forward and the input's gradient only
