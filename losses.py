@@ -206,6 +206,8 @@ def _chunked(fn, hidden, weight, labels, chunk_size, rows=(), uniform=False, sof
     cut = lambda r: r.reshape(B * T, *r.shape[2:])[idx]  # (N, ...) masked tokens dropped first
     chunk_size = chunk_size or auto_chunk_size(weight.shape[0], hidden.device.type)
     head = _ChunkedHeadUniform if uniform and hasattr(fn, "value_and_grad") else _ChunkedHead
+    if not torch.is_grad_enabled():  # evaluation: no gradient buffers in the forward (the same values)
+        weight, hidden = weight.detach(), hidden.detach()
     vals = head.apply(fn, chunk_size, weight, cut(hidden), *[cut(r) for r in rows])
     out = torch.zeros(B * T, dtype=vals.dtype, device=labels.device)
     return out.index_copy(0, idx, vals).view(B, T)

@@ -23,6 +23,8 @@ def init(device="", timeout_s=1800):
                                 timeout=datetime.timedelta(seconds=timeout_s))
     w.master = w.rank == 0
     w.device = device or (f"cuda:{w.local_rank}" if torch.cuda.is_available() else "cpu")
+    if w.device == "cuda":  # no index: this rank's GPU
+        w.device = f"cuda:{w.local_rank}"
     w.device_type = "cuda" if w.device.startswith("cuda") else "cpu"
     if w.device_type == "cuda":
         torch.cuda.set_device(w.device)
@@ -37,8 +39,9 @@ def precision(dtype, device_type):
     master_dtype = torch.float64 if ptdtype == torch.float64 else torch.float32
     half = ptdtype in (torch.bfloat16, torch.float16)
     autocast = torch.autocast(device_type, dtype=ptdtype) if half else contextlib.nullcontext()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    if device_type == "cuda":  # TF32 for float32 products on the GPU (it also sets torch's process-wide matmul precision)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return dtype, ptdtype, master_dtype, autocast
 
 def shard(m, **kw):
