@@ -65,7 +65,7 @@ def plot(results, opt, path):
     names = list(results)  # the behaviour panel: what each model says at the end
     for k, (key, label) in enumerate((("fmt", "SFT format"), ("pref", "preferred '!'"))):
         bx.bar([j + 0.4 * k for j in range(len(names))], [results[m]["behaviour"][key] for m in names], 0.4, label=label)
-    bx.set_xticks([j + 0.2 for j in range(len(names))], names)
+    bx.set_xticks([j + 0.2 for j in range(len(names))], names, rotation=20)
     bx.set_ylim(0, 1)
     bx.set_title("what each model says: share of held-out prompts")
     bx.legend()
