@@ -127,7 +127,7 @@ def test_constrained_logs_resumes_and_splits_exactly(tmp_path):
     (["--obj_2=kd", "--ref_model_2=/no/such/teacher", "--kd_top_k=5", "--kd_loss=jsd"], ["kd_top_k_2"]),
     (["--obj_2=kd"], ["ref_model_2", "teacher"]),
     (["--method=select", "--obj_2=sft", "--selector_algorithm=fast"], ["selector_algorithm", "'fast'"]),
-    (["--method=select", "--obj_3=sft", "--dataset_3=/no/such/third.jsonl"], ["method=select", "no obj_3"]),
+    (["--method=select", "--obj_3=sft", "--dataset_3=/no/such/third.jsonl", "--lambd=0.4,0.3,0.3"], ["method=select", "no obj_3"]),
     (["--method=constrained"], ["budget_i", "method=constrained"]),
     (["--budget_1=0.1"], ["budget_1", "method=constrained"]),
     (["--dpo_beta=-0.1"], ["dpo_beta_2", "> 0"]),

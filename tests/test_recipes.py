@@ -164,7 +164,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("arg,message", [
     ("--lamda=0.3", "unknown config key 'lamda' (did you mean 'lambd'?)"),
-    ("--obj_2=ppo", "config key obj_2: 'ppo' is not one of sft, dpo, kd"),
+    ("--obj_2=ppo", "config key obj_2: 'ppo' is not one of sft, dpo, simpo, orpo, kto, kd"),
     ("--train_batch_size=6", "config key train_batch_size (6) must be a multiple"),
     ("--method=maxleft", "config key method: 'maxleft' is not one of"),
 ])
