@@ -152,7 +152,7 @@ def check(c, per_objective, world_size=1):
     kinds = kinds[:K]
     method = c["method"]
     _require(method in methods.METHODS, f"config key method: {method!r} is not one of {', '.join(methods.METHODS)}")
-    w = methods.weights(c["lambd"], K)
+    methods.weights(c["lambd"], K)  # K weights on the simplex, or a ConfigError naming lambd
     for k, v in c.items():  # the configurator lets a float key take a tuple: only lambd may
         _require(not isinstance(v, tuple) or k in ("lambd", "adam_betas"),
                  f"config key {k}: one number, got {v!r} (only lambd takes one weight per objective)")

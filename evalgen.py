@@ -255,7 +255,6 @@ def evaluate_pairs(policy, ref, tokenizer, examples, max_new_tokens=64, keys=Non
     """reference-free preference kinds (simpo, orpo): pref_accuracy, the share of held-out pairs whose
     chosen answer has the higher mean token log-prob (the ranking both losses train), or the reward
     model's preference when one is given; the greedy answers are written for reading."""
-    eos = tokenizer.eos_token_id
     pairs = [(split_example(e["chosen_ids"], e["chosen_labels"]), split_example(e["rejected_ids"], e["rejected_labels"]))
              for e in examples]
     prompts = [c[0] for c, _ in pairs]
