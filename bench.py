@@ -5,13 +5,14 @@ backward, gradient clipping, one AdamW step), set up as train.py sets up (runtim
 dtype, autocast, AdamW; methods.py: ALRIGHT's draw and MAXRIGHT's pick; step.py: the step):
 
     python bench.py                                   # tiny llama on CPU in float32, the default cases (all but alright3)
-    python bench.py --compare=True --rounds=3         # + the same DPO and SFT steps in plain transformers, and TRL
+    python bench.py --compare=True --rounds=3         # + the same DPO and SFT steps in plain transformers, and TRL (DPO, SimPO)
     python bench.py --mode=memory                     # loss peak memory: chunked vs full logits, 128k vocab
     python bench.py --mode=generate                   # batched greedy generation against transformers
     python bench.py --pretrain=meta-llama/Llama-3.2-1B --dtype=bfloat16 --batch_size=4 --seq_len=2048 --prompt_len=512
 
 Cases (--cases=...): sft; dpo (the frozen initial policy as reference, forwarded every step);
-dpo_precomputed (reference log-probs computed once before timing: no reference forward); kd (a
+dpo_precomputed (reference log-probs computed once before timing: no reference forward); simpo (the
+same pairs, SimPO's loss with beta simpo_beta and objectives.py's gamma: no reference model at all); kd (a
 second frozen model of the same shape as teacher); mix (sft and dpo rows in one forward, both
 losses, one backward); alright (methods.Alright: sft with probability lambd, else dpo, drawn per
 step); alright3 (sft, dpo or kd, each with probability 1/3: K = 3 at the cost of one objective);
@@ -24,7 +25,10 @@ other in this process (alright and maxright: per-objective medians, see summariz
 every case (the peers too) runs again in each round, and each figure and ratio is the median over
 the rounds of the per-round values, every ratio taken between cases of the same round; tokens/s
 counts the policy's input tokens of a step (reference and teacher forwards not counted). With
---compare=True the peers run in the same process, on the same weights, batches and dtype.
+--compare=True the peers run in the same process, on the same weights, batches and dtype: the
+plain transformers DPO and SFT steps (transformers, transformers_sft), TRL's DPOTrainer (trl, with
+the dpo case) and TRL's CPOTrainer with loss_type="simpo" and cpo_alpha=0, SimPO without CPO's NLL
+term, at the simpo case's beta and gamma (trl_simpo, with the simpo case).
 Peak memory of a case, measured in a fresh process per case over its warm-up and two steps: on
 CUDA torch.cuda.max_memory_allocated minus the memory allocated before the first step; on CPU the
 peak RSS (VmHWM, reset through /proc/self/clear_refs after the case is built) minus the RSS
@@ -71,8 +75,8 @@ JOINT = {"alright": ("sft", "dpo"), "maxright": ("sft", "dpo"), "alright3": ("sf
 # -----------------------------------------------------------------------------
 # default config values
 mode = "steps"            # steps: each case's optimizer steps | memory: loss + backward, chunked vs full logits | generate
-cases = "sft,dpo,dpo_precomputed,kd,mix,alright,maxright"
-compare = False           # also the dpo step in plain transformers and in TRL's DPOTrainer (needs trl)
+cases = "sft,dpo,dpo_precomputed,simpo,kd,mix,alright,maxright"
+compare = False           # also the dpo step in plain transformers and in TRL's DPOTrainer, the simpo step in TRL's CPOTrainer (needs trl)
 json = ""                 # write the figures to this file as JSON
 # model
 pretrain = ""             # HF hub id or local dir; '' builds a fresh llama from the model_* keys
@@ -98,6 +102,7 @@ learning_rate = 5e-5
 adam_betas = (0.9, 0.95)
 max_norm = 1.0
 dpo_beta = 0.1
+simpo_beta = 2.0          # the simpo case's beta (SimPO's recipes: ~2); its gamma is objectives.py's default (0.5)
 kd_loss = "forward"       # forward | reverse | jsd
 loss_chunk_size = 0       # tokens per chunk of the output head; 0: max(128, 2^22 / V), train.py's default
 lambd = 0.5               # mix: weight of sft; alright: probability of sft (dpo is the other objective)
@@ -260,14 +265,46 @@ def word_tokenizer(vocab_size):
 
 def trl_dpo_step_times(S, n_steps):
     """TRL's DPOTrainer on the dpo case's pairs, weights, lengths and dtype, configured like the
-    BiPOST step. Returns the seconds of each optimizer step, on_step_begin to on_step_end (batch
-    loading is outside)."""
+    BiPOST step, a second copy of the initial weights as its reference (under LoRA: the adapter-off
+    policy). Returns (the seconds of each optimizer step, the CUDA peak memory or None)."""
+    from trl import DPOConfig, DPOTrainer
+    length = lambda e: len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+    return trl_step_times(S, n_steps, DPOConfig, DPOTrainer, length, with_ref=True,
+                          beta=S.cfg["dpo_beta"], precompute_ref_log_probs=False)
+
+def trl_cpo():
+    """TRL's CPOConfig and CPOTrainer: top-level in older TRL, in trl.experimental.cpo in TRL 1.x."""
+    try:
+        from trl import CPOConfig, CPOTrainer
+    except ImportError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the experimental namespace's import warning
+            from trl.experimental.cpo import CPOConfig, CPOTrainer
+    return CPOConfig, CPOTrainer
+
+def trl_simpo_step_times(S, n_steps):
+    """TRL's CPOTrainer with loss_type="simpo" and cpo_alpha=0 (SimPO alone: CPO's NLL term off, no
+    reference model) on the simpo case's pairs, weights, lengths and dtype, at its beta and gamma,
+    configured like the BiPOST step. Returns (the seconds of each optimizer step, the CUDA peak
+    memory or None)."""
+    CPOConfig, CPOTrainer = trl_cpo()
+    c = objectives.make("simpo", 2, dpo_beta=S.cfg["simpo_beta"]).cfg  # the simpo case's beta, gamma, smoothing
+    length = lambda e: max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))  # prompt included
+    return trl_step_times(S, n_steps, CPOConfig, CPOTrainer, length, with_ref=False, loss_type="simpo", cpo_alpha=0.0,
+                          beta=c.dpo_beta, simpo_gamma=c.simpo_gamma, label_smoothing=c.dpo_label_smoothing,
+                          remove_unused_columns=False)  # its pair collator needs every column (else it sets this, with a warning)
+
+def trl_step_times(S, n_steps, config_class, trainer_class, length, with_ref, **objective_kw):
+    """a TRL preference trainer on the bench's pairs (the first n_steps batches), weights, lengths and
+    dtype, configured like the BiPOST step, objective_kw its loss's own settings; length(example):
+    a tokenized row's length, which must come out seq_len. Returns the seconds of each optimizer
+    step, on_step_begin to on_step_end (batch loading is outside), and the CUDA peak memory (None on
+    the CPU)."""
     import datasets
     import transformers
     from datasets import Dataset
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
-    from trl import DPOConfig, DPOTrainer
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     cfg = S.cfg
@@ -279,7 +316,9 @@ def trl_dpo_step_times(S, n_steps):
                                  target_modules=targets, task_type="CAUSAL_LM")
     # the frozen LoRA base in the compute dtype, as BiPOST stores it
     model = hf_model(S, S.ptdtype if cfg["lora_rank"] else S.master_dtype).to(S.device)
-    ref = None if cfg["lora_rank"] else hf_model(S, S.master_dtype).to(S.device)  # TRL's own default: the policy's dtype
+    trainer_kw = {}
+    if with_ref:  # TRL's own default: the reference in the policy's dtype
+        trainer_kw["ref_model"] = None if cfg["lora_rank"] else hf_model(S, S.master_dtype).to(S.device)
     V = model.config.vocab_size
     text = lambda ids: " ".join("<eos>" if i == V - 1 else f"t{i}" for i in ids)
     rows = [{"prompt": text(p), "chosen": " " + text(c), "rejected": " " + text(r)}
@@ -301,18 +340,21 @@ def trl_dpo_step_times(S, n_steps):
         kw = dict(output_dir=out, per_device_train_batch_size=cfg["batch_size"], gradient_accumulation_steps=1,
                   max_steps=n_steps, learning_rate=cfg["learning_rate"], adam_beta1=cfg["adam_betas"][0],
                   adam_beta2=cfg["adam_betas"][1], weight_decay=0.0, max_grad_norm=cfg["max_norm"],
-                  lr_scheduler_type="constant", warmup_steps=0, beta=cfg["dpo_beta"],
+                  lr_scheduler_type="constant", warmup_steps=0, **objective_kw,
                   bf16=cfg["dtype"] == "bfloat16", fp16=cfg["dtype"] == "float16",
                   activation_checkpointing=cfg["gradient_checkpointing"],
-                  max_length=cfg["seq_len"], precompute_ref_log_probs=False, eval_strategy="no",
+                  max_length=cfg["seq_len"], eval_strategy="no",
                   save_strategy="no", logging_strategy="no", report_to="none", use_cpu=S.device_type == "cpu",
                   dataloader_num_workers=0, disable_tqdm=True, seed=cfg["seed"])
-        args = DPOConfig(**trl_config_kwargs(DPOConfig, kw))
+        args = config_class(**trl_config_kwargs(config_class, kw))
+        # TRL's own defaults turn both on: the peer must run the bench's precision and checkpointing
+        assert (bool(args.gradient_checkpointing), bool(args.bf16)) == (cfg["gradient_checkpointing"], cfg["dtype"] == "bfloat16")
         timer = Timer()
-        trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=word_tokenizer(V), callbacks=[timer], peft_config=peft_config)
+        trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=word_tokenizer(V), callbacks=[timer], peft_config=peft_config,
+                                **trainer_kw)
         trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line
-        lengths = {len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in trainer.train_dataset}
+        lengths = {length(e) for e in trainer.train_dataset}
         assert lengths == {cfg["seq_len"]}, f"TRL tokenized the rows to lengths {lengths}, not {cfg['seq_len']}"
         base = memory_mark(S.device)
         with warnings.catch_warnings():
@@ -461,7 +503,7 @@ def step_flops(parts, M, checkpointing=False, train=True):
             add("attention", 3 * att)
             if M["lora"]:
                 add("LoRA adapters", 6 * M["lora"] * tok)
-            if o.kind.name == "dpo" or o.kind.name == "kd" and o.cfg.kd_loss != "forward":  # no head gradient in the forward
+            if o.kind.name in ("dpo", "simpo") or o.kind.name == "kd" and o.cfg.kd_loss != "forward":  # no head gradient in the forward
                 add("head recompute", 2 * M["head"] * lab)
             if checkpointing:
                 add("checkpoint recompute", 2 * (M["body"] + M["lora"]) * tok + att)
@@ -565,12 +607,13 @@ def bipost_trainer(name, S, R):
     dpo = objectives.make("dpo", 2, ref=frozen(S.base) if "dpo" in uses and not lora else None, ref_is_policy=lora,
                           dpo_beta=cfg["dpo_beta"])
     kd = objectives.make("kd", 3, ref=frozen(S.teacher) if "kd" in uses else None, kd_loss=cfg["kd_loss"])
+    simpo = objectives.make("simpo", 2, dpo_beta=cfg["simpo_beta"])  # no reference model
     core = Step(model, model, S.autocast, cfg["loss_chunk_size"], 0, S.device)  # train.py's step computation
     if name == "dpo_precomputed":
         precompute_ref_logps(core, dpo, S.dpo_batches)
         dpo.ref = None  # the cache replaces the reference model
-    obj = {"sft": sft, "dpo": dpo, "dpo_precomputed": dpo, "kd": kd}
-    batch = lambda o, k: (S.dpo_batches if o is dpo else S.sft_batches)[k % len(S.sft_batches)]
+    obj = {"sft": sft, "dpo": dpo, "dpo_precomputed": dpo, "kd": kd, "simpo": simpo}
+    batch = lambda o, k: (S.dpo_batches if o.kind.collate is dpo.kind.collate else S.sft_batches)[k % len(S.sft_batches)]
     lambd = cfg["lambd"]
     parts = lambda kind, k: ([(sft, batch(sft, k), lambd), (dpo, batch(dpo, k), 1 - lambd)] if kind == "mix" else
                              [(obj[kind], batch(obj[kind], k), 1.0)])
@@ -666,14 +709,17 @@ def summarize(R, results, lambd):
 RATIOS = ("vs_single", "vs_dpo", "bipost_speedup")
 
 def ratios(res):
-    """the ratios of one round, each between cases of that round: precomputed vs dpo time, and the
-    peers' step time over BiPOST's step of the same objective (= BiPOST tokens/s over theirs)."""
+    """the ratios of one round, each between cases of that round: precomputed and simpo vs dpo time,
+    and the peers' step time over BiPOST's step of the same objective (= BiPOST tokens/s over theirs)."""
     if "dpo" in res:
-        if "dpo_precomputed" in res:
-            res["dpo_precomputed"]["vs_dpo"] = res["dpo_precomputed"]["step_s"] / res["dpo"]["step_s"]
+        for c in ("dpo_precomputed", "simpo"):  # no reference forward
+            if c in res:
+                res[c]["vs_dpo"] = res[c]["step_s"] / res["dpo"]["step_s"]
         for c in ("transformers", "trl"):
             if c in res:
                 res[c]["bipost_speedup"] = res[c]["step_s"] / res["dpo"]["step_s"]
+    if "trl_simpo" in res and "simpo" in res:
+        res["trl_simpo"]["bipost_speedup"] = res["trl_simpo"]["step_s"] / res["simpo"]["step_s"]
     if "transformers_sft" in res and "sft" in res:
         res["transformers_sft"]["bipost_speedup"] = res["transformers_sft"]["step_s"] / res["sft"]["step_s"]
 
@@ -706,10 +752,13 @@ def print_table(rows, header):
     for r in rows:
         print(line(r))
 
+# the TRL peers: name -> (the bench case it runs like, the function that times it)
+TRL_PEERS = {"trl": ("dpo", trl_dpo_step_times), "trl_simpo": ("simpo", trl_simpo_step_times)}
+
 def run_round(S, order, trl, rnd):
     """one round: every case, one after the other, each freed before the next, as separate training
     runs would be (every round runs them all again, so slow drift of the machine reaches every case
-    alike); then TRL; then the round's ratios."""
+    alike); then the TRL peers named in trl (TRL_PEERS' keys); then the round's ratios."""
     cfg, res = S.cfg, {}
     W, n, B, T = cfg["warmup_iters"], cfg["iters"], cfg["batch_size"], cfg["seq_len"]
     line = lambda c: print(f"  {c:<16} {res[c]['step_s'] * 1e3:9.1f} ms/step  {res[c]['tokens_per_s']:9.0f} tok/s  "
@@ -722,21 +771,21 @@ def run_round(S, order, trl, rnd):
         res[c] = summarize(R, res, cfg["lambd"])
         line(c)
         del R
-    if trl is not None:
-        times, peak = trl_dpo_step_times(S, W + n)
+    for peer, version in trl.items():
+        times, peak = TRL_PEERS[peer][1](S, W + n)
         times = times[W:]
-        res["trl"] = {"case": "trl", "times": times, "step_s": statistics.median(times), "version": trl.__version__,
-                      "tokens_per_step": 2 * B * T, "tokens_per_s": 2 * B * T / statistics.median(times)}
+        res[peer] = {"case": peer, "times": times, "step_s": statistics.median(times), "version": version,
+                     "tokens_per_step": 2 * B * T, "tokens_per_s": 2 * B * T / statistics.median(times)}
         if peak is not None:
-            res["trl"]["peak_mib"] = peak
-        line("trl")
+            res[peer]["peak_mib"] = peak
+        line(peer)
     ratios(res)
     return res
 
 def main_steps(cfg, argv):
     S = build_start(cfg)
     names = [c.strip() for c in cfg["cases"].split(",") if c.strip()]
-    known = ("sft", "dpo", "dpo_precomputed", "kd", "mix", "alright", "maxright", "alright3")
+    known = ("sft", "dpo", "dpo_precomputed", "simpo", "kd", "mix", "alright", "maxright", "alright3")
     for c in names:
         assert c in known, f"unknown case {c!r}; cases are {', '.join(known)}"
     if cfg["case"]:  # a memory subprocess: build, then peak memory over warm-up and two steps
@@ -757,16 +806,24 @@ def main_steps(cfg, argv):
           f"({M['body'] / 1e6:.2f}M blocks + {M['head'] / 1e6:.2f}M head; {n_params / 1e6:.2f}M params besides the input "
           f"embedding), vocab {mcfg.vocab_size}, {cfg['batch_size']} x {cfg['seq_len']} tokens ({cfg['prompt_len']} "
           f"prompt), load {info['load_start']}")
-    trl = None
+    trl = {}  # the TRL peers to run: name -> TRL's version
     if cfg["compare"] and cfg["lora_rank"]:
         print("compare: LoRA runs compare with TRL + PEFT only (the plain transformers peers train the full model)")
     elif cfg["compare"]:
         names += ["transformers"] * ("dpo" in names) + ["transformers_sft"] * ("sft" in names)
-    if cfg["compare"] and "dpo" in names:
+    peers = [p for p, (c, _) in TRL_PEERS.items() if c in names]
+    if cfg["compare"] and peers:
         try:
-            import trl
+            import trl as trl_module
+            trl = {p: trl_module.__version__ for p in peers}
         except ImportError:
             print("compare: trl is not installed, TRL skipped")
+        if "trl_simpo" in trl:
+            try:
+                trl_cpo()
+            except ImportError:
+                print(f"compare: trl {trl_module.__version__} has no CPOTrainer, the SimPO peer skipped")
+                del trl["trl_simpo"]
     order = sorted(names, key=lambda c: (c in JOINT) + 2 * c.startswith("transformers"))  # singles first
     rounds = [run_round(S, order, trl, rnd) for rnd in range(cfg["rounds"])]
     results = combine(rounds)
@@ -775,8 +832,9 @@ def main_steps(cfg, argv):
         for c in names:
             if not c.startswith("transformers"):
                 results[c]["peak_mib"] = case_memory_subprocess(c, argv)["peak_mib"]
-    if "peak_mib" in results.get("trl", {}) and "peak_mib" in results.get("dpo", {}):
-        results["trl"]["memory_ratio"] = results["dpo"]["peak_mib"] / results["trl"]["peak_mib"]
+    for peer, (c, _) in TRL_PEERS.items():
+        if "peak_mib" in results.get(peer, {}) and "peak_mib" in results.get(c, {}):
+            results[peer]["memory_ratio"] = results[c]["peak_mib"] / results[peer]["peak_mib"]
     for r in results.values():
         if r.get("flops"):
             r["tflops_per_s"] = r["flops"] / r["step_s"] / 1e12
@@ -797,11 +855,11 @@ def report_steps(S, results, info, n_rounds):
                     f"{'/'.join(str(v) for v in r['counts'].values())}")
         if "vs_dpo" in r:
             note = f"{r['vs_dpo']:.3f}x the time of the dpo step{each('vs_dpo')}"
+        own = {"transformers_sft": "sft", "transformers": "dpo", **{p: v[0] for p, v in TRL_PEERS.items()}}.get(c)
         if "bipost_speedup" in r:
-            note = (f"{'sft' if c == 'transformers_sft' else 'dpo'}: BiPOST tokens/s = {r['bipost_speedup']:.2f}x "
-                    f"this{each('bipost_speedup')}")
+            note = f"{own}: BiPOST tokens/s = {r['bipost_speedup']:.2f}x this{each('bipost_speedup')}"
         if "memory_ratio" in r:
-            note += f"; BiPOST dpo peak memory = {r['memory_ratio']:.2f}x this"
+            note += f"; BiPOST {own} peak memory = {r['memory_ratio']:.2f}x this"
         mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
         rows.append([c, f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}", mem, note])
     print(f"\n{S.device} {cfg['dtype']}, batch {B} x {T} tokens (dpo: {B} pairs = {2 * B} rows), median of {cfg['iters']} "

@@ -96,6 +96,29 @@ def tiny_start(**kw):
                model_vocab_size=97, batch_size=2, seq_len=16, prompt_len=4, warmup_iters=1, iters=7, device="cpu", **kw)
     return bench.build_start(cfg)
 
+def test_simpo_case_loss_is_simpo_on_full_logits():
+    """the simpo case's step loss (step.py, the head applied in chunks through head_fn) is SimPO's,
+    computed here from the model's full logits on the same batch: the pairs' mean of
+    -log sigmoid(beta (a - b) - gamma), a and b the chosen and rejected answers' mean response-token
+    log-probs, beta = simpo_beta, gamma objectives.py's default."""
+    S = tiny_start()
+    with torch.no_grad():
+        S.base.lm_head.weight.mul_(30)  # a sharper head: margins a - b of ~0.35 (~0.003 at the random init's scale)
+    R = bench.make_runner("simpo", S)
+    R.warm(1)  # one step on batch 0 from the initial weights: R.last_loss is its (pre-update) loss
+    b = S.dpo_batches[0]  # B pairs as 2B rows, chosen first
+    with torch.no_grad():
+        logits = S.base(b["input_ids"]).double()  # (2B, T, V): the initial weights (the case trains a copy)
+    labels = b["labels"]  # labels[:, t] = the token predicted at t, -100 on the prompt
+    mask = labels != -100
+    logps = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    a, r = ((logps * mask).sum(-1) / mask.sum(-1)).chunk(2)
+    beta, gamma = S.cfg["simpo_beta"], objectives.make("simpo").cfg.simpo_gamma
+    want = -torch.nn.functional.logsigmoid(beta * (a - r) - gamma).mean().item()
+    assert beta == 2.0 and gamma == 0.5
+    assert abs(want - math.log1p(math.exp(gamma))) > 0.1  # the margins move the loss well off softplus(gamma)
+    assert abs(R.last_loss - want) <= 1e-5, (R.last_loss, want)
+
 def test_joint_cases_pick_with_methods_py(monkeypatch):
     """alright / alright3 train the objectives methods.alright_draws gives for the seed and weights;
     maxright's choices are those of a methods.Maxright fed the same gaps (eval loss - stand-in f*)
