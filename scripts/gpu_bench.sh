@@ -31,7 +31,7 @@ run() {  # run LIMIT CMD...: one command, its output kept, cut at LIMIT s or at 
   timeout -s INT -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/log.txt"
 }
 B="$PY bench.py config/bench_llama1b.py"
-run 150 $B --cases=sft,dpo,dpo_precomputed,kd,mix,alright --compare=True --json="$OUT/steps_1024.json"
+run 150 $B --cases=sft,dpo,dpo_precomputed,simpo,kd,mix,alright --compare=True --json="$OUT/steps_1024.json"
 if [[ "${TESTS:-0}" == 1 ]]; then  # the suite as a user on this machine runs it (it pins itself to the CPU)
   OMP_NUM_THREADS=2 run 170 $PY -m pytest -n 8 -q -p no:cacheprovider --durations=8 tests
   run 60 $PY train.py config/demo.py --out_dir=/tmp/gpu_demo --overwrite=True --max_iters=100 --eval_interval=50
