@@ -503,7 +503,7 @@ def step_flops(parts, M, checkpointing=False, train=True):
             add("attention", 3 * att)
             if M["lora"]:
                 add("LoRA adapters", 6 * M["lora"] * tok)
-            if o.kind.name in ("dpo", "simpo") or o.kind.name == "kd" and o.cfg.kd_loss != "forward":  # no head gradient in the forward
+            if o.kind.recomputes_head(o.cfg):  # no head gradient in the forward (objectives.py)
                 add("head recompute", 2 * M["head"] * lab)
             if checkpointing:
                 add("checkpoint recompute", 2 * (M["body"] + M["lora"]) * tok + att)

@@ -61,6 +61,7 @@ class Kind:
     reference: str = "none"     # none | initial (default: the initial policy) | required (a teacher must be named)
     needs: str = ""             # what the step computes of the reference first: "" | "logps" (cacheable) | "hidden"
     per_row: bool = False       # its loss can be given per row (the data selector weighs rows)
+    recomputes_head: Callable = lambda c: True  # (keys) -> its backward recomputes the head's logits (no closed form in the forward)
     stats_per: str = ""         # the count its summed stats are divided by ("pairs"), '' = stats are means already
     prompt_key: str = "input_key"  # the key naming a row's prompt (generate.py --objective)
     evaluate: Optional[Callable] = None  # evalgen: (policy, ref, tokenizer, examples, max_new_tokens, keys, rm) -> (metrics, gens)
@@ -193,38 +194,23 @@ def sft_part(p):
     return _token_mean(p, tok)
 
 def dpo_part(p):
-    c = p.o.cfg
-    n = p.hidden.shape[0]
+    c, n = p.o.cfg, p.hidden.shape[0]
     tok = L.token_logps(p.hidden, p.weight, p.labels, p.chunk_size, softcap=p.softcap)  # (2B, T)
     pc, pr = tok.sum(-1).chunk(2)
     rc, rr = (t.to(pc.dtype) for t in p.ref)  # the cache is float64, the policy's float32 (or 64)
     losses, cr, rr = L.dpo_loss(pc, pr, rc, rr, c.dpo_beta, c.dpo_label_smoothing, c.dpo_ipo)
-    w = _weights(p, losses)
-    if w is not None:  # weighted: the losses, the NLL term and the stats of each pair times its weight
-        return _weighted_dpo(p, tok, losses, cr, rr, w)
-    if any(i is None for i in p.ids):  # eval fillers (id None) count for nothing
-        real = torch.tensor([i is not None for i in p.ids], device=p.hidden.device)
-        losses, cr, rr = losses * real, cr * real, rr * real
     if p.norm is None:  # per pair (the data selector weighs them): the DPO loss (+ the chosen answer's token-mean NLL)
         nll = -L.per_sample_mean(tok[: n // 2], p.labels[: n // 2]) if c.dpo_nll_loss_coef else 0.0
-        return losses + c.dpo_nll_loss_coef * nll, {}
-    loss = losses.sum() / p.norm["pairs"] * p.world_size
+        return _pair_losses(p, losses + c.dpo_nll_loss_coef * nll, [])[0], {}
+    loss, st = _pair_losses(p, losses, [(cr > rr).float(), cr, rr])
     if c.dpo_nll_loss_coef:
-        loss = loss - c.dpo_nll_loss_coef * tok[: n // 2].sum() / p.norm["chosen_tokens"] * p.world_size
-    st = torch.stack([(cr > rr).float().sum(), cr.sum(), rr.sum()])  # one host sync, later
+        loss = loss - c.dpo_nll_loss_coef * _chosen_sum(p, tok) / p.norm["chosen_tokens"] * p.world_size
     return loss, {"acc": st[0], "chosen_reward": st[1], "rejected_reward": st[2]}
 
-def _weighted_dpo(p, tok, losses, cr, rr, w):
-    c, n = p.o.cfg, p.hidden.shape[0]
-    w = w * torch.tensor([i is not None for i in p.ids], device=w.device, dtype=w.dtype)
-    if p.norm is None:
-        nll = -L.per_sample_mean(tok[: n // 2], p.labels[: n // 2]) if c.dpo_nll_loss_coef else 0.0
-        return w * (losses + c.dpo_nll_loss_coef * nll), {}
-    loss = (w * losses).sum() / p.norm["pairs"] * p.world_size
-    if c.dpo_nll_loss_coef:
-        loss = loss - c.dpo_nll_loss_coef * (w[:, None] * tok[: n // 2]).sum() / p.norm["chosen_tokens"] * p.world_size
-    st = torch.stack([(w * (cr > rr)).sum(), (w * cr).sum(), (w * rr).sum()])
-    return loss, {"acc": st[0], "chosen_reward": st[1], "rejected_reward": st[2]}
+def _chosen_sum(p, tok):
+    """the chosen answers' token log-probs summed (each pair's times its weight): an NLL term's numerator."""
+    w, chosen = _weights(p, tok), tok[: p.hidden.shape[0] // 2]
+    return chosen.sum() if w is None else (w[:, None] * chosen).sum()
 
 def _mean_logps(p):
     """(token log-probs (2B, T), the chosen and the rejected answers' mean token log-probs (B,))."""
@@ -253,15 +239,13 @@ def simpo_part(p):
     return (loss, {}) if st is None else (loss, {"acc": st[0], "chosen_reward": st[1], "rejected_reward": st[2]})
 
 def orpo_part(p):
-    c, n = p.o.cfg, p.hidden.shape[0]
+    c = p.o.cfg
     tok, a, b = _mean_logps(p)
     ratio_losses, ratio = L.orpo_ratio_loss(a, b)
     if p.norm is None:  # per pair: the chosen answer's token-mean NLL + lambda x the odds-ratio term
         return _pair_losses(p, -a + c.orpo_lambda * ratio_losses, [])[0], {}
     loss, st = _pair_losses(p, c.orpo_lambda * ratio_losses, [(ratio > 0).float(), ratio])
-    w = _weights(p, a)
-    chosen = tok[: n // 2] if w is None else w[:, None] * tok[: n // 2]
-    nll = -chosen.sum() / p.norm["chosen_tokens"] * p.world_size  # the SFT term: a token mean over the chosen answers
+    nll = -_chosen_sum(p, tok) / p.norm["chosen_tokens"] * p.world_size  # the SFT term: a token mean over the chosen answers
     return nll + loss, {"acc": st[0], "log_odds_ratio": st[1]}
 
 def kto_part(p):
@@ -335,7 +319,7 @@ def _evaluate(name):
 KINDS = {k.name: k for k in [
     Kind("sft", "supervised fine-tuning: the mean negative log-likelihood of the response tokens",
          keys={}, tokenize=_tokenize_sequences, collate=_collate_sequences, count=_count_tokens, loss=sft_part,
-         per_row=True, evaluate=_evaluate("evaluate_sft")),
+         per_row=True, recomputes_head=lambda c: bool(c.weight_key), evaluate=_evaluate("evaluate_sft")),
     Kind("dpo", "direct preference optimization on (prompt, chosen, rejected) pairs against a frozen reference",
          keys=dict(dpo_beta=0.1, dpo_ipo=False, dpo_label_smoothing=0.0, dpo_nll_loss_coef=0.0),
          tokenize=_tokenize_pairs, collate=_collate_pairs, count=_count_pairs, loss=dpo_part,
@@ -357,7 +341,8 @@ KINDS = {k.name: k for k in [
     Kind("kd", "knowledge distillation: a divergence from a teacher's next-token distribution on the response tokens",
          keys=dict(kd_loss="forward", kd_beta=0.5, kd_top_k=0, kd_temperature=1.0),  # kd_loss: forward | reverse | jsd; kd_beta: jsd mixing; kd_top_k 0 = full vocabulary
          tokenize=_tokenize_sequences, collate=_collate_sequences, count=_count_tokens, loss=kd_part,
-         reference="required", needs="hidden", per_row=True, evaluate=_evaluate("evaluate_kd"), check=_check_kd),
+         reference="required", needs="hidden", per_row=True,
+         recomputes_head=lambda c: c.kd_loss != "forward" or bool(c.weight_key), evaluate=_evaluate("evaluate_kd"), check=_check_kd),
 ]}
 
 def per_objective_keys():

@@ -20,6 +20,7 @@ The ranking thus reflects per-visit normalized losses, not raw gradient sizes. T
 behaviour (SEAL, BiPOST): keep Adam.
 """
 import json
+import math
 import os
 
 import torch
@@ -249,7 +250,7 @@ class Selection:
                 return (w * l_hat).sum() / n_ft * ws
             self.step.accumulate([[(self.ft, b, None)] for b in ft], sync_ctx=self.sync_ctx, loss_fn=loss_fn)
             gnorm = optimizer_step(self.aux_opt, self.params, self.c["max_norm"])
-            if gnorm != gnorm or gnorm in (float("inf"), float("-inf")):
+            if not math.isfinite(gnorm):
                 raise RuntimeError(f"non-finite gradient norm {gnorm} in theta-hat's step (selector_algorithm=penalty); "
                                    f"its update was skipped")
             seen = seen or losses

@@ -68,3 +68,17 @@ def resume_after_cut(straight, cut, args, last_ckpt):
     if os.path.exists(os.path.join(cut, "summary.json")):
         os.remove(os.path.join(cut, "summary.json"))
     return run_train(cut, *args, "--resume=True")
+
+def tiny_hf(path, seed=0):
+    """a random tiny transformers Llama (byte vocabulary) saved with its tokenizer under path; returns it, float32, in eval mode."""
+    import torch
+    import transformers
+
+    from model import byte_tokenizer
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = transformers.AutoModelForCausalLM.from_config(cfg)
+    m.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return m.float().eval()

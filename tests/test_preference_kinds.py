@@ -7,24 +7,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 import data as D
 import objectives
-from helpers import metrics, run_train
+from helpers import metrics, run_train, tiny_hf
 from model import GPT, byte_tokenizer
 from step import Step
 
 TEMPLATE = "User: {}\nAssistant: "
-
-def tiny_hf(path, seed):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    m = transformers.AutoModelForCausalLM.from_config(cfg)
-    m.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return m.double().eval()
 
 def pref_rows():
     return [{"prompt": p, "chosen": p.upper() + "!", "rejected": p.upper()} for p in ("red fox", "sky", "old oak tree", "cat")]
@@ -69,7 +59,7 @@ def kto_formula(m, ref, examples, beta=0.5, wd=1.0, wu=1.0):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf")
-    return d, tiny_hf(d / "policy", 0), tiny_hf(d / "ref", 1)
+    return d, tiny_hf(d / "policy", 0).double(), tiny_hf(d / "ref", 1).double()
 
 @pytest.mark.parametrize("kind", ["simpo", "orpo", "kto"])
 def test_loss_and_gradient_against_transformers_logits(models, kind):

@@ -9,10 +9,9 @@ import time
 
 import pytest
 import torch
-import transformers
 
 import configurator
-from helpers import ROOT, metrics, run_train
+from helpers import ROOT, metrics, run_train, tiny_hf
 
 def train_defaults():
     """train.py's config globals, read from its header without running it."""
@@ -90,16 +89,6 @@ def test_demo_quick(tmp_path):
     assert os.path.exists(os.path.join(ROOT, "out/demo_quick/pareto.png"))
     assert "ideal dist" in p.stdout and "selection: kept" in p.stdout
     assert set(res["behaviour"]) >= {"alright_simpo", "constrained"} and "alright_simpo" in p.stdout
-
-def tiny_hf(path, seed=0):
-    from model import byte_tokenizer
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    m = transformers.AutoModelForCausalLM.from_config(cfg)
-    m.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return m.float().eval()
 
 def test_kd_eval_loss_is_the_teacher_cross_entropy(tmp_path):
     """KD (forward, cross-entropy form) with teacher = a different tiny model: the logged eval loss
