@@ -75,10 +75,81 @@ def _is_dataset(eval_split):
     first = eval_split.split(",")[0].strip()
     return "/" in first or os.sep in first or first.lower().endswith(FILE_EXTS)
 
+# -----------------------------------------------------------------------------
+# data identity: datasets knows a local file by its path and mtime, which cp -p, rsync -a, tar x
+# and coarse-mtime filesystems keep across a change of content. Everything cached from a local
+# source here (its Arrow conversion, its tokenized rows) is keyed on its bytes instead.
+
+def cache_root():
+    """where the caches of this module go: under datasets' cache (HF_DATASETS_CACHE), never beside
+    the data, so a read-only data folder works."""
+    import datasets
+    return os.path.join(str(datasets.config.HF_DATASETS_CACHE), "bipost")
+
+def _hash_file(path):
+    # sha256 of a file's bytes in 1 MiB blocks (sha256: hashlib's fastest where the CPU has SHA instructions)
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+def file_digest(path):
+    """"<size>-<sha256>" of a file. Hashed once: a memo under cache_root() keeps the digest while the
+    file's size, mtime, ctime, inode and device are those it was hashed at. ctime cannot be set
+    back, so a rewrite in place whose mtime was restored is hashed again."""
+    import hashlib
+    st = os.stat(path)
+    # taken before reading: a write while it is hashed leaves a stale stamp, so the next read hashes again
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    name = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
+    memo = os.path.join(cache_root(), "digests", f"{name}.json")
+    try:
+        with open(memo) as f:
+            m = json.load(f)
+        if m["stamp"] == stamp:
+            return m["digest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = f"{st.st_size}-{_hash_file(path)}"
+    try:  # written whole then renamed: another rank or run reads the old memo or the new one
+        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        tmp = f"{memo}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"path": os.path.realpath(path), "stamp": stamp, "digest": digest}, f)
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # no memo: hashed again next time
+    return digest
+
+def _content_key(paths, root):
+    """sha256 of the names (relative to root) and digests of local files: the key of a file, of a
+    folder of data files or of a save_to_disk folder changes when any of its files does."""
+    import hashlib
+    named = [[os.path.relpath(p, root), file_digest(p)] for p in paths]
+    return hashlib.sha256(json.dumps(named).encode()).hexdigest()[:32]
+
+def _folder_files(folder):
+    # the files of a local folder of data files, hidden ones left out as datasets leaves them out
+    out = []
+    for d, dirs, files in os.walk(folder):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        out += [os.path.join(d, f) for f in sorted(files) if not f.startswith(".")]
+    return out
+
+def _keyed(ds, key):
+    """ds with a fingerprint that also holds key: the fingerprints of its selections and maps,
+    and so the tokenized cache (_map_part), follow the content."""
+    from datasets.fingerprint import Hasher
+    ds._fingerprint = Hasher.hash([ds._fingerprint, key])
+    return ds
+
 def _read_source(name, split):
     """One source, unread: a datasets.Dataset (Arrow, memory-mapped, so no row is in Python yet) of a
     local file, a save_to_disk folder or a hub id; a list of dicts only for a .json/.jsonl file
-    that pyarrow cannot read (mixed types), or an error naming the file, line and column."""
+    that pyarrow cannot read (mixed types), or an error naming the file, line and column. A local
+    file or folder of files is converted into a cache folder keyed on its content (_content_key)."""
     ext = os.path.splitext(name)[1].lower()
     is_disk = os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json"))
     if ext in FILE_EXTS and not os.path.isfile(name):
@@ -87,20 +158,26 @@ def _read_source(name, split):
         raise ConfigError(f"{name}: a single file or Dataset has only the 'train' split, not {split!r} "
                          f"(name the eval set as a file or folder of its own: eval_split=PATH)")
     import datasets
+    key = None  # a file, or a folder of data files: keyed before datasets converts it
+    if os.path.isfile(name):
+        key = _content_key([name], os.path.dirname(os.path.abspath(name)))
+    elif os.path.isdir(name) and not is_disk:
+        key = _content_key(_folder_files(name), name)
+    cache_dir = os.path.join(cache_root(), "sources", key) if key else None
     if ext in (".json", ".jsonl"):
         try:
-            return datasets.Dataset.from_json(name)
+            return _keyed(datasets.Dataset.from_json(name, cache_dir=cache_dir), key)
         except Exception:  # the python reader says what is wrong, or reads what arrow cannot type
             return _read_json(name)
     try:
         if ext == ".parquet":
-            ds = datasets.Dataset.from_parquet(name)
+            ds = datasets.Dataset.from_parquet(name, cache_dir=cache_dir)
         elif ext == ".csv":
-            ds = datasets.Dataset.from_csv(name)
+            ds = datasets.Dataset.from_csv(name, cache_dir=cache_dir)
         elif is_disk:
             ds = datasets.load_from_disk(name)
-        else:  # a hub id, or a folder of data files
-            ds = datasets.load_dataset(name, split=split)
+        else:  # a hub id (known by its revision), or a folder of data files
+            ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
     except Exception as e:
         where = "" if ext or os.path.exists(name) else " (not a local file or folder, so tried the hub)"
         raise ConfigError(f"{name}: could not load split {split!r}{where}: {type(e).__name__}: {e}") from e
@@ -108,7 +185,9 @@ def _read_source(name, split):
         if split not in ds:
             raise ConfigError(f"{name}: no split {split!r} (splits: {list(ds)})")
         ds = ds[split]
-    return ds
+    if is_disk:  # its fingerprint is state.json's, which a replaced data file keeps: add the files' bytes
+        key = _content_key([f["filename"] for f in ds.cache_files], name)
+    return _keyed(ds, key) if key else ds
 
 def _read_all(spec, split):
     """[(name, source)] for each comma-separated source of spec, none of them empty."""
@@ -122,6 +201,39 @@ def _read_all(spec, split):
             raise ConfigError(f"{n}: the dataset is empty (split {split!r} has 0 rows)")
         sources.append((n, src))
     return sources
+
+def blend_probs(probs, n, what="probs"):
+    """the n proportions of a blend's probs ("0.7,0.3"): n numbers, finite, >= 0, of positive sum;
+    else an error starting with what (the argument or config key)."""
+    try:
+        p = [float(x) for x in probs.split(",")]
+    except ValueError:
+        raise ConfigError(f"{what}: {probs!r} is not a comma-separated list of numbers") from None
+    if len(p) != n:
+        raise ConfigError(f"{what}: {probs!r} gives {len(p)} proportions for {n} source{'s' * (n != 1)} (one per source)")
+    bad = [x for x in p if not math.isfinite(x) or x < 0]
+    if bad:
+        raise ConfigError(f"{what}: {probs!r} holds {bad[0]}; proportions are finite numbers >= 0")
+    if not 0 < sum(p) < math.inf:
+        raise ConfigError(f"{what}: {probs!r} sums to {sum(p)}; give at least one source a positive proportion")
+    return p
+
+def check_blend(spec, probs, spec_key, probs_key, unique=False, own_probs=False):
+    """a blend's keys, before anything is read: probs as blend_probs says, for a blend of several
+    sources (a single source ignores them, unless own_probs: they were set for it alone); unique:
+    no source listed twice, under any spelling of its path (the rows of both would carry the same ids)."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if probs and (len(names) > 1 or own_probs):
+        blend_probs(probs, len(names), f"config key {probs_key}")
+    if unique:
+        seen = {}
+        for n in names:
+            where = os.path.realpath(n) if os.path.exists(n) else n
+            if where in seen:
+                also = f" (also as {seen[where]})" if seen[where] != n else ""
+                raise ConfigError(f"config key {spec_key}: {n} is listed twice in the blend{also}; method=select keeps "
+                                  f"one weight per row id: list each source once")
+            seen[where] = n
 
 def _ids(name, idx, blend):
     # a row's id: its index in the source, "<source>:<index>" in a blend
@@ -196,9 +308,7 @@ def _plan(sources, max_samples, probs, seed, eval_frac, eval_max_samples):
     if len(sources) == 1:
         counts = [max_samples if 0 < max_samples < sizes[0] else sizes[0]]
     else:
-        p = [float(x) for x in probs.split(",")] if probs else [1.0] * len(sources)
-        if len(p) != len(sources) or min(p) < 0 or sum(p) <= 0:
-            raise ConfigError(f"probs {probs!r} must give one non-negative proportion per source ({len(sources)} sources)")
+        p = blend_probs(probs, len(sources)) if probs else [1.0] * len(sources)
         total = max_samples or sum(sizes)
         exact = [total * x / sum(p) for x in p]
         counts = [int(x) for x in exact]
@@ -265,7 +375,8 @@ def load_rows(spec, split="train", max_samples=0, probs="", seed=42, eval_split=
       training never takes an eval row."""
     return load_splits(spec, split, eval_split, max_samples, probs, seed, eval_frac, eval_max_samples, _eval=False)[0]
 
-def load_streaming(spec, split="train", max_samples=0, seed=42, eval_frac=0.0, eval_max_samples=0, buffer_size=10_000):
+def load_streaming(spec, split="train", max_samples=0, seed=42, eval_frac=0.0, eval_max_samples=0, buffer_size=10_000,
+                   _train=True):
     """(train_rows, eval_rows) of one source read as a stream (datasets' streaming mode: nothing is
     downloaded or converted beyond the rows read), for sets too large for the disk. The eval rows
     are the first k = round(eval_frac * max_samples) rows of the stream (at least one; capped by
@@ -290,10 +401,26 @@ def load_streaming(spec, split="train", max_samples=0, seed=42, eval_frac=0.0, e
         k = min(k, eval_max_samples)
     clean = lambda rows: [{key: v for key, v in r.items() if v is not None} for r in rows]
     held = clean(ds.take(k)) if k else []
+    if not _train:  # the held-out rows alone (generate.py): the stream is read no further
+        return [], held
     train = clean(ds.skip(k).shuffle(seed=seed, buffer_size=buffer_size).take(max_samples))
     if len(train) < max_samples:
         raise ConfigError(f"{spec}: the stream has {len(train) + k} rows, fewer than max_samples={max_samples} + {k} held out")
     return train, held
+
+def objective_splits(c, seed, eval_frac, streaming, lazy=False, _train=True):
+    """(train_rows, eval_rows) of one objective's keys c (dataset, train_split, eval_split,
+    max_samples, dataset_probs, eval_max_samples) as train.py reads them, a stream (load_streaming,
+    an eval_split file read whole, capped at its first eval_max_samples rows) or not (load_splits);
+    generate.py --objective=i reads the same held-out rows through it."""
+    if not streaming:
+        return load_splits(c.dataset, c.train_split, c.eval_split, c.max_samples, c.dataset_probs, seed, eval_frac,
+                           c.eval_max_samples, lazy=lazy)
+    rows, held = load_streaming(c.dataset, c.train_split, c.max_samples, seed, 0.0 if c.eval_split else eval_frac,
+                                c.eval_max_samples, _train=_train)
+    if c.eval_split:  # a file of its own
+        held = load_rows(c.eval_split)[: c.eval_max_samples or None]
+    return rows, held
 
 def load_splits(spec, train_split="train", eval_split="", max_samples=0, probs="", seed=42, eval_frac=0.0,
                 eval_max_samples=0, _eval=True, lazy=False):
@@ -497,12 +624,26 @@ def _dpo_rows(rows, tokenizer, max_len, source, weight_key="", **keys):
                     len(p), keep and (ec[2] or er[2])))
     return res
 
+def _map_cache(src, sel, fn, features):
+    """map's arguments that put a selection's tokenized cache under cache_root()/tokenized/<source>
+    (not beside a save_to_disk folder's data, which may be read-only), named by a fingerprint of
+    the selection (the source's content and the row indices, _keyed) and of the function (its
+    tokenizer, keys and row ids, hashed as datasets hashes a map's function)."""
+    from datasets.fingerprint import Hasher, generate_random_fingerprint
+    try:
+        fp = Hasher.hash([sel._fingerprint, fn, features])
+    except Exception:  # not picklable: as datasets does, a fresh cache file
+        fp = generate_random_fingerprint()
+    folder = os.path.join(cache_root(), "tokenized", src._fingerprint)
+    os.makedirs(folder, exist_ok=True)
+    return dict(cache_file_name=os.path.join(folder, f"cache-{fp}.arrow"), new_fingerprint=fp)
+
 def _map_part(part, per_row, fields, num_proc, verbose):
     """per_row over one part of a Rows. An Arrow part goes through datasets' map: batches of rows
-    read straight from Arrow, the result written to a cache file beside the source's (a later run
-    with the same rows, tokenizer and keys reads it instead; ranks after rank 0 read rank 0's),
-    num_proc worker processes (0: this one). The examples' token fields are views of the cache file
-    (_arrow_examples)."""
+    read straight from Arrow, the result written to a cache file under HF_DATASETS_CACHE keyed on
+    the source's content (_map_cache: a later run with the same rows, tokenizer and keys reads it
+    instead; ranks after rank 0 read rank 0's), num_proc worker processes (0: this one). The
+    examples' token fields are views of the cache file (_arrow_examples)."""
     import datasets
     name, src, idx, ids = part
     if isinstance(src, list) or not len(idx):  # (no rows: a map would return a table without columns)
@@ -527,8 +668,10 @@ def _map_part(part, per_row, fields, num_proc, verbose):
     if not verbose or len(idx) < 50_000:  # a bar only where tokenizing takes a while
         datasets.disable_progress_bars()
     try:
-        mapped = src.select(idx).map(fn, batched=True, with_indices=True, num_proc=num_proc or None, features=features,
-                                     remove_columns=src.column_names, desc=f"tokenizing {name}")
+        sel = src.select(idx)
+        cache = _map_cache(src, sel, fn, features) if src.cache_files else {}  # (in memory: no cache, as datasets does)
+        mapped = sel.map(fn, batched=True, with_indices=True, num_proc=num_proc or None, features=features,
+                         remove_columns=src.column_names, desc=f"tokenizing {name}", **cache)
         return _arrow_examples(mapped.with_format("arrow")[:], fields)
     except UnicodeDecodeError:
         raise _not_utf8(name) from None

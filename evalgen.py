@@ -155,6 +155,20 @@ def as_model(policy, ref):
     else:
         yield ref
 
+def check_reward_model(name, key="reward_model"):
+    """a ConfigError naming key unless name's config (read alone, no weights) is a checkpoint with
+    one output: train.py checks this before training, the weights load at the first eval_gen."""
+    from transformers import AutoConfig
+
+    from configurator import ConfigError
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"config key {key}: cannot read the config of {name!r} ({type(e).__name__}: {first})") from None
+    if cfg.num_labels != 1:
+        raise ConfigError(f"config key {key}: {name!r} has {cfg.num_labels} outputs; a reward model gives one score (num_labels=1)")
+
 def load_reward_model(name, device="cpu", dtype=torch.float32):
     """(model, tokenizer) of a transformers sequence-classification checkpoint with one output."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -182,12 +182,12 @@ def load_adapter(model, adapter_dir):
                          f"{c.get('peft_type')!r}, bias {c.get('bias')!r}, options {bad})")
     to_hf = _hf_paths(model)
     from_hf = {h: p for p, h in to_hf.items()}
-    weights = {}
-    for key, t in load_file(os.path.join(adapter_dir, "adapter_model.safetensors")).items():
+    weights, file = {}, os.path.join(adapter_dir, "adapter_model.safetensors")
+    for key, t in load_file(file).items():
         path, kind, leaf = key.removeprefix("base_model.model.").rsplit(".", 2)
         if kind not in ("lora_A", "lora_B") or leaf != "weight" or path not in from_hf:
             raise ValueError(f"{adapter_dir}: unexpected tensor {key!r} for model_type {model.config.model_type}")
-        weights[from_hf[path], kind] = t
+        weights[from_hf[path], kind] = key, t
     if not _adapted(model):
         inject(model, c["r"], c["lora_alpha"], c.get("lora_dropout", 0.0), sorted({p for p, _ in weights}))
     for p, m in _adapted(model).items():
@@ -195,8 +195,13 @@ def load_adapter(model, adapter_dir):
         for kind in ("lora_A", "lora_B"):
             if (p, kind) not in weights:
                 raise ValueError(f"{adapter_dir}: no {kind} for {to_hf[p]}")
+            key, t = weights.pop((p, kind))
+            want = getattr(m, kind)
+            if t.shape != want.shape:  # an adapter of another rank, or trained on a model of another width
+                raise ValueError(f"{file}: {key} has shape {tuple(t.shape)}, this model's {kind} of {to_hf[p]} is "
+                                 f"{tuple(want.shape)} (rank {m.rank}, adapter_config.json r={c['r']})")
             with torch.no_grad():
-                getattr(m, kind).copy_(weights.pop((p, kind)))
+                want.copy_(t)
     if weights:
         raise ValueError(f"{adapter_dir}: the model has no adapter at {sorted({p for p, _ in weights})[:3]}")
     return list(_adapted(model))

@@ -27,8 +27,10 @@ def weights(lambd, K):
         return (1.0,)
     if isinstance(lambd, (int, float)):
         if K != 2:
+            even = ["%.3g" % (1 / K)] * (K - 1)  # the last takes the rounding, so the example sums to 1
             raise ConfigError(f"config key lambd: {K} objectives need {K} weights summing to 1 "
-                             f"(e.g. --lambd={','.join(['%.3g' % (1 / K)] * K)}), got the single number {lambd}")
+                             f"(e.g. --lambd={','.join(even + ['%.3g' % (1 - float(even[0]) * (K - 1))])}), "
+                             f"got the single number {lambd}")
         if not 0.0 <= lambd <= 1.0:
             raise ConfigError(f"config key lambd must lie in [0, 1], got {lambd}")
         return (float(lambd), 1.0 - lambd)

@@ -97,6 +97,7 @@ class Config:
     shared_expert_size: int = 0    # qwen2-moe: one always-on expert behind a sigmoid gate
     norm_topk: bool = True         # renormalize the chosen experts' router probabilities to sum to 1
     moe_layers: list = field(default_factory=list)  # per layer: True = experts, False = a dense mlp
+    router_aux_coef: float = 0.0   # weight of the router load-balancing loss in training (0 = none): see router_aux_loss
     rope_theta: float = 10000.0
     rotary_dim: int = -1           # -1 = head_dim; fewer = partial rotary (pythia); 0 = no rope (gpt2)
     rope_scaling: dict = field(default_factory=dict)  # {'rope_type': 'llama3'|'linear', ...}
@@ -190,6 +191,7 @@ class Config:
                       expert_size=d.get("moe_intermediate_size") or 0,
                       shared_expert_size=d.get("shared_expert_intermediate_size") or 0,
                       norm_topk=d.get("norm_topk_prob", t == "mixtral"), moe_layers=moe if E else [],
+                      router_aux_coef=router_aux_coef(d) if E else 0.0,
                       rope_theta=theta, rotary_dim=int(hd * rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
                       rope_scaling=scaling, max_position_embeddings=d.get("max_position_embeddings", 2048),
                       tie_word_embeddings=d.get("tie_word_embeddings", gemma), hf=d)
@@ -207,6 +209,14 @@ class Config:
                 "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_word_embeddings,
                 "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
                 "bos_token_id": None, "eos_token_id": 256, "pad_token_id": 257}
+
+def router_aux_coef(d):
+    """the weight of the router load-balancing loss that transformers adds to a mixture of experts'
+    training loss: router_aux_loss_coef (its config classes' default 0.001) when the config's
+    output_router_logits is true, else none. Mixtral's and Qwen's published checkpoints ship it
+    false: fine-tuning them with transformers adds no such loss, and neither does this code; set
+    output_router_logits (and router_aux_loss_coef) in the checkpoint's config.json to train with it."""
+    return float(d.get("router_aux_loss_coef", 0.001)) if d.get("output_router_logits") else 0.0
 
 # -----------------------------------------------------------------------------
 # the network
@@ -527,11 +537,16 @@ class MoE(nn.Module):
         if cfg.shared_expert_size:
             self.shared_expert = MLP(cfg, cfg.shared_expert_size)
             self.shared_expert_gate = nn.Linear(cfg.n_embd, 1, bias=False)
-        self.k, self.norm_topk = cfg.n_expert_per_tok, cfg.norm_topk
+        self.k, self.norm_topk, self.n_expert = cfg.n_expert_per_tok, cfg.norm_topk, cfg.n_expert
+        self.router_logits = None  # (N, n_expert) of the last forward with grad: router_aux_loss takes them
+        self.recording = False     # set by GPT.forward for its own pass only: a checkpoint's recompute records nothing
 
     def forward(self, x, gate_up=None):
         shape, x = x.shape, x.reshape(-1, x.shape[-1])  # (N, C)
-        probs = F.linear(x, self.gate.weight).float().softmax(dim=-1)
+        logits = F.linear(x, self.gate.weight)
+        if self.recording:
+            self.router_logits = logits
+        probs = logits.float().softmax(dim=-1)
         w, idx = probs.topk(self.k, dim=-1)  # (N, k)
         if self.norm_topk:
             w = w / w.sum(dim=-1, keepdim=True)
@@ -543,6 +558,25 @@ class MoE(nn.Module):
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)
+
+def router_aux_loss(model, real=None):
+    """the router load-balancing loss (Switch Transformer's) of model's last forward with grad, as
+    transformers' load_balancing_loss_func computes it: n_expert * sum_e f_e * P_e, where f_e is the
+    number of top-k choices of expert e per token and P_e its mean router probability, both over the
+    tokens of every MoE layer pooled. real (B, T) bool: the tokens that count (False = padding; None
+    = all). Takes the forward's router logits (the next call finds none); None for a dense model."""
+    moes = [m for m in model.modules() if isinstance(m, MoE) and m.router_logits is not None]
+    if not moes:
+        return None
+    E, k = moes[0].n_expert, moes[0].k
+    chosen = probs = n = 0.0
+    for m in moes:
+        logits, m.router_logits = m.router_logits, None
+        p = logits.float().softmax(dim=-1)  # (N, E)
+        w = torch.ones_like(p[:, :1]) if real is None else real.reshape(-1, 1).to(p)  # (N, 1)
+        top = F.one_hot(p.topk(k, dim=-1).indices, E).sum(1).to(p)  # (N, E): 1 where e is among the token's k
+        chosen, probs, n = chosen + (top * w).sum(0), probs + (p * w).sum(0), n + w.sum()
+    return E * ((chosen / n) * (probs / n)).sum()
 
 class Block(nn.Module):
     def __init__(self, cfg, layer=0):
@@ -627,6 +661,11 @@ class GPT(nn.Module):
         local = mask
         if cfg.sliding_window:
             local = kv_cache.window(mask, cfg.sliding_window) if static else window_mask(mask, cfg.sliding_window, t0, T, x.device)
+        # a forward with grad keeps each MoE layer's router logits for the load-balancing loss (router_aux_loss);
+        # no-grad ones (references, evaluation, generation) and backward's recomputes leave them alone
+        moes = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)] if torch.is_grad_enabled() and kv_cache is None else []
+        for moe in moes:
+            moe.recording = True
         for i, block in enumerate(self.blocks):
             r, m = (rope_local, local) if block.attn.window else (rope, mask)
             if kv_cache is not None:
@@ -635,6 +674,8 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, r, m, seg, use_reentrant=False)
             else:
                 x = block(x, r, m, seg)
+        for moe in moes:
+            moe.recording = False
         if kv_cache is not None and not static:
             kv_cache.pos = t0 + T
         x = self.ln_f(x)
