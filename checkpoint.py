@@ -13,16 +13,20 @@ rename and the directory after it, so a power loss cannot leave a renamed but em
 hold tensors and plain containers only and load with weights_only=True: a planted object in a
 checkpoint is refused, never run.
 """
+import atexit
 import errno
+import fcntl
 import json
 import os
 import pickle
 import random
 import shutil
+import socket
 
 import torch
 import torch.distributed as dist
 
+import configurator
 from configurator import ConfigError
 
 def _rank():
@@ -250,7 +254,8 @@ HARMLESS = {"out_dir", "resume", "overwrite", "eval_interval", "log_interval", "
             "device", "compile", "dist_timeout_s", "gradient_checkpointing", "loss_chunk_size", "selector_labels",
             "eval_gen_interval", "eval_gen_samples", "eval_gen_max_new_tokens", "reward_model",  # evaluation only
             "eps", "pareto_front", "opt_estimate_iters",  # when to stop; f* is estimated at the start only
-            "dataset_num_proc", "print_config"}  # how the same tokens are made
+            "dataset_num_proc", "print_config", "reschedule"}  # how the same tokens are made
+# (max_iters and max_epochs set the run's length T; check_total_iters refuses a T that changes the steps taken)
 
 def previous_run(out_dir):
     """what an earlier run left in out_dir: checkpoints, metrics lines, final model, summary."""
@@ -266,7 +271,9 @@ def config_changes(saved, config):
     for k in set(saved) - set(now):  # a KEY_i set then and not now: KEY's value applies now
         if k.rpartition("_")[0] in now:
             now[k] = now[k.rpartition("_")[0]]
-    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and k not in HARMLESS and saved[k] != now[k]]
+    online = any(v == "grpo" for k, v in now.items() if k.startswith("obj_"))  # reward_model is then a training reward
+    harmless = HARMLESS - {"reward_model"} if online else HARMLESS
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and k not in harmless and saved[k] != now[k]]
 
 def check_out_dir(config, log=print):
     """before anything is loaded: resume needs a checkpoint and the same step-changing keys; a new
@@ -292,6 +299,29 @@ def check_out_dir(config, log=print):
                           f"pass --resume=True to continue it, or --overwrite=True to replace it")
     return left
 
+def check_total_iters(done, before, now, at, reschedule=False, log=print):
+    """a resume whose run length changed from `before` to `now` steps (max_iters, max_epochs). The
+    learning rate schedule and the sequential split are laid out over it: at(j, T) is what step j
+    computes in a run of T steps (its learning rate, its objective). The resume goes on when the
+    `done` steps taken are the ones a run of `now` steps takes (a constant learning rate and another
+    method), so it equals that run from the start; otherwise it is refused, unless reschedule=True:
+    then the rest follows the new schedule, which the log says."""
+    j = next((j for j in range(done) if at(j, before) != at(j, now)), None) if before != now else None
+    if j is None:
+        return
+    def differs(j):
+        (lr0, obj0), (lr1, obj1) = at(j, before), at(j, now)
+        return f"step {j + 1}: " + ", ".join([f"learning rate {lr0:.4g} -> {lr1:.4g}"] * (lr0 != lr1) +
+                                             [f"objective {obj0} -> {obj1}"] * (obj0 != obj1))
+    if not reschedule:
+        raise ConfigError(f"resume=True, but max_iters / max_epochs change the run's length from {before} to {now} steps, "
+                          f"over which the learning rate schedule (lr_scheduler, warmup_ratio) and the sequential split are "
+                          f"laid out: the {done} steps taken are not those of a run of {now} steps ({differs(j)}); restore "
+                          f"max_iters / max_epochs (a run of {before} steps), or pass --reschedule=True to go on with the "
+                          f"schedule of {now} steps from step {done + 1}")
+    log(f"reschedule=True: the run's length changes from {before} to {now} steps at step {done + 1}"
+        + (f" ({differs(done)})" if at(done, before) != at(done, now) else ""))
+
 def clear(out_dir, left, log=print):
     """removes another run's outputs (overwrite=True), on rank 0."""
     for f in left:
@@ -299,6 +329,77 @@ def clear(out_dir, left, log=print):
         shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     if left:
         log(f"overwrite=True: removed the previous run's {', '.join(left)} from {out_dir}")
+
+LOCK = ".lock"
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+def hold(out_dir, overwrite=False, log=print):
+    """rank 0 claims out_dir for the run: out_dir/.lock names "host pid" and holds an flock while the
+    process lives. A lock held by a live process is refused, naming its host and pid; a lock whose
+    process died on this host is taken over (the kernel drops an flock with its holder; where the
+    file system has no flock, the pid decides); overwrite=True takes any lock. A lock from another
+    host is refused: whether that process lives cannot be told from here. Returns release(), which
+    removes the lock; it also runs at exit and before a one-line error's exit."""
+    os.makedirs(out_dir, exist_ok=True)
+    path, host = os.path.join(out_dir, LOCK), socket.gethostname()
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
+        except OSError:  # no flock on this file system
+            locked = None
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # its holder removed it meanwhile: claim the next one
+    f.seek(0)
+    who, _, pid = f.read().strip().partition(" ")
+    pid = int(pid) if pid.isdigit() else None
+    live = locked is False or (who and who != host) or (locked is None and pid is not None and _alive(pid))
+    if live and not overwrite:
+        f.close()
+        holder = f"process {pid} on host {who}" if who else "another process (its name not yet written)"
+        raise ConfigError(f"out_dir {out_dir} is in use by {holder} ({path}): wait for that run to "
+                          f"end, or use another out_dir; if that process is gone, delete {path} (--overwrite=True takes "
+                          f"the lock and replaces the run's outputs)")
+    if who:
+        log(f"out_dir {out_dir}: took over the lock of process {pid} on {who} "
+            f"({'overwrite=True' if live else 'no longer running'})")
+    if locked is False:  # a live holder keeps its flock on the old file: this run locks a new one
+        os.remove(path)
+        f.close()
+        return hold(out_dir, False, log)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{host} {os.getpid()}\n")
+    f.flush()
+    me = os.getpid()
+
+    def release():
+        if f.closed or os.getpid() != me:  # not in a forked worker
+            return
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:  # still ours (overwrite=True may have taken it)
+                os.remove(path)
+        except FileNotFoundError:
+            pass
+        f.close()
+    atexit.register(release)
+    configurator.before_exit.append(release)
+    return release
 
 def read_metrics(path, log=print):
     """the lines of metrics.jsonl. A partial last line (a crash or a full disk during a write) is

@@ -3,7 +3,8 @@ Config files and --key=value overrides, applied to train.py's globals (nanoGPT s
 
     python train.py config/kd_sft.py --lambd=0.3 --learning_rate=1e-5
 
-Config files are plain Python, exec'd in order; then --key=value overrides; later wins. Every
+Config files are plain Python, exec'd in order (a run's config.json is read as JSON: it reruns
+that run's config); then --key=value overrides; later wins. Every
 key must already exist in train.py (a typo is an error naming the closest known key); names a
 config file starts with '_' are its private helpers. Types follow the default: an int is
 accepted for a float key, true/false for a bool key, and a str key takes the text as is; a float
@@ -16,11 +17,16 @@ Per-objective keys: for every key KEY of the `per_objective` table the caller pa
 import ast
 import difflib
 import errno
+import json
+import math
 import os
 import sys
+import traceback
 import types
 
 MAX_OBJECTIVES = 8
+DATA_FILES = (".jsonl", ".parquet", ".csv", ".tsv", ".arrow", ".txt", ".gz", ".zst")  # never run as a config
+before_exit = []  # run before a one-line error's exit, which skips atexit (train.py: release out_dir's lock)
 
 class ConfigError(ValueError):
     """a bad config key or bad input data: the script prints it as one line, without a traceback."""
@@ -33,6 +39,8 @@ def one_line_errors():
         disk = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
         if not (isinstance(e, ConfigError) or disk):
             return sys.__excepthook__(kind, e, tb)
+        for f in before_exit:
+            f()
         sys.stdout.flush()
         if int(os.environ.get("RANK", 0)) == 0:
             # the real stderr: torch.distributed wraps this hook and buffers sys.stderr until it returns
@@ -82,6 +90,36 @@ def _suffixed(key, config, per_objective):
         return config[base]
     return None
 
+def _config_file(path, config):
+    """the keys a config file sets: a .py file run with the config as its globals (what it
+    assigns), or a run's config.json (every key in it). A data file or a directory is refused."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} not found")
+    ext = os.path.splitext(path.removesuffix(os.sep))[1].lower()
+    data = f"config files are .py (or a run's config.json); pass data as --dataset_1={path}"
+    if os.path.isdir(path) or ext in DATA_FILES:
+        raise ConfigError(f"{path} is {'a directory' if os.path.isdir(path) else 'a data file'}, not a config file: {data}")
+    if ext == ".json":
+        try:
+            with open(path) as f:
+                keys = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a JSON config ({e})") from None
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{path} holds JSON data ({type(keys).__name__}), not a config: {data}")
+        return keys
+    scope = dict(config)
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), scope)
+    except ConfigError:
+        raise
+    except Exception as e:  # the file's own line, not this one
+        line = e.lineno if isinstance(e, SyntaxError) else \
+            next((t.lineno for t in reversed(traceback.extract_tb(e.__traceback__)) if t.filename == path), "?")
+        raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in scope.items() if k != "__builtins__" and (k not in config or v is not config[k])}
+
 def apply(args, config, verbose=None, per_objective=()):
     """Applies config files and --key=value `args` to the dict `config` (train.py's globals,
     restricted to its config keys by the caller) in place; returns the keys that changed.
@@ -93,23 +131,18 @@ def apply(args, config, verbose=None, per_objective=()):
     changed = []
     for arg in args:
         if not arg.startswith("--"):
-            if not os.path.exists(arg):
-                raise ConfigError(f"config file {arg!r} not found")
+            keys = _config_file(arg, config)
             if verbose:
                 print(f"overriding config with {arg}")
-            scope = dict(config)
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), scope)
-            for k, v in scope.items():
-                if k == "__builtins__" or not _is_config(k, v):
+            for k, v in keys.items():
+                if not _is_config(k, v):
                     continue
                 default = defaults[k] if k in defaults else _suffixed(k, defaults, per_objective)
                 if default is None:
                     raise ConfigError(f"{arg}: unknown config key {k!r}{_closest(k, known)} "
                                      f"(prefix helper names with '_')")
-                if k not in config or v is not config[k]:
-                    config[k] = _coerce(k, v, default, arg)
-                    changed.append(k)
+                config[k] = _coerce(k, v, default, arg)
+                changed.append(k)
         else:
             key, sep, text = arg[2:].partition("=")
             if not sep:
@@ -130,15 +163,125 @@ def _require(cond, msg):
     if not cond:
         raise ConfigError(msg)
 
+# the range of every numeric key of train.py (a per-objective KEY's covers its KEY_i), as the
+# refusal states it: "> a", ">= a", an interval "[a, b)" (a tuple: each value), "finite", and after
+# "or" one more allowed value; after ";" what a special value means
+RANGES = dict(
+    # I/O
+    log_interval=">= 1", eval_interval=">= 0; 0 = start and end only", eval_iters=">= 0; 0 = the whole eval set",
+    eval_gen_interval=">= 0 or -1; 0 = at the end only, -1 = off", eval_gen_samples=">= 0; 0 = all",
+    eval_gen_max_new_tokens=">= 1", save_interval=">= 0; 0 = only at the end", keep_last=">= 0; 0 = all",
+    # model, LoRA
+    model_n_layer=">= 1", model_n_head=">= 1", model_n_kv_head=">= 1", model_n_embd=">= 1",
+    model_intermediate_size=">= 1", model_max_len=">= 1",
+    lora_rank=">= 0; 0 = full fine-tuning", lora_alpha="> 0", lora_dropout="[0, 1)",
+    # objectives and methods
+    lambd="[0, 1]", opt_estimate_iters=">= 0; 0 = max(10, T // 10)", maxright_interval=">= 1", eps=">= 0; 0 = off",
+    loss_chunk_size=">= 0; 0 = automatic", dual_lr="> 0",
+    # per objective (objectives.COMMON_KEYS and each kind's keys)
+    max_len=">= 1", max_samples=">= 0; 0 = all", eval_max_samples=">= 0; 0 = no cap",
+    obj_opt=">= 0 or -1; -1 = estimate it", budget=">= 0 or -1; -1 = none",
+    dpo_beta="> 0", dpo_label_smoothing="[0, 0.5)", dpo_nll_loss_coef=">= 0", simpo_gamma="finite",
+    orpo_lambda=">= 0", kto_desirable_weight=">= 0", kto_undesirable_weight=">= 0",
+    kd_beta="[0, 1]", kd_top_k=">= 0; 0 = the full vocabulary", kd_temperature="> 0",
+    max_new_tokens=">= 1", temperature=">= 0; 0 = greedy", top_p="(0, 1]", top_k=">= 0; 0 = off",  # online kinds' sampling
+    num_generations=">= 2", grpo_epsilon="> 0", grpo_inner_steps=">= 1", grpo_beta=">= 0",
+    # data
+    eval_frac="[0, 1)", dataset_num_proc=">= 0; 0 = this process",
+    # selector
+    selector_learning_rate=">= 0; 0 = uniform weights", aux_learning_rate="> 0", aux_steps=">= 1",
+    upperlevel_weight="[0, 1]", upperlevel_weight_decay=">= 0", select_ratio="(0, 1]",
+    # optimization
+    train_batch_size=">= 1", micro_train_batch_size=">= 1", learning_rate=">= 0; 0 = no update",
+    warmup_ratio="[0, 1]", min_lr_ratio="[0, 1]", weight_decay=">= 0", adam_betas="[0, 1)", max_norm=">= 0; 0 = no clipping",
+    max_epochs=">= 0", max_iters=">= 0; 0 = max_epochs decides", seed=">= 0",
+    # distributed
+    zero_stage="[0, 3]", dist_timeout_s="> 0",
+)
+
+def in_range(v, rule):
+    """v (a number) satisfies a RANGES rule."""
+    rule, _, other = rule.partition(";")[0].partition(" or ")
+    if other and v == float(other):
+        return True
+    if not math.isfinite(v):
+        return False
+    if rule == "finite":
+        return True
+    if rule[0] in "[(":
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        return (lo < v if rule[0] == "(" else lo <= v) and (v < hi if rule[-1] == ")" else v <= hi)
+    op, a = rule.split()
+    return v > float(a) if op == ">" else v >= float(a)
+
+def check_range(name, v, rule):
+    """a ConfigError naming the key where the number v (or a value of the tuple v) is out of range."""
+    for x in v if isinstance(v, tuple) else (v,):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            continue
+        if not in_range(x, rule):
+            want, _, note = rule.partition("; ")
+            want = f"lie in {want}" if want[0] in "[(" else f"be {'a finite number' if want == 'finite' else want}"
+            raise ConfigError(f"config key {name} must {want}{f' ({note})' if note else ''}, got {v}")
+
+def check_ranges(c, per_objective, kinds):
+    """every numeric key against RANGES: first each objective's own keys as it resolves them
+    (KEY_i, else KEY: named 'KEY_i (or KEY)'), then every other key set, under its own name."""
+    import objectives
+    done = set()
+    for i, kind in enumerate(kinds, 1):
+        for k in (*objectives.COMMON_KEYS, *objectives.KINDS[kind].keys):
+            if k in RANGES:
+                name = f"{k}_{i}" if f"{k}_{i}" in c else f"{k}_{i} (or {k})"
+                check_range(name, c.get(f"{k}_{i}", c[k]), RANGES[k])
+                done.add(f"{k}_{i}")
+    for k, v in c.items():
+        base = k if k in RANGES else k.rpartition("_")[0] if k.rpartition("_")[0] in per_objective else ""
+        if base in RANGES and k not in done:
+            check_range(k, v, RANGES[base])
+
+def pareto_points(path, K):
+    """the points [[f_1, ..., f_K], ...] of config key pareto_front's file: a JSON list of points,
+    or a sweep's front.json (its runs marked front). A ConfigError names the key and the file."""
+    where = f"config key pareto_front={path!r}"
+    try:
+        with open(path) as f:
+            points = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read it ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: not JSON ({e})") from None
+    if isinstance(points, dict) and isinstance(points.get("rows"), list):  # sweep.py's front.json
+        points = [r.get("f") for r in points["rows"] if isinstance(r, dict) and r.get("front")]
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    _require(isinstance(points, list) and points, f"{where}: expected a JSON list of points [[f_1, ..., f_{K}], ...], "
+             f"got {json.dumps(points)[:60]}")
+    _require(not all(num(x) for x in points), f"{where}: a flat list of numbers; a front is a list of points: "
+             f"[{json.dumps(points)[:60]}] for one point")
+    for j, p in enumerate(points):
+        _require(isinstance(p, list) and len(p) == K and all(map(num, p)), f"{where}: point {j} is "
+                 f"{json.dumps(p)[:60]}, expected {K} finite numbers (f_1 ... f_{K}, one per objective)")
+    return [[float(x) for x in p] for p in points]
+
 def objective_keys(c, i, per_objective):
     """objective i's per-objective keys: KEY_i where set, else KEY."""
     return types.SimpleNamespace(**{k: c.get(f"{k}_{i}", c[k]) for k in per_objective})
+
+def _hub_id(name):
+    # a name the hub could hold ('name' or 'org/name'): what is not one is a local path
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(name)
+        return True
+    except ValueError:
+        return False
 
 def check(c, per_objective, world_size=1):
     """train.py's config c: every key's range and every combination, each a ConfigError naming the
     key. Runs before a model or a dataset is loaded. Returns the objectives' kinds [obj_1 .. obj_K]."""
     import torch
 
+    import data  # (data imports this module's ConfigError)
     import methods
     import objectives
     kinds = [c[f"obj_{i}"] for i in range(1, MAX_OBJECTIVES + 1)]
@@ -152,10 +295,13 @@ def check(c, per_objective, world_size=1):
     kinds = kinds[:K]
     method = c["method"]
     _require(method in methods.METHODS, f"config key method: {method!r} is not one of {', '.join(methods.METHODS)}")
-    methods.weights(c["lambd"], K)  # K weights on the simplex, or a ConfigError naming lambd
+    w = methods.weights(c["lambd"], K)  # K weights on the simplex, or a ConfigError naming lambd
     for k, v in c.items():  # the configurator lets a float key take a tuple: only lambd may
         _require(not isinstance(v, tuple) or k in ("lambd", "adam_betas"),
                  f"config key {k}: one number, got {v!r} (only lambd takes one weight per objective)")
+    _require(len(c["adam_betas"]) == 2, f"config key adam_betas: two values (beta1, beta2) in [0, 1), got {c['adam_betas']}")
+    check_ranges(c, per_objective, kinds)
+    _require(c["out_dir"].strip() != "", "config key out_dir must name a directory, got ''")
     dev = c["device"]
     _require(not dev.startswith("cuda") or torch.cuda.is_available(), f"config key device: {dev!r}, but this torch "
              f"({torch.__version__}) sees no CUDA device; use --device=cpu or leave device empty")
@@ -163,20 +309,19 @@ def check(c, per_objective, world_size=1):
              f"config key dtype: {c['dtype']!r} is not float32, bfloat16 or float64" + (
                  " (float16 gradients underflow without loss scaling, which train.py does not do: use bfloat16, or float32 "
                  "where the GPU has no bfloat16)" if c["dtype"] == "float16" else ""))
-    for k in ("log_interval", "maxright_interval", "micro_train_batch_size", "train_batch_size", "aux_steps"):
-        _require(c[k] >= 1, f"config key {k} must be >= 1, got {c[k]}")
-    for k in ("eval_interval", "save_interval", "eval_iters", "keep_last", "max_iters", "max_epochs", "opt_estimate_iters",
-              "loss_chunk_size", "max_norm", "weight_decay", "eps", "dataset_num_proc"):
-        _require(c[k] >= 0, f"config key {k} must be >= 0 (0 = off or automatic), got {c[k]}")
-    _require(c["dist_timeout_s"] > 0, f"config key dist_timeout_s must be > 0, got {c['dist_timeout_s']}")
     _require(c["max_iters"] > 0 or c["max_epochs"] > 0, "config keys max_iters and max_epochs are both 0: nothing to train")
-    _require(0 <= c["eval_frac"] < 1, f"config key eval_frac must lie in [0, 1), got {c['eval_frac']}")
-    _require(0 <= c["warmup_ratio"] <= 1, f"config key warmup_ratio must lie in [0, 1], got {c['warmup_ratio']}")
-    _require(c["learning_rate"] >= 0, f"config key learning_rate must be >= 0, got {c['learning_rate']}")
+    _require(c["pretrain"] or c["model_n_head"] % c["model_n_kv_head"] == 0, f"config key model_n_kv_head "
+             f"({c['model_n_kv_head']}) must divide model_n_head ({c['model_n_head']}): each key/value head serves a group")
+    if c["pareto_front"]:
+        pareto_points(c["pareto_front"], K)
+        _require(c["eps"] > 0, f"config key pareto_front={c['pareto_front']!r} is set, but eps=0 (early stop off): "
+                 f"set eps > 0 (e.g. --eps=1e-4)")
+    for k in sorted(k for k in c if k == "reward_model" or k.startswith("reward_model_")):  # loaded after training, else
+        _require(not c[k] or os.path.exists(c[k]) or _hub_id(c[k]), f"config key {k}: {c[k]!r} is neither a local "
+                 f"path that exists nor a hub id")
     per_step = c["micro_train_batch_size"] * world_size
     _require(c["train_batch_size"] % per_step == 0, f"config key train_batch_size ({c['train_batch_size']}) must be a "
              f"multiple of micro_train_batch_size x world size ({per_step})")
-    _require(c["zero_stage"] in (0, 1, 2, 3), f"config key zero_stage must be 0..3, got {c['zero_stage']}")
     _require(c["lr_scheduler"] in ("constant", "cosine"), f"config key lr_scheduler: {c['lr_scheduler']!r} is not constant or cosine")
     _require(not c["cpu_offload"] or c["zero_stage"] >= 2, f"config keys cpu_offload=True and zero_stage={c['zero_stage']}: "
              f"offloading is FSDP2's, set zero_stage=2 or 3")
@@ -196,19 +341,29 @@ def check(c, per_objective, world_size=1):
                  f"weight (the original's --lambd) is config key upperlevel_weight")
         _require(c["selector_algorithm"] == "memory" or world_size == 1 or c["zero_stage"] <= 1,
                  "selector_algorithm=penalty supports zero_stage 0 and 1")
-        _require(0 < c["select_ratio"] <= 1, f"config key select_ratio must lie in (0, 1], got {c['select_ratio']}")
     for i, kind in enumerate(kinds, 1):
         o, spec = objective_keys(c, i, per_objective), objectives.KINDS[kind]
         _require(o.dataset != "", f"config key dataset_{i} (or dataset) must be set for objective {i} ({kind})")
-        _require(o.max_len > 0, f"config key max_len_{i} (or max_len) must be > 0, got {o.max_len}")
+        named = lambda k: f"{k}_{i}" if f"{k}_{i}" in c else k  # the key the value came from
+        data.check_blend(o.dataset, o.dataset_probs, named("dataset"), named("dataset_probs"),
+                         unique=method == "select" and i == 2, own_probs=f"dataset_probs_{i}" in c)
         _require(spec.reference != "required" or o.ref_model or c["lora_rank"], f"objective {i} is {kind}: set "
                  f"ref_model_{i} (or ref_model) to the teacher (or train LoRA adapters: the base model is the teacher)")
         _require(o.budget < 0 or method == "constrained", f"config key budget_{i} is set, but method={method!r}: "
                  f"a forgetting budget needs method=constrained")
         spec.check(i, o)
+        _require(c["micro_train_batch_size"] % spec.rows_per_example(o) == 0, f"config key micro_train_batch_size "
+                 f"({c['micro_train_batch_size']}) must be a multiple of objective {i}'s rows per example "
+                 f"({spec.rows_per_example(o)}: num_generations_{i} completions of each prompt)")
     if method == "constrained" and K > 1:
         budgets = [i for i in range(1, K + 1) if objective_keys(c, i, per_objective).budget >= 0]
         _require(budgets, "method=constrained needs a forgetting budget: set budget_i >= 0 (the largest gap f_i - f_i* "
                  "objective i may end with) for at least one objective, e.g. --budget_1=0.1")
-        _require(c["dual_lr"] > 0, f"config key dual_lr must be > 0, got {c['dual_lr']}")
+    if K > 1:  # f_i* estimated as an eval loss needs an eval set
+        O = {i: objective_keys(c, i, per_objective) for i in range(1, K + 1)}
+        m = methods.make(method, w, budgets={i: o.budget for i, o in O.items() if o.budget >= 0})
+        for i, o in O.items():
+            _require(not (m.needs(i) and o.obj_opt < 0 and not o.eval_split and c["eval_frac"] == 0),
+                     f"method={method} estimates f_{i}* as objective {i}'s eval loss, but objective {i} has no eval set "
+                     f"(eval_frac=0 and eval_split_{i} empty): set eval_frac > 0, eval_split_{i}, or obj_opt_{i} (a known f_{i}*)")
     return kinds

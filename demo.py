@@ -11,7 +11,9 @@ The embedded default: the toy trade-off end to end on CPU (a few minutes on 2 co
 4. K = 3: a third objective that conflicts with both (DPO preferring "RED FOX." over "RED FOX!",
    data/toy_calm.jsonl) alone, then sequential, alright and maxright over all three at lambd = 1/3 each;
 5. objective 2 as SimPO (no reference model) instead of DPO, with ALRIGHT: its behaviour beside DPO's;
-6. bilevel data selection on the noisy toy set: the fraction of clean rows kept.
+6. an online objective 2: GRPO on "whisper" prompts with a reward for lowercase answers
+   (config/demo_grpo.py), sequential against ALRIGHT: the SFT loss and the reward at the end;
+7. bilevel data selection on the noisy toy set: the fraction of clean rows kept.
 Every run is a plain `python train.py config/demo.py --key=value` subprocess, printed as it starts.
 """
 import json
@@ -106,6 +108,22 @@ def three_objectives(out, opt, budget, quick):
               f"{'/'.join(str(v) for v in r['counts'].values()):>11}  {r['train_s']:7.1f}")
     return {"opt": opt3, "methods": table}
 
+def online(out, budget, quick):
+    """SFT + GRPO (config/demo_grpo.py), sequential and ALRIGHT at lambd = 0.5, the same step budget:
+    the SFT eval loss, the held-out mean reward of greedy answers, the SFT format share."""
+    budget = [a for a in budget if not a.startswith("--max_samples_2")] + (["--max_samples_2=64"] if quick else [])
+    print("\nonline objective 2 (GRPO, 'whisper' prompts, reward = lowercase share + characters matching the lowercase words)\n")
+    head = f"{'method':>10}  {'SFT loss':>8}  {'reward':>6}  {'SFT format':>10}  {'train s':>7}"
+    print(head + "\n" + "-" * len(head))
+    table = {}
+    for m in ("sequential", "alright"):
+        r = train(f"{out}/grpo_{m}", f"--method={m}", *budget, config="config/demo_grpo.py")
+        table[m] = dict(f_1=r["eval_loss_1"], reward_2=r["eval_reward_2"], behaviour=behaviour(f"{out}/grpo_{m}"),
+                        train_s=r["train_s"], steps=r["counts"])
+        print(f"{m:>10}  {r['eval_loss_1']:8.4f}  {r['eval_reward_2']:6.3f}  {table[m]['behaviour']['fmt']:10.1%}  "
+              f"{r['train_s']:7.1f}")
+    return table
+
 def main(quick=False):
     out = "out/demo_quick" if quick else "out/demo"
     budget = ["--max_iters=16", "--eval_interval=8", "--max_samples_1=128", "--max_samples_2=128"] if quick else []
@@ -149,6 +167,7 @@ def main(quick=False):
         print(f"{m:>13}  format {r['behaviour']['fmt']:6.1%}  with the preferred '!' {r['behaviour']['pref']:6.1%}  "
               f"exactly the prompt in UPPERCASE ('!' or not) {r['behaviour']['exact']:6.1%}")
     k3 = three_objectives(out, opt, budget, quick)
+    grpo = online(out, budget, quick)
     with open(os.path.join(ROOT, "data/toy_noisy_labels.jsonl")) as f:
         corrupted = {r["id"]: r["corrupted"] for r in map(json.loads, f)}
     with open(os.path.join(ROOT, out, "select", "selector.jsonl")) as f:
@@ -160,7 +179,7 @@ def main(quick=False):
           f"(the set is {base_rate:.0%} clean)")
     plot(results, opt, os.path.join(ROOT, out, "pareto.png"))
     with open(os.path.join(ROOT, out, "demo.json"), "w") as f:
-        json.dump({"opt": opt, "methods": table, "selection_clean_fraction": clean, "k3": k3,
+        json.dump({"opt": opt, "methods": table, "selection_clean_fraction": clean, "k3": k3, "grpo": grpo,
                    "behaviour": {m: r["behaviour"] for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone),
                                                                 *results.items(), ("alright_simpo", simpo)]},
                    "alright_simpo": {"f_1": simpo["eval_loss_1"], "f_2_simpo": simpo["eval_loss_2"], "gap_1": simpo["eval_loss_1"] - opt[0]}},

@@ -6,19 +6,27 @@ Batched generation from a trained run or any Hugging Face checkpoint, with a KV 
     python generate.py --out_dir=RUN --objective=1 --out=eval_gen_1.jsonl   # the run's held-out prompts
 
 The model: --out_dir=RUN reads RUN/final (LoRA already merged there), or with --ckpt=latest (or
-RUN/ckpt/iter_N) a checkpoint of the run; --pretrain=DIR_OR_HUB_ID any checkpoint, plus
+RUN/ckpt/iter_N) a checkpoint of the run on its base rebuilt as the run built it (its pretrain, or
+its model_* keys from its seed); --pretrain=DIR_OR_HUB_ID any checkpoint, plus
 --adapter=DIR for an unmerged PEFT-layout LoRA adapter (e.g. RUN/final/adapter).
-Prompts: --prompt=TEXT, --prompts=FILE.jsonl (a row's text is its prompt_key field, else the first
-of "prompt", input_key, "instruction"; a {"messages": [...]} row ends with the user's turn, a
-trailing assistant turn is dropped), or --objective=i: the eval split of the run's objective i.
+Prompts: --prompt=TEXT, --prompts=FILE.jsonl (JSON lines, one JSON list of rows or one row; a row's
+text is its prompt_key field, else the first of "prompt", input_key, "instruction"; a
+{"messages": [...]} row ends with the user's turn, a trailing assistant turn is dropped), or
+--objective=i: the rows the run held out of objective i (data.objective_splits, as train.py,
+streaming included).
 Formatting is train.py's: input_template (--input_template={} passes a prompt unchanged) or the
 tokenizer's chat template (apply_chat_template: '' = the run's setting when --out_dir has one, else
 input_template when given, else the chat template when the tokenizer has one). Output rows keep the prompt row's fields and add
 `instruction` (the prompt text), `output` and `generator` (AlpacaEval's format).
-Stop: at eos, and at any of --stop (a string or a JSON list of strings, matched on the text with
-special tokens; the output ends before it). Limits: a prompt longer than the model's context
-(max_position_embeddings) is an error; generation ends at the context length. An empty prompt
-text is an error, as is a stop string the tokenizer cannot encode (it maps to the unknown token).
+Stop: at eos, and at any of --stop (a JSON list of strings, else the string itself: '[/INST]' is
+one stop string; matched on the text with special tokens; the output ends before it).
+Limits: a prompt longer than the model's context (max_position_embeddings) is an error;
+generation ends at the context length. An empty prompt text is an error, as is a stop string the
+tokenizer cannot encode (it maps to the unknown token).
+--out is refused when it exists (above all an input, or a run's metrics.jsonl / config.json /
+final/) unless --overwrite=True, and is written whole then renamed. An --adapter already merged
+into the model (a run's final/ given its own final/adapter) is refused. Bad input stops with one
+line `error: ...` naming the key, or the file and line, and exit status 2, before the model loads.
 Every default below is a config key: override it as --key=value (or in a config file).
 """
 import json
@@ -37,7 +45,8 @@ ckpt = ""                 # with out_dir: a checkpoint of the run instead of fin
 prompt = ""               # one prompt
 prompts = ""              # a JSONL of prompt rows (or a .json list)
 objective = 0             # i > 0: the eval split of the run's objective i (needs out_dir)
-out = ""                  # JSONL of output rows (.json: one JSON list; '' = print)
+out = ""                  # JSONL of output rows (.json: one JSON list; '' = print); never an existing file unless overwrite
+overwrite = False         # True: --out may replace an existing file
 generator_name = ""       # the `generator` field ('' = the run's / checkpoint's name)
 max_new_tokens = 64
 temperature = 0.0         # 0 = greedy
@@ -60,9 +69,11 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 # -----------------------------------------------------------------------------
 # decoding
 
-def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None, uniform=None):
     """logits (B, V) float -> next tokens (B,). Temperature, then top-k, then top-p, as in
-    transformers; temperature 0 is greedy."""
+    transformers; temperature 0 is greedy. uniform: (B,) draws in [0, 1), one per row, used by
+    inverse-CDF sampling instead of the generator (rollout.py: a row's draws then depend on its
+    own key alone, not on the batch it is in)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -74,6 +85,10 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
         p = srt.softmax(dim=-1)
         drop = p.cumsum(dim=-1) - p >= top_p  # the better tokens already hold top_p (never the first)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+    if uniform is not None:
+        cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # a masked token has an empty interval: never drawn
+        u = (uniform.to(cdf.dtype) * cdf[:, -1])[:, None]
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 def last_logits(h, w, softcap=0.0):
@@ -88,7 +103,7 @@ def left_align(input_ids, attention_mask):
 
 def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None,
              generator=None, attention_mask=None, pad_token_id=None, stop_fn=None, use_cache=True, fuse=True,
-             cuda_graph=None):
+             cuda_graph=None, uniforms=None, all_done=None):
     """Extends input_ids (B, T) by up to max_new_tokens; returns (B, T + n), n <= max_new_tokens.
     attention_mask (B, T) 0/1 marks padding (left, right or anywhere: rows are left-aligned first,
     and the result is left-padded). A row is done after eos_token_id or when stop_fn(row index,
@@ -101,18 +116,21 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1
     decoder()); None = on CUDA for a plain module outside autocast without experts (an FSDP-sharded
     model gathers its weights in hooks a replay would skip, autocast caches its weight casts, and
     the experts' routing picks tokens on the host: those decode eagerly); True on a CPU runs the
-    same one-shape step eagerly (what the tests check)."""
+    same one-shape step eagerly (what the tests check). uniforms(step) -> (B,) draws in [0, 1) replaces
+    the generator (sample_next). all_done(local) -> bool: whether every row of every rank is done,
+    given whether this rank's are (an all-reduce), so that the ranks of a sharded model take the
+    same number of decoding steps (each step's forward is collective under FSDP)."""
     if cuda_graph is None:
         cuda_graph = (input_ids.is_cuda and not torch.is_autocast_enabled("cuda")
                       and not any(getattr(model.config, "moe_layers", None) or [])
                       and not any(hasattr(p, "full_tensor") for p in model.parameters()))  # a DTensor: FSDP2
     with torch.inference_mode():  # no autograd bookkeeping at all: ~10% of a small model's step
         y = _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-                      attention_mask, pad_token_id, stop_fn, use_cache, fuse, cuda_graph)
+                      attention_mask, pad_token_id, stop_fn, use_cache, fuse, cuda_graph, uniforms, all_done)
     return y.clone()  # a normal tensor: an inference tensor cannot enter a later backward
 
 def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
-              attention_mask, pad_token_id, stop_fn, use_cache, fuse, cuda_graph):
+              attention_mask, pad_token_id, stop_fn, use_cache, fuse, cuda_graph, uniforms=None, all_done=None):
     from model import KVCache
     B, T = input_ids.shape
     if attention_mask is None:
@@ -145,7 +163,8 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
             m = torch.cat([mask, mask.new_ones(B, step)], dim=1)
             p = torch.cat([pos, new_pos[:, :step]], dim=1)
             logits = model(out[:, :end], attention_mask=m, position_ids=p, head_fn=last_logits)
-        nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
+        nxt = sample_next(logits.float(), temperature, top_k, top_p, generator,
+                          None if uniforms is None or temperature == 0 else uniforms(step))
         if pad is not None:
             nxt = nxt.masked_fill(done, pad)
         out[:, end] = nxt
@@ -156,7 +175,8 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
             for b in (~done).nonzero().flatten().tolist():
                 if stop_fn(b, out[b, T:end]):
                     done[b] = True
-        if (eos_token_id is not None or stop_fn is not None) and bool(done.all()):
+        if (eos_token_id is not None or stop_fn is not None) and (
+                bool(done.all()) if all_done is None else all_done(bool(done.all()))):
             break
         if use_cache and step + 1 < n_new:
             logits = decode(nxt, new_pos[:, step:step + 1])
@@ -213,22 +233,26 @@ def prompt_ids(tokenizer, text):
         ids = [bos] + ids
     return ids
 
-def format_prompt(tokenizer, row, i, key="", input_key="input", template="User: {}\nAssistant: ", chat=False):
-    """(text shown as `instruction`, formatted prompt) of a prompt row."""
+def format_prompt(tokenizer, row, i, key="", input_key="input", template="User: {}\nAssistant: ", chat=False, where=""):
+    """(text shown as `instruction`, formatted prompt) of a prompt row; an error names it as
+    `where` (a file and line) or else as prompt row i."""
+    where = where or f"prompt row {i}"
     if "messages" in row and not key:
         msgs = row["messages"]
-        if msgs and msgs[-1].get("role") == "assistant":
+        if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
             msgs = msgs[:-1]
-        if not msgs or not tokenizer.chat_template:
-            raise ValueError(f"prompt row {i}: 'messages' need a user turn and a tokenizer with a chat template")
-        return msgs[-1]["content"], tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs) or not tokenizer.chat_template:
+            raise ValueError(f"{where}: 'messages' need a list of turns ending with the user's and a tokenizer with a chat template")
+        return msgs[-1].get("content"), tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     keys = [key] if key else ["prompt", input_key, "instruction"]
     k = next((k for k in keys if k in row), None)
     if k is None:
-        raise ValueError(f"prompt row {i}: none of the keys {keys} (keys present: {list(row)})")
+        raise ValueError(f"{where}: none of the keys {keys} (keys present: {list(row)})")
     text = row[k]
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"prompt row {i}: empty prompt in {k!r}")
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: the prompt in {k!r} is not a string ({type(text).__name__} {json.dumps(text)[:40]})")
+    if not text.strip():
+        raise ValueError(f"{where}: empty prompt in {k!r}")
     if chat:
         if not tokenizer.chat_template:
             raise ValueError("apply_chat_template: the tokenizer has no chat template; use input_template")
@@ -239,11 +263,17 @@ def format_prompt(tokenizer, row, i, key="", input_key="input", template="User: 
     return text, template.replace("{}", text, 1)
 
 def parse_stop(tokenizer, stop):
-    """the stop strings of --stop (a string or a JSON list); an empty one, or one with characters
-    the tokenizer cannot encode (its unknown token), is an error: it could never be generated."""
+    """the stop strings of --stop: a JSON list of strings, else the text itself ('[/INST]' is one
+    stop string); an empty one, or one with characters the tokenizer cannot encode (its unknown
+    token), is an error: it could never be generated."""
     if not stop:
         return []
-    stops = json.loads(stop) if stop.lstrip().startswith("[") else [stop]
+    try:
+        stops = json.loads(stop)
+    except ValueError:
+        stops = None
+    if not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
+        stops = [stop]
     for s in stops:
         if not isinstance(s, str) or not s:
             raise ValueError(f"stop: {s!r} is not a non-empty string")
@@ -312,29 +342,37 @@ def obj_key(cfg, key, i):
     v = cfg.get(f"{key}_{i}")
     return cfg.get(key) if v is None or v == "" else v
 
-def model_from_checkpoint(out_dir, ckpt):
-    """(model, tokenizer, path) of a run's checkpoint (out_dir/ckpt/iter_N, or 'latest'): the model
-    the run started from (its pretrain, or a fresh one of its model_* keys, built as train.py builds
-    it) with the checkpoint's trained weights; LoRA adapters merged."""
+def checkpoint_path(out_dir, ckpt):
+    """the checkpoint dir of --ckpt (out_dir/ckpt/iter_N, or 'latest') and the run's config."""
     import checkpoint
-    from model import GPT, Config, load_tokenizer
     cfg = run_config(out_dir)
     if not cfg:
         raise ValueError(f"{out_dir}/config.json does not exist: a checkpoint needs the run's config")
     path = checkpoint.latest(os.path.join(out_dir, "ckpt")) if ckpt == "latest" else ckpt
     if not path or not os.path.exists(os.path.join(path, "model.pt")):
         raise ValueError(f"no checkpoint at {path or os.path.join(out_dir, 'ckpt')} (a dir with model.pt)")
+    return path, cfg
+
+def model_from_checkpoint(out_dir, ckpt):
+    """(model, tokenizer, path) of a run's checkpoint (out_dir/ckpt/iter_N, or 'latest'): the model
+    the run started from (its pretrain, or a fresh one of its model_* keys, built as train.py builds
+    it: from its seed) with the checkpoint's trained weights; LoRA adapters merged. A LoRA
+    checkpoint holds the adapters alone, so a fresh base must be the run's to the bit."""
+    from model import GPT, Config, load_tokenizer
+    path, cfg = checkpoint_path(out_dir, ckpt)
     tok = load_tokenizer(cfg.get("pretrain", ""))
-    if cfg.get("pretrain"):
-        model = GPT.from_pretrained(cfg["pretrain"])
-    else:
-        g = lambda k: cfg[f"model_{k}"]
-        model = GPT(Config(vocab_size=len(tok), n_layer=g("n_layer"), n_head=g("n_head"), n_kv_head=g("n_kv_head"),
-                           n_embd=g("n_embd"), head_dim=g("n_embd") // g("n_head"), intermediate_size=g("intermediate_size"),
-                           max_position_embeddings=g("max_len"), norm_eps=1e-5))
-    if cfg.get("lora_rank"):
-        from lora import inject
-        inject(model, cfg["lora_rank"], cfg["lora_alpha"], 0.0, cfg["target_modules"])
+    with torch.random.fork_rng(devices=[]):  # the run's initial weights; the caller's random state is kept
+        torch.manual_seed(cfg.get("seed", 42))
+        if cfg.get("pretrain"):
+            model = GPT.from_pretrained(cfg["pretrain"])
+        else:
+            g = lambda k: cfg[f"model_{k}"]
+            model = GPT(Config(vocab_size=len(tok), n_layer=g("n_layer"), n_head=g("n_head"), n_kv_head=g("n_kv_head"),
+                               n_embd=g("n_embd"), head_dim=g("n_embd") // g("n_head"), intermediate_size=g("intermediate_size"),
+                               max_position_embeddings=g("max_len"), norm_eps=1e-5))
+        if cfg.get("lora_rank"):
+            from lora import inject
+            inject(model, cfg["lora_rank"], cfg["lora_alpha"], 0.0, cfg["target_modules"])
     sd = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
     bad = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False).unexpected_keys
     if bad:
@@ -344,15 +382,33 @@ def model_from_checkpoint(out_dir, ckpt):
         model = merge(model)
     return model, tok, path
 
-def load_model(out_dir="", pretrain="", adapter="", device="cpu", dtype=torch.float32, ckpt=""):
-    """(model, tokenizer, path) from out_dir/final, a checkpoint of out_dir, or pretrain (+ a PEFT
-    adapter)."""
-    from model import GPT, load_tokenizer
+def check_adapter(path, adapter):
+    """--adapter on the checkpoint at path: a PEFT-layout dir, and not the adapter already merged
+    into path. train.py's final/ holds the merged weights and, in final/adapter, the adapter it
+    merged: the same adapter applied again doubles its update. Compared by content, so copies of
+    either are recognized."""
+    import filecmp
+    given = os.path.join(adapter, "adapter_model.safetensors")
+    if not (os.path.isfile(os.path.join(adapter, "adapter_config.json")) and os.path.isfile(given)):
+        raise ValueError(f"adapter: {adapter} is not a PEFT-layout LoRA adapter dir (adapter_config.json and "
+                         f"adapter_model.safetensors)")
+    own = os.path.join(path, "adapter", "adapter_model.safetensors")
+    if os.path.isfile(own) and filecmp.cmp(own, given, shallow=False):
+        with open(os.path.join(adapter, "adapter_config.json")) as f:
+            base = json.load(f).get("base_model_name_or_path") or "the run's base model"
+        raise ValueError(f"adapter: {adapter} is already merged into {path} ({os.path.join(path, 'adapter')} holds the "
+                         f"same weights); generate from {path} without --adapter, or apply the adapter to {base}")
+
+def model_source(out_dir="", pretrain="", adapter="", ckpt=""):
+    """(the checkpoint dir or hub id the model loads from, the one its tokenizer loads from), each
+    argument checked before anything is loaded."""
     if ckpt:
         if not out_dir:
             raise ValueError("ckpt: give the run's --out_dir too (its config.json builds the model)")
-        model, tok, path = model_from_checkpoint(out_dir, ckpt)
-        return model.to(device=device, dtype=dtype).eval(), tok, path
+        if adapter:
+            raise ValueError("adapter: a checkpoint of a LoRA run merges its own adapters; give --adapter with --pretrain")
+        path, cfg = checkpoint_path(out_dir, ckpt)
+        return path, cfg.get("pretrain", "")
     if out_dir:
         path = os.path.join(out_dir, "final")
         if not os.path.isdir(path):
@@ -362,6 +418,18 @@ def load_model(out_dir="", pretrain="", adapter="", device="cpu", dtype=torch.fl
         path = pretrain
     else:
         raise ValueError("give --out_dir=RUN (its final/) or --pretrain=<HF checkpoint dir or hub id>")
+    if adapter:
+        check_adapter(path, adapter)
+    return path, path
+
+def load_model(out_dir="", pretrain="", adapter="", device="cpu", dtype=torch.float32, ckpt=""):
+    """(model, tokenizer, path) from out_dir/final, a checkpoint of out_dir, or pretrain (+ a PEFT
+    adapter)."""
+    from model import GPT, load_tokenizer
+    path, _ = model_source(out_dir, pretrain, adapter, ckpt)
+    if ckpt:
+        model, tok, path = model_from_checkpoint(out_dir, ckpt)
+        return model.to(device=device, dtype=dtype).eval(), tok, path
     model = GPT.from_pretrained(path, dtype=dtype, device=device)
     if adapter:
         from lora import load_adapter, merge
@@ -369,40 +437,145 @@ def load_model(out_dir="", pretrain="", adapter="", device="cpu", dtype=torch.fl
         model = merge(model).to(device=device, dtype=dtype)
     return model.eval(), load_tokenizer(path), path
 
-def read_prompt_rows(prompt="", prompts="", objective=0, run_cfg=None):
+def _json_value(text):
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+def read_prompts_file(path):
+    """(rows, where each row is: 'FILE, line N' or 'FILE, item N') of a prompts file: JSON lines,
+    one JSON list of objects (AlpacaEval ships its prompts so), or one JSON object (one row). What
+    is wrong (not UTF-8, malformed JSON, a row that is not an object, no rows) names the file and
+    line."""
+    import data as D
+    if not os.path.isfile(path):
+        raise ValueError(f"prompts: {path}: no such file")
+    with open(path, "rb") as f:
+        text = D._decode(path, f.read())
+    lines = [n for n, line in enumerate(text.split("\n"), 1) if line.strip()]  # data.py's JSON lines: one row per non-blank line
+    if not lines:
+        raise ValueError(f"prompts: {path}: no prompt rows (the file is empty)")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as e:  # JSON lines (their second value is 'Extra data'), or a broken document
+        whole = None
+        if e.msg != "Extra data" and not _json_value(text.split("\n")[lines[0] - 1]):
+            raise ValueError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+    if isinstance(whole, dict):
+        return [whole], [f"{path}, line {lines[0]}"]
+    if isinstance(whole, list):
+        for j, r in enumerate(whole, 1):
+            if not isinstance(r, dict):
+                raise ValueError(f"{path}, item {j} of its list: expected a JSON object (a prompt row), found "
+                                 f"{type(r).__name__} {json.dumps(r)[:40]}")
+        if not whole:
+            raise ValueError(f"prompts: {path}: no prompt rows (an empty list)")
+        return whole, [f"{path}, item {j}" for j in range(1, len(whole) + 1)]
+    return D._read_jsonl(path, text), [f"{path}, line {n}" for n in lines]
+
+def held_out_rows(run_cfg, i):
+    """(rows, where each row is) that train.py held out of the run's objective i: the same
+    function of the same keys (data.objective_splits), streaming included; nothing else is read."""
+    import configurator
+    import data as D
+    import objectives
+    if not run_cfg:
+        raise ValueError("objective: needs --out_dir of a run (its config.json names the data)")
+    keys = objectives.per_objective_keys()
+    o = configurator.objective_keys({**keys, **run_cfg}, i, keys)  # KEY_i where the run set it, else KEY
+    if not o.dataset:
+        raise ValueError(f"objective: the run has no dataset_{i}")
+    select = run_cfg.get("method") == "select" and i == 2  # train.py: a selection run weighs every row of dataset_2
+    frac = 0.0 if select else run_cfg.get("eval_frac", 0.0)
+    _, rows = D.objective_splits(o, run_cfg.get("seed", 42), frac, run_cfg.get("streaming", False), lazy=True, _train=False)
+    rows = list(rows)
+    if not rows:
+        why = "method=select holds out none of dataset_2" if select else f"eval_frac=0 and no eval_split_{i}"
+        raise ValueError(f"objective: the run held out no rows of objective {i} ({why})")
+    source = o.eval_split if o.eval_split and D._is_dataset(o.eval_split) else o.dataset
+    return ([{k: v for k, v in r.items() if k != "_id"} for r in rows],  # _id: data.py's bookkeeping
+            [f"{source}, row {r.get('_id', j)} (held out of objective {i})" for j, r in enumerate(rows)])
+
+def read_prompt_rows(prompt="", prompts="", objective=0, run_cfg=None, where=False):
+    """the prompt rows of --prompt, --prompts or --objective (and, with where=True, where each is,
+    for errors)."""
     if prompt:
-        return [{"prompt": prompt}]
-    if prompts:
-        with open(prompts, encoding="utf-8") as f:
-            if prompts.endswith(".json"):  # a JSON list, as AlpacaEval ships its prompts
-                return json.load(f)
-            return [json.loads(l) for l in f if l.strip()]
-    if objective:
-        import data as D
-        if not run_cfg:
-            raise ValueError("objective: needs --out_dir of a run (its config.json names the data)")
-        g = lambda k: obj_key(run_cfg, k, objective)
-        if not g("dataset"):
-            raise ValueError(f"objective {objective}: the run has no dataset_{objective}")
-        # the run's own hold-out: the same max_samples, seed, fraction and cap as train.py's
-        _, rows = D.load_splits(g("dataset"), g("train_split") or "train", g("eval_split") or "",
-                                g("max_samples") or 0, g("dataset_probs") or "", run_cfg.get("seed", 42),
-                                run_cfg.get("eval_frac", 0.0), g("eval_max_samples") or 0)
-        return [{k: v for k, v in r.items() if k != "_id"} for r in rows]  # _id: data.py's bookkeeping
-    raise ValueError("give --prompt=TEXT, --prompts=FILE.jsonl or --objective=i")
+        rows, places = [{"prompt": prompt}], ["--prompt"]
+    elif prompts:
+        rows, places = read_prompts_file(prompts)
+    elif objective:
+        rows, places = held_out_rows(run_cfg, objective)
+    else:
+        raise ValueError("give --prompt=TEXT, --prompts=FILE.jsonl or --objective=i")
+    return (rows, places) if where else rows
+
+def check_out(out, overwrite, inputs=(), runs=()):
+    """--out: a file name (not a directory), and, unless overwrite, no existing file: above all
+    not an input (the prompts file) nor a file of a run (its metrics.jsonl, config.json, final/)."""
+    if not out:
+        return
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):
+        raise ValueError(f"out: {out} is a directory; give a file name (.jsonl, or .json for one JSON list)")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"out: {parent} is a file, so {out} cannot be written")
+    if overwrite or not os.path.exists(out):
+        return
+    what = "exists"
+    if any(os.path.exists(p) and os.path.samefile(out, p) for p in inputs):
+        what = "is the prompts file this reads"
+    else:
+        d = os.path.dirname(os.path.abspath(out))
+        while d != os.path.dirname(d):  # a run: a dir of --out_dir, or one holding metrics.jsonl
+            if any(os.path.isdir(r) and os.path.samefile(d, r) for r in runs) or os.path.exists(os.path.join(d, "metrics.jsonl")):
+                what = f"is a file of the run {d}"
+                break
+            d = os.path.dirname(d)
+    raise ValueError(f"out: {out} {what}; pass --overwrite=True to replace it, or name another file")
+
+def write_rows(out, rows):
+    """rows to out (.json: one JSON list, AlpacaEval's model_outputs; else JSON lines), written
+    beside it and renamed: an interrupted write leaves the previous file whole."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            if out.endswith(".json"):
+                json.dump(rows, f, ensure_ascii=False, indent=1)
+            else:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 def main(argv):
     import configurator
+    from model import load_tokenizer
     c = {k: globals()[k] for k in config_keys}
     changed = set(configurator.apply(argv, c))
+    # every check that needs no model first: a bad key, --out, the prompts, their formatting, --stop
     for k, ok, want in (("temperature", c["temperature"] >= 0, ">= 0 (0 = greedy)"), ("max_new_tokens", c["max_new_tokens"] > 0, "> 0"),
                         ("top_p", 0 < c["top_p"] <= 1, "in (0, 1]"), ("top_k", c["top_k"] >= 0, ">= 0 (0 = off)"),
-                        ("batch_size", c["batch_size"] >= 1, ">= 1")):
+                        ("batch_size", c["batch_size"] >= 1, ">= 1"), ("num_samples", c["num_samples"] >= 1, ">= 1"),
+                        ("max_prompts", c["max_prompts"] >= 0, ">= 0 (0 = all)"), ("objective", c["objective"] >= 0, ">= 1 (0 = off)"),
+                        ("dtype", c["dtype"] in ("", "float32", "bfloat16", "float16", "float64"), "float32, bfloat16, float16 or float64")):
         if not ok:
             raise ValueError(f"--{k} must be {want}, got {c[k]!r}")
-    dev = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    dt = c["dtype"] or ("bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32")
-    model, tok, path = load_model(c["out_dir"], c["pretrain"], c["adapter"], dev, getattr(torch, dt), c["ckpt"])
+    check_out(c["out"], c["overwrite"], [c["prompts"]] if c["prompts"] else [], [c["out_dir"]] if c["out_dir"] else [])
+    path, tok_path = model_source(c["out_dir"], c["pretrain"], c["adapter"], c["ckpt"])
+    key = "pretrain" if c["pretrain"] and not c["out_dir"] else "out_dir"
+    if tok_path and not os.path.exists(tok_path) and not configurator._hub_id(tok_path):
+        raise ValueError(f"{key}: {tok_path}: no such directory (nor a hub id)")
+    try:
+        tok = load_tokenizer(tok_path)
+    except OSError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{key}: no tokenizer at {tok_path!r} (a checkpoint dir or hub id): {first}") from None
     run_cfg = run_config(c["out_dir"]) if c["out_dir"] else {}
     i = c["objective"] or 1
     # the run's formatting unless given here
@@ -422,12 +595,15 @@ def main(argv):
         chat = bool(run_chat) if run_chat is not None else "input_template" not in changed and bool(tok.chat_template)
     else:
         chat = chat == "true"
-    rows = read_prompt_rows(c["prompt"], c["prompts"], c["objective"], run_cfg)
+    rows, places = read_prompt_rows(c["prompt"], c["prompts"], c["objective"], run_cfg, where=True)
     if c["max_prompts"]:
         rows = rows[:c["max_prompts"]]
-    shown, texts = zip(*[format_prompt(tok, r, j, c["prompt_key"], c["input_key"], c["input_template"], chat)
-                         for j, r in enumerate(rows)]) if rows else ((), ())
+    shown, texts = zip(*[format_prompt(tok, r, j, c["prompt_key"], c["input_key"], c["input_template"], chat, where=w)
+                         for j, (r, w) in enumerate(zip(rows, places))])
     stops = parse_stop(tok, c["stop"])
+    dev = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    dt = c["dtype"] or ("bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32")
+    model, tok, path = load_model(c["out_dir"], c["pretrain"], c["adapter"], dev, getattr(torch, dt), c["ckpt"])
     torch.manual_seed(c["seed"])
     gen = torch.Generator(device=dev).manual_seed(c["seed"])
     n = c["num_samples"] if c["temperature"] > 0 else 1
@@ -442,12 +618,7 @@ def main(argv):
                 r["sample"] = s
             result.append(r)
     if c["out"]:
-        os.makedirs(os.path.dirname(os.path.abspath(c["out"])), exist_ok=True)
-        with open(c["out"], "w", encoding="utf-8") as f:
-            if c["out"].endswith(".json"):  # a JSON list: AlpacaEval's model_outputs
-                json.dump(result, f, ensure_ascii=False, indent=1)
-            for r in result if not c["out"].endswith(".json") else []:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_rows(c["out"], result)
     else:
         for j, r in enumerate(result):
             print(texts[j // n] + r["output"])
@@ -457,5 +628,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ValueError as e:
-        sys.exit(f"generate.py: {e}")
+    except ValueError as e:  # bad input (configurator.ConfigError and data.py's errors included): one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -454,3 +454,25 @@ def kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forwar
     losses = kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, kind, beta, top_k,
                              temperature, chunk_size, uniform=True, softcap=softcap, teacher_softcap=teacher_softcap)
     return losses.sum() / _normalizer(num_tokens, labels)
+
+# -----------------------------------------------------------------------------
+# GRPO (docs/algorithms.md §1.7)
+
+def grpo_token_losses(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0.0):
+    """Per-token GRPO losses [B, T] (0 where mask is False) and (k3 KL [B, T], clipped [B, T] bool).
+    logps: the policy's log-probs of the completion tokens (with grad); old_logps: the sampling
+    policy's (no grad; logps.detach() when a rollout is used once, so the ratio is 1); ref_logps: the
+    reference's, or None (beta 0); advantages [B], one per completion. With ratio = exp(logps -
+    old_logps): -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) + beta (exp(ref - logps) - (ref - logps) - 1)."""
+    A = advantages[:, None].to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    clipped_ratio = ratio.clamp(1 - epsilon, 1 + epsilon)
+    surrogate = torch.minimum(ratio * A, clipped_ratio * A)
+    clipped = (clipped_ratio * A < ratio * A) & mask
+    loss = -surrogate
+    kl = torch.zeros_like(logps)
+    if ref_logps is not None:
+        d = ref_logps.to(logps.dtype) - logps
+        kl = torch.exp(d) - d - 1
+        loss = loss + beta * kl
+    return loss * mask, (kl * mask, clipped)

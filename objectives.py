@@ -20,6 +20,7 @@ import torch
 
 import data as D
 import losses as L
+import rollout as R
 from configurator import ConfigError
 
 # -----------------------------------------------------------------------------
@@ -66,6 +67,10 @@ class Kind:
     prompt_key: str = "input_key"  # the key naming a row's prompt (generate.py --objective)
     evaluate: Optional[Callable] = None  # evalgen: (policy, ref, tokenizer, examples, max_new_tokens, keys, rm) -> (metrics, gens)
     check: Callable = lambda i, c: None  # its keys' checks, before anything is loaded: raise ConfigError
+    prepare: Optional[Callable] = None  # online kinds: (micro-batches, step, objective) -> the step's rows, made by the policy (rollout.py)
+    eval_loss: Optional[Callable] = None  # (step, objective, batches) -> (loss, stats) instead of the loss on eval rows
+    rows_per_example: Callable = lambda c: 1  # training rows one example gives (grpo: num_generations completions of a prompt)
+    uses_reference: Callable = lambda c: True  # (keys) -> this objective needs its reference (grpo with grpo_beta 0: none loaded)
 
 @dataclass
 class Part:
@@ -100,6 +105,11 @@ class Objective:
     ref_is_policy: bool = False
     ref_cache: Optional[dict] = None
     opt: float = -1.0
+    online: Any = None          # rollout.Online: the sampling counter, tokenizer, rewards of an online objective
+
+    def next_step(self):
+        """this rank's micro-batches of the objective's next step."""
+        return self.online.next_step(self) if self.online is not None else self.loader.next_step()
 
     def has_reference(self):
         return self.ref is not None or self.ref_is_policy
@@ -274,6 +284,21 @@ def kd_part(p):
         return tok.sum() / p.norm["tokens"] * p.world_size, {"kd_kl": kl}
     return _token_mean(p, tok)
 
+def grpo_part(p):
+    """GRPO's clipped policy-gradient loss over the completion tokens, plus grpo_beta x the k3 KL to the
+    reference: this rank's share of the global token mean (p.norm["tokens"]; norm None: per-row means)."""
+    c = p.o.cfg
+    tok = L.token_logps(p.hidden, p.weight, p.labels, p.chunk_size, softcap=p.softcap)
+    mask = p.labels != L.IGNORE_INDEX
+    dev = lambda k: p.batch[k].to(tok.device)[:, : tok.shape[1]] if k in p.batch else None
+    old = dev("old_logps")
+    losses, (kl, clipped) = L.grpo_token_losses(tok, tok.detach() if old is None else old, dev("ref_token_logps"),
+                                                p.batch["advantages"].to(tok.device), mask, c.grpo_epsilon, c.grpo_beta)
+    if p.norm is None:
+        return L.per_sample_mean(losses, p.labels), {}
+    scale = p.world_size / p.norm["tokens"]
+    return losses.sum() * scale, {"kl": kl.detach().sum() * scale, "clip_frac": clipped.sum() * scale}
+
 # -----------------------------------------------------------------------------
 # per-kind checks of the config keys
 
@@ -300,12 +325,42 @@ def _check_kto(i, c):
         _check(getattr(c, k) >= 0, f"config key {k}_{i} (or {k}) must be >= 0, got {getattr(c, k)}")
 
 def _check_kd(i, c):
+    if c.kd_on_policy:
+        _check_online(i, c)
+        _check(not c.weight_key, f"config keys kd_on_policy_{i}=True and weight_key_{i}: on-policy rows are the student's "
+               f"own samples, which carry no row weights")
     _check(c.kd_loss in L.KD_KINDS, f"config key kd_loss_{i} (or kd_loss): {c.kd_loss!r} is not one of {', '.join(L.KD_KINDS)}")
     _check(c.kd_top_k >= 0, f"config key kd_top_k_{i} (or kd_top_k) must be >= 0 (0 = the full vocabulary), got {c.kd_top_k}")
     _check(c.kd_top_k == 0 or c.kd_loss == "forward", f"config key kd_top_k_{i}={c.kd_top_k} needs kd_loss_{i}=forward, "
            f"got {c.kd_loss!r}")
     _check(c.kd_loss != "jsd" or 0 < c.kd_beta < 1, f"config key kd_beta_{i} (or kd_beta): jsd needs 0 < kd_beta < 1, got {c.kd_beta}")
     _check(c.kd_temperature > 0, f"config key kd_temperature_{i} (or kd_temperature) must be > 0, got {c.kd_temperature}")
+
+def _check_online(i, c):
+    _check(c.max_new_tokens >= 1, f"config key max_new_tokens_{i} (or max_new_tokens) must be >= 1, got {c.max_new_tokens}")
+    _check(c.max_new_tokens < c.max_len, f"config key max_new_tokens_{i}={c.max_new_tokens} leaves no room for a prompt "
+           f"in max_len_{i}={c.max_len}")
+    _check(c.temperature >= 0, f"config key temperature_{i} (or temperature) must be >= 0, got {c.temperature}")
+    _check(0 < c.top_p <= 1, f"config key top_p_{i} (or top_p) must lie in (0, 1], got {c.top_p}")
+    _check(c.top_k >= 0, f"config key top_k_{i} (or top_k) must be >= 0 (0 = off), got {c.top_k}")
+
+def _check_grpo(i, c):
+    _check_online(i, c)
+    _check(c.temperature > 0, f"config key temperature_{i} (or temperature) must be > 0 for grpo: greedy completions of a "
+           f"prompt are all alike, so every advantage is 0")
+    _check(c.num_generations >= 2, f"config key num_generations_{i} (or num_generations) must be >= 2 (advantages compare "
+           f"completions of one prompt), got {c.num_generations}")
+    _check(c.advantage in ("grpo", "rloo"), f"config key advantage_{i} (or advantage): {c.advantage!r} is not grpo or rloo")
+    _check(c.grpo_epsilon > 0, f"config key grpo_epsilon_{i} (or grpo_epsilon) must be > 0, got {c.grpo_epsilon}")
+    _check(c.grpo_inner_steps >= 1, f"config key grpo_inner_steps_{i} (or grpo_inner_steps) must be >= 1, got {c.grpo_inner_steps}")
+    _check(c.grpo_beta >= 0, f"config key grpo_beta_{i} (or grpo_beta) must be >= 0, got {c.grpo_beta}")
+    _check(bool(c.reward_fn or c.reward_model), f"objective {i} is grpo: set reward_fn_{i} (a shipped reward: "
+           f"exact_answer, answer_format, length, lowercase, char_match; or 'file.py:function') or reward_model_{i}")
+    import rewards  # the functions are found now, before anything is loaded
+    n = len([s for s in c.reward_fn.split(",") if s.strip()]) + bool(c.reward_model)
+    for spec in (s.strip() for s in c.reward_fn.split(",") if s.strip()):
+        rewards.load_function(spec, f"reward_fn_{i}")
+    rewards.parse_weights(c.reward_weights, n, f"reward_weights_{i}")
 
 def _evaluate(name):
     def run(*a, **kw):
@@ -315,6 +370,8 @@ def _evaluate(name):
 
 # -----------------------------------------------------------------------------
 # the table
+
+ONLINE_KEYS = dict(max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0)  # sampling of an online objective's completions
 
 KINDS = {k.name: k for k in [
     Kind("sft", "supervised fine-tuning: the mean negative log-likelihood of the response tokens",
@@ -339,10 +396,21 @@ KINDS = {k.name: k for k in [
          needs="logps", per_row=True, stats_per="rows", prompt_key="prompt_key", evaluate=_evaluate("evaluate_kto"),
          check=_check_kto),
     Kind("kd", "knowledge distillation: a divergence from a teacher's next-token distribution on the response tokens",
-         keys=dict(kd_loss="forward", kd_beta=0.5, kd_top_k=0, kd_temperature=1.0),  # kd_loss: forward | reverse | jsd; kd_beta: jsd mixing; kd_top_k 0 = full vocabulary
+         keys=dict(kd_loss="forward", kd_beta=0.5, kd_top_k=0, kd_temperature=1.0, kd_on_policy=False, **ONLINE_KEYS),  # kd_loss: forward | reverse | jsd; kd_beta: jsd mixing; kd_top_k 0 = full vocabulary; kd_on_policy: on the student's samples
          tokenize=_tokenize_sequences, collate=_collate_sequences, count=_count_tokens, loss=kd_part,
          reference="required", needs="hidden", per_row=True,
-         recomputes_head=lambda c: c.kd_loss != "forward" or bool(c.weight_key), evaluate=_evaluate("evaluate_kd"), check=_check_kd),
+         recomputes_head=lambda c: c.kd_loss != "forward" or bool(c.weight_key), evaluate=_evaluate("evaluate_kd"),
+         check=_check_kd, prepare=R.kd_rollout),
+    Kind("grpo", "GRPO: completions sampled from the policy, scored by reward functions, a clipped policy gradient "
+         "with group-relative advantages (online)",
+         keys=dict(num_generations=4, advantage="grpo", grpo_epsilon=0.2, grpo_inner_steps=1, grpo_beta=0.0,
+                   reward_fn="", reward_weights="", reward_model="", **ONLINE_KEYS),
+         tokenize=lambda rows, source, c, common: R.tokenize_prompts(
+             rows, common["tokenizer"], c.max_len, c.prompt_key, c.input_key, c.input_template, c.apply_chat_template,
+             c.max_new_tokens, source, common["verbose"]),
+         collate=R.collate_prompts, count=R.count_completions, loss=grpo_part, reference="initial",
+         recomputes_head=lambda c: True, prompt_key="prompt_key", check=_check_grpo, prepare=R.grpo_rollout,
+         eval_loss=R.eval_reward, rows_per_example=lambda c: c.num_generations, uses_reference=lambda c: c.grpo_beta > 0),
 ]}
 
 def per_objective_keys():

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 import losses as L
 from lora import disabled, lora_parameters
-from model import needs_mask
+from model import needs_mask, router_aux_loss
 from objectives import Part
 
 def pad_cat(batches, pad_id, device):
@@ -110,6 +111,20 @@ class Step:
         with self.autocast:
             return self.model(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=head)
 
+    def router_aux(self, parts):
+        """coef x the router load-balancing loss of the policy forward just run over parts' rows (a
+        mixture of experts whose config asks for it, as transformers adds it to the training loss),
+        over their real tokens (padding excluded); 0.0 otherwise. accumulate adds it per micro-step
+        over their count (a mean over the step's forwards, as DDP averages over ranks); it joins no
+        objective's reported loss."""
+        coef = getattr(self.raw_model.config, "router_aux_coef", 0.0)
+        if not coef:
+            return 0.0
+        T = max(b["input_ids"].shape[1] for _, b, _ in parts)
+        real = torch.cat([F.pad(b["attention_mask"], (0, T - b["attention_mask"].shape[1])) for _, b, _ in parts]) > 0
+        aux = router_aux_loss(self.raw_model, real.to(self.device, non_blocking=True))
+        return 0.0 if aux is None else coef * aux
+
     def accumulate(self, micro_parts, weights=None, sync_ctx=None, loss_fn=None):
         """the micro-steps of one optimizer step: micro_parts[m] = [(objective, micro-batch, norm)],
         the same objectives in every micro-step. Backward per micro-step of loss_fn(m, outs), by
@@ -122,7 +137,8 @@ class Step:
         for m, parts in enumerate(micro_parts):
             with sync_ctx(m == len(micro_parts) - 1):
                 outs = self.losses(parts)
-                (loss_fn(m, outs) if loss_fn else sum(wt * l for wt, (l, _) in zip(weights, outs))).backward()
+                loss = loss_fn(m, outs) if loss_fn else sum(wt * l for wt, (l, _) in zip(weights, outs))
+                (loss + self.router_aux(parts) / len(micro_parts)).backward()
             if loss_fn:
                 continue
             outs = [(l.detach(), st) for l, st in outs]
@@ -132,14 +148,26 @@ class Step:
 
     def train(self, objectives, micro_batches, weights, sync_ctx=None):
         """forward and backward of one optimizer step: objective j trains on micro_batches[j] (one
-        micro-batch per micro-step) with weight weights[j]. Returns [(global mean loss, stats)]."""
+        micro-batch per micro-step) with weight weights[j]. Returns [(global mean loss, stats)]. An
+        online kind first makes its rows from the policy's own samples (kind.prepare, in place)."""
+        for o, mb in zip(objectives, micro_batches):
+            if o.kind.prepare is not None:
+                o.kind.prepare(mb, self, o)
         norms = [self.normalizers(o, mb) for o, mb in zip(objectives, micro_batches)]
         micro = [[(o, mb[m], n) for o, mb, n in zip(objectives, micro_batches, norms)] for m in range(len(micro_batches[0]))]
-        return self.reduce(objectives, self.accumulate(micro, weights, sync_ctx), norms)
+        t0 = time.time()
+        res = self.reduce(objectives, self.accumulate(micro, weights, sync_ctx), norms)  # reduce syncs with the device
+        for (_, st), n in zip(res, norms):
+            if "log" in n:  # an online step's time split: generating and scoring (its count's), forward and backward
+                st["update_s"] = time.time() - t0
+        return res
 
     @torch.no_grad()
     def evaluate(self, o, batches):
-        """global mean loss (and stats) of objective o over batches, no grad, the model in eval mode."""
+        """global mean loss (and stats) of objective o over batches, no grad, the model in eval mode
+        (an online kind: its own eval loss, e.g. minus the mean reward of greedy completions)."""
+        if o.kind.eval_loss is not None:
+            return o.kind.eval_loss(self, o, batches)
         was_training = self.raw_model.training
         self.raw_model.eval()
         norm, totals = self.normalizers(o, batches), None
@@ -159,7 +187,7 @@ class Step:
         for o, (l, st), norm in zip(objectives, totals, norms):
             per = self.world_size / norm[o.kind.stats_per] if o.kind.stats_per else 1.0  # dpo: sums over pairs; kd_kl: a mean already
             stats = {k: v[j + 1 + q] * per for q, k in enumerate(st)}
-            res.append((v[j], stats))
+            res.append((v[j], dict(stats, **norm.get("log", {}))))  # a kind's count may add global figures (rollout stats)
             j += 1 + len(st)
         return res
 

@@ -41,11 +41,12 @@ eval_iters = 0            # eval on the first eval_iters x train_batch_size exam
 eval_gen_interval = -1    # iterations between behaviour metrics of greedy answers (evalgen.py; 0 = at the end only, -1 = off)
 eval_gen_samples = 64     # held-out examples per objective they judge (0 = all)
 eval_gen_max_new_tokens = 64
-reward_model = ""         # a sequence-classification checkpoint judging DPO answers ('' = the implicit reward)
+reward_model = ""         # a sequence-classification checkpoint judging DPO answers ('' = the implicit reward); reward_model_i: a grpo objective's reward
 save_interval = 0         # iterations between checkpoints (0 = only at the end)
 keep_last = 2             # checkpoints kept in out_dir/ckpt
 resume = False            # True: continue from the latest checkpoint in out_dir
 overwrite = False         # True: clear another run's ckpt/, metrics.jsonl, final/, summary.json in out_dir first
+reschedule = False        # resume: True lets max_iters / max_epochs change the LR schedule and sequential split ahead
 wandb_log = False
 wandb_project = "bipost"
 wandb_run_name = ""
@@ -87,7 +88,7 @@ globals().update(per_objective)
 eval_frac = 0.05          # (method=select holds nothing out of dataset_2: every row gets a weight)
 packing = False           # sft/kd: concatenate documents up to max_len
 streaming = False         # read each dataset as a stream (needs max_samples_i; eval_split_i '' or a file): sets too large for the disk
-dataset_num_proc = 0      # processes that tokenize (datasets' map, cached beside the data); 0 = this one
+dataset_num_proc = 0      # processes that tokenize (datasets' map, cached under HF_DATASETS_CACHE); 0 = this one
 # selector (method = select)
 selector_activation = "softmax"  # softmax | sigmoid
 selector_learning_rate = 1e-4
@@ -135,11 +136,15 @@ from tqdm import tqdm
 import checkpoint
 import data as D
 import methods
+import rollout as R
 import runtime
 from lora import inject, lora_parameters
 from model import GPT, Config, load_tokenizer
 from step import Step, cache_reference, optimizer_step, reference_digest
 
+if reward_model and eval_gen_interval >= 0:  # a judge that cannot load fails now, not after training
+    import evalgen
+    evalgen.check_reward_model(reward_model)
 K = len(kinds)
 W = runtime.init(device, dist_timeout_s)  # the distributed world: ddp, rank, world_size, master, device
 ddp, rank, world_size, master, device = W.ddp, W.rank, W.world_size, W.master, W.device
@@ -159,7 +164,16 @@ def all_sum(x):
         dist.all_reduce(t)
     return t
 
-# out_dir holds one run: a resume continues it, a new run needs it free (or overwrite=True)
+# out_dir holds one run: rank 0 holds out_dir/.lock while it runs (a second run there is refused); a
+# resume continues the run, a new run needs out_dir free of another's outputs (or overwrite=True)
+held = ""
+if master:
+    try:
+        release_out_dir = checkpoint.hold(out_dir, overwrite, log)
+    except configurator.ConfigError as e:
+        held = str(e)
+if all_sum(float(bool(held))).item() > 0:  # every rank stops; rank 0 says why
+    raise configurator.ConfigError(held or "out_dir is in use by another run")
 left = checkpoint.check_out_dir(config, log)
 if master:
     checkpoint.clear(out_dir, left, log)
@@ -202,21 +216,25 @@ def build_objective(i, c):
     # files: rank 0 converts them to Arrow and tokenizes the rows used (datasets' map) into caches,
     # the other ranks then read those; a stream has no cache, so every rank reads its own at once
     with D.rank0_first(not streaming):
-        if streaming:  # max_samples rows (and the held-out ones), nothing converted on disk
-            rows, eval_rows = D.load_streaming(c.dataset, c.train_split, c.max_samples, seed,
-                                               0.0 if c.eval_split else frac, c.eval_max_samples)
-            if c.eval_split:  # a file of its own
-                eval_rows = D.load_rows(c.eval_split)[: c.eval_max_samples or None]
-        else:  # Arrow selections, nothing read into python before tokenizing
-            rows, eval_rows = D.load_splits(c.dataset, c.train_split, c.eval_split, c.max_samples, c.dataset_probs,
-                                            seed, frac, c.eval_max_samples, lazy=True)
+        # a stream: max_samples rows and the held-out ones, nothing converted on disk; else Arrow
+        # selections, nothing read into python before tokenizing (generate.py --objective reads the same)
+        rows, eval_rows = D.objective_splits(c, seed, frac, streaming, lazy=True)
         train = kind.tokenize(rows, c.dataset, c, common)
         unweighted = type(c)(**{**vars(c), "weight_key": ""})  # the eval loss is the plain objective's, whatever the weights
         evals = kind.tokenize(eval_rows, f"{c.eval_split or c.dataset} (eval)", unweighted, common)
     for e in evals:
         e["id"] = ("eval", e["id"])  # a separate eval file numbers its rows from 0 too: keep cache keys apart
-    loader = lambda s: D.Loader(train, micro_train_batch_size, grad_accum, rank, world_size, s, collate)
-    return objectives.Objective(i, kind, c, train, evals, rows, collate, loader(seed + i), loader(seed + 100 + i), opt=c.obj_opt)
+    per_micro = micro_train_batch_size // kind.rows_per_example(c)  # grpo: prompts, each num_generations rows
+    loader = lambda s: D.Loader(train, per_micro, grad_accum, rank, world_size, s, collate)
+    o = objectives.Objective(i, kind, c, train, evals, rows, collate, loader(seed + i), loader(seed + 100 + i), opt=c.obj_opt)
+    if kind.prepare is not None:  # an online kind (rollout.py): the policy samples its rows
+        from rewards import Rewards
+        scored = "reward_fn" in kind.keys
+        o.online = R.Online(tokenizer, seed, Rewards(c.reward_fn, c.reward_weights, c.reward_model, i, device) if scored else None)
+        if scored:
+            log(f"objective {i} ({kind.name}) is online: eval_loss_{i} is minus the mean reward of greedy completions "
+                f"of its held-out prompts (eval_reward_{i})")
+    return o
 
 O = {i: build_objective(i, c) for i, c in OC.items()}
 if ddp:  # a node-local file or path that differs between ranks would train on a mix, or hang
@@ -233,7 +251,7 @@ log("objectives: " + ", ".join(f"{o.i}: {o.kind.name} ({len(o.train)} train / {l
 frozen = {}
 for o in O.values():
     path = o.cfg.ref_model
-    if o.kind.reference == "none":
+    if o.kind.reference == "none" or not o.kind.uses_reference(o.cfg):
         continue
     if not path and lora_rank:
         o.ref_is_policy = True
@@ -260,7 +278,7 @@ sync_ctx = runtime.sync_context(model, ddp, fsdp)
 def train_step(chosen):
     """one optimizer step's forward and backward for the objectives in `chosen` (weights lambd_i for
     mix, 1 otherwise). Returns {objective: (global mean loss, stats)} and the global token count."""
-    steps = {i: O[i].loader.next_step() for i in chosen}
+    steps = {i: O[i].next_step() for i in chosen}
     weights = [w_obj[i] if len(chosen) > 1 else 1.0 for i in chosen]
     res = step.train([O[i] for i in chosen], [steps[i] for i in chosen], weights, sync_ctx)
     tokens = sum(int((b["attention_mask"] > 0).sum()) for i in chosen for b in steps[i])
@@ -297,7 +315,8 @@ selection = None
 if method == "select":
     from selector import Selection
     selection = Selection(config, O[1], O[2], step, params, device, all_sum, sync_ctx, log, master)
-state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "train_s": 0.0, "counts": {i: 0 for i in O}, "opt": {i: o.opt for i, o in O.items()}}
+state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "train_s": 0.0, "counts": {i: 0 for i in O}, "opt": {i: o.opt for i, o in O.items()},
+         "total_iters": total_iters}
 metrics = checkpoint.Metrics(out_dir, master, config, wandb_log, wandb_project, wandb_run_name, tensorboard)
 
 if resume:
@@ -306,7 +325,14 @@ if resume:
     for i, o in O.items():
         o.loader.load_state_dict(state["loaders"][i])
         o.probe.load_state_dict(state["probes"][i])
+        if o.online is not None:  # the sampling counter (and a rollout being reused)
+            o.online.load_state_dict(state["online"][i])
     method_.load_state_dict(state["method"])
+    def schedule_at(j, T):  # what step j of a T-step run computes that depends on T
+        return (runtime.lr_at(j, T, learning_rate, warmup_ratio, lr_scheduler, min_lr_ratio),
+                methods.sequential_pick(j, list(w_obj.values()), T) if method == "sequential" and K > 1 else 1)
+    checkpoint.check_total_iters(state["iter"], state.get("total_iters", total_iters), total_iters, schedule_at, reschedule, log)
+    state["total_iters"] = total_iters
     if selection:
         selection.load_state_dict(state)
     log(f"resumed from {path} at iteration {state['iter']}")
@@ -325,7 +351,8 @@ if not resume and K > 1:
                     m.reshard()
             state["opt"][i] = methods.estimate_opt(i, n_est, lambda it: (train_step([i]), update(it)),
                                                    lambda: eval_objective(O[i])[0], params, optimizer,
-                                                   [o.loader for o in O.values()], reshard,
+                                                   [o.loader for o in O.values()] + [o.online for o in O.values() if o.online],
+                                                   reshard,
                                                    lambda r: tqdm(r, disable=not master, desc=f"estimating f_{i}*", leave=False))
             log(f"f_{i}* estimated as {state['opt'][i]:.4f}: eval loss after {n_est} steps of objective {i} alone "
                 f"(set obj_opt_{i} to use a known value)")
@@ -360,7 +387,9 @@ def evaluate_all(it):
 def save(it):
     state["elapsed"] = time.time() - t0
     st = dict(state, iter=it, method=method_.state_dict(), loaders={i: o.loader.state_dict() for i, o in O.items()},
-              probes={i: o.probe.state_dict() for i, o in O.items()}, **(selection.state_dict() if selection else {}))
+              probes={i: o.probe.state_dict() for i, o in O.items()},
+              online={i: o.online.state_dict() for i, o in O.items() if o.online is not None},
+              **(selection.state_dict() if selection else {}))
     checkpoint.save(ckpt_root, it, raw_model, optimizer, st, keep_last, fsdp)
 
 def failed(what, it, chosen):
@@ -382,7 +411,7 @@ def eval_gen(it):
 
 # -----------------------------------------------------------------------------
 # the loop
-pareto = json.load(open(pareto_front)) if pareto_front else []
+pareto = configurator.pareto_points(pareto_front, K) if pareto_front else []
 it = state["iter"]
 t0 = time.time() - state["elapsed"]
 last_eval = {}
@@ -442,7 +471,11 @@ if not (save_interval > 0 and it % save_interval == 0):
     save(it)
 checkpoint.export_final(out_dir, raw_model, fsdp, tokenizer, base_model=pretrain,
                         lora=dict(rank=lora_rank, alpha=lora_alpha, target_modules=target_modules) if lora_rank else None)
-last_gen = eval_gen(it) if eval_gen_interval >= 0 else {}
+gen_failed = None
+try:
+    last_gen = eval_gen(it) if eval_gen_interval >= 0 else {}
+except Exception as e:  # noqa: BLE001 - the model is trained and exported: write the summary, then fail
+    gen_failed, last_gen = e, {}
 if last_gen:
     metrics.write(dict(kind="eval_gen", iter=it, **last_gen))
 if selection:
@@ -457,6 +490,8 @@ result = dict(method=method if K > 1 else "single", objectives=kinds, lambd=list
               counts=state["counts"], wall_s=state["elapsed"], train_s=state["train_s"],
               peak_memory_mb=runtime.peak_memory_mb(W.device_type), tokens=state["tokens"], opt=state["opt"],
               **last_eval, **last_gen, **budgets)
+if gen_failed is not None:
+    result["eval_gen_error"] = f"{type(gen_failed).__name__}: {gen_failed}"
 if master:
     checkpoint.write_text(os.path.join(out_dir, "summary.json"), json.dumps(result, indent=2))
     rows = [("iterations", f"{it} (" + ", ".join(f"objective {i}: {n}" for i, n in state["counts"].items()) + ")"),
@@ -467,6 +502,11 @@ if master:
             ("final model", os.path.join(out_dir, "final"))]
     print("\n".join(f"{k:>22}  {v}" for k, v in rows))
 metrics.close()
+if master:
+    release_out_dir()  # everything is written: out_dir is free
+if gen_failed is not None:
+    raise RuntimeError(f"eval_gen at the end failed; final/ and summary.json are written without its metrics: "
+                       f"{result['eval_gen_error']}") from gen_failed
 if ddp:
     dist.destroy_process_group()
     # everything is written: leave without the interpreter's teardown, where a process-group thread

@@ -88,6 +88,22 @@ def make(seed=0):
     files["toy_pref_trusted.jsonl"] = [pref(p) for p in clean[:200]]
     files["toy_pref_noisy.jsonl"] = noisy
     files["toy_pref_noisy_labels.jsonl"] = [{"id": i, "corrupted": i in swapped} for i in range(len(noisy))]
+    # online objectives (grpo), by generators of their own: prompts "whisper <words>" whose reward
+    # (rewards.char_match) wants the words back in lowercase, the opposite of the SFT answers; and integer
+    # arithmetic with its answer in a column (rewards.exact_answer)
+    wrng = random.Random(seed + 2)
+    whisper = lambda p: {"prompt": "whisper " + p, "answer": p}
+    files["toy_whisper.jsonl"] = [whisper(p) for p in draw(1000, singles, pairs, r=wrng)]
+    files["toy_whisper_eval.jsonl"] = [whisper(p) for p in draw(200, eval_singles[:50], eval_pairs[:150], repeat=False, r=wrng)]
+    arng = random.Random(seed + 3)
+    def arith(n):
+        rows = []
+        for _ in range(n):
+            a, b, op = arng.randint(0, 99), arng.randint(0, 99), arng.choice("+-*")
+            b = b % 13 if op == "*" else b
+            rows.append({"prompt": f"What is {a} {op} {b}?", "answer": str(eval(f"{a}{op}{b}"))})
+        return rows
+    files["toy_arith.jsonl"], files["toy_arith_eval.jsonl"] = arith(2000), arith(200)
     return files
 
 def write(out_dir=os.path.dirname(os.path.abspath(__file__))):

@@ -89,6 +89,9 @@ def test_demo_quick(tmp_path):
     assert os.path.exists(os.path.join(ROOT, "out/demo_quick/pareto.png"))
     assert "ideal dist" in p.stdout and "selection: kept" in p.stdout
     assert set(res["behaviour"]) >= {"alright_simpo", "constrained"} and "alright_simpo" in p.stdout
+    grpo = res["grpo"]  # the online objective beside SFT: both methods, the same step budget, the reward logged
+    assert set(grpo) == {"sequential", "alright"} and all(sum(r["steps"].values()) == 16 for r in grpo.values())
+    assert all(0 <= r["reward_2"] <= 2 for r in grpo.values()) and "online objective 2 (GRPO" in p.stdout
 
 def test_kd_eval_loss_is_the_teacher_cross_entropy(tmp_path):
     """KD (forward, cross-entropy form) with teacher = a different tiny model: the logged eval loss
