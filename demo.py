@@ -4,6 +4,8 @@ The embedded default: the toy trade-off end to end on CPU (a few minutes on 2 co
     python demo.py            # writes out/demo/: one folder per run, pareto.png, demo.json
     python demo.py --quick    # a seconds-long smoke version (what the test suite runs)
 
+out/demo/tables.md holds the tables the README shows, with the commit and date they came from.
+
 1. objective 1 alone (SFT) and objective 2 alone (DPO) give f_1*, f_2*;
 2. sequential, mix, alright and maxright at lambd = 0.5 with the same step budget, and constrained:
    DPO alone as the objective (lambd = 0) with the SFT gap held within a budget of 0.5;
@@ -124,6 +126,37 @@ def online(out, budget, quick):
               f"{r['train_s']:7.1f}")
     return table
 
+NAMES = {"sft_alone": "SFT alone", "dpo_alone": "DPO alone", "alright": "ALRIGHT", "maxright": "MAXRIGHT",
+         "constrained": f"constrained (budget_1 {BUDGET_1})", "alright_simpo": "ALRIGHT, SFT + SimPO (`dpo_beta=2`)"}
+
+def tables_md(res, seconds):
+    """the README's demo tables as markdown, with the commit and date they came from (out/demo/tables.md)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+    except OSError:
+        commit, dirty = "unknown", ""
+    opt, m = res["opt"], res["methods"]
+    out = [f"`python demo.py`, commit {commit or 'unknown'}{' with local changes' if dirty else ''}, "
+           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds:.0f} s in all; f_1* = {opt[0]:.3f}, f_2* = {opt[1]:.4f}", "",
+           "| method | f_1 (SFT) | f_2 (DPO) | gap_1 | gap_2 | ideal distance | time vs sequential |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {k} | {r['f_1']:.3f} | {r['f_2']:.3f} | {r['gap_1']:.3f} | {r['gap_2']:.3f} | {r['ideal_distance']:.3f} | "
+            f"{r['time_vs_sequential']:.2f} |" for k, r in m.items()]
+    out += ["", "| run | SFT format | with the preferred `!` | exactly right |", "|---|---|---|---|"]
+    out += [f"| {NAMES.get(k, k)} | {b['fmt']:.0%} | {b['pref']:.0%} | {b['exact']:.0%} |" for k, b in res["behaviour"].items()]
+    k3 = res["k3"]
+    out += ["", f"K = 3 (f_3* = {k3['opt'][2]:.4f}, lambd = 1/3 each):", "",
+            "| method | f_1 | f_2 | f_3 | ideal distance | steps 1/2/3 |", "|---|---|---|---|---|---|"]
+    out += [f"| {k} | {r['f'][0]:.3f} | {r['f'][1]:.3f} | {r['f'][2]:.3f} | {r['ideal_distance']:.3f} | "
+            f"{'/'.join(str(v) for v in r['steps'].values())} |" for k, r in k3["methods"].items()]
+    out += ["", "Online objective 2 (GRPO, config/demo_grpo.py, lambd = 0.5):", "",
+            "| method | SFT eval loss | held-out reward (greedy) | SFT format | train s |", "|---|---|---|---|---|"]
+    out += [f"| {k} | {r['f_1']:.3f} | {r['reward_2']:.3f} | {r['behaviour']['fmt']:.0%} | {r['train_s']:.1f} |"
+            for k, r in res["grpo"].items()]
+    out += ["", f"Selection: {res['selection_clean_fraction']:.1%} of the kept rows are clean."]
+    return "\n".join(out) + "\n"
+
 def main(quick=False):
     out = "out/demo_quick" if quick else "out/demo"
     budget = ["--max_iters=16", "--eval_interval=8", "--max_samples_1=128", "--max_samples_2=128"] if quick else []
@@ -184,8 +217,16 @@ def main(quick=False):
                                                                 *results.items(), ("alright_simpo", simpo)]},
                    "alright_simpo": {"f_1": simpo["eval_loss_1"], "f_2_simpo": simpo["eval_loss_2"], "gap_1": simpo["eval_loss_1"] - opt[0]}},
                   f, indent=2)
+    with open(os.path.join(ROOT, out, "demo.json")) as f:
+        md = tables_md(json.load(f), time.time() - t0)
+    with open(os.path.join(ROOT, out, "tables.md"), "w") as f:  # what the README's demo tables are, regenerated
+        f.write(md)
     print(f"demo done in {time.time() - t0:.0f} s; runs, metrics and final models under {out}/")
     return table, clean
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv[1:])
+    args = sys.argv[1:]
+    if {"-h", "--help"} & set(args) or set(args) - {"--quick"}:
+        print(__doc__)
+        sys.exit(0 if {"-h", "--help"} & set(args) else f"demo.py: unknown arguments {sorted(set(args) - {'--quick'})}")
+    main(quick="--quick" in args)

@@ -92,6 +92,8 @@ def test_demo_quick(tmp_path):
     grpo = res["grpo"]  # the online objective beside SFT: both methods, the same step budget, the reward logged
     assert set(grpo) == {"sequential", "alright"} and all(sum(r["steps"].values()) == 16 for r in grpo.values())
     assert all(0 <= r["reward_2"] <= 2 for r in grpo.values()) and "online objective 2 (GRPO" in p.stdout
+    md = open(os.path.join(ROOT, "out/demo_quick/tables.md")).read()  # the README's tables, from these numbers
+    assert "commit " in md and f"| sequential | {res['methods']['sequential']['f_1']:.3f} |" in md
 
 def test_kd_eval_loss_is_the_teacher_cross_entropy(tmp_path):
     """KD (forward, cross-entropy form) with teacher = a different tiny model: the logged eval loss
