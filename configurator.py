@@ -175,6 +175,7 @@ RANGES = dict(
     model_n_layer=">= 1", model_n_head=">= 1", model_n_kv_head=">= 1", model_n_embd=">= 1",
     model_intermediate_size=">= 1", model_max_len=">= 1",
     lora_rank=">= 0; 0 = full fine-tuning", lora_alpha="> 0", lora_dropout="[0, 1)",
+    router_aux_loss=">= 0 or -1; -1 = the checkpoint's",
     # objectives and methods
     lambd="[0, 1]", opt_estimate_iters=">= 0; 0 = max(10, T // 10)", maxright_interval=">= 1", eps=">= 0; 0 = off",
     loss_chunk_size=">= 0; 0 = automatic", dual_lr="> 0",

@@ -62,6 +62,7 @@ model_max_len = 512
 dtype = ""                # '' = bfloat16 where the GPU supports it, else float32 | float32 | bfloat16 | float64 (exactness tests)
 compile = False           # torch.compile each transformer block (the chunked losses stay eager)
 gradient_checkpointing = False
+router_aux_loss = -1.0    # MoE router load-balancing loss weight: -1 = the checkpoint's (router_aux_loss_coef if output_router_logits), 0 = off
 device = ""               # '' = cuda:LOCAL_RANK when available, else cpu
 # LoRA
 lora_rank = 0             # 0 = full fine-tuning
@@ -198,6 +199,8 @@ else:
                            intermediate_size=model_intermediate_size, max_position_embeddings=model_max_len,
                            norm_eps=1e-5)).to(device=device, dtype=master_dtype)
 raw_model.gradient_checkpointing = gradient_checkpointing
+if router_aux_loss >= 0:  # the weight given here instead of the checkpoint's choice (0 for a dense model either way)
+    raw_model.config.router_aux_coef = router_aux_loss if any(raw_model.config.moe_layers or []) else 0.0
 if compile:
     raw_model.compile_blocks()  # each block on its own: no graph break at the losses' head_fn
 if lora_rank:

@@ -135,3 +135,23 @@ def test_step_loss_adds_coef_times_aux(name, tmp_path):
     ours.config.router_aux_coef = 0.0
     Step(ours, ours, chunk_size=8).train([make("sft")], [mbs], [1.0])
     assert max((p.grad - r).abs().max().item() for p, r in zip(routers(ours), ref)) > 1e-4
+
+def test_router_aux_loss_key_overrides_the_checkpoint(tmp_path):
+    """train.py's router_aux_loss: -1 keeps the checkpoint's choice (here output_router_logits false:
+    no loss), a value >= 0 sets the weight. The first step's logged loss is the SFT loss either way
+    (the term joins no objective's loss); the update differs, so the second step's loss differs."""
+    from helpers import metrics, run_train
+    from model import byte_tokenizer
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(moe_config("mixtral", vocab_size=258, output_router_logits=False))
+    hf.save_pretrained(tmp_path / "moe")
+    byte_tokenizer().save_pretrained(tmp_path / "moe")
+    args = [f"--pretrain={tmp_path / 'moe'}", "--obj_1=sft", "--obj_2=", "--dataset_1=data/toy_sft.jsonl",
+            "--eval_split_1=data/toy_sft_eval.jsonl", "--max_samples_1=16", "--max_len_1=32", "--train_batch_size=4",
+            "--micro_train_batch_size=4", "--max_iters=2", "--eval_iters=1", "--learning_rate=1e-2", "--dtype=float32"]
+    losses = {}
+    for v in ("-1", "0", "0.5"):
+        run_train(tmp_path / v, *args, f"--router_aux_loss={v}", base=[])
+        losses[v] = [m["loss"] for m in metrics(tmp_path / v)]
+    assert losses["-1"] == losses["0"]  # the checkpoint asks for none
+    assert losses["0.5"][0] == losses["0"][0] and losses["0.5"][1] != losses["0"][1]

@@ -174,3 +174,24 @@ def test_export_reloads_in_transformers_and_peft(lora_run, smollm2):
     assert (ours - merged).abs().max().item() <= TOL
     assert (peft - merged).abs().max().item() <= TOL
     assert (merged - base_logits).abs().max().item() > 0.1
+
+def test_lora_grpo_raises_the_held_out_reward(smollm2, tmp_path):
+    """GRPO on the shipped arithmetic prompts, LoRA, the chat template, the real tokenizer: the mean
+    reward of greedy answers to held-out prompts rises within a few steps. The reward is
+    exact_answer + length (minus the characters / 100): SmolLM2-135M answers almost no product
+    right, so what it learns in 4 steps is to stop rambling past the 24-token cap; exact answers
+    stay near 0 (README)."""
+    out = tmp_path / "grpo"
+    args = [f"--pretrain={smollm2}", "--obj_1=grpo", "--obj_2=", "--dataset_1=data/toy_arith.jsonl",
+            "--eval_split_1=data/toy_arith_eval.jsonl", "--reward_fn_1=exact_answer,length", "--apply_chat_template_1=true",
+            "--max_len_1=96", "--max_new_tokens_1=24", "--num_generations_1=4", "--train_batch_size=16",
+            "--micro_train_batch_size=16", "--lora_rank=8", "--lora_alpha=16", "--learning_rate=5e-3", "--max_iters=4",
+            "--eval_interval=0", "--eval_max_samples_1=8", "--dtype=float32", "--seed=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    ev = metrics(out, "eval")
+    assert ev[-1]["eval_reward_1"] > ev[0]["eval_reward_1"] + 0.2, ev
+    train = metrics(out)
+    assert train[-1]["completion_len"] < train[0]["completion_len"], train

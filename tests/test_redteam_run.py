@@ -278,7 +278,7 @@ BAD = {  # out-of-range values of each numeric key of train.py (and the objectiv
     "log_interval": [0], "eval_interval": [-1], "eval_iters": [-1], "eval_gen_interval": [-2], "eval_gen_samples": [-1],
     "eval_gen_max_new_tokens": [0], "save_interval": [-1], "keep_last": [-1],
     "model_n_layer": [0], "model_n_head": [0], "model_n_kv_head": [0], "model_n_embd": [0], "model_intermediate_size": [0],
-    "model_max_len": [0], "lora_rank": [-1], "lora_alpha": [0], "lora_dropout": [1.0, -0.1],
+    "model_max_len": [0], "router_aux_loss": [-0.5, INF], "lora_rank": [-1], "lora_alpha": [0], "lora_dropout": [1.0, -0.1],
     "lambd": [1.5, -0.5, (0.5, 1.5)], "opt_estimate_iters": [-1], "maxright_interval": [0], "eps": [-0.1, INF],
     "loss_chunk_size": [-1], "dual_lr": [0.0, -0.1],
     "max_len": [0], "max_samples": [-1], "eval_max_samples": [-1], "obj_opt": [-0.5, INF], "budget": [-2.0, NAN],
