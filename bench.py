@@ -8,6 +8,7 @@ dtype, autocast, AdamW; methods.py: ALRIGHT's draw and MAXRIGHT's pick; step.py:
     python bench.py --compare=True --rounds=3         # + the same DPO and SFT steps in plain transformers, and TRL (DPO, SimPO)
     python bench.py --mode=memory                     # loss peak memory: chunked vs full logits, 128k vocab
     python bench.py --mode=generate                   # batched greedy generation against transformers
+    python bench.py --mode=online --rounds=3          # a GRPO step (rollout, scoring, update) against TRL's GRPOTrainer (bench_online.py)
     python bench.py --pretrain=meta-llama/Llama-3.2-1B --dtype=bfloat16 --batch_size=4 --seq_len=2048 --prompt_len=512
 
 Cases (--cases=...): sft; dpo (the frozen initial policy as reference, forwarded every step);
@@ -74,7 +75,7 @@ JOINT = {"alright": ("sft", "dpo"), "maxright": ("sft", "dpo"), "alright3": ("sf
 
 # -----------------------------------------------------------------------------
 # default config values
-mode = "steps"            # steps: each case's optimizer steps | memory: loss + backward, chunked vs full logits | generate
+mode = "steps"            # steps: each case's optimizer steps | memory: loss + backward, chunked vs full logits | generate | online (bench_online.py)
 cases = "sft,dpo,dpo_precomputed,simpo,kd,mix,alright,maxright"
 compare = False           # also the dpo step in plain transformers and in TRL's DPOTrainer, the simpo step in TRL's CPOTrainer (needs trl)
 json = ""                 # write the figures to this file as JSON
@@ -1053,9 +1054,10 @@ if __name__ == "__main__":
         src = open(__file__).read()
         print(__doc__ + src[src.index("# default config values"):src.index("# ----", src.index("profile = "))])
         sys.exit()
-    _cfg = {k: globals()[k] for k in config_keys}
+    import bench_online  # --mode=online: its keys (num_generations, max_new_tokens) join these
+    _cfg = {**{k: globals()[k] for k in config_keys}, **bench_online.KEYS}
     configurator.apply(sys.argv[1:], _cfg, verbose=False)
     globals().update(_cfg)
-    if mode not in ("steps", "memory", "generate"):
-        raise ValueError(f"config key mode: {mode!r} is not steps, memory or generate")
-    {"steps": main_steps, "memory": main_memory, "generate": lambda c, argv: bench_generate(c)}[mode](_cfg, sys.argv[1:])
+    if mode not in ("steps", "memory", "generate", "online"):
+        raise ValueError(f"config key mode: {mode!r} is not steps, memory, generate or online")
+    {"steps": main_steps, "memory": main_memory, "generate": lambda c, argv: bench_generate(c), "online": bench_online.main}[mode](_cfg, sys.argv[1:])
