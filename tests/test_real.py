@@ -192,6 +192,5 @@ def test_lora_grpo_raises_the_held_out_reward(smollm2, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     ev = metrics(out, "eval")
+    print("held-out reward:", [round(e["eval_reward_1"], 3) for e in ev])
     assert ev[-1]["eval_reward_1"] > ev[0]["eval_reward_1"] + 0.2, ev
-    train = metrics(out)
-    assert train[-1]["completion_len"] < train[0]["completion_len"], train
