@@ -156,28 +156,55 @@ def test_shipped_rewards():
     assert rewards.lowercase([""] * 3, ["abC", "", "ab"]) == [2 / 3, 0.0, 1.0]
     assert rewards.char_match([""] * 2, ["red fix", "RED FOX"], ["red fox", "red fox"]) == [6 / 7, 1 / 7]
 
-@pytest.mark.parametrize("body,words", [
-    ("def f(prompts, completions, **kw):\n    raise KeyError('answer')\n", ["reward_fn_1", "f.py:f", "KeyError"]),
-    ("def f(prompts, completions, **kw):\n    return [1.0]\n", ["reward_fn_1", "returned 1 values for 4 completions"]),
-    ("def f(prompts, completions, **kw):\n    return [float('nan')] * len(completions)\n", ["reward_fn_1", "nan", "row"]),
-])
-def test_a_bad_reward_function_stops_the_run_naming_it(tmp_path, body, words):
-    (tmp_path / "f.py").write_text(body)
+def test_a_bad_reward_function_stops_the_run_naming_it(tmp_path):
+    """through train.py: a reward function that raises stops the run in one line naming it."""
+    (tmp_path / "f.py").write_text("def f(prompts, completions, **kw):\n    raise KeyError('answer')\n")
     p = run_train(tmp_path / "run", *GRPO, f"--reward_fn_1={tmp_path / 'f.py'}:f", "--max_iters=1", check=False)
-    refused(p, *words)
+    refused(p, "reward_fn_1", "f.py:f", "KeyError")
 
-@pytest.mark.parametrize("args,words", [
-    (["--reward_fn_1="], ["reward_fn_1", "reward_model_1"]),
-    (["--reward_fn_1=nope"], ["reward_fn_1", "'nope'"]),
-    (["--reward_fn_1=missing.py:f"], ["reward_fn_1", "not found"]),
-    (["--num_generations_1=3"], ["micro_train_batch_size", "num_generations_1"]),
-    (["--temperature_1=0"], ["temperature_1"]),
-    (["--reward_fn_1=lowercase,char_match", "--reward_weights_1=1"], ["reward_weights_1"]),
+@pytest.mark.parametrize("body,words", [
+    ("def f(prompts, completions, **kw):\n    return [1.0]\n", ["reward_fn_1", "returned 1 values for 2 completions"]),
+    ("def f(prompts, completions, **kw):\n    return [float('nan')] * len(completions)\n", ["reward_fn_1", "nan", "row"]),
+    ("def f(prompts, completions, **kw):\n    return ['x', 1]\n", ["reward_fn_1", "'x'", "not a finite number"]),
 ])
-def test_bad_online_keys_are_refused_before_loading(tmp_path, args, words):
-    p = run_train(tmp_path / "run", *GRPO, *args, "--dataset_1=/nonexistent.jsonl", check=False)
-    refused(p, *words)
-    assert not (tmp_path / "run").exists()
+def test_bad_reward_values_are_named(tmp_path, body, words):
+    (tmp_path / "f.py").write_text(body)
+    r = rewards.Rewards(f"{tmp_path / 'f.py'}:f", "", "", 1)
+    with pytest.raises(rewards.ConfigError) as e:
+        r(["p", "p"], ["a", "b"], [{"_id": 7}, {"_id": 7}])
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+def grpo_config(**over):
+    """train.py's checked defaults with a grpo objective 1 (its header run alone, in process)."""
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")).read()
+    scope = {}
+    exec(compile(src[: src.index("config_keys = ")], "train.py", "exec"), scope)
+    c = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
+    c.update(obj_1="grpo", obj_2="", dataset_1="data/toy_whisper.jsonl", reward_fn_1="lowercase", max_len_1=48,
+             max_new_tokens_1=8, num_generations_1=4, train_batch_size=8, micro_train_batch_size=4)
+    c.update(over)
+    return c, scope["per_objective"]
+
+@pytest.mark.parametrize("over,words", [
+    (dict(reward_fn_1=""), ["reward_fn_1", "reward_model_1"]),
+    (dict(reward_fn_1="nope"), ["reward_fn_1", "'nope'"]),
+    (dict(reward_fn_1="missing.py:f"), ["reward_fn_1", "not found"]),
+    (dict(num_generations_1=1), ["num_generations_1"]),
+    (dict(num_generations_1=3), ["micro_train_batch_size", "num_generations_1"]),
+    (dict(temperature_1=0.0), ["temperature_1"]),
+    (dict(advantage_1="ppo"), ["advantage_1"]),
+    (dict(max_new_tokens_1=48), ["max_new_tokens_1", "max_len_1"]),
+    (dict(reward_fn_1="lowercase,char_match", reward_weights_1="1"), ["reward_weights_1"]),
+])
+def test_bad_online_keys_are_refused(over, words):
+    import configurator
+    c, po = grpo_config()
+    configurator.check(dict(c), po)  # the base config passes
+    with pytest.raises(configurator.ConfigError) as e:
+        configurator.check(dict(c, **over), po)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
 
 # -----------------------------------------------------------------------------
 # runs
