@@ -124,7 +124,10 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1
         cuda_graph = (input_ids.is_cuda and not torch.is_autocast_enabled("cuda")
                       and not any(getattr(model.config, "moe_layers", None) or [])
                       and not any(hasattr(p, "full_tensor") for p in model.parameters()))  # a DTensor: FSDP2
-    with torch.inference_mode():  # no autograd bookkeeping at all: ~10% of a small model's step
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2: DTensor parameters
+    # inference_mode: no autograd bookkeeping at all (~10% of a small model's step); but FSDP2 keeps
+    # its all-gather buffers across forwards, and one made here could not be written by training's
+    with torch.no_grad() if sharded else torch.inference_mode():
         y = _generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
                       attention_mask, pad_token_id, stop_fn, use_cache, fuse, cuda_graph, uniforms, all_done)
     return y.clone()  # a normal tensor: an inference tensor cannot enter a later backward

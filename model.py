@@ -401,8 +401,10 @@ class KVCache:
         per step (BENCHMARKS.md: ~7% faster steps for the demo's model on CPU, no measurable change
         at 7M parameters, where the products' arithmetic dominates). The weights are concatenated
         here, once per cache (a copy of those weights for the cache's life). Layers already fused
-        (gpt2, neox, phi3) and wrapped ones (LoRA, FSDP: not a plain nn.Linear) keep their own path."""
-        plain = lambda *ls: all(type(l) is nn.Linear for l in ls)
+        (gpt2, neox, phi3), wrapped ones (LoRA: not a plain nn.Linear) and sharded ones (FSDP2: their
+        weights gathered only inside the forward) keep their own path."""
+        # a DTensor weight (FSDP2) is a shard outside the forward's gather: those layers keep their own path
+        plain = lambda *ls: all(type(l) is nn.Linear and not hasattr(l.weight, "full_tensor") for l in ls)
         cat = lambda *ls: (torch.cat([l.weight for l in ls]),
                            None if ls[0].bias is None else torch.cat([l.bias for l in ls]))
         for i, block in enumerate(model.blocks):

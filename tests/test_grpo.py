@@ -211,17 +211,21 @@ def test_bad_online_keys_are_refused(over, words):
 
 def test_two_ranks_equal_one_and_resume_across_a_reused_rollout(tmp_path):
     """float64, grpo_inner_steps=2 (each rollout trains two steps, the second clipped against the
-    first's log-probs) and grpo_beta > 0: 2 ranks sample the same completions and give the same
+    first's log-probs) and grpo_beta > 0: 2 ranks (DDP, and FSDP2 at zero_stage 3, where the ranks
+    must take the same number of decoding steps) sample the same completions and give the same
     losses as 1; a run cut between the two steps of a rollout resumes to the same numbers."""
     args = [*GRPO, "--dtype=float64", "--grpo_inner_steps_1=2", "--grpo_beta_1=0.05", "--max_iters=4", "--save_interval=1",
             "--keep_last=4", "--learning_rate=1e-2"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, sharded = tmp_path / "one", tmp_path / "two", tmp_path / "zero3"
     run_train(one, *args)
     run_train(two, *args, nproc=2)
-    a, b = metrics(one), metrics(two)
-    for x, y in zip(a, b):
-        for k in ("loss", "reward", "kl", "clip_frac", "completion_len", "grad_norm"):
-            assert abs(x[k] - y[k]) < 1e-9, (k, x, y)
+    run_train(sharded, *args, "--zero_stage=3", nproc=2)  # FSDP2: each decoding step's forward is collective
+    a = metrics(one)
+    for b in (metrics(two), metrics(sharded)):
+        assert len(b) == len(a) == 4
+        for x, y in zip(a, b):
+            for k in ("loss", "reward", "kl", "clip_frac", "completion_len", "grad_norm"):
+                assert abs(x[k] - y[k]) < 1e-9, (k, x, y)
     assert a[1]["clip_frac"] >= 0 and a[1]["kl"] > 1e-4 and a[0]["kl"] < 1e-12  # step 1: the policy is the reference
     resume_after_cut(one, tmp_path / "cut", args, "iter_0000004")  # resumes after step 3: step 4 reuses step 3's rollout
     c = metrics(tmp_path / "cut")
