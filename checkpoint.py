@@ -271,8 +271,10 @@ def config_changes(saved, config):
     for k in set(saved) - set(now):  # a KEY_i set then and not now: KEY's value applies now
         if k.rpartition("_")[0] in now:
             now[k] = now[k.rpartition("_")[0]]
-    online = any(v == "grpo" for k, v in now.items() if k.startswith("obj_"))  # reward_model is then a training reward
-    harmless = HARMLESS - {"reward_model"} if online else HARMLESS
+    import objectives
+    kinds = [objectives.KINDS.get(v) for k, v in now.items() if k.startswith("obj_") and v]
+    rewarded = any(k is not None and "reward_model" in k.keys for k in kinds)  # a kind trained on reward_model's scores
+    harmless = HARMLESS - {"reward_model"} if rewarded else HARMLESS
     return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and k not in harmless and saved[k] != now[k]]
 
 def check_out_dir(config, log=print):

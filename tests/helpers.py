@@ -82,3 +82,13 @@ def tiny_hf(path, seed=0):
     m.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return m.float().eval()
+
+def train_defaults(**over):
+    """train.py's config defaults (its header run alone, in process: what configurator.check sees
+    before any --key) with `over`, and its per-objective keys."""
+    src = open(os.path.join(ROOT, "train.py")).read()
+    scope = {}
+    exec(compile(src[: src.index("config_keys = ")], "train.py", "exec"), scope)
+    c = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
+    c.update(over)
+    return c, scope["per_objective"]

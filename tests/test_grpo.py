@@ -6,7 +6,6 @@ resume across a reused rollout, LoRA's adapters-off reference, and that GRPO lea
 task and that ALRIGHT keeps SFT where sequential training forgets it."""
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 import objectives
 import rewards
 import rollout as R
-from helpers import metrics, refused, resume_after_cut, run_train, tiny_hf
+from helpers import metrics, refused, resume_after_cut, run_train, tiny_hf, train_defaults
 from model import GPT, byte_tokenizer
 from step import Step
 
@@ -176,15 +175,10 @@ def test_bad_reward_values_are_named(tmp_path, body, words):
         assert w in str(e.value), (w, str(e.value))
 
 def grpo_config(**over):
-    """train.py's checked defaults with a grpo objective 1 (its header run alone, in process)."""
-    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")).read()
-    scope = {}
-    exec(compile(src[: src.index("config_keys = ")], "train.py", "exec"), scope)
-    c = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
-    c.update(obj_1="grpo", obj_2="", dataset_1="data/toy_whisper.jsonl", reward_fn_1="lowercase", max_len_1=48,
-             max_new_tokens_1=8, num_generations_1=4, train_batch_size=8, micro_train_batch_size=4)
-    c.update(over)
-    return c, scope["per_objective"]
+    """train.py's checked defaults with a grpo objective 1, in process."""
+    return train_defaults(**{"obj_1": "grpo", "obj_2": "", "dataset_1": "data/toy_whisper.jsonl", "reward_fn_1": "lowercase",
+                             "max_len_1": 48, "max_new_tokens_1": 8, "num_generations_1": 4, "train_batch_size": 8,
+                             "micro_train_batch_size": 4, **over})
 
 @pytest.mark.parametrize("over,words", [
     (dict(reward_fn_1=""), ["reward_fn_1", "reward_model_1"]),
@@ -258,3 +252,13 @@ def test_alright_keeps_sft_where_sequential_forgets(tmp_path):
     s, a = out["sequential"], out["alright"]
     assert abs(s["eval_reward_2"] - a["eval_reward_2"]) < 0.25 and a["eval_reward_2"] > 0.7, (s, a)
     assert a["eval_loss_1"] < s["eval_loss_1"] - 5.0, (s, a)
+
+def test_reward_model_changes_a_resumed_grpo_run():
+    """reward_model judges eval_gen answers (harmless to change on resume) unless a kind trains on
+    its scores (grpo): then a changed value is refused like any key that changes a step."""
+    import checkpoint
+    c, _ = grpo_config(reward_model="rm_a")
+    saved = lambda d: json.loads(json.dumps(d))  # as config.json holds it
+    assert checkpoint.config_changes(saved(c), dict(c, reward_model="rm_b")) == ["reward_model: 'rm_a' -> 'rm_b'"]
+    s = dict(c, obj_1="sft", reward_fn_1="")
+    assert checkpoint.config_changes(saved(s), dict(s, reward_model="rm_b")) == []

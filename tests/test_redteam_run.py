@@ -17,19 +17,13 @@ import pytest
 import checkpoint
 import configurator
 import methods
-from helpers import ROOT, TINY, metrics, refused, run_train
+from helpers import ROOT, TINY, metrics, refused, run_train, train_defaults
 
 SMALL = ["--train_batch_size=4", "--micro_train_batch_size=4"]
 
 def train_config(**over):
     """train.py's defaults (its header run alone) for K = 2 (sft + dpo) with `over`, and its per-objective keys."""
-    src = open(os.path.join(ROOT, "train.py")).read()
-    scope = {}
-    exec(compile(src[: src.index("config_keys = ")], "train.py", "exec"), scope)
-    c = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
-    c.update(obj_2="dpo", dataset_1="data/toy_sft.jsonl", dataset_2="data/toy_pref.jsonl")
-    c.update(over)
-    return c, scope["per_objective"]
+    return train_defaults(**{"obj_2": "dpo", "dataset_1": "data/toy_sft.jsonl", "dataset_2": "data/toy_pref.jsonl", **over})
 
 def refusal(c, per_objective):
     with pytest.raises(configurator.ConfigError) as e:
