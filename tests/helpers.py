@@ -20,15 +20,15 @@ def free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-def run_train(out_dir, *args, nproc=1, check=True, base=TINY, script="train.py"):
-    """runs train.py (or a script that runs it) with `base` then `args` (under torchrun when nproc > 1);
-    returns the CompletedProcess."""
+def run_train(out_dir, *args, nproc=1, check=True, base=TINY, script="train.py", root=ROOT):
+    """runs train.py (or a script that runs it) of the repository at `root` with `base` then `args`
+    (under torchrun when nproc > 1); returns the CompletedProcess."""
     cmd = [sys.executable, script, *base, *args, f"--out_dir={out_dir}"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                "--master_addr=127.0.0.1", *cmd[1:]]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0 and not aborted_after_finishing(p, out_dir, nproc):
         raise AssertionError(f"{' '.join(cmd)}\nexit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
@@ -43,6 +43,16 @@ def aborted_after_finishing(p, out_dir, nproc):
         warnings.warn(f"a rank of {out_dir} aborted in teardown after finishing")
         return True
     return False
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
 
 def metrics(out_dir, kind="train"):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
