@@ -951,7 +951,7 @@ def kernels_only(ours, x, S, dt):
     prefill forward, then per step only the matrix products and attention kernels generate.py
     makes (fused weights through model.linear, the cache's keys and values), none of the norms,
     rope, residuals, cache writes or bookkeeping around them."""
-    from generate import last_logits
+    from decoding import last_logits
     from model import KVCache, dense, linear
     mc, (B, P) = ours.config, x.shape
     H, K, hd, I = mc.n_head, mc.n_kv_head, mc.head_dim, mc.intermediate_size
@@ -980,7 +980,7 @@ def bench_generate(cfg):
     but the no-cache loop alternate for `rounds` runs after one warm-up each (medians); the no-cache
     loop runs once. tokens/s counts new tokens."""
     import transformers
-    from generate import generate
+    from decoding import generate
     S = build_start(cfg)
     dt = S.ptdtype  # generation runs in the compute dtype itself (no autocast)
     hf = hf_model(S, dt).to(S.device).eval()

@@ -26,8 +26,8 @@ import socket
 import torch
 import torch.distributed as dist
 
-import configurator
-from configurator import ConfigError
+import errors
+from errors import ConfigError
 
 def _rank():
     return dist.get_rank() if dist.is_initialized() else 0
@@ -400,7 +400,7 @@ def hold(out_dir, overwrite=False, log=print):
             pass
         f.close()
     atexit.register(release)
-    configurator.before_exit.append(release)
+    errors.before_exit.append(release)
     return release
 
 def read_metrics(path, log=print):

@@ -16,39 +16,16 @@ Per-objective keys: for every key KEY of the `per_objective` table the caller pa
 """
 import ast
 import difflib
-import errno
 import json
 import math
 import os
-import sys
 import traceback
 import types
 
+from errors import ConfigError, before_exit, one_line_errors  # noqa: F401 (the commands' one import)
+
 MAX_OBJECTIVES = 8
 DATA_FILES = (".jsonl", ".parquet", ".csv", ".tsv", ".arrow", ".txt", ".gz", ".zst")  # never run as a config
-before_exit = []  # run before a one-line error's exit, which skips atexit (train.py: release out_dir's lock)
-
-class ConfigError(ValueError):
-    """a bad config key or bad input data: the script prints it as one line, without a traceback."""
-
-def one_line_errors():
-    """sys.excepthook for train.py: a ConfigError (and a full disk) ends the run with `error: ...`
-    on stderr (rank 0 only under torchrun) and exit status 2 (1 for the disk); any other
-    exception keeps its traceback."""
-    def hook(kind, e, tb):
-        disk = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-        if not (isinstance(e, ConfigError) or disk):
-            return sys.__excepthook__(kind, e, tb)
-        for f in before_exit:
-            f()
-        sys.stdout.flush()
-        if int(os.environ.get("RANK", 0)) == 0:
-            # the real stderr: torch.distributed wraps this hook and buffers sys.stderr until it returns
-            bar = "tqdm" in sys.modules and bool(getattr(sys.modules["tqdm"].tqdm, "_instances", None))
-            print(("\n" if bar else "") + f"error: {e.strerror if disk and e.strerror else e}", file=sys.__stderr__, flush=True)
-        os._exit(1 if disk else 2)  # skips the process group's teardown, which would wait for the other ranks
-    sys.excepthook = hook
-
 def _closest(key, known):
     m = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     return f" (did you mean {m[0]!r}?)" if m else ""

@@ -24,8 +24,10 @@ import random
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from configurator import ConfigError  # a bad row or file: one line naming it, no traceback
+from errors import ConfigError  # a bad row or file: one line naming it, no traceback
+from model import needs_mask
 
 FILE_EXTS = (".json", ".jsonl", ".parquet", ".csv")
 
@@ -845,6 +847,19 @@ def collate_kto(examples, pad_id):
 
 # -----------------------------------------------------------------------------
 # streaming to ranks
+
+def pad_cat(batches, pad_id, device):
+    """concatenates micro-batches (of different objectives) into one, rows right-padded to one
+    length, and moves it to the device. attention_mask is None when plain causal attention is
+    exact (rows right-padded, nothing packed), decided here on the CPU copy: the model would
+    otherwise decide on the device, a host sync per forward."""
+    T = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id, "labels": -100, "attention_mask": 0, "position_ids": 0}
+    x = {k: torch.cat([F.pad(b[k], (0, T - b[k].shape[1]), value=v) if b[k].shape[1] < T else b[k] for b in batches])
+         for k, v in fill.items()}
+    if not needs_mask(x["attention_mask"]):
+        x["attention_mask"] = None
+    return {k: v if v is None else v.to(device, non_blocking=True) for k, v in x.items()}
 
 class Loader:
     """One infinite stream of example indices: epoch e is a permutation of range(N) drawn from a

@@ -30,7 +30,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from generate import generate
+from decoding import generate
 from model import softcap as cap
 
 # -----------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def check_reward_model(name, key="reward_model"):
     one output: train.py checks this before training, the weights load at the first eval_gen."""
     from transformers import AutoConfig
 
-    from configurator import ConfigError
+    from errors import ConfigError
     try:
         cfg = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -296,17 +296,6 @@ def evaluate_kto(policy, ref, tokenizer, examples, max_new_tokens=64, keys=None,
     mean = lambda v: sum(v) / len(v) if v else float("nan")
     return {"reward_sign_accuracy_desirable": mean(acc(True)), "reward_sign_accuracy_undesirable": mean(acc(False)),
             "reward_sign_accuracy": mean(acc(True) + acc(False))}, gens
-
-def evaluate(kind, policy, ref, tokenizer, examples, max_new_tokens=64, beta=0.1, rm=None, batch_size=32):
-    """(metrics, generations) of one objective of kind `kind` (a name of objectives.KINDS) on its
-    tokenized eval examples, as its table entry says. ref: the reference policy / teacher (a GPT,
-    or 'self': the policy with its LoRA adapters off; unused for sft); rm: (model, tokenizer) of a
-    reward model or None; beta: the DPO implicit reward's."""
-    from objectives import KINDS, make
-    spec = KINDS[kind]
-    if spec.evaluate is None:
-        raise ValueError(f"objective kind {kind!r} has no behaviour metrics")
-    return spec.evaluate(policy, ref, tokenizer, examples, max_new_tokens, make(kind, dpo_beta=beta).cfg, rm, batch_size)
 
 # -----------------------------------------------------------------------------
 # train.py's eval_gen

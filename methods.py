@@ -18,7 +18,7 @@ objective's gap from its pre-update training loss. train.py and bench.py run thi
 import random
 from dataclasses import dataclass, field
 
-from configurator import ConfigError
+from errors import ConfigError
 
 def weights(lambd, K):
     """lambd as K weights: a number means (lambd, 1 - lambd) for K = 2 (any number for K = 1, which

@@ -21,7 +21,7 @@ import torch
 import data as D
 import losses as L
 import rollout as R
-from configurator import ConfigError
+from errors import ConfigError
 
 # -----------------------------------------------------------------------------
 # the keys every objective has: KEY is every objective's default, KEY_i sets objective i's alone
@@ -434,3 +434,13 @@ def make(kind_name, i=1, ref=None, ref_is_policy=False, **keys):
         raise TypeError(f"unknown objective keys {sorted(unknown)}")
     cfg.update(keys)
     return Objective(i=i, kind=kind(kind_name), cfg=SimpleNamespace(**cfg), ref=ref, ref_is_policy=ref_is_policy)
+
+def evaluate(kind, policy, ref, tokenizer, examples, max_new_tokens=64, beta=0.1, rm=None, batch_size=32):
+    """(metrics, generations) of one objective of kind `kind` (a name of objectives.KINDS) on its
+    tokenized eval examples, as its table entry says. ref: the reference policy / teacher (a GPT,
+    or 'self': the policy with its LoRA adapters off; unused for sft); rm: (model, tokenizer) of a
+    reward model or None; beta: the DPO implicit reward's."""
+    spec = KINDS[kind]
+    if spec.evaluate is None:
+        raise ValueError(f"objective kind {kind!r} has no behaviour metrics")
+    return spec.evaluate(policy, ref, tokenizer, examples, max_new_tokens, make(kind, dpo_beta=beta).cfg, rm, batch_size)

@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from configurator import ConfigError
+from errors import ConfigError
 
 # -----------------------------------------------------------------------------
 # shipped reward functions

@@ -18,8 +18,8 @@ import torch
 
 import data as D
 import losses as L
-from configurator import ConfigError
-from generate import completion, generate
+from errors import ConfigError
+from decoding import completion, generate
 
 # -----------------------------------------------------------------------------
 # prompts
@@ -205,8 +205,7 @@ def grpo_rollout(micro_batches, step, o):
         b.clear()
         b.update(x, advantages=A, rollout={"reward": r, "length": torch.tensor([len(q) for q in comps], dtype=torch.float64),
                                             "parts": parts, "gen_s": t1 - t0, "reward_s": t2 - t1}, **prompt_info)
-        from step import pad_cat
-        dev = pad_cat([b], step.pad_id, step.device)
+        dev = D.pad_cat([b], step.pad_id, step.device)
         if c.grpo_inner_steps > 1:
             b["old_logps"] = token_logps(step, dev).float()
         if c.grpo_beta > 0:

@@ -18,22 +18,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import losses as L
+from data import pad_cat
 from lora import disabled, lora_parameters
-from model import needs_mask, router_aux_loss
+from model import router_aux_loss
 from objectives import Part
-
-def pad_cat(batches, pad_id, device):
-    """concatenates micro-batches (of different objectives) into one, rows right-padded to one
-    length, and moves it to the device. attention_mask is None when plain causal attention is
-    exact (rows right-padded, nothing packed), decided here on the CPU copy: the model would
-    otherwise decide on the device, a host sync per forward."""
-    T = max(b["input_ids"].shape[1] for b in batches)
-    fill = {"input_ids": pad_id, "labels": -100, "attention_mask": 0, "position_ids": 0}
-    x = {k: torch.cat([F.pad(b[k], (0, T - b[k].shape[1]), value=v) if b[k].shape[1] < T else b[k] for b in batches])
-         for k, v in fill.items()}
-    if not needs_mask(x["attention_mask"]):
-        x["attention_mask"] = None
-    return {k: v if v is None else v.to(device, non_blocking=True) for k, v in x.items()}
 
 class Step:
     """the step's fixed context: the (wrapped) model, the raw module (for LoRA's adapters-off
@@ -96,7 +84,8 @@ class Step:
         x = pad_cat([b for _, b, _ in parts], self.pad_id, self.device)
         refs = []
         for o, b, norm in parts:  # everything that needs no grad, before the policy forward
-            refs.append(self.reference_hidden(o, pad_cat([b], self.pad_id, self.device)) if o.kind.needs == "hidden"
+            uses = o.kind.uses_reference(o.cfg)  # sft: only with a kl_anchor
+            refs.append(self.reference_hidden(o, pad_cat([b], self.pad_id, self.device)) if o.kind.needs == "hidden" and uses
                         else self.ref_logps(o, b) if o.kind.needs == "logps" else None)
 
         def head(h, w, softcap=0.0):  # h (rows, T, C), w (V, C), the model's final logit soft-cap

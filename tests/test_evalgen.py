@@ -10,6 +10,7 @@ import transformers
 
 import data as D
 import evalgen as E
+import objectives
 from model import GPT, byte_tokenizer
 
 def test_text_metrics_by_hand():
@@ -102,7 +103,7 @@ def test_sft_evaluate_end_to_end(pair):
     tok = byte_tokenizer()
     greedy = tok.decode(hf_greedy_answer(hf_pol, PROMPTS[0], 12))
     rows = [{"input": "owl", "output": greedy}, {"input": "red fox", "output": "zzz qqq"}]
-    m, gens = E.evaluate("sft", pol, None, tok, D.tokenize_sft(rows, tok, 80), max_new_tokens=12)
+    m, gens = objectives.evaluate("sft", pol, None, tok, D.tokenize_sft(rows, tok, 80), max_new_tokens=12)
     assert gens[0]["output"] == greedy and gens[1]["reference"] == "zzz qqq"
     assert m["exact_match"] == 0.5
     assert m["rouge_l"] == pytest.approx((1.0 + E.rouge_l(gens[1]["output"], "zzz qqq")) / 2)
@@ -112,7 +113,7 @@ def test_dpo_and_kd_evaluate_end_to_end(pair):
     tok, n, beta = byte_tokenizer(), 10, 0.5
     rows = [{"prompt": "owl", "chosen": "OWL!", "rejected": "OWL"}, {"prompt": "red fox", "chosen": "RED!", "rejected": "RED"}]
     ex = D.tokenize_dpo(rows, tok, 80)
-    m, gens = E.evaluate("dpo", pol, ref, tok, ex, max_new_tokens=n, beta=beta)
+    m, gens = objectives.evaluate("dpo", pol, ref, tok, ex, max_new_tokens=n, beta=beta)
     # by hand from transformers: greedy answers of both models, their implicit rewards, then the pairs
     lp = lambda hf, p, a: hf_logps(hf, p, a).gather(-1, torch.tensor(a)[:, None]).sum().item()
     r = lambda p, a: beta * (lp(hf_pol, p, a) - lp(hf_ref, p, a))
@@ -129,7 +130,7 @@ def test_dpo_and_kd_evaluate_end_to_end(pair):
     assert gens[0]["ref_output"] == tok.decode(hf_greedy_answer(hf_ref, PROMPTS[0], n))
     # kd: the student against its teacher
     sft_ex = D.tokenize_sft([{"input": "owl", "output": "x"}, {"input": "red fox", "output": "y"}], tok, 80)
-    m, _ = E.evaluate("kd", pol, ref, tok, sft_ex, max_new_tokens=n)
+    m, _ = objectives.evaluate("kd", pol, ref, tok, sft_ex, max_new_tokens=n)
     s = [hf_greedy_answer(hf_pol, p, n) for p in PROMPTS]
     t = [hf_greedy_answer(hf_ref, p, n) for p in PROMPTS]
     assert m["teacher_exact"] == sum(a == b for a, b in zip(s, t)) / 2
@@ -138,7 +139,7 @@ def test_dpo_and_kd_evaluate_end_to_end(pair):
           for p, a in zip(PROMPTS, s)]
     assert m["seq_kl"] == pytest.approx(sum(kl) / 2, rel=1e-6)
     assert m["seq_kl_per_token"] == pytest.approx(sum(kl) / sum(map(len, s)), rel=1e-6)
-    same, _ = E.evaluate("kd", pol, pol, tok, sft_ex, max_new_tokens=n)
+    same, _ = objectives.evaluate("kd", pol, pol, tok, sft_ex, max_new_tokens=n)
     assert same["teacher_exact"] == 1.0 and same["teacher_token_agreement"] == 1.0 and abs(same["seq_kl"]) < 1e-12
 
 def test_reward_model_with_its_own_tokenizer(pair, tmp_path):
@@ -185,7 +186,7 @@ def test_train_writes_eval_gen(tmp_path):
     final = GPT.from_pretrained(str(out / "final")).eval()
     tok = load_tokenizer(str(out / "final"))
     rows = [json.loads(l) for l in open("data/toy_sft_eval.jsonl")]
-    m, gens = E.evaluate("sft", final, None, tok, D.tokenize_sft(rows, tok, 40)[:8], max_new_tokens=12)
+    m, gens = objectives.evaluate("sft", final, None, tok, D.tokenize_sft(rows, tok, 40)[:8], max_new_tokens=12)
     assert hist[0]["objectives"]["1"] == m
     assert summary["gen_exact_match_1"] == m["exact_match"] and summary["gen_rouge_l_1"] == m["rouge_l"]
     written = [json.loads(l) for l in (out / "eval_gen" / "iter_0000006_1.jsonl").read_text().splitlines()]

@@ -10,8 +10,9 @@ import pytest
 import torch
 import transformers
 
+import decoding
 import generate as G
-from generate import generate
+from decoding import generate
 from model import GPT, byte_tokenizer
 from test_model import FAMILIES, MOE, V, make_hf
 
@@ -45,7 +46,7 @@ def test_cache_greedy_equals_full_forward_and_transformers(name, tmp_path):
     ids, mask, rows = padded_batch([9, 4, 1, 6])
     n = 12
     with torch.no_grad():  # the decoding head: the full forward's last logits (soft-capped where the model caps)
-        torch.testing.assert_close(ours(ids[:1], head_fn=G.last_logits), ours(ids[:1])[:, -1], atol=1e-12, rtol=0)
+        torch.testing.assert_close(ours(ids[:1], head_fn=decoding.last_logits), ours(ids[:1])[:, -1], atol=1e-12, rtol=0)
     cached = generate(ours, ids, n, attention_mask=mask)
     full = generate(ours, ids, n, attention_mask=mask, use_cache=False)
     hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None  # the configs' default 2/50256 are real tokens here
@@ -234,15 +235,15 @@ def test_stop_strings(tiny):
     text = "User: red fox\nAssistant: "
     x = torch.tensor([list(text.encode())])
     new = hf_greedy(hf, x, 20)[0, x.shape[1]:].tolist()  # 10 bytes of noise, a newline, 'tlI' later
-    assert G.generate_texts(ours, tok, [text], 20)[0] == tok.decode(new)
+    assert decoding.generate_texts(ours, tok, [text], 20)[0] == tok.decode(new)
     j = new.index(ord("\n"))
-    y = generate(ours, x, 20, stop_fn=G.stop_checker(tok, ["\n"]))
+    y = generate(ours, x, 20, stop_fn=decoding.stop_checker(tok, ["\n"]))
     assert y[0, x.shape[1]:].tolist() == new[:j + 1]  # stopped on the token that completed the stop string
-    assert G.generate_texts(ours, tok, [text, "User: owl\nAssistant: "], 20, stops=["\n"])[0] == tok.decode(new[:j])
+    assert decoding.generate_texts(ours, tok, [text, "User: owl\nAssistant: "], 20, stops=["\n"])[0] == tok.decode(new[:j])
     k = bytes(new).index(b"tl")
     assert k > j
-    assert G.generate_texts(ours, tok, [text], 20, stops=["tl"])[0] == tok.decode(new[:k])
-    assert generate(ours, x, 20, stop_fn=G.stop_checker(tok, ["tl"])).shape[1] == x.shape[1] + k + 2
+    assert decoding.generate_texts(ours, tok, [text], 20, stops=["tl"])[0] == tok.decode(new[:k])
+    assert generate(ours, x, 20, stop_fn=decoding.stop_checker(tok, ["tl"])).shape[1] == x.shape[1] + k + 2
 
 def test_bad_input_is_a_clear_error(tiny):
     path, _ = tiny
@@ -251,24 +252,24 @@ def test_bad_input_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="exceed the model's context of 128"):
         generate(ours, torch.ones(1, 129, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="prompt 1: 130 tokens, the model's context holds 1 to 128"):
-        G.generate_texts(ours, tok, ["hi", "x" * 130], 4)
+        decoding.generate_texts(ours, tok, ["hi", "x" * 130], 4)
     # a prompt near the context: generation ends at the context length
     assert generate(ours, torch.ones(1, 125, dtype=torch.long), 10).shape == (1, 128)
     with pytest.raises(ValueError, match="prompt row 1: empty prompt in 'prompt'"):
-        [G.format_prompt(tok, r, i) for i, r in enumerate([{"prompt": "a"}, {"prompt": " "}])]
+        [decoding.format_prompt(tok, r, i) for i, r in enumerate([{"prompt": "a"}, {"prompt": " "}])]
     with pytest.raises(ValueError, match="has no tokens"):
         generate(ours, torch.ones(2, 3, dtype=torch.long), 4, attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]))
     with pytest.raises(ValueError, match="not a non-empty string"):
-        G.parse_stop(tok, '["\\n", ""]')
-    assert G.parse_stop(tok, '["\\n", "User:"]') == ["\n", "User:"]
+        decoding.parse_stop(tok, '["\\n", ""]')
+    assert decoding.parse_stop(tok, '["\\n", "User:"]') == ["\n", "User:"]
     # a word-level tokenizer with an unknown token: a stop string outside its vocabulary can never appear
     from tokenizers import Tokenizer, models, pre_tokenizers
     w = Tokenizer(models.WordLevel({"[UNK]": 0, "red": 1, "fox": 2}, unk_token="[UNK]"))
     w.pre_tokenizer = pre_tokenizers.Whitespace()
     wt = transformers.PreTrainedTokenizerFast(tokenizer_object=w, unk_token="[UNK]")
-    assert G.parse_stop(wt, "fox") == ["fox"]
+    assert decoding.parse_stop(wt, "fox") == ["fox"]
     with pytest.raises(ValueError, match="'zebra' contains text this tokenizer cannot encode"):
-        G.parse_stop(wt, "zebra")
+        decoding.parse_stop(wt, "zebra")
 
 def hf_text(hf, text, n):
     tok = byte_tokenizer()

@@ -368,7 +368,7 @@ def test_lora_adapter_in_peft(name, targets, tmp_path):
 def test_moe_kv_cache_generation(name, tmp_path):
     """generate.py's KV-cache decoding of a left-padded batch on a mixture of experts: the same
     tokens as the no-cache forward and as transformers' generate (float32, eager experts)."""
-    from generate import generate
+    from decoding import generate
     hf = make_hf(name, tmp_path)
     with torch.no_grad():  # peaked logits: no near-ties in the argmax
         for n, p in hf.named_parameters():

@@ -115,7 +115,7 @@ def test_chat_rows_match_the_chat_template(models):
 def test_greedy_generation_equals_transformers(models):
     """generate.py's KV-cache decoding of a left-padded batch of chat prompts, token for token
     against transformers' generate, stopping at eos."""
-    from generate import generate
+    from decoding import generate
     ours, hf, tok = models
     chats = [[{"role": "user", "content": "What is the capital of France?"}],
              [{"role": "user", "content": "Write one sentence about the sea."}]]

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import decoding
 import generate as G
 from helpers import ROOT, refused, run_train
 from model import byte_tokenizer
@@ -109,10 +110,10 @@ def test_cli_errors_are_one_line(tmp_path):
 # --stop: a string, or a JSON list of strings
 def test_stop_is_a_string_unless_it_is_a_json_list_of_strings():
     tok = byte_tokenizer()
-    assert G.parse_stop(tok, "[/INST]") == ["[/INST]"]
-    assert G.parse_stop(tok, '["###", "\\nUser:"]') == ["###", "\nUser:"]
-    assert G.parse_stop(tok, '["a", 1]') == ['["a", 1]']
-    assert G.parse_stop(tok, "[1, 2]") == ["[1, 2]"]
+    assert decoding.parse_stop(tok, "[/INST]") == ["[/INST]"]
+    assert decoding.parse_stop(tok, '["###", "\\nUser:"]') == ["###", "\nUser:"]
+    assert decoding.parse_stop(tok, '["a", 1]') == ['["a", 1]']
+    assert decoding.parse_stop(tok, "[1, 2]") == ["[1, 2]"]
 
 # prompts files: the file and line of what is wrong
 def test_prompts_files_errors_name_the_file_and_line(run, tmp_path):
