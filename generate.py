@@ -219,19 +219,24 @@ def held_out_rows(run_cfg, i):
     function of the same keys (data.objective_splits), streaming included; nothing else is read."""
     import configurator
     import data as D
+    import methods
     import objectives
     if not run_cfg:
         raise ValueError("objective: needs --out_dir of a run (its config.json names the data)")
     keys = objectives.per_objective_keys()
     o = configurator.objective_keys({**keys, **run_cfg}, i, keys)  # KEY_i where the run set it, else KEY
+    K = sum(bool(run_cfg.get(f"obj_{j}", "sft" if j == 1 else "")) for j in range(1, configurator.MAX_OBJECTIVES + 1))
+    if not 1 <= i <= K:
+        raise ValueError(f"objective: --objective={i}, but the run trained {K} objective(s) (1 to {K})")
     if not o.dataset:
         raise ValueError(f"objective: the run has no dataset_{i}")
-    select = run_cfg.get("method") == "select" and i == 2  # train.py: a selection run weighs every row of dataset_2
-    frac = 0.0 if select else run_cfg.get("eval_frac", 0.0)
+    method = methods.make(run_cfg.get("method", "alright"), (1 / K,) * K, **run_cfg)  # which rows it held out
+    frac = method.eval_frac(i, run_cfg.get("eval_frac", 0.0))
     _, rows = D.objective_splits(o, run_cfg.get("seed", 42), frac, run_cfg.get("streaming", False), lazy=True, _train=False)
     rows = list(rows)
     if not rows:
-        why = "method=select holds out none of dataset_2" if select else f"eval_frac=0 and no eval_split_{i}"
+        why = (f"method={method.name} holds out none of dataset_{i}" if method.eval_frac(i, 1.0) == 0 else
+               f"eval_frac=0 and no eval_split_{i}")
         raise ValueError(f"objective: the run held out no rows of objective {i} ({why})")
     source = o.eval_split if o.eval_split and D._is_dataset(o.eval_split) else o.dataset
     return ([{k: v for k, v in r.items() if k != "_id"} for r in rows],  # _id: data.py's bookkeeping
@@ -239,7 +244,10 @@ def held_out_rows(run_cfg, i):
 
 def read_prompt_rows(prompt="", prompts="", objective=0, run_cfg=None, where=False):
     """the prompt rows of --prompt, --prompts or --objective (and, with where=True, where each is,
-    for errors)."""
+    for errors). Exactly one of them."""
+    given = [k for k, v in (("--prompt", prompt), ("--prompts", prompts), ("--objective", objective)) if v]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)}: give one source of prompts")
     if prompt:
         rows, places = [{"prompt": prompt}], ["--prompt"]
     elif prompts:
@@ -293,6 +301,7 @@ def write_rows(out, rows):
             os.remove(tmp)
 
 def main(argv):
+    import checks
     import configurator
     from model import load_tokenizer
     c = {k: globals()[k] for k in config_keys}
@@ -308,7 +317,7 @@ def main(argv):
     check_out(c["out"], c["overwrite"], [c["prompts"]] if c["prompts"] else [], [c["out_dir"]] if c["out_dir"] else [])
     path, tok_path = model_source(c["out_dir"], c["pretrain"], c["adapter"], c["ckpt"])
     key = "pretrain" if c["pretrain"] and not c["out_dir"] else "out_dir"
-    if tok_path and not os.path.exists(tok_path) and not configurator._hub_id(tok_path):
+    if tok_path and not os.path.exists(tok_path) and not checks._hub_id(tok_path):
         raise ValueError(f"{key}: {tok_path}: no such directory (nor a hub id)")
     try:
         tok = load_tokenizer(tok_path)

@@ -24,11 +24,14 @@ import signal
 import sys
 import time
 from copy import deepcopy
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+import checks
 import configurator
+import methods
 import objectives
 
 # -----------------------------------------------------------------------------
@@ -45,7 +48,8 @@ reward_model = ""         # a sequence-classification checkpoint judging DPO ans
 save_interval = 0         # iterations between checkpoints (0 = only at the end)
 keep_last = 2             # checkpoints kept in out_dir/ckpt
 resume = False            # True: continue from the latest checkpoint in out_dir
-overwrite = False         # True: clear another run's ckpt/, metrics.jsonl, final/, summary.json in out_dir first
+overwrite = False         # True: clear a finished or dead run's ckpt/, metrics.jsonl, final/, summary.json first
+takeover_lock = False     # True: take out_dir/.lock from a run on another host, whose life cannot be checked here
 reschedule = False        # resume: True lets max_iters / max_epochs change the LR schedule and sequential split ahead
 wandb_log = False
 wandb_project = "bipost"
@@ -72,34 +76,24 @@ target_modules = "all-linear"  # or names such as 'q_proj,v_proj' / 'query_key_v
 # objectives
 obj_1 = "sft"             # a kind of objectives.KINDS (sft | dpo | kd): the kind of objective i; K = the number of obj_i set (at most 8)
 obj_2 = obj_3 = obj_4 = obj_5 = obj_6 = obj_7 = obj_8 = ""  # obj_2 = '': single-objective training
-method = "alright"        # sequential | mix | alright | maxright | constrained | select
+method = "alright"        # a class of methods.METHODS: sequential | mix | alright | maxright | constrained | select
 lambd = 0.5               # K weights on the simplex, e.g. (0.5, 0.3, 0.2) or --lambd=0.5,0.3,0.2; one number = (lambd, 1 - lambd)
 opt_estimate_iters = 0    # steps of the single-objective runs that estimate f* (0 = max(10, T // 10))
-maxright_interval = 10    # maxright / constrained re-evaluate the gaps every k steps
 eps = 0.0                 # early stop when a gap f_i - f_i* <= eps (0 = off)
 pareto_front = ""         # JSON file of [[f_1, ..., f_K], ...]: early stop when weakly dominated within eps
 precompute_ref = False    # DPO reference log-probs once, cached on disk; the reference model is dropped
 loss_chunk_size = 0       # tokens per chunk of the output head ([chunk, V] logits at a time); 0: max(128, 2^22 / V), 2^26 / V on a GPU
-dual_lr = 0.1             # constrained: step size of the multipliers mu_i <- max(0, mu_i + dual_lr (gap_i - budget_i))
-# per-objective keys (objectives.py: dataset, max_len, obj_opt, budget, ref_model, dpo_beta, kd_loss, ...):
-# the value there is every objective's default, and KEY_i sets it for objective i alone
-per_objective = objectives.per_objective_keys()
+# each method's keys (methods.py, declared in its class: maxright_interval, dual_lr, the selector's keys, ...)
+globals().update(methods.config_keys())
+# per-objective keys (objectives.py: dataset, max_len, obj_opt, ref_model, dpo_beta, kd_loss, ...; a method's
+# such as budget): the value there is every objective's default, and KEY_i sets it for objective i alone
+per_objective = {**objectives.per_objective_keys(), **methods.per_objective_keys()}
 globals().update(per_objective)
 # data
-eval_frac = 0.05          # (method=select holds nothing out of dataset_2: every row gets a weight)
+eval_frac = 0.05          # the share of each dataset held out for evaluation (method=select: none of dataset_2)
 packing = False           # sft/kd: concatenate documents up to max_len
 streaming = False         # read each dataset as a stream (needs max_samples_i; eval_split_i '' or a file): sets too large for the disk
 dataset_num_proc = 0      # processes that tokenize (datasets' map, cached under HF_DATASETS_CACHE); 0 = this one
-# selector (method = select)
-selector_activation = "softmax"  # softmax | sigmoid
-selector_learning_rate = 1e-4
-selector_algorithm = "memory"    # memory (one forward feeds both updates) | penalty (auxiliary theta-hat)
-aux_learning_rate = 1e-3         # penalty: Adam lr of theta-hat, which tracks argmin of the weighted noisy loss
-aux_steps = 1                    # penalty: theta-hat steps per selector step
-upperlevel_weight = 0.5          # rho = 1 / (1 + gamma)
-upperlevel_weight_decay = 0.1    # rho -= decay at the start of every epoch >= 1
-select_ratio = 0.8
-selector_labels = ""             # optional {"id", "corrupted"} jsonl, for the summary only
 # optimization
 train_batch_size = 8      # global batch in samples (pairs for dpo)
 micro_train_batch_size = 2  # per rank
@@ -126,7 +120,7 @@ if __name__ == "__main__":
     configurator.apply(sys.argv[1:], config, per_objective=per_objective)
     globals().update((k, config[k]) for k in config_keys)  # the KEY_i set stay in config (objective_keys)
     # every check of the config, before anything is read or loaded
-    kinds = configurator.check(config, per_objective, int(os.environ.get("WORLD_SIZE", 1)))
+    kinds = checks.check(config, per_objective, int(os.environ.get("WORLD_SIZE", 1)))
     if print_config:
         print(json.dumps(config))
         sys.exit(0)
@@ -135,9 +129,8 @@ if __name__ == "__main__":
 from tqdm import tqdm
 
 import checkpoint
-import data as D
-import methods
-import rollout as R
+import data
+import rollout
 import runtime
 from lora import inject, lora_parameters
 from model import GPT, Config, load_tokenizer
@@ -147,12 +140,13 @@ if reward_model and eval_gen_interval >= 0:  # a judge that cannot load fails no
     import evalgen
     evalgen.check_reward_model(reward_model)
 K = len(kinds)
-W = runtime.init(device, dist_timeout_s)  # the distributed world: ddp, rank, world_size, master, device
-ddp, rank, world_size, master, device = W.ddp, W.rank, W.world_size, W.master, W.device
-dtype, ptdtype, master_dtype, autocast = runtime.precision(dtype, W.device_type)
+world = runtime.init(device, dist_timeout_s)  # the distributed world: ddp, rank, world_size, master, device
+ddp, rank, world_size, master, device = world.ddp, world.rank, world.world_size, world.master, world.device
+dtype, ptdtype, master_dtype, autocast = runtime.precision(dtype, world.device_type)
 grad_accum = train_batch_size // (micro_train_batch_size * world_size)
 w_obj = dict(enumerate(methods.weights(lambd, K), 1))  # {i: lambd_i}
-OC = {i: configurator.objective_keys(config, i, per_objective) for i in range(1, K + 1)}
+keys_of = {i: configurator.objective_keys(config, i, per_objective) for i in range(1, K + 1)}  # objective i's keys
+method = methods.make(method, tuple(w_obj.values()), **config)  # its total_iters is set once known
 
 def log(*a):
     if master:
@@ -170,7 +164,7 @@ def all_sum(x):
 held = ""
 if master:
     try:
-        release_out_dir = checkpoint.hold(out_dir, overwrite, log)
+        release_out_dir = checkpoint.hold(out_dir, takeover_lock, log)
     except configurator.ConfigError as e:
         held = str(e)
 if all_sum(float(bool(held))).item() > 0:  # every rank stops; rank 0 says why
@@ -187,7 +181,7 @@ ckpt_root, metrics_path = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)  # the same initial weights on every rank
 tokenizer = load_tokenizer(pretrain)
-_plain = [i for i, c in OC.items() if not c.apply_chat_template and c.input_template == per_objective["input_template"]]
+_plain = [i for i, c in keys_of.items() if not c.apply_chat_template and c.input_template == per_objective["input_template"]]
 if pretrain and tokenizer.chat_template and _plain:  # chat rows ('messages') use the template either way
     log(f"note: {pretrain}'s tokenizer has a chat template; objective(s) {_plain} format prompts with input_template "
         f"{per_objective['input_template']!r}: set apply_chat_template_i=True to use the chat template")
@@ -212,47 +206,45 @@ if lora_rank:
 # data: each objective's rows, tokenized and collated as its kind says (objectives.py)
 def build_objective(i, c):
     kind = objectives.KINDS[kinds[i - 1]]
-    frac = 0.0 if method == "select" and i == 2 else eval_frac  # every row of the filtered set gets a weight
     common = dict(tokenizer=tokenizer, max_len=c.max_len, template=c.input_template,
                   apply_chat_template=c.apply_chat_template, verbose=master, num_proc=dataset_num_proc)
     collate = lambda b: kind.collate(b, tokenizer.pad_token_id, c, packing)
     # files: rank 0 converts them to Arrow and tokenizes the rows used (datasets' map) into caches,
     # the other ranks then read those; a stream has no cache, so every rank reads its own at once
-    with D.rank0_first(not streaming):
+    with data.rank0_first(not streaming):
         # a stream: max_samples rows and the held-out ones, nothing converted on disk; else Arrow
         # selections, nothing read into python before tokenizing (generate.py --objective reads the same)
-        rows, eval_rows = D.objective_splits(c, seed, frac, streaming, lazy=True)
+        rows, eval_rows = data.objective_splits(c, seed, method.eval_frac(i, eval_frac), streaming, lazy=True)
         train = kind.tokenize(rows, c.dataset, c, common)
         unweighted = type(c)(**{**vars(c), "weight_key": ""})  # the eval loss is the plain objective's, whatever the weights
         evals = kind.tokenize(eval_rows, f"{c.eval_split or c.dataset} (eval)", unweighted, common)
     for e in evals:
         e["id"] = ("eval", e["id"])  # a separate eval file numbers its rows from 0 too: keep cache keys apart
     per_micro = micro_train_batch_size // kind.rows_per_example(c)  # grpo: prompts, each num_generations rows
-    loader = lambda s: D.Loader(train, per_micro, grad_accum, rank, world_size, s, collate)
+    loader = lambda s: data.Loader(train, per_micro, grad_accum, rank, world_size, s, collate)
     o = objectives.Objective(i, kind, c, train, evals, rows, collate, loader(seed + i), loader(seed + 100 + i), opt=c.obj_opt)
     if kind.prepare is not None:  # an online kind (rollout.py): the policy samples its rows
         from rewards import Rewards
         scored = "reward_fn" in kind.keys
-        o.online = R.Online(tokenizer, seed, Rewards(c.reward_fn, c.reward_weights, c.reward_model, i, device) if scored else None)
+        o.online = rollout.Online(tokenizer, seed, Rewards(c.reward_fn, c.reward_weights, c.reward_model, i, device) if scored else None)
         if scored:
             log(f"objective {i} ({kind.name}) is online: eval_loss_{i} is minus the mean reward of greedy completions "
                 f"of its held-out prompts (eval_reward_{i})")
     return o
 
-O = {i: build_objective(i, c) for i, c in OC.items()}
+objs = {i: build_objective(i, c) for i, c in keys_of.items()}
 if ddp:  # a node-local file or path that differs between ranks would train on a mix, or hang
-    D.check_same_data(O.values(), world_size)
-# an epoch of a joint run is one pass over the longer dataset; of a selection run, over dataset_2
-steps_per_epoch = O[2].loader.steps_per_epoch if method == "select" else max(o.loader.steps_per_epoch for o in O.values())
-total_iters = max_iters if max_iters > 0 else max_epochs * steps_per_epoch
-log("objectives: " + ", ".join(f"{o.i}: {o.kind.name} ({len(o.train)} train / {len(o.eval)} eval)" for o in O.values())
-    + f" | method {method if K > 1 else 'single'} | {total_iters} iterations of {train_batch_size} samples "
+    data.check_same_data(objs.values(), world_size)
+total_iters = max_iters if max_iters > 0 else max_epochs * method.steps_per_epoch(objs)
+method.total_iters = total_iters
+log("objectives: " + ", ".join(f"{o.i}: {o.kind.name} ({len(o.train)} train / {len(o.eval)} eval)" for o in objs.values())
+    + f" | method {method.name} | {total_iters} iterations of {train_batch_size} samples "
     f"({grad_accum} x {micro_train_batch_size} x {world_size} ranks)")
 
 # references and teachers: frozen, replicated on every rank (sharded at zero 3), in the compute
 # dtype; under LoRA without ref_model the policy with its adapters off
 frozen = {}
-for o in O.values():
+for o in objs.values():
     path = o.cfg.ref_model
     if o.kind.reference == "none" or not o.kind.uses_reference(o.cfg):
         continue
@@ -269,21 +261,21 @@ for o in O.values():
 
 # -----------------------------------------------------------------------------
 # data parallel / sharding, optimizer, the step (step.py: bench.py measures this same code)
-model = runtime.wrap(raw_model, W, zero_stage, ptdtype, master_dtype, cpu_offload, frozen.values())
+model = runtime.wrap(raw_model, world, zero_stage, ptdtype, master_dtype, cpu_offload, frozen.values())
 fsdp = ddp and zero_stage >= 2
 if fsdp and zero_stage == 3 and frozen:
     log(f"{len(frozen)} frozen reference / teacher model(s) sharded across {world_size} ranks")
 optimizer, params = runtime.optimizer(raw_model, learning_rate, adam_betas, weight_decay,
-                                      fused=W.device_type == "cuda" and not cpu_offload, zero1=ddp and zero_stage == 1)
+                                      fused=world.device_type == "cuda" and not cpu_offload, zero1=ddp and zero_stage == 1)
 step = Step(model, raw_model, autocast, loss_chunk_size, tokenizer.pad_token_id, device, world_size, all_sum)
 sync_ctx = runtime.sync_context(model, ddp, fsdp)
 
 def train_step(chosen):
     """one optimizer step's forward and backward for the objectives in `chosen` (weights lambd_i for
     mix, 1 otherwise). Returns {objective: (global mean loss, stats)} and the global token count."""
-    steps = {i: O[i].next_step() for i in chosen}
+    steps = {i: objs[i].next_step() for i in chosen}
     weights = [w_obj[i] if len(chosen) > 1 else 1.0 for i in chosen]
-    res = step.train([O[i] for i in chosen], [steps[i] for i in chosen], weights, sync_ctx)
+    res = step.train([objs[i] for i in chosen], [steps[i] for i in chosen], weights, sync_ctx)
     tokens = sum(int((b["attention_mask"] > 0).sum()) for i in chosen for b in steps[i])
     return dict(zip(chosen, res)), int(all_sum(tokens).item())
 
@@ -296,48 +288,42 @@ def eval_objective(o, batches=None):
     """global mean loss (and stats) of objective o on its eval set (or on `batches`), as trained."""
     if batches is None:
         examples = o.eval[: eval_iters * train_batch_size] if eval_iters else o.eval
-        batches = D.eval_batches(examples, micro_train_batch_size, rank, world_size, o.collate)
+        batches = data.eval_batches(examples, micro_train_batch_size, rank, world_size, o.collate)
     return step.evaluate(o, batches)
 
 if precompute_ref:  # reference log-probs once, cached on disk; the reference models are then dropped
     identity = [pretrain, None, lora_rank, dtype, {k: v for k, v in config.items() if k.startswith("model_")}]
-    for o in (o for o in O.values() if o.kind.needs == "logps"):
+    for o in (o for o in objs.values() if o.kind.needs == "logps"):
         identity[1] = o.cfg.ref_model
-        batches = D.eval_batches(o.train + o.eval, micro_train_batch_size, rank, world_size, o.collate)
+        batches = data.eval_batches(o.train + o.eval, micro_train_batch_size, rank, world_size, o.collate)
         path = cache_reference(step, o, out_dir, reference_digest(o, raw_model, identity, world_size), batches, master,
                                lambda b, desc: tqdm(b, disable=not master, desc=desc))
         log(f"objective {o.i}: reference log-probs of {len(o.ref_cache)} pairs cached in {path}")
         o.ref = None
-    frozen = {p: m for p, m in frozen.items() if any(o.ref is m for o in O.values())}
+    frozen = {p: m for p, m in frozen.items() if any(o.ref is m for o in objs.values())}
 
 # -----------------------------------------------------------------------------
-# the method (methods.py; select: selector.py) and the state resume needs besides model and optimizer
-method_ = methods.make(method, tuple(w_obj.values()), total_iters, seed, maxright_interval,
-                       {i: c.budget for i, c in OC.items() if c.budget >= 0}, dual_lr)
-selection = None
-if method == "select":
-    from selector import Selection
-    selection = Selection(config, O[1], O[2], step, params, device, all_sum, sync_ctx, log, master)
-state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "train_s": 0.0, "counts": {i: 0 for i in O}, "opt": {i: o.opt for i, o in O.items()},
+# the method starts (select: its selector) with what the run holds; the state resume needs besides model and optimizer
+run = SimpleNamespace(config=config, objectives=objs, step=step, params=params, device=device, all_sum=all_sum,
+                      sync_ctx=sync_ctx, log=log, master=master, train_step=train_step)
+method.start(run)
+state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "train_s": 0.0, "counts": {i: 0 for i in objs}, "opt": {i: o.opt for i, o in objs.items()},
          "total_iters": total_iters}
 metrics = checkpoint.Metrics(out_dir, master, config, wandb_log, wandb_project, wandb_run_name, tensorboard)
 
 if resume:
     path = checkpoint.latest(ckpt_root)
     state = checkpoint.load(path, raw_model, optimizer, fsdp)
-    for i, o in O.items():
+    for i, o in objs.items():
         o.loader.load_state_dict(state["loaders"][i])
         o.probe.load_state_dict(state["probes"][i])
         if o.online is not None:  # the sampling counter (and a rollout being reused)
             o.online.load_state_dict(state["online"][i])
-    method_.load_state_dict(state["method"])
+    method.load_state_dict(state["method"])
     def schedule_at(j, T):  # what step j of a T-step run computes that depends on T
-        return (runtime.lr_at(j, T, learning_rate, warmup_ratio, lr_scheduler, min_lr_ratio),
-                methods.sequential_pick(j, list(w_obj.values()), T) if method == "sequential" and K > 1 else 1)
+        return runtime.lr_at(j, T, learning_rate, warmup_ratio, lr_scheduler, min_lr_ratio), method.schedule_at(j, T)
     checkpoint.check_total_iters(state["iter"], state.get("total_iters", total_iters), total_iters, schedule_at, reschedule, log)
     state["total_iters"] = total_iters
-    if selection:
-        selection.load_state_dict(state)
     log(f"resumed from {path} at iteration {state['iter']}")
     if master:
         checkpoint.rewind_metrics(metrics_path, state["iter"], log)
@@ -346,15 +332,15 @@ elif master:
 if master:  # on resume, the harmless keys that changed
     checkpoint.write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
 if not resume and K > 1:
-    for i in O:
-        if state["opt"][i] < 0 and method_.needs(i):
+    for i in objs:
+        if state["opt"][i] < 0 and method.needs(i):
             n_est = opt_estimate_iters or max(10, total_iters // 10)
             def reshard():  # zero 2 keeps the gathered weights after a forward: drop them so the restored shards are used
                 for m in [*raw_model.blocks, raw_model] if fsdp else []:
                     m.reshard()
             state["opt"][i] = methods.estimate_opt(i, n_est, lambda it: (train_step([i]), update(it)),
-                                                   lambda: eval_objective(O[i])[0], params, optimizer,
-                                                   [o.loader for o in O.values()] + [o.online for o in O.values() if o.online],
+                                                   lambda: eval_objective(objs[i])[0], params, optimizer,
+                                                   [o.loader for o in objs.values()] + [o.online for o in objs.values() if o.online],
                                                    reshard,
                                                    lambda r: tqdm(r, disable=not master, desc=f"estimating f_{i}*", leave=False))
             log(f"f_{i}* estimated as {state['opt'][i]:.4f}: eval loss after {n_est} steps of objective {i} alone "
@@ -362,37 +348,36 @@ if not resume and K > 1:
 
 def gap(i):
     """f_i - f_i* on a fresh global batch of objective i (the methods' re-evaluation)."""
-    return eval_objective(O[i], O[i].probe.next_step())[0] - state["opt"][i]
+    return eval_objective(objs[i], objs[i].probe.next_step())[0] - state["opt"][i]
 
 def gaps(ev):
     """optimality gaps and ideal distance, where f* is known."""
-    if not (all(state["opt"][i] >= 0 for i in O) and len(ev) == len(O)):
+    if not (all(state["opt"][i] >= 0 for i in objs) and len(ev) == len(objs)):
         return {}
-    g = {f"gap_{i}": ev[i] - state["opt"][i] for i in O}
+    g = {f"gap_{i}": ev[i] - state["opt"][i] for i in objs}
     return dict(g, ideal_distance=math.sqrt(sum(x * x for x in g.values())))
 
 def evaluate_all(it):
     """every objective's eval loss (and stats, gaps) as a metrics line; True when eps or the
     reference Pareto front says stop."""
     ev, extra = {}, {}
-    for i, o in O.items():
+    for i, o in objs.items():
         if o.eval:  # the set a selector filters has none
             ev[i], st = eval_objective(o)
             extra.update({f"eval_{k}_{i}": v for k, v in st.items()})
     res = dict({f"eval_loss_{i}": v for i, v in ev.items()}, **gaps(ev), **extra)
     metrics.write(dict(kind="eval", iter=it, **res, elapsed_s=time.time() - t0))
     log(f"iter {it}: " + ", ".join(f"eval_loss_{i} {v:.4f}" for i, v in ev.items()))
-    why = methods.early_stop(ev, state["opt"], eps, pareto) if eps > 0 and method_.joint else ""  # joint methods only
+    why = methods.early_stop(ev, state["opt"], eps, pareto) if eps > 0 and method.joint else ""  # joint methods only
     if why:
         log(f"early stop at iteration {it}: {why}")
     return res, bool(why)
 
 def save(it):
     state["elapsed"] = time.time() - t0
-    st = dict(state, iter=it, method=method_.state_dict(), loaders={i: o.loader.state_dict() for i, o in O.items()},
-              probes={i: o.probe.state_dict() for i, o in O.items()},
-              online={i: o.online.state_dict() for i, o in O.items() if o.online is not None},
-              **(selection.state_dict() if selection else {}))
+    st = dict(state, iter=it, method=method.state_dict(), loaders={i: o.loader.state_dict() for i, o in objs.items()},
+              probes={i: o.probe.state_dict() for i, o in objs.items()},
+              online={i: o.online.state_dict() for i, o in objs.items() if o.online is not None})
     checkpoint.save(ckpt_root, it, raw_model, optimizer, st, keep_last, fsdp)
 
 def failed(what, it, chosen):
@@ -409,16 +394,16 @@ signal.signal(signal.SIGTERM, on_signal)
 
 def eval_gen(it):
     import evalgen  # what the model says on held-out prompts; every rank computes it, the master writes
-    return evalgen.run(list(O.values()), raw_model, tokenizer, it, out_dir, eval_gen_samples, eval_gen_max_new_tokens,
+    return evalgen.run(list(objs.values()), raw_model, tokenizer, it, out_dir, eval_gen_samples, eval_gen_max_new_tokens,
                        reward_model, master, autocast)
 
 # -----------------------------------------------------------------------------
 # the loop
-pareto = configurator.pareto_points(pareto_front, K) if pareto_front else []
+pareto = checks.pareto_points(pareto_front, K) if pareto_front else []
 it = state["iter"]
 t0 = time.time() - state["elapsed"]
 last_eval = {}
-pbar = tqdm(total=total_iters, initial=it, disable=not master, desc=method if K > 1 else obj_1, dynamic_ncols=True)
+pbar = tqdm(total=total_iters, initial=it, disable=not master, desc=method.name if K > 1 else obj_1, dynamic_ncols=True)
 raw_model.train()
 while True:
     if it == total_iters or (eval_interval > 0 and it % eval_interval == 0) or it == 0:
@@ -432,9 +417,9 @@ while True:
 
     # one optimizer step: the method picks the objective(s), the step trains them
     t_step = time.time()
-    chosen = method_.pick(it, gap)
-    behind = method_.logged()  # e.g. maxright's weighted gaps behind this choice
-    res, tokens = selection.train() if selection else train_step(chosen)
+    chosen = method.pick(it, gap)
+    behind = method.logged()  # e.g. maxright's weighted gaps behind this choice
+    res, tokens = method.train(chosen, run)
     loss = sum(w_obj[i] * res[i][0] for i in res) if len(res) > 1 else next(iter(res.values()))[0]
     if not math.isfinite(loss):  # before the update: the weights in memory stay finite too
         raise failed(f"non-finite loss {loss}", it, chosen)
@@ -447,7 +432,7 @@ while True:
     for i in chosen:
         state["counts"][i] += 1
     if len(chosen) == 1:
-        method_.update(chosen[0], res[chosen[0]][0] - state["opt"][chosen[0]])
+        method.update(chosen[0], res[chosen[0]][0] - state["opt"][chosen[0]])
     if it % log_interval == 0 or it == total_iters:
         line = dict(kind="train", iter=it, obj=chosen[0] if len(chosen) == 1 else 0, loss=loss, lr=lr,
                     tokens=state["tokens"], elapsed_s=time.time() - t0, grad_norm=gnorm, **behind)
@@ -458,8 +443,7 @@ while True:
         metrics.write(line)
     pbar.update(1)
     pbar.set_postfix(obj="+".join(map(str, chosen)), loss=f"{loss:.4f}")
-    if selection:
-        selection.after_step()
+    method.after_step(it)
     stop = all_sum(float(interrupted)).item() > 0
     if (save_interval > 0 and it % save_interval == 0) or stop:
         save(it)
@@ -481,24 +465,18 @@ except Exception as e:  # noqa: BLE001 - the model is trained and exported: writ
     gen_failed, last_gen = e, {}
 if last_gen:
     metrics.write(dict(kind="eval_gen", iter=it, **last_gen))
-if selection:
-    selection.save(final=True)
-budgets = {}
-if method == "constrained" and K > 1:  # did every forgetting budget hold at the end (on the eval sets)?
-    budgets = {f"budget_{j}": b for j, b in method_.budgets.items()}
-    budgets.update({f"mu_{j}": v for j, v in method_.mu.items()})
-    budgets["budgets_held"] = all(last_eval.get(f"eval_loss_{j}", math.inf) - state["opt"][j] <= b
-                                  for j, b in method_.budgets.items())
-result = dict(method=method if K > 1 else "single", objectives=kinds, lambd=list(w_obj.values()), iters=it,
+method.finish(run)
+extra = method.summary(last_eval, state["opt"])  # e.g. constrained: each budget and whether it held
+result = dict(method=method.name, objectives=kinds, lambd=list(w_obj.values()), iters=it,
               counts=state["counts"], wall_s=state["elapsed"], train_s=state["train_s"],
-              peak_memory_mb=runtime.peak_memory_mb(W.device_type), tokens=state["tokens"], opt=state["opt"],
-              **last_eval, **last_gen, **budgets)
+              peak_memory_mb=runtime.peak_memory_mb(world.device_type), tokens=state["tokens"], opt=state["opt"],
+              **last_eval, **last_gen, **extra)
 if gen_failed is not None:
     result["eval_gen_error"] = f"{type(gen_failed).__name__}: {gen_failed}"
 if master:
     checkpoint.write_text(os.path.join(out_dir, "summary.json"), json.dumps(result, indent=2))
     rows = [("iterations", f"{it} (" + ", ".join(f"objective {i}: {n}" for i, n in state["counts"].items()) + ")"),
-            *((k, v if isinstance(v, bool) else f"{v:.4f}") for k, v in {**last_eval, **last_gen, **budgets}.items()),
+            *((k, v if isinstance(v, bool) else f"{v:.4f}") for k, v in {**last_eval, **last_gen, **extra}.items()),
             *((f"f_{i}*", f"{v:.4f}") for i, v in state["opt"].items() if v >= 0),
             ("wall time", f"{state['elapsed']:.1f} s ({result['train_s']:.1f} s in training steps)"),
             ("peak memory", f"{result['peak_memory_mb']:.0f} MiB"), ("tokens", f"{state['tokens']:,}"),

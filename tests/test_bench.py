@@ -146,7 +146,7 @@ def test_joint_cases_pick_with_methods_py(monkeypatch):
     for _ in range(7):
         R.step()
     monkeypatch.undo()
-    ref, chosen = methods.Maxright((0.5, 0.5), interval=2), []
+    ref, chosen = methods.Maxright((0.5, 0.5), maxright_interval=2), []
     for c in calls:
         if c[0] == "pick":
             assert ref.pick(c[1], lambda i: c[2][i]) == c[3]

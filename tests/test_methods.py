@@ -94,13 +94,52 @@ def test_a_kind_added_in_a_test_trains_with_alright_next_to_sft(tmp_path):
     assert x["iter"] == y["iter"] == 0 and abs(x["eval_loss_2"] - 3 * y["eval_loss_2"]) <= 1e-9
 
 # -----------------------------------------------------------------------------
+# a new method: one class, nothing else
+
+TOY_METHOD = '''
+import runpy, sys
+sys.path.insert(0, {root!r})
+import methods
+from configurator import Key
+
+class RoundRobin(methods.Method):
+    """objective 1 + (it // rr_period) mod K: each objective in turn, rr_period steps at a time."""
+    name, joint = "roundrobin", True
+    keys = dict(rr_period=Key(1, ">= 1", "steps per turn"))
+
+    def pick(self, it, gap=None):
+        return [1 + (it // self.c["rr_period"]) % len(self.w)]
+
+methods.METHODS["roundrobin"] = RoundRobin
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path({train!r}, run_name="__main__")
+'''
+
+def test_a_method_added_in_a_test_trains(tmp_path):
+    """a method registered by a wrapper script (one class: its key, its pick) trains through train.py:
+    the objectives take turns as its rule says, its key is a config key with its rule enforced,
+    the summary counts its steps, and its first step is objective 1's first step of a plain run."""
+    script = tmp_path / "toy_method.py"
+    script.write_text(TOY_METHOD.format(root=ROOT, train=os.path.join(ROOT, "train.py")))
+    args = ["--max_iters=8", "--train_batch_size=4", "--micro_train_batch_size=2", "--dtype=float64"]
+    run_train(tmp_path / "rr", *args, "--method=roundrobin", "--rr_period=2", script=str(script))
+    lines = metrics(tmp_path / "rr")
+    assert [l["obj"] for l in lines] == [1, 1, 2, 2, 1, 1, 2, 2]
+    summary = json.load(open(tmp_path / "rr" / "summary.json"))
+    assert summary["method"] == "roundrobin" and summary["counts"] == {"1": 4, "2": 4}
+    run_train(tmp_path / "seq", *args, "--method=sequential", script=str(script))
+    assert lines[0]["loss"] == metrics(tmp_path / "seq")[0]["loss"]  # same weights, same first batch of objective 1
+    p = run_train(tmp_path / "bad", *args, "--method=roundrobin", "--rr_period=0", script=str(script), check=False)
+    refused(p, "rr_period", ">= 1")
+
+# -----------------------------------------------------------------------------
 # constrained: a forgetting budget by primal-dual updates
 
 def test_multiplier_update_by_hand():
     """budget 0.1 on objective 1, dual_lr 0.5, lambd (0.2, 0.8), gaps re-evaluated every 2 steps as
     0.5, 0.3, 0.0, -0.5: mu = 0.2, 0.3, 0.25, 0 (0.25 - 0.3 clipped at 0), and each step draws
     objective 1 with probability (0.2 + mu) / (1 + mu), from the run's own seeded generator."""
-    m = methods.make("constrained", (0.2, 0.8), 8, seed=7, interval=2, budgets={1: 0.1}, dual_lr=0.5)
+    m = methods.make("constrained", (0.2, 0.8), 8, seed=7, maxright_interval=2, budget_1=0.1, dual_lr=0.5)
     gaps = iter([0.5, 0.3, 0.0, -0.5])
     mus, picks = [], []
     for it in range(8):

@@ -15,6 +15,7 @@ import time
 import pytest
 
 import checkpoint
+import checks
 import configurator
 import methods
 from helpers import ROOT, TINY, metrics, refused, run_train, train_defaults
@@ -27,7 +28,7 @@ def train_config(**over):
 
 def refusal(c, per_objective):
     with pytest.raises(configurator.ConfigError) as e:
-        configurator.check(c, per_objective)
+        checks.check(c, per_objective)
     return str(e.value)
 
 # -----------------------------------------------------------------------------
@@ -121,25 +122,6 @@ def test_lock_where_the_file_system_has_no_flock_goes_by_the_pid(tmp_path, monke
     release()
     assert not lock.exists()
 
-def test_lock_of_a_live_process_or_another_host_needs_overwrite(tmp_path):
-    host, lock, logged = socket.gethostname(), tmp_path / ".lock", []
-    lock.write_text("elsewhere 123\n")  # another host: whether it lives cannot be told
-    with pytest.raises(configurator.ConfigError, match="in use by process 123 on host elsewhere"):
-        checkpoint.hold(str(tmp_path))
-    first = checkpoint.hold(str(tmp_path), overwrite=True, log=logged.append)
-    assert logged == [f"out_dir {tmp_path}: took over the lock of process 123 on elsewhere (overwrite=True)"]
-    # held (flock) by a live holder, here this process through another open file
-    with pytest.raises(configurator.ConfigError, match=f"in use by process {os.getpid()} on host {host}"):
-        checkpoint.hold(str(tmp_path))
-    second = checkpoint.hold(str(tmp_path), overwrite=True, log=logged.append)
-    first()  # the first holder's release leaves the lock that replaced its own
-    assert lock.read_text() == f"{host} {os.getpid()}\n"
-    with pytest.raises(configurator.ConfigError, match="in use"):
-        checkpoint.hold(str(tmp_path))
-    second()
-    assert not lock.exists()
-    checkpoint.hold(str(tmp_path))()
-
 # -----------------------------------------------------------------------------
 # a resume that changes the run's length (max_iters / max_epochs)
 
@@ -225,8 +207,8 @@ def test_pareto_front_flat_or_wrong_width_or_without_eps(tmp_path):
     # sweep.py's front.json: its runs marked front
     f.write_text(json.dumps({"opt": [0, 0], "rows": [{"f": [1.0, 2.0], "front": True}, {"f": [3.0, 3.0], "front": False},
                                                      {"f": [2.0, 1.0], "front": True}]}))
-    assert configurator.pareto_points(str(f), 2) == [[1.0, 2.0], [2.0, 1.0]]
-    configurator.check(dict(c), po)
+    assert checks.pareto_points(str(f), 2) == [[1.0, 2.0], [2.0, 1.0]]
+    checks.check(dict(c), po)
 
 def test_a_runs_config_json_reruns_its_config(cosine_run, tmp_path):
     """train.py RUN/config.json reads the run's resolved config (JSON), not Python (`true` was a NameError)."""
@@ -295,13 +277,14 @@ def numeric_keys():
 
 def test_every_numeric_key_has_a_range_and_a_bad_value_here():
     keys, _ = numeric_keys()
-    assert set(keys) == set(configurator.RANGES), set(keys) ^ set(configurator.RANGES)
+    ranged = {k for k, rule in checks.rules().items() if not rule.startswith("one of")}  # not a string's choices
+    assert set(keys) == ranged, set(keys) ^ ranged
     assert set(keys) == set(BAD), set(keys) ^ set(BAD)
 
 @pytest.mark.parametrize("key", sorted(BAD))
 def test_each_bad_value_is_refused_naming_the_key(key):
     c, po = train_config()
-    configurator.check(dict(c), po)  # the defaults pass
+    checks.check(dict(c), po)  # the defaults pass
     for v in BAD[key]:
         msg = refusal(dict(c, **{key: v}), po)
         assert msg.startswith("config key") and key in msg, (key, v, msg)
@@ -316,4 +299,4 @@ def test_each_bad_value_is_refused_naming_the_key(key):
                                        ("learning_rate", 0.0), ("selector_learning_rate", 0.0)])
 def test_edge_values_that_mean_something_pass(key, value):
     c, po = train_config(**{key: value})
-    configurator.check(c, po)
+    checks.check(c, po)
