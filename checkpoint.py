@@ -245,7 +245,8 @@ def export_final(out_dir, model, fsdp, tokenizer, lora=None, base_model=""):
     _barrier()
 
 # -----------------------------------------------------------------------------
-# out_dir holds one run. A new run refuses another run's outputs there unless told to overwrite
+# out_dir holds one run. A run holds out_dir/.lock while it lives (hold), and no flag takes a live
+# run's lock; a new run refuses a finished or dead run's outputs there unless told to overwrite
 # them; a resume refuses a config that changes what a step computes, and names the keys.
 
 # keys a resumed run may change: they do not change what a step computes
@@ -254,7 +255,8 @@ HARMLESS = {"out_dir", "resume", "overwrite", "eval_interval", "log_interval", "
             "device", "compile", "dist_timeout_s", "gradient_checkpointing", "loss_chunk_size", "selector_labels",
             "eval_gen_interval", "eval_gen_samples", "eval_gen_max_new_tokens", "reward_model",  # evaluation only
             "eps", "pareto_front", "opt_estimate_iters",  # when to stop; f* is estimated at the start only
-            "dataset_num_proc", "print_config", "reschedule"}  # how the same tokens are made
+            "dataset_num_proc", "print_config", "reschedule",  # how the same tokens are made
+            "takeover_lock"}  # who may hold out_dir
 # (max_iters and max_epochs set the run's length T; check_total_iters refuses a T that changes the steps taken)
 
 def previous_run(out_dir):
@@ -325,7 +327,8 @@ def check_total_iters(done, before, now, at, reschedule=False, log=print):
         + (f" ({differs(done)})" if at(done, before) != at(done, now) else ""))
 
 def clear(out_dir, left, log=print):
-    """removes another run's outputs (overwrite=True), on rank 0."""
+    """removes another run's outputs (overwrite=True), on rank 0: a finished or dead run's, since
+    hold() has refused a live one."""
     for f in left:
         p = os.path.join(out_dir, f)
         shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
@@ -343,17 +346,29 @@ def _alive(pid):
         pass
     return True
 
-def hold(out_dir, overwrite=False, log=print):
+def _holder(raw):
+    """(host, pid) that a lock file's bytes name, or None when they are not one "host pid" line
+    (a crash tore the write, or the file was never written)."""
+    try:
+        who, sep, pid = raw.decode("utf-8").strip().partition(" ")
+    except UnicodeDecodeError:
+        return None
+    return (who, int(pid)) if who and sep and pid.isascii() and pid.isdigit() and int(pid) > 0 else None
+
+def hold(out_dir, takeover=False, log=print):
     """rank 0 claims out_dir for the run: out_dir/.lock names "host pid" and holds an flock while the
-    process lives. A lock held by a live process is refused, naming its host and pid; a lock whose
-    process died on this host is taken over (the kernel drops an flock with its holder; where the
-    file system has no flock, the pid decides); overwrite=True takes any lock. A lock from another
-    host is refused: whether that process lives cannot be told from here. Returns release(), which
-    removes the lock; it also runs at exit and before a one-line error's exit."""
+    process lives. A live holder is never taken over: a lock whose flock is held, or (where the file
+    system has no flock) whose pid lives on this host, is refused, naming its host and pid. A lock
+    whose holder died is taken over: the kernel drops an flock with its holder; a lock whose bytes
+    are not a "host pid" line was torn by its holder's crash. A lock from another host is refused,
+    since whether that process lives cannot be told from here, unless takeover=True (the
+    takeover_lock key: the user says that run has ended). Returns release(), which removes the lock
+    while it is still this run's (the same file, naming this process); it also runs at exit and
+    before a one-line error's exit."""
     os.makedirs(out_dir, exist_ok=True)
-    path, host = os.path.join(out_dir, LOCK), socket.gethostname()
+    path, host, me = os.path.join(out_dir, LOCK), socket.gethostname(), os.getpid()
     while True:
-        f = open(path, "a+")
+        f = open(path, "a+b")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
@@ -362,39 +377,50 @@ def hold(out_dir, overwrite=False, log=print):
         except OSError:  # no flock on this file system
             locked = None
         try:
-            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            st, fst = os.stat(path), os.fstat(f.fileno())
+            if (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev):
                 break
         except FileNotFoundError:
             pass
         f.close()  # its holder removed it meanwhile: claim the next one
     f.seek(0)
-    who, _, pid = f.read().strip().partition(" ")
-    pid = int(pid) if pid.isdigit() else None
-    live = locked is False or (who and who != host) or (locked is None and pid is not None and _alive(pid))
-    if live and not overwrite:
+    raw = f.read()
+    named = _holder(raw)
+    who, pid = named or ("", None)
+    if locked is False or (named and who == host and locked is None and _alive(pid)):
         f.close()
-        holder = f"process {pid} on host {who}" if who else "another process (its name not yet written)"
-        raise ConfigError(f"out_dir {out_dir} is in use by {holder} ({path}): wait for that run to "
-                          f"end, or use another out_dir; if that process is gone, delete {path} (--overwrite=True takes "
-                          f"the lock and replaces the run's outputs)")
-    if who:
+        if not named:
+            holder = "another process (the lock does not name it yet)"
+        elif who == host and not _alive(pid):  # a process it started keeps the flock (or one taking it over)
+            holder = f"another process (the lock names process {pid} on host {who}, which has ended)"
+        else:
+            holder = f"process {pid} on host {who}"
+        raise ConfigError(f"out_dir {out_dir} is in use by {holder} ({path}): wait for that run to end, "
+                          f"or use another out_dir")
+    if named and who != host and not takeover:
+        f.close()
+        raise ConfigError(f"out_dir {out_dir} is in use by process {pid} on host {who} ({path}), whose state cannot "
+                          f"be checked from host {host}: wait for that run to end, or use another out_dir; once that "
+                          f"run has ended, pass --takeover_lock=True to take its lock")
+    if named:
         log(f"out_dir {out_dir}: took over the lock of process {pid} on {who} "
-            f"({'overwrite=True' if live else 'no longer running'})")
-    if locked is False:  # a live holder keeps its flock on the old file: this run locks a new one
-        os.remove(path)
-        f.close()
-        return hold(out_dir, False, log)
+            f"({'takeover_lock=True' if who != host else 'no longer running'})")
+    elif raw.strip():
+        log(f"out_dir {out_dir}: took over the unreadable lock {path} ({raw[:40]!r}: not a 'host pid' line, "
+            f"torn when its run ended)")
+    mine = f"{host} {me}\n".encode()
     f.seek(0)
     f.truncate()
-    f.write(f"{host} {os.getpid()}\n")
+    f.write(mine)
     f.flush()
-    me = os.getpid()
 
     def release():
         if f.closed or os.getpid() != me:  # not in a forked worker
             return
         try:
-            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:  # still ours (overwrite=True may have taken it)
+            st, fst = os.stat(path), os.fstat(f.fileno())
+            f.seek(0)
+            if (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev) and f.read() == mine:  # still ours
                 os.remove(path)
         except FileNotFoundError:
             pass

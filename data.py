@@ -140,6 +140,59 @@ def _folder_files(folder):
         out += [os.path.join(d, f) for f in sorted(files) if not f.startswith(".")]
     return out
 
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+def _split_files(folder, split):
+    """the data files of a local folder that datasets reads as `split` (its file-name patterns:
+    train.jsonl / test.jsonl, data/train-0.parquet, ...; every data file when none names a split)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+    try:
+        files = DataFilesDict.from_patterns(get_data_patterns(folder), base_path=folder).get(split) or []
+    except Exception:  # no data files: load_dataset says so
+        return []
+    return sorted(str(f) for f in files)
+
+def _one_format(folder, split, files):
+    """a folder's files of one split in one format: datasets reads only its most common format and
+    leaves the other files out without a word. Mixed formats are refused, naming the files, rather
+    than read together: a CSV file has no types, so its values would not mean what the JSON's do."""
+    fmts = {}
+    for f in files:
+        if os.path.splitext(f)[1].lower() in FORMATS:
+            fmts.setdefault(FORMATS[os.path.splitext(f)[1].lower()], []).append(os.path.relpath(f, folder))
+    if len(fmts) > 1:
+        listed = "; ".join(f"{fmt}: {', '.join(fs)}" for fmt, fs in fmts.items())
+        raise ConfigError(f"{folder}: its {split!r} data files are of {len(fmts)} formats ({listed}), and a folder is "
+                          f"read in one format; convert them to one format, or move the others out")
+
+def _column_types(src):
+    # {column: type} of a source read alone; a python list (types mixed within the file): keys only
+    if isinstance(src, list):
+        return {k: "mixed" for r in src for k in r}
+    return {k: v.dtype if hasattr(v, "dtype") else str(v) for k, v in src.features.items()}
+
+def _columns_differ(folder, files):
+    """why datasets could not read a folder's files as one table, naming them: their columns, or a
+    column's types, differ between files (each file read alone, into its own cache). None when
+    they agree."""
+    cols = {os.path.relpath(f, folder): _column_types(_read_source(f, "train")) for f in files}
+    def named(fs):  # a few file names of a group
+        return ", ".join(fs[:3]) + (f" and {len(fs) - 3} more" if len(fs) > 3 else "")
+    groups = {}
+    for f, c in cols.items():
+        groups.setdefault(tuple(sorted(c)), []).append(f)
+    if len(groups) > 1:
+        return "their columns differ: " + "; ".join(f"{named(fs)} {'have' if len(fs) > 1 else 'has'} {', '.join(c)}"
+                                                      for c, fs in groups.items())
+    for k in next(iter(cols.values()), {}):
+        types = {}
+        for f, c in cols.items():
+            types.setdefault(c[k], []).append(f)
+        if len(types) > 1 and "mixed" not in types:
+            return f"column {k!r} has other types in other files: " + ", ".join(f"{t} in {named(fs)}"
+                                                                                  for t, fs in types.items())
+    return None
+
 def _keyed(ds, key):
     """ds with a fingerprint that also holds key: the fingerprints of its selections and maps,
     and so the tokenized cache (_map_part), follow the content."""
@@ -166,6 +219,8 @@ def _read_source(name, split):
     elif os.path.isdir(name) and not is_disk:
         key = _content_key(_folder_files(name), name)
     cache_dir = os.path.join(cache_root(), "sources", key) if key else None
+    files = _split_files(name, split) if os.path.isdir(name) and not is_disk else []  # a folder of data files
+    _one_format(name, split, files)
     if ext in (".json", ".jsonl"):
         try:
             return _keyed(datasets.Dataset.from_json(name, cache_dir=cache_dir), key)
@@ -181,6 +236,10 @@ def _read_source(name, split):
         else:  # a hub id (known by its revision), or a folder of data files
             ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
     except Exception as e:
+        differ = _columns_differ(name, files) if len(files) > 1 else None
+        if differ:
+            raise ConfigError(f"{name}: its {split!r} files cannot be read as one dataset: {differ}; give every file "
+                              f"the same columns, of the same types") from e
         where = "" if ext or os.path.exists(name) else " (not a local file or folder, so tried the hub)"
         raise ConfigError(f"{name}: could not load split {split!r}{where}: {type(e).__name__}: {e}") from e
     if isinstance(ds, datasets.DatasetDict):
@@ -396,6 +455,8 @@ def load_streaming(spec, split="train", max_samples=0, seed=42, eval_frac=0.0, e
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}[ext]
         ds = datasets.load_dataset(kind, data_files=spec, split=split, streaming=True)
     else:
+        if os.path.isdir(spec):  # a folder of data files: read in one format, as when not streamed
+            _one_format(spec, split, _split_files(spec, split))
         ds = datasets.load_dataset(spec, split=split, streaming=True)
     ds = ds.map(lambda r, i: {"_id": i}, with_indices=True)
     k = max(1, round(eval_frac * max_samples)) if eval_frac > 0 else 0
@@ -472,26 +533,51 @@ def _field(row, key, where):
         raise ConfigError(f"{where}: field {key!r} must be a string, found {type(row[key]).__name__}")
     return row[key]
 
-def _chat(tokenizer, messages, where, key):
-    # (prompt, response) texts of a conversation: all but the last message rendered with the
-    # generation prompt, and what the full rendering adds after it
+def _prompt_text(row, key, where):
+    # a prompt field: a string with text in it (an empty prompt trains an answer to nothing)
+    text = _field(row, key, where)
+    if not text.strip():
+        raise ConfigError(f"{where}: field {key!r}{'' if key == 'prompt' else ' (the prompt)'} is "
+                          f"{'only whitespace' if text else 'empty'}; fix or remove the row")
+    return text
+
+def _messages(messages, where, key):
     if not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
         raise ConfigError(f"{where}: field {key!r} must be a non-empty list of {{'role': str, 'content': str}} messages")
+    return messages
+
+def _chat_parts(tokenizer, prompt, completion, where, key, prompt_of=""):
+    """(prompt, response) texts of a conversation given as prompt messages and completion messages:
+    the prompt rendered with the generation prompt, the response what the full rendering adds
+    after it. The completion starts and ends with the assistant's message; the prompt (prompt_of
+    names where it comes from) has a message with text."""
+    if not any(m["content"].strip() for m in prompt):
+        raise ConfigError(f"{where}: the prompt ({prompt_of or f'the messages of {key!r} before the answer'}) has no "
+                          f"message with text; fix or remove the row")
+    for m in (completion[0], completion[-1]):
+        if m["role"] != "assistant":
+            raise ConfigError(f"{where}: the answer in {key!r} must start and end with the assistant's message, "
+                              f"found role {m['role']!r}")
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{where}: chat messages need a tokenizer with a chat template")
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full.startswith(text):
+        raise ConfigError(f"{where}: the chat template does not render {key!r} as prompt + response, "
+                          f"so the prompt cannot be masked")
+    response = full[len(text):]
+    if tokenizer.eos_token and response.rstrip().endswith(tokenizer.eos_token):
+        response = response.rstrip()  # chatml's newline after the closing eos: _encode would add a second eos
+    return text, response
+
+def _chat(tokenizer, messages, where, key):
+    # (prompt, response) texts of a conversation whose last message is the answer
+    messages = _messages(messages, where, key)
     if messages[-1]["role"] != "assistant":
         raise ConfigError(f"{where}: the last message of {key!r} must be the assistant's, "
                          f"found role {messages[-1]['role']!r}")
-    if not tokenizer.chat_template:
-        raise ConfigError(f"{where}: chat messages need a tokenizer with a chat template")
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise ConfigError(f"{where}: the chat template does not render {key!r} as prompt + response, "
-                         f"so the prompt cannot be masked")
-    response = full[len(prompt):]
-    if tokenizer.eos_token and response.rstrip().endswith(tokenizer.eos_token):
-        response = response.rstrip()  # chatml's newline after the closing eos: _encode would add a second eos
-    return prompt, response
+    return _chat_parts(tokenizer, messages[:-1], messages[-1:], where, key)
 
 def _prompt(tokenizer, text, template, apply_chat_template, system=""):
     if apply_chat_template:
@@ -535,23 +621,38 @@ def _sft_texts(tokenizer, row, where, input_key, output_key, template, apply_cha
     if "messages" in row and input_key not in row:
         return _chat(tokenizer, row["messages"], where, "messages")
     if isinstance(row.get(input_key), list) and isinstance(row.get(output_key), list):  # prompt and answer as messages
-        return _chat(tokenizer, row[input_key] + row[output_key], where, f"{input_key} + {output_key}")
+        return _chat_parts(tokenizer, _messages(row[input_key], where, input_key),
+                           _messages(row[output_key], where, output_key), where, f"{input_key} + {output_key}",
+                           f"field {input_key!r}")
     system = _field(row, system_key, where) if system_key else ""
-    return (_prompt(tokenizer, _field(row, input_key, where), template, apply_chat_template, system),
+    return (_prompt(tokenizer, _prompt_text(row, input_key, where), template, apply_chat_template, system),
             _field(row, output_key, where))
 
 def _dpo_texts(tokenizer, row, where, prompt_key, chosen_key, rejected_key, template, apply_chat_template):
-    # (prompt, chosen, rejected) texts of one DPO row
+    # (prompt, chosen, rejected) texts of one preference row
     for key in (chosen_key, rejected_key):
         if key not in row:
             _field(row, key, where)  # raises, naming the key
-    if isinstance(row[chosen_key], list) and isinstance(row[rejected_key], list):
-        p, c = _chat(tokenizer, row[chosen_key], where, chosen_key)
-        p2, r = _chat(tokenizer, row[rejected_key], where, rejected_key)
-        if p != p2:
-            raise ConfigError(f"{where}: {chosen_key!r} and {rejected_key!r} must share every message but the last")
+    chosen, rejected = row[chosen_key], row[rejected_key]
+    if isinstance(chosen, list) or isinstance(rejected, list) or isinstance(row.get(prompt_key), list):  # messages
+        both = f"{chosen_key!r} and {rejected_key!r}"
+        chosen, rejected = _messages(chosen, where, chosen_key), _messages(rejected, where, rejected_key)
+        if isinstance(row.get(prompt_key), list):  # the prompt's messages, then each answer's
+            prompt, prompt_of = _messages(row[prompt_key], where, prompt_key), f"field {prompt_key!r}"
+        else:  # whole conversations: the prompt is the messages they share (a string prompt beside them is not used)
+            k = next((j for j, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+            if k == 0:
+                raise ConfigError(f"{where}: {both} are whole conversations that share no first message (the prompt); "
+                                  f"fix or remove the row")
+            prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+            prompt_of = f"the messages {both} share"
+            if not chosen or not rejected:
+                raise ConfigError(f"{where}: {chosen_key if not chosen else rejected_key!r} has no message after those "
+                                  f"{both} share: no answer to compare; fix or remove the row")
+        p, c = _chat_parts(tokenizer, prompt, chosen, where, chosen_key, prompt_of)
+        _, r = _chat_parts(tokenizer, prompt, rejected, where, rejected_key, prompt_of)
     elif prompt_key in row:
-        p = _prompt(tokenizer, _field(row, prompt_key, where), template, apply_chat_template)
+        p = _prompt(tokenizer, _prompt_text(row, prompt_key, where), template, apply_chat_template)
         c, r = _field(row, chosen_key, where), _field(row, rejected_key, where)
     else:
         c, r = _field(row, chosen_key, where), _field(row, rejected_key, where)
@@ -745,12 +846,30 @@ def _split_prompt(ids, labels):
     start = next(t for t, y in enumerate(labels) if y != -100) + 1
     return list(ids[:start]), list(ids[start:])
 
+def _mismatched(prompts):
+    """for each row j of a KTO set, the row whose completion goes with row j's prompt in its
+    mismatched row: the rows grouped by prompt (in order of first appearance) and shifted along
+    that order by s = min(m, n - m), m the largest group's size, cycled. Every completion is used
+    once, and each row gets another prompt's completion when m <= n / 2 (pairs: each pair's
+    prompt takes the next pair's chosen and rejected answers); a prompt shared by more rows than
+    all others together keeps 2m - n of its own, the fewest possible."""
+    groups = {}
+    for j, p in enumerate(prompts):
+        groups.setdefault(np.asarray(p, dtype=np.int64).tobytes(), []).append(j)
+    order = [j for g in groups.values() for j in g]
+    n, m = len(order), max(map(len, groups.values()), default=0)
+    shift = min(m, n - m) or 1
+    other = [0] * n
+    for t, j in enumerate(order):
+        other[j] = order[(t + shift) % n]
+    return other
+
 def tokenize_kto(rows, tokenizer, max_len, prompt_key="prompt", completion_key="completion", label_key="label",
                  chosen_key="chosen", rejected_key="rejected", template="User: {}\nAssistant: ", apply_chat_template=False,
                  source="", verbose=False, num_proc=0, weight_key=""):
     """KTO examples, laid out as pairs: "chosen_*" the row (prompt + completion + eos, tokenized as
-    tokenize_sft), "rejected_*" its mismatched row for the reference point z0 (its prompt with the
-    next example's completion, cycled), "desirable" [0 or 1]. Unpaired rows {prompt, completion,
+    tokenize_sft), "rejected_*" its mismatched row for the reference point z0 (its prompt with
+    another prompt's completion, _mismatched), "desirable" [0 or 1]. Unpaired rows {prompt, completion,
     label}; a set whose first row has chosen / rejected and no completion is read as pairs, each
     pair giving a desirable row (id "<id>/chosen") and an undesirable one ("<id>/rejected")."""
     first = rows.first() if isinstance(rows, Rows) else (rows[0] if len(rows) else None)
@@ -766,9 +885,10 @@ def tokenize_kto(rows, tokenizer, max_len, prompt_key="prompt", completion_key="
     else:
         singles = tokenize_sft(rows, tokenizer, max_len, prompt_key, completion_key, label_key=label_key, **common)
     parts = [_split_prompt(e["input_ids"], e["labels"]) for e in singles]
+    other = _mismatched([p for p, _ in parts])
     out = []
     for j, e in enumerate(singles):
-        kl = _example(parts[j][0], parts[(j + 1) % len(parts)][1], max_len)  # a prompt that kept its own answer fits
+        kl = _example(parts[j][0], parts[other[j]][1], max_len)  # a prompt that kept its own answer fits
         out.append({"id": e["id"], "chosen_ids": e["input_ids"], "chosen_labels": e["labels"], "rejected_ids": kl[0],
                     "rejected_labels": kl[1], "desirable": e["desirable"], **({"weight": e["weight"]} if weight_key else {})})
     return out

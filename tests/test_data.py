@@ -127,7 +127,7 @@ def test_dpo_message_lists(tok):
     assert ex["chosen_labels"] == shifted(PROMPT_HI, list(b"ih\n") + [EOS])
     assert ex["rejected_ids"] == PROMPT_HI + list(b"HI\n") + [EOS]
     bad = {"chosen": row["chosen"], "rejected": [{"role": "user", "content": "yo"}, row["rejected"][1]]}
-    with pytest.raises(ValueError, match="row 0: 'chosen' and 'rejected' must share every message but the last"):
+    with pytest.raises(ValueError, match="row 0: 'chosen' and 'rejected' are whole conversations that share no first"):
         data.tokenize_dpo([bad], tok, 64)
 
 def test_dpo_hh_dialogues(tok):
@@ -551,3 +551,135 @@ def test_streaming_reads_only_what_it_takes(tmp_path, monkeypatch):
     from helpers import metrics, run_train
     run_train(tmp_path / "run", "--streaming=True", "--max_iters=2", "--train_batch_size=4", "--micro_train_batch_size=2")
     assert [l["iter"] for l in metrics(tmp_path / "run")] == [1, 2]
+
+# -----------------------------------------------------------------------------
+# prompts: never empty; preference rows as TRL's conversational formats; KTO's mismatched rows
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+def msg(role, text):
+    return {"role": role, "content": text}
+
+def turn(role, text):
+    """one message as CHATML renders it, by hand: its bytes, eos (id 256), the newline after it."""
+    return list(f"<|im_start|>{role}\n{text}".encode()) + [EOS, 10]
+
+U, A = (lambda text: msg("user", text)), (lambda text: msg("assistant", text))
+SFT, PAIR, KTO = {"input": "hi", "output": "HI"}, {"prompt": "hi", "chosen": "HI!", "rejected": "HI"}, \
+    {"prompt": "hi", "completion": "HI", "label": True}
+
+@pytest.mark.parametrize("kind, good, bad, words", [
+    ("sft", SFT, {"input": "", "output": "x"}, "field 'input' (the prompt) is empty"),
+    ("sft", SFT, {"input": " \n\t", "output": "x"}, "field 'input' (the prompt) is only whitespace"),
+    ("sft", {"messages": [U("hi"), A("x")]}, {"messages": [U("  "), A("x")]},
+     "the prompt (the messages of 'messages' before the answer) has no message with text"),
+    ("dpo", PAIR, {"prompt": "", "chosen": "a", "rejected": "b"}, "field 'prompt' is empty"),
+    ("orpo", PAIR, {"prompt": "\n\n", "chosen": "a", "rejected": "b"}, "field 'prompt' is only whitespace"),
+    ("dpo", {"prompt": [U("hi")], "chosen": [A("a")], "rejected": [A("b")]},
+     {"prompt": [U(" ")], "chosen": [A("a")], "rejected": [A("b")]}, "the prompt (field 'prompt') has no message"),
+    ("kto", {"prompt": [U("hi")], "completion": [A("a")], "label": True},
+     {"prompt": [U(""), U("\t")], "completion": [A("a")], "label": False},
+     "the prompt (field 'prompt') has no message"),
+    ("simpo", {"chosen": [U("hi"), A("a")], "rejected": [U("hi"), A("b")]},
+     {"chosen": [U(" "), A("a")], "rejected": [U(" "), A("b")]},
+     "the prompt (the messages 'chosen' and 'rejected' share) has no message with text"),
+    ("kto", KTO, {"prompt": " ", "completion": "a", "label": True}, "field 'prompt' is only whitespace"),
+    ("kto", PAIR, {"prompt": "", "chosen": "a", "rejected": "b"}, "field 'prompt' is empty")])
+def test_an_empty_prompt_is_refused_naming_file_row_and_field(tmp_path, kind, good, bad, words):
+    """a row whose prompt has no text would train an answer to nothing: refused, naming the file,
+    the row and the field, read as train.py reads it (Arrow, the kind's own tokenizing)."""
+    import objectives
+    t = byte_tokenizer()
+    t.chat_template = CHATML
+    path = write_jsonl(tmp_path / "rows.jsonl", [good, bad, good])
+    common = dict(tokenizer=t, max_len=64, template="User: {}\nAssistant: ", apply_chat_template=False, verbose=False,
+                  num_proc=0)
+    with pytest.raises(data.ConfigError) as e:
+        objectives.KINDS[kind].tokenize(data.load_splits(path, lazy=True)[0], path, objectives.make(kind).cfg, common)
+    assert str(e.value).startswith(f"{path} row 1: ") and words in str(e.value), str(e.value)
+
+@pytest.mark.parametrize("kind", ["dpo", "simpo", "orpo", "kto"])
+def test_preference_rows_in_trl_conversational_formats(tmp_path, kind):
+    """TRL's conversational preference rows: an explicit prompt (messages) with one answer message
+    each, and the implicit prompt (two whole conversations; the prompt is the messages they share,
+    so an answer may be several messages): each kind tokenizes them, read through Arrow as train.py
+    reads them, to the tokens written here by hand from the template. KTO's pairs give a desirable
+    and an undesirable row each, whose mismatched rows take the other pair's answers."""
+    import objectives
+    t = byte_tokenizer()
+    t.chat_template = CHATML
+    rows = [{"prompt": [msg("system", "be loud"), msg("user", "hi")], "chosen": [msg("assistant", "HI!")],
+             "rejected": [msg("assistant", "hi")]},
+            {"chosen": [msg("user", "yo"), msg("assistant", "YO"), msg("user", "again"), msg("assistant", "YO!")],
+             "rejected": [msg("user", "yo"), msg("assistant", "yo"), msg("user", "again"), msg("assistant", "yo!")]}]
+    path = write_jsonl(tmp_path / "conv.jsonl", rows)
+    common = dict(tokenizer=t, max_len=200, template="User: {}\nAssistant: ", apply_chat_template=False, verbose=False,
+                  num_proc=0)
+    ex = as_lists(objectives.KINDS[kind].tokenize(data.load_splits(path, lazy=True)[0], path, objectives.make(kind).cfg,
+                                                  common))
+    gen = list(b"<|im_start|>assistant\n")
+    prompts = [turn("system", "be loud") + turn("user", "hi") + gen, turn("user", "yo") + gen]
+    # the answers: what follows the prompt, up to the last eos (the newline after it is not the answer's)
+    answers = [(list(b"HI!") + [EOS], list(b"hi") + [EOS]),
+               (list(b"YO") + [EOS, 10] + turn("user", "again") + list(b"<|im_start|>assistant\nYO!") + [EOS],
+                list(b"yo") + [EOS, 10] + turn("user", "again") + list(b"<|im_start|>assistant\nyo!") + [EOS])]
+    if kind != "kto":
+        assert [e["id"] for e in ex] == [0, 1]
+        for e, p, (c, r) in zip(ex, prompts, answers):
+            assert e["chosen_ids"] == p + c and e["chosen_labels"] == shifted(p, c)
+            assert e["rejected_ids"] == p + r and e["rejected_labels"] == shifted(p, r)
+        return
+    assert [e["id"] for e in ex] == ["0/chosen", "0/rejected", "1/chosen", "1/rejected"]
+    assert [e["desirable"] for e in ex] == [[1], [0], [1], [0]]
+    for e, (i, side) in zip(ex, [(0, 0), (0, 1), (1, 0), (1, 1)]):
+        p, a, other = prompts[i], answers[i][side], answers[1 - i][side]
+        assert e["chosen_ids"] == p + a and e["chosen_labels"] == shifted(p, a)
+        assert e["rejected_ids"] == p + other and e["rejected_labels"] == shifted(p, other)
+
+def hf_logps(m, rows):
+    """summed answer-token log-probs of transformers' model m, one row at a time: rows of (ids, labels)."""
+    import torch
+    out = []
+    for ids, labels in rows:
+        lp = torch.log_softmax(m(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        out.append(sum(lp[t, y].item() for t, y in enumerate(labels) if y != -100))
+    return out
+
+def test_kto_mismatched_rows_take_another_prompts_completion(tmp_path):
+    """KTO's reference point z0 is the mean reward of the mismatched rows (a prompt with a
+    completion that is not an answer to it). Pairs (each a desirable and an undesirable row of
+    one prompt) and unpaired rows with a prompt's two rows side by side: every mismatched row,
+    listed here by hand, is its prompt with another prompt's completion, each completion once;
+    z0 of a step is their mean reward on transformers' logits (policy minus reference)."""
+    import torch
+
+    import objectives
+    from helpers import tiny_hf
+    from model import GPT
+    from step import Step
+    tok = byte_tokenizer()
+    P = lambda p: list(f"User: {p}\nAssistant: ".encode())
+    row = lambda p, a: (P(p) + list(a.encode()) + [EOS], shifted(P(p), list(a.encode()) + [EOS]))
+    pairs = [{"prompt": p, "chosen": p.upper(), "rejected": p[::-1]} for p in ("sky", "red fox", "oak")]
+    # pair i's prompt takes pair i+1's answers (cycled): chosen with chosen, rejected with rejected
+    want = [row("sky", "RED FOX"), row("sky", "xof der"), row("red fox", "OAK"), row("red fox", "kao"),
+            row("oak", "SKY"), row("oak", "yks")]
+    unpaired = [{"prompt": p, "completion": c, "label": good} for p, c, good in
+                [("sky", "SKY", True), ("sky", "sky", False), ("red fox", "RED FOX", True), ("red fox", "fox", False),
+                 ("oak", "OAK", True)]]
+    # grouped by prompt (sky 0-1, red fox 2-3, oak 4), shifted by the largest group's 2 rows
+    want_unpaired = [row("sky", "RED FOX"), row("sky", "fox"), row("red fox", "OAK"), row("red fox", "SKY"),
+                     row("oak", "sky")]
+    hf = [tiny_hf(tmp_path / f"m{k}", k).double() for k in (0, 1)]
+    ours = [GPT.from_pretrained(str(tmp_path / f"m{k}"), dtype=torch.float64).requires_grad_(False) for k in (0, 1)]
+    # (policy, reference): the roles that make the mean reward positive (z0 clamps a negative one to 0)
+    with torch.no_grad():
+        for rows, kl, (pi, ref) in ((pairs, want, (0, 1)), (unpaired, want_unpaired, (1, 0))):
+            ex = as_lists(data.tokenize_kto(rows, tok, 64))
+            assert [(e["rejected_ids"], e["rejected_labels"]) for e in ex] == [(list(i), list(l)) for i, l in kl]
+            r = [a - b for a, b in zip(hf_logps(hf[pi], kl), hf_logps(hf[ref], kl))]
+            step = Step(ours[pi], ours[pi], pad_id=tok.pad_token_id)
+            z0 = step.normalizers(objectives.make("kto", ref=ours[ref]), [data.collate_kto(ex, tok.pad_token_id)])["z0"]
+            # (transformers' RMSNorm rounds through float32 in a float64 model: agreement to ~1e-8)
+            assert sum(r) > 0 and abs(z0 - sum(r) / len(r)) < 1e-7, (z0, sum(r) / len(r))

@@ -193,6 +193,56 @@ print(json.dumps([{{k: v.tolist() if isinstance(v, numpy.ndarray) else v for k, 
             os.chmod(p, m)
 
 # -----------------------------------------------------------------------------
+# folders of data files
+
+def test_a_folder_of_two_formats_is_refused_naming_its_files(tmp_path):
+    """datasets reads a folder in its most common format and leaves the other files out without a
+    word (a.jsonl and b.csv: the 100 rows of a.jsonl, of 200): refused, naming the files and their
+    formats, streamed or not. Files of one format are all read, in file order (a README beside them
+    is no data); split names in file names still choose the split's files."""
+    import datasets
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", rows_of(100, "a"))
+    datasets.Dataset.from_list(rows_of(100, "b")).to_csv(str(folder / "b.csv"), index=False)
+    with pytest.raises(data.ConfigError) as e:
+        data.load_rows(str(folder))
+    assert str(e.value) == (f"{folder}: its 'train' data files are of 2 formats (json: a.jsonl; csv: b.csv), and a "
+                            f"folder is read in one format; convert them to one format, or move the others out")
+    with pytest.raises(data.ConfigError, match=r"2 formats \(json: a.jsonl; csv: b.csv\)"):
+        data.load_streaming(str(folder), max_samples=5)
+    os.remove(folder / "b.csv")
+    write_jsonl(folder / "b.jsonl", rows_of(100, "b"))
+    (folder / "README.md").write_text("# the rows\n")
+    rows = data.load_rows(str(folder))
+    assert [r["output"] for r in rows] == [f"a{i}" for i in range(100)] + [f"b{i}" for i in range(100)]
+    split = tmp_path / "split"
+    split.mkdir()
+    write_jsonl(split / "train.jsonl", rows_of(5, "t"))
+    write_jsonl(split / "test.jsonl", rows_of(3, "e"))
+    train, held = data.load_splits(str(split), eval_split="test")
+    assert [r["output"] for r in train] == ["t0", "t1", "t2", "t3", "t4"]
+    assert [r["output"] for r in held] == ["e0", "e1", "e2"]
+
+def test_a_folder_whose_files_differ_in_columns_names_them(tmp_path):
+    """files of one folder with other columns, or a column of another type (a weight 1 in one file
+    and 1.5 in the other), fail in datasets with a DatasetGenerationError naming no file: the
+    error names each file and its columns, or the column and each file's type."""
+    for name, a, b, words in [
+            ("cols", rows_of(3), [{"prompt": "q", "completion": "c"}] * 3,
+             "their columns differ: a.jsonl has input, output; b.jsonl has completion, prompt"),
+            ("types", [{**r, "w": 1} for r in rows_of(3)], [{**r, "w": 1.5} for r in rows_of(3)],
+             "column 'w' has other types in other files: int64 in a.jsonl, float64 in b.jsonl")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        write_jsonl(folder / "a.jsonl", a)
+        write_jsonl(folder / "b.jsonl", b)
+        with pytest.raises(data.ConfigError) as e:
+            data.load_rows(str(folder))
+        assert str(e.value) == (f"{folder}: its 'train' files cannot be read as one dataset: {words}; give every "
+                                f"file the same columns, of the same types")
+
+# -----------------------------------------------------------------------------
 # a blend's proportions and files, checked before anything loads
 
 TWO = ["--obj_1=sft", "--dataset_1=data/toy_sft.jsonl,data/toy_calm.jsonl", "--max_iters=1", "--print_config=True"]
@@ -207,12 +257,13 @@ def blend_config(tmp_path_factory):
                                          ("0.5", ["gives 1", "2 sources"]), ("0.2,0.3,0.5", ["gives 3", "2 sources"]),
                                          ("a,b", ["'a,b'"]), ("0,0", ["sum"]), ("1e308,1e308", ["sum"])])
 def test_bad_dataset_probs_are_named(blend_config, probs, words):
-    """configurator.check, which train.py runs before anything loads (in-process here: each is a
+    """checks.check, which train.py runs before anything loads (in-process here: each is a
     refusal of train.py as test_bad_dataset_probs_stop_train_py shows for one)."""
+    import checks
     import configurator
     import objectives
     with pytest.raises(configurator.ConfigError) as e:
-        configurator.check({**blend_config, "dataset_probs": probs}, objectives.per_objective_keys())
+        checks.check({**blend_config, "dataset_probs": probs}, objectives.per_objective_keys())
     assert str(e.value).startswith("config key dataset_probs: ") and all(w in str(e.value) for w in words), str(e.value)
 
 def test_bad_dataset_probs_stop_train_py(tmp_path):
