@@ -10,6 +10,7 @@ dtype, autocast, AdamW; methods.py: ALRIGHT's draw and MAXRIGHT's pick; step.py:
     python bench.py --mode=generate                   # batched greedy generation against transformers
     python bench.py --mode=online --rounds=3          # a GRPO step (rollout, scoring, update) against TRL's GRPOTrainer (bench_online.py)
     python bench.py --pretrain=meta-llama/Llama-3.2-1B --dtype=bfloat16 --batch_size=4 --seq_len=2048 --prompt_len=512
+    python bench.py --cases=dpo,kd --lora_rank=16 --quantize=nf4      # 4-bit frozen weights (quant.py): against quantize=''
 
 Cases (--cases=...): sft; dpo (the frozen initial policy as reference, forwarded every step);
 dpo_precomputed (reference log-probs computed once before timing: no reference forward); simpo (the
@@ -34,7 +35,10 @@ Peak memory of a case, measured in a fresh process per case over its warm-up and
 CUDA torch.cuda.max_memory_allocated minus the memory allocated before the first step; on CPU the
 peak RSS (VmHWM, reset through /proc/self/clear_refs after the case is built) minus the RSS
 before the first step. Both count gradients, AdamW state, activations and logits, not the weights
-and data that exist before the first step; the CPU figure also counts allocator overhead.
+and data that exist before the first step; the CPU figure also counts allocator overhead. "With
+models": the same peak above the memory before the case built its own policy, reference and teacher
+(the weights counted: --quantize=nf4 against '' shows what 4-bit frozen weights save; the CPU
+baselines are taken after malloc_trim, so freed set-up memory is not in them).
 FLOPs per step (printed per case, by part, with TFLOP/s; MFU when peak_flops > 0): matrix products
 only. N = the weights a token is multiplied by: every linear layer of the blocks (an expert's
 weighted by the share of tokens routed to it) and the output head; the input embedding is a
@@ -65,6 +69,7 @@ import torch.nn.functional as F
 import losses as L
 import methods
 import objectives
+import quant
 import runtime
 from lora import inject, lora_parameters
 from model import GPT, Config, Router
@@ -94,6 +99,7 @@ compile = False           # torch.compile each block, as train.py --compile=True
 lora_rank = 0             # 0 = full fine-tuning
 lora_alpha = 16
 target_modules = "all-linear"
+quantize = ""             # nf4: the frozen weights in 4 bits (quant.py): LoRA's base, the kd teacher, a dpo reference
 # data: random token ids
 batch_size = 8            # samples per step (pairs for dpo; mix takes batch_size of each)
 seq_len = 256             # tokens per row, prompt included
@@ -434,8 +440,12 @@ def _proc_status_kib(key):
                 return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {key}")
 
-def memory_mark(device):
-    """starts a peak measurement; returns the baseline in bytes."""
+def memory_mark(device, trim=False):
+    """starts a peak measurement; returns the baseline in bytes. trim: first the C allocator returns
+    the memory it holds free (glibc's malloc_trim), so freed set-up temporaries are not counted in the baseline."""
+    if trim and not str(device).startswith("cuda") and sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -510,7 +520,7 @@ def step_flops(parts, M, checkpointing=False, train=True):
                 add("checkpoint recompute", 2 * (M["body"] + M["lora"]) * tok + att)
         if o.kind.needs == "logps" and o.ref_cache is None:
             add("reference forward", fwd)
-        if o.kind.needs == "hidden":  # reverse KL / JSD recompute the teacher's logits in backward
+        if o.kind.needs == "hidden" and o.kind.uses_reference(o.cfg):  # reverse KL / JSD recompute the teacher's logits
             add("teacher forward", fwd + 2 * M["head"] * lab * (train and o.cfg.kd_loss != "forward"))
     return f
 
@@ -599,10 +609,14 @@ def bipost_trainer(name, S, R):
         inject(model, cfg["lora_rank"], cfg["lora_alpha"], 0.0, cfg["target_modules"])
         for _, p in lora_parameters(model):
             p.data = p.data.to(S.master_dtype)
+        quant.quantize(model, cfg["quantize"])  # the frozen base: '' leaves it as it is
     model.train()
     optimizer, params = runtime.optimizer(model, cfg["learning_rate"], cfg["adam_betas"], 0.0, fused=S.device_type == "cuda")
     uses = JOINT.get(name) or {"mix": ("sft", "dpo"), "dpo_precomputed": ("dpo",)}.get(name, (name,))
-    frozen = lambda m: deepcopy(m).to(S.device, S.ptdtype).eval().requires_grad_(False)
+    def frozen(m):  # a reference / teacher: frozen, in the compute dtype, 4-bit weights with quantize
+        m = deepcopy(m).to(S.device, S.ptdtype).eval().requires_grad_(False)
+        quant.quantize(m, cfg["quantize"])
+        return m
     lora = bool(cfg["lora_rank"])
     sft = objectives.make("sft", 1)
     dpo = objectives.make("dpo", 2, ref=frozen(S.base) if "dpo" in uses and not lora else None, ref_is_policy=lora,
@@ -643,7 +657,7 @@ def make_runner(name, S):
     if kinds:
         w = methods.weights(cfg["lambd"], 2) if len(kinds) == 2 else (1 / len(kinds),) * len(kinds)
         R.method = methods.make("alright" if name == "alright3" else name, w, seed=cfg["seed"],
-                                interval=cfg["maxright_interval"])
+                                maxright_interval=cfg["maxright_interval"])
     f_star = {}  # maxright's f_i*
 
     def warm(n):
@@ -790,12 +804,14 @@ def main_steps(cfg, argv):
     for c in names:
         assert c in known, f"unknown case {c!r}; cases are {', '.join(known)}"
     if cfg["case"]:  # a memory subprocess: build, then peak memory over warm-up and two steps
+        before = memory_mark(S.device, trim=True)  # the case's own models (policy, reference, teacher) come next
         R = make_runner(cfg["case"], S)
-        base = memory_mark(S.device)
+        base = memory_mark(S.device, trim=True)
         R.warm(1)
         R.step()
         R.step()
-        print("BENCH_RESULT " + json_lib.dumps({"case": cfg["case"], "peak_mib": memory_peak(S.device, base)}))
+        print("BENCH_RESULT " + json_lib.dumps({"case": cfg["case"], "peak_mib": memory_peak(S.device, base),
+                                                "with_models_mib": memory_peak(S.device, before)}))
         return
     if cfg["profile"]:
         return profile_case(cfg["profile"], S)
@@ -832,7 +848,8 @@ def main_steps(cfg, argv):
     if cfg["memory"]:
         for c in names:
             if not c.startswith("transformers"):
-                results[c]["peak_mib"] = case_memory_subprocess(c, argv)["peak_mib"]
+                mem = case_memory_subprocess(c, argv)
+                results[c]["peak_mib"], results[c]["with_models_mib"] = mem["peak_mib"], mem["with_models_mib"]
     for peer, (c, _) in TRL_PEERS.items():
         if "peak_mib" in results.get(peer, {}) and "peak_mib" in results.get(c, {}):
             results[peer]["memory_ratio"] = results[c]["peak_mib"] / results[peer]["peak_mib"]
@@ -862,13 +879,15 @@ def report_steps(S, results, info, n_rounds):
         if "memory_ratio" in r:
             note += f"; BiPOST {own} peak memory = {r['memory_ratio']:.2f}x this"
         mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+        mem += f" ({r['with_models_mib']:.0f})" if "with_models_mib" in r else ""
         rows.append([c, f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}", mem, note])
     print(f"\n{S.device} {cfg['dtype']}, batch {B} x {T} tokens (dpo: {B} pairs = {2 * B} rows), median of {cfg['iters']} "
           f"steps after {cfg['warmup_iters']} warmup{f', median over {n_rounds} rounds' if n_rounds > 1 else ''}, "
           f"load {info['load_start']} -> {info['load_end']}")
-    print_table(rows, ["case", "ms/step", "tokens/s", "peak MiB", "note"])
+    print_table(rows, ["case", "ms/step", "tokens/s", "peak MiB (with models)", "note"])
     mem_note = ("peak memory: max_memory_allocated above the pre-step allocation" if S.device_type == "cuda" else
-                "peak memory: peak RSS above the pre-step RSS") + ", a fresh process per case"
+                "peak memory: peak RSS above the pre-step RSS") + (", a fresh process per case; (with models): the "
+                "same peak above the memory before the case built its policy, reference and teacher")
     print(mem_note)
     print("\nFLOPs per step (GFLOP; matrix products only: N excludes the input embedding, the head runs on the labelled "
           "positions, attention over each row's full T x T; see bench.py's header)")

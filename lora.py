@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import hf_names
+from model import hf_names, quantized
 
 class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha, dropout=0.0):
@@ -122,9 +122,14 @@ def merge(model):
     saves with GPT.save_pretrained. Needs full (unsharded) weights: merge after training, on the
     unwrapped model or on a fresh one given the adapter with load_adapter."""
     inner = _unwrap(model)
+    four = [p for p, m in _adapted(inner).items() if quantized(m.base.weight)]
+    if four:  # copy_ into a 4-bit weight would quantize the merged weight again
+        raise ValueError(f"merge: the base weight of {four[0]} (and {len(four) - 1} more) is 4-bit; put the full-precision "
+                         f"base back first (quant.restore_base, or quant.dequantize for the dequantized weights)")
     for p, m in _adapted(inner).items():
         w = m.base.weight
-        w.copy_((w.float() + (m.lora_B.float() @ m.lora_A.float()) * m.scaling).to(w.dtype))
+        ct = torch.promote_types(w.dtype, torch.float32)  # bf16 merges in float32, float64 in float64
+        w.copy_((w.to(ct) + (m.lora_B.to(ct) @ m.lora_A.to(ct)) * m.scaling).to(w.dtype))
         parent, leaf = p.rsplit(".", 1)
         setattr(inner.get_submodule(parent), leaf, m.base)
     return model

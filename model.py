@@ -297,6 +297,11 @@ def window_mask(mask, window, t0, T, device):
     band = (j > i - window) & (j <= i)  # (T, t0 + T)
     return band if mask is None else mask & band
 
+def quantized(w):
+    """w is a 4-bit weight (quant.py: torchao's NF4Tensor). F.linear and nn.Linear dequantize it
+    inside the product; the weight-first product below and torch.cat cannot take it."""
+    return hasattr(w, "get_original_weight")
+
 def few_rows(x):
     """x is a decoding step's input on a CPU: float32, no autograd, at most 64 rows (8 on one
     thread, where w @ x.T loses at 16 and more: BENCHMARKS.md, "Generation")."""
@@ -320,7 +325,8 @@ def linear(x, w, b=None):
 def dense(layer, x):
     """layer(x) for a projection; a plain nn.Linear (not LoRA's wrapper) on few_rows(x) runs as
     linear() above does."""
-    return _weight_first(x, layer.weight, layer.bias) if type(layer) is nn.Linear and few_rows(x) else layer(x)
+    plain = type(layer) is nn.Linear and not quantized(layer.weight)
+    return _weight_first(x, layer.weight, layer.bias) if plain and few_rows(x) else layer(x)
 
 def softcap(logits, cap):
     """gemma 2's final logit soft-cap: cap * tanh(logits / cap); cap = 0 leaves the logits as they are."""
@@ -404,7 +410,9 @@ class KVCache:
         (gpt2, neox, phi3), wrapped ones (LoRA: not a plain nn.Linear) and sharded ones (FSDP2: their
         weights gathered only inside the forward) keep their own path."""
         # a DTensor weight (FSDP2) is a shard outside the forward's gather: those layers keep their own path
-        plain = lambda *ls: all(type(l) is nn.Linear and not hasattr(l.weight, "full_tensor") for l in ls)
+        # a 4-bit weight (quant.py) stays 4-bit: concatenating would dequantize a copy
+        plain = lambda *ls: all(type(l) is nn.Linear and not hasattr(l.weight, "full_tensor") and not quantized(l.weight)
+                                for l in ls)
         cat = lambda *ls: (torch.cat([l.weight for l in ls]),
                            None if ls[0].bias is None else torch.cat([l.bias for l in ls]))
         for i, block in enumerate(model.blocks):
@@ -682,7 +690,9 @@ class GPT(nn.Module):
             kv_cache.pos = t0 + T
         x = self.ln_f(x)
         if head_fn is not None:  # a soft-capped model (gemma 2) tells head_fn its cap, which it must apply
-            return head_fn(x, self.lm_head.weight, softcap=cfg.final_softcap) if cfg.final_softcap else head_fn(x, self.lm_head.weight)
+            w = self.lm_head.weight
+            w = w.get_original_weight() if quantized(w) else w  # a 4-bit head (quant.py): the losses multiply plain weights
+            return head_fn(x, w, softcap=cfg.final_softcap) if cfg.final_softcap else head_fn(x, w)
         return softcap(self.lm_head(x), cfg.final_softcap)
 
     def rope(self, position_ids, dtype, local=False):
@@ -759,6 +769,9 @@ class GPT(nn.Module):
         for name, p in self.state_dict().items():
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
+            if quantized(p):
+                raise ValueError(f"save_pretrained: {name} is 4-bit; write the full-precision base (quant.restore_base) "
+                                 f"or the dequantized weights (quant.dequantize) first")
             key = to_hf[name]
             t = p.detach()
             if hasattr(t, "full_tensor"):
