@@ -11,6 +11,7 @@ import os
 import data
 import methods
 import objectives
+import quant
 from configurator import MAX_OBJECTIVES, RANGES, check_range, objective_keys
 from errors import ConfigError
 
@@ -145,13 +146,27 @@ def check(c, per_objective, world_size=1):
             for k, key in other.objective_keys.items():
                 _require(other.name == method or getattr(o, k) == key.default, f"config key {named(k)} is set, but "
                          f"method={method!r}: {k}_i belongs to method={other.name}")
+                _require(K > 1 or getattr(o, k) == key.default, f"config key {named(k)} is set, but the run has one "
+                         f"objective (obj_2 is empty): {k}_i belongs to method={other.name} over several objectives")
+        for k in sorted(set(objectives.per_objective_keys()) - set(objectives.COMMON_KEYS) - set(spec.keys)):
+            owners = [name for name, other in objectives.KINDS.items() if k in other.keys]
+            _require(f"{k}_{i}" not in c, f"config key {k}_{i} is set, but objective {i} is {kind}: {k} is a key of "
+                     f"{' / '.join(owners)} objectives")
+        _require(o.obj_opt is None or spec.min_loss is None or o.obj_opt >= spec.min_loss, f"config key "
+                 f"{named('obj_opt')}={o.obj_opt}: objective {i} ({kind}) has losses >= {spec.min_loss}, so f_{i}* cannot "
+                 f"be {o.obj_opt} (unset it, or set none, to estimate f_{i}*)")
         spec.check(i, o)
         _require(c["micro_train_batch_size"] % spec.rows_per_example(o) == 0, f"config key micro_train_batch_size "
                  f"({c['micro_train_batch_size']}) must be a multiple of objective {i}'s rows per example "
                  f"({spec.rows_per_example(o)}: num_generations_{i} completions of each prompt)")
+    for k, key in methods.per_objective_keys().items():  # budget_3 of a 2-objective run
+        beyond = [j for j in range(K + 1, MAX_OBJECTIVES + 1) if c.get(f"{k}_{j}", key) != key]
+        _require(not beyond, f"config key {k}_{beyond[0] if beyond else 0} is set, but the run has {K} objective(s)")
     for i in range(1, K + 1) if K > 1 else ():  # f_i* estimated as an eval loss needs an eval set
         o = objective(i)
-        _require(not (m.needs(i) and o.obj_opt < 0 and not o.eval_split and c["eval_frac"] == 0),
+        _require(not (m.needs(i) and o.obj_opt is None and not o.eval_split and c["eval_frac"] == 0),
                  f"method={method} estimates f_{i}* as objective {i}'s eval loss, but objective {i} has no eval set "
                  f"(eval_frac=0 and eval_split_{i} empty): set eval_frac > 0, eval_split_{i}, or obj_opt_{i} (a known f_{i}*)")
+    spec = lambda i: objectives.KINDS[kinds[i - 1]]  # objective i's reference or teacher, whose weights quantize_i sets
+    quant.check_keys(c, kinds, lambda i: spec(i).reference != "none" and spec(i).uses_reference(objective(i)))
     return kinds

@@ -44,6 +44,11 @@ def _closest(key, known):
 
 def _coerce(key, value, default, where):
     """value of a known key, converted to the type of its default or an error naming both."""
+    if default is None:  # an optional number (obj_opt: None = not given, estimate it)
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return None if value is None else float(value)
+        raise ConfigError(f"{where}: config key {key!r} expects a number or None (default None), "
+                          f"got {type(value).__name__} {value!r}")
     want = type(default)
     if isinstance(value, want) and not (want is int and isinstance(value, bool)):
         return value
@@ -62,6 +67,8 @@ def _parse(key, text, default, where):
         return text
     if isinstance(default, bool) and text.lower() in ("true", "false"):
         return text.lower() == "true"
+    if default is None and text.strip().lower() in ("", "none"):
+        return None
     try:
         value = ast.literal_eval(text)
     except (SyntaxError, ValueError):
@@ -72,12 +79,14 @@ def _parse(key, text, default, where):
 def _is_config(name, value):
     return not name.startswith("_") and not isinstance(value, (types.ModuleType, types.FunctionType, type))
 
+UNKNOWN = object()  # not a key (None is a default: obj_opt)
+
 def _suffixed(key, config, per_objective):
-    """KEY_i of a per-objective KEY, i in 1..MAX_OBJECTIVES: KEY's default; else None."""
+    """KEY_i of a per-objective KEY, i in 1..MAX_OBJECTIVES: KEY's default; else UNKNOWN."""
     base, _, n = key.rpartition("_")
     if base in per_objective and base in config and n.isdigit() and 1 <= int(n) <= MAX_OBJECTIVES and n == str(int(n)):
         return config[base]
-    return None
+    return UNKNOWN
 
 def _config_file(path, config):
     """the keys a config file sets: a .py file run with the config as its globals (what it
@@ -109,6 +118,12 @@ def _config_file(path, config):
         raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
     return {k: v for k, v in scope.items() if k != "__builtins__" and (k not in config or v is not config[k])}
 
+def usage(args, doc):
+    """--help / -h among a command's arguments: print its docstring (its usage) and exit 0."""
+    if any(a in ("--help", "-h") for a in args):
+        print(doc.strip())
+        raise SystemExit(0)
+
 def apply(args, config, verbose=None, per_objective=()):
     """Applies config files and --key=value `args` to the dict `config` (train.py's globals,
     restricted to its config keys by the caller) in place; returns the keys that changed.
@@ -127,7 +142,7 @@ def apply(args, config, verbose=None, per_objective=()):
                 if not _is_config(k, v):
                     continue
                 default = defaults[k] if k in defaults else _suffixed(k, defaults, per_objective)
-                if default is None:
+                if default is UNKNOWN:
                     raise ConfigError(f"{arg}: unknown config key {k!r}{_closest(k, known)} "
                                      f"(prefix helper names with '_')")
                 config[k] = _coerce(k, v, default, arg)
@@ -137,7 +152,7 @@ def apply(args, config, verbose=None, per_objective=()):
             if not sep:
                 raise ConfigError(f"argument {arg!r}: expected --key=value")
             default = defaults[key] if key in defaults else _suffixed(key, defaults, per_objective)
-            if default is None:
+            if default is UNKNOWN:
                 raise ConfigError(f"unknown config key {key!r}{_closest(key, known)}")
             config[key] = _parse(key, text, default, f"--{key}")
             changed.append(key)
@@ -166,7 +181,7 @@ RANGES = dict(
     loss_chunk_size=">= 0; 0 = automatic",
     # per objective (objectives.COMMON_KEYS and each kind's keys)
     max_len=">= 1", max_samples=">= 0; 0 = all", eval_max_samples=">= 0; 0 = no cap",
-    obj_opt=">= 0 or -1; -1 = estimate it",
+    obj_opt="finite; none = estimate it",
     dpo_beta="> 0", dpo_label_smoothing="[0, 0.5)", dpo_nll_loss_coef=">= 0", simpo_gamma="finite",
     orpo_lambda=">= 0", kto_desirable_weight=">= 0", kto_undesirable_weight=">= 0",
     kd_beta="[0, 1]", kd_top_k=">= 0; 0 = the full vocabulary", kd_temperature="> 0",

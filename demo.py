@@ -7,8 +7,8 @@ The embedded default: the toy trade-off end to end on CPU (a few minutes on 2 co
 out/demo/tables.md holds the tables the README shows, with the commit and date they came from.
 
 1. objective 1 alone (SFT) and objective 2 alone (DPO) give f_1*, f_2*;
-2. sequential, mix, alright and maxright at lambd = 0.5 with the same step budget, and constrained:
-   DPO alone as the objective (lambd = 0) with the SFT gap held within a budget of 0.5;
+2. sequential, mix, alright and maxright at lambd = 0.5 with the same step budget, and constrained
+   (lambd = 0.5) with a forgetting budget on SFT of half, then a quarter, of ALRIGHT's SFT gap;
 3. one table: final eval losses, optimality gaps, ideal distance, time, peak memory;
 4. K = 3: a third objective that conflicts with both (DPO preferring "RED FOX." over "RED FOX!",
    data/toy_calm.jsonl) alone, then sequential, alright and maxright over all three at lambd = 1/3 each;
@@ -26,9 +26,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("sequential", "mix", "alright", "maxright", "constrained")
-BUDGET_1 = 0.5  # constrained: the SFT gap f_1 - f_1* allowed at the end
-EXTRA = {"constrained": ["--lambd=0", f"--budget_1={BUDGET_1}"]}
+METHODS = ("sequential", "mix", "alright", "maxright")
+BUDGETS = {"constrained_half": 0.5, "constrained_quarter": 0.25}  # constrained: budget_1 = this x ALRIGHT's SFT gap
 
 def train(out_dir, *args, config="config/demo.py"):
     cmd = [sys.executable, "train.py", config, f"--out_dir={out_dir}", "--overwrite=True", *args]  # a rerun replaces its runs
@@ -127,7 +126,9 @@ def online(out, budget, quick):
     return table
 
 NAMES = {"sft_alone": "SFT alone", "dpo_alone": "DPO alone", "alright": "ALRIGHT", "maxright": "MAXRIGHT",
-         "constrained": f"constrained (budget_1 {BUDGET_1})", "alright_simpo": "ALRIGHT, SFT + SimPO (`dpo_beta=2`)"}
+         "constrained_half": "constrained (budget_1 = ALRIGHT's gap_1 / 2)",
+         "constrained_quarter": "constrained (budget_1 = ALRIGHT's gap_1 / 4)",
+         "alright_simpo": "ALRIGHT, SFT + SimPO (`dpo_beta=2`)"}
 
 def tables_md(res, seconds):
     """the README's demo tables as markdown, with the commit and date they came from (out/demo/tables.md)."""
@@ -140,9 +141,16 @@ def tables_md(res, seconds):
     opt, m = res["opt"], res["methods"]
     out = [f"`python demo.py`, commit {commit or 'unknown'}{' with local changes' if dirty else ''}, "
            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds:.0f} s in all; f_1* = {opt[0]:.3f}, f_2* = {opt[1]:.4f}", "",
-           "| method | f_1 (SFT) | f_2 (DPO) | gap_1 | gap_2 | ideal distance | time vs sequential |", "|---|---|---|---|---|---|---|"]
-    out += [f"| {k} | {r['f_1']:.3f} | {r['f_2']:.3f} | {r['gap_1']:.3f} | {r['gap_2']:.3f} | {r['ideal_distance']:.3f} | "
-            f"{r['time_vs_sequential']:.2f} |" for k, r in m.items()]
+           "| method | f_1 (SFT) | f_2 (DPO) | gap_1 | gap_2 | ideal distance | steps 1/2 | time vs sequential |",
+           "|---|---|---|---|---|---|---|---|"]
+    def held(r):  # constrained: its budget, whether it held, the steps it took after T
+        if "budget_1" not in r:
+            return ""
+        after = f", {r['settle_iters']} steps after T" if r["settle_iters"] else ""
+        return f" (budget {r['budget_1']:.3f}: {'held' if r['budgets_held'] else 'NOT held'}{after})"
+    out += [f"| {k.replace('_', ' ')} | {r['f_1']:.3f} | {r['f_2']:.3f} | {r['gap_1']:.3f}{held(r)} | {r['gap_2']:.3f} | "
+            f"{r['ideal_distance']:.3f} | {'/'.join(str(v) for v in r['steps'].values())} | {r['time_vs_sequential']:.2f} |"
+            for k, r in m.items()]
     out += ["", "| run | SFT format | with the preferred `!` | exactly right |", "|---|---|---|---|"]
     out += [f"| {NAMES.get(k, k)} | {b['fmt']:.0%} | {b['pref']:.0%} | {b['exact']:.0%} |" for k, b in res["behaviour"].items()]
     k3 = res["k3"]
@@ -167,8 +175,11 @@ def main(quick=False):
     dpo_alone = train(f"{out}/dpo_alone", "--obj_1=dpo", "--dataset_1=data/toy_pref.jsonl",
                       "--eval_split_1=data/toy_pref_eval.jsonl", "--obj_2=", *budget)
     opt = (sft_alone["eval_loss_1"], dpo_alone["eval_loss_1"])
-    results = {m: train(f"{out}/{m}", f"--method={m}", f"--obj_opt_1={opt[0]}", f"--obj_opt_2={opt[1]}", *budget,
-                        *EXTRA.get(m, [])) for m in METHODS}
+    known = [f"--obj_opt_1={opt[0]}", f"--obj_opt_2={opt[1]}"]
+    results = {m: train(f"{out}/{m}", f"--method={m}", *known, *budget) for m in METHODS}
+    gap = results["alright"]["eval_loss_1"] - opt[0]
+    for name, frac in BUDGETS.items():  # a forgetting budget of a share of ALRIGHT's SFT gap at the same lambd
+        results[name] = train(f"{out}/{name}", "--method=constrained", f"--budget_1={frac * gap:.4f}", *known, *budget)
     simpo = train(f"{out}/alright_simpo", "--method=alright", "--obj_2=simpo", "--dpo_beta=2.0", *budget)  # SimPO's beta
     for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items(), ("alright_simpo", simpo)]:
         r["behaviour"] = behaviour(f"{out}/{m}")
@@ -176,8 +187,8 @@ def main(quick=False):
     train(f"{out}/select", *sel_budget, config="config/demo_select.py")
 
     base = results["sequential"]
-    print(f"\nf_1* (SFT alone) = {opt[0]:.4f}   f_2* (DPO alone) = {opt[1]:.4f}   lambd = 0.5 (constrained: lambd = 0, "
-          f"budget_1 = {BUDGET_1}), {base['iters']} steps each\n")
+    print(f"\nf_1* (SFT alone) = {opt[0]:.4f}   f_2* (DPO alone) = {opt[1]:.4f}   lambd = 0.5, {base['iters']} steps each "
+          f"(constrained: budget_1 = {', '.join(f'{x:g}' for x in BUDGETS.values())} x ALRIGHT's gap_1 {gap:.4f})\n")
     head = f"{'method':>10}  {'f_1':>7}  {'f_2':>7}  {'gap_1':>7}  {'gap_2':>7}  {'ideal dist':>10}  {'train s':>7}  {'x seq':>5}  {'peak MiB':>8}"
     print(head)
     print("-" * len(head))
@@ -188,12 +199,12 @@ def main(quick=False):
                    train_s=r["train_s"], time_vs_sequential=r["train_s"] / base["train_s"],
                    peak_memory_mb=r["peak_memory_mb"], steps=r["counts"])
         if "budgets_held" in r:
-            row.update(budget_1=r["budget_1"], mu_1=r["mu_1"], budgets_held=r["budgets_held"])
+            row.update(budget_1=r["budget_1"], budgets_held=r["budgets_held"], settle_iters=r["settle_iters"])
         table[m] = row
         print(f"{m:>10}  {row['f_1']:7.4f}  {row['f_2']:7.4f}  {g1:7.4f}  {g2:7.4f}  {row['ideal_distance']:10.4f}  "
               f"{row['train_s']:7.1f}  {row['time_vs_sequential']:5.2f}  {row['peak_memory_mb']:8.0f}"
-              + (f"  (budget_1 {row['budget_1']} {'held' if row['budgets_held'] else 'NOT held'}, mu_1 {row['mu_1']:.2f}, "
-                 f"steps {'/'.join(map(str, row['steps'].values()))})" if "budgets_held" in row else ""))
+              + (f"  (budget_1 {row['budget_1']:.4f} {'held' if row['budgets_held'] else 'NOT held'}, steps "
+                 f"{'/'.join(map(str, row['steps'].values()))}, {row['settle_iters']} after T)" if "budgets_held" in row else ""))
     print("\nbehaviour: share of the held-out prompts (eval_gen_samples of each objective) answered, greedy, in the "
           "SFT format (UPPERCASE words), in it with the preferred '!', and exactly right")
     for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items(), ("alright_simpo", simpo)]:

@@ -374,6 +374,8 @@ def main(argv):
     return result
 
 if __name__ == "__main__":
+    import configurator
+    configurator.usage(sys.argv[1:], __doc__)
     try:
         main(sys.argv[1:])
     except ValueError as e:  # bad input (configurator.ConfigError and data.py's errors included): one line, exit 2

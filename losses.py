@@ -1,5 +1,6 @@
 """
-The training objectives (SFT, DPO, SimPO, ORPO, KTO, KD) as pure functions of final hidden states and the output head.
+The training objectives (SFT with DFT / a KL anchor, DPO, SimPO, ORPO, KTO, KD, GRPO) as pure functions of the
+final hidden states and the output head.
 Vocabularies of 128k+ make [B, T, V] logits the memory bottleneck, so every loss that needs the
 vocabulary keeps only the labelled positions, then projects them in chunks of `chunk_size` tokens
 (0: auto_chunk_size(V)): [chunk, V] logits exist one chunk at a time, are recomputed in backward, and the head's gradient

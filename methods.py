@@ -6,8 +6,8 @@ everything a method owns. lambd = (lambd_1, ..., lambd_K) are the weights on the
     mix         every objective every step, loss sum_i lambd_i f_i (one backward)
     alright     objective i with probability lambd_i, one uniform draw per step
     maxright    argmax_i lambd_i (f_i - f_i*), ties to the lowest i
-    constrained objective i with probability proportional to lambd_i + mu_i, where mu_j >= 0 is the
-                multiplier of objective j's forgetting budget f_j - f_j* <= budget_j (primal-dual)
+    constrained a forgetting budget f_j - f_j* <= budget_j at the end: budgeted j drawn with a probability
+                that follows j's gap on held-out rows, the free objectives the rest (lambd-weighted)
     select      every objective every step: the trusted set and the weighted noisy set (selector.py)
 
 A method is one class. It declares its config keys (with defaults and rules) and its per-objective
@@ -18,6 +18,7 @@ method is one class in METHODS. The picks are pure functions below; `pick(it, ga
 evaluation as a callable, gap(i) = f_i - f_i* on a fresh global batch of objective i, and
 `update(i, gap)` the trained objective's gap from its pre-update training loss.
 """
+import math
 import random
 
 from configurator import Key
@@ -85,15 +86,30 @@ def maxright_pick(s):
     """argmax_i s_i of the weighted gaps s = {i: lambd_i (f_i - f_i*)}, ties to the lowest i."""
     return max(sorted(s), key=lambda i: (s[i], -i))
 
-def dual_update(mu, gaps, budgets, lr):
-    """one primal-dual ascent step of the multipliers: mu_j <- max(0, mu_j + lr (gap_j - budget_j)),
-    raised while objective j is over its budget, lowered toward 0 while it is under."""
-    return {j: max(0.0, mu[j] + lr * (gaps[j] - budgets[j])) for j in mu}
+Q_MIN, Q_MAX = 0.05, 0.9  # a budgeted objective's share of the draws: the free objectives keep >= 10% of the steps
 
-def constrained_probs(w, mu):
-    """the draw's probabilities: lambd_i + mu_i, normalized (mu_i = 0 for an unconstrained i)."""
-    p = [x + mu.get(i, 0.0) for i, x in enumerate(w, 1)]
-    return [x / sum(p) for x in p] if sum(p) > 0 else [1 / len(p)] * len(p)
+def logit(p):
+    return math.log(p / (1 - p))
+
+def budget_step(x, gap, budget, margin, lr):
+    """one update of a budgeted objective's draw logit x from its gap measured on held-out rows: up
+    by lr per budget of excess over the target (1 - margin) x budget, down while under it; the
+    excess clipped to [-1, 2] budgets, so one noisy measurement moves it a bounded amount, and x
+    kept within logit(Q_MIN) .. logit(Q_MAX)."""
+    excess = min(2.0, max(-1.0, gap / budget - (1 - margin)))
+    return min(logit(Q_MAX), max(logit(Q_MIN), x + lr * excess))
+
+def budget_probs(w, q):
+    """the draw's probabilities: budgeted objective j with probability q_j (their sum capped at
+    Q_MAX while a free objective exists), the free objectives sharing the rest in proportion to
+    lambd (equally when their lambd are all 0); all objectives budgeted: the q_j normalized."""
+    K, free = len(w), [i for i in range(1, len(w) + 1) if i not in q]
+    if not free:
+        return [q[i] / sum(q.values()) for i in range(1, K + 1)]
+    scale = min(1.0, Q_MAX / sum(q.values())) if q else 1.0
+    rest = 1.0 - scale * sum(q.values())
+    wf = sum(w[i - 1] for i in free)
+    return [scale * q[i] if i in q else rest * (w[i - 1] / wf if wf > 0 else 1 / len(free)) for i in range(1, K + 1)]
 
 # -----------------------------------------------------------------------------
 # the methods
@@ -106,6 +122,7 @@ class Method:
     keys = {}                   # its config keys {name: Key}
     objective_keys = {}         # its per-objective keys {name: Key}: KEY_i sets objective i's
     joint = False               # trains objectives one after another in one run: eps and pareto_front apply
+    held_out = False            # pick's gap(i) is measured on a fresh batch of training rows (True: held-out rows)
 
     def __init__(self, w, total_iters=0, **config):
         """w: the K weights; config: the run's keys (each its default where absent; seed: the draws')."""
@@ -145,6 +162,10 @@ class Method:
 
     def after_step(self, it):
         pass
+
+    def extend(self, it, last_eval, opt):
+        """after step it >= T, with the last evaluation: whether to train one more step."""
+        return False
 
     def logged(self):
         """the train line's fields behind this step's choice."""
@@ -236,56 +257,99 @@ class Maxright(Method):
         self.s = {int(i): v for i, v in st["s"].items()}
 
 class Constrained(Alright):
+    """a forgetting budget: the lambd-weighted free objectives as far as they go while each budgeted
+    objective j ends with f_j - f_j* <= budget_j on its eval set. One objective per step, drawn at
+    random (ALRIGHT's cost, single steps interleaved): budgeted j with probability q_j, which moves
+    every maxright_interval steps with j's gap measured on a fresh batch of its held-out rows
+    (budget_step: up while over (1 - budget_margin) x budget_j, down while under); the free
+    objectives share the rest. After step T, while the last evaluation finds a budget broken, it
+    trains the most broken budgeted objective one step at a time, evaluated after each (at most
+    max_settle_iters steps): the exported model keeps its budgets, or the summary says by how much not."""
     name = "constrained"
     keys = dict(maxright_interval=INTERVAL,
-                dual_lr=Key(0.1, "> 0", "step size of the multipliers mu_i <- max(0, mu_i + dual_lr (gap_i - budget_i))"))
+                dual_lr=Key(0.5, "> 0", "constrained: how fast a budgeted objective's share of the steps moves (its "
+                                        "logit per budget of excess)"),
+                budget_margin=Key(0.2, "[0, 1)", "constrained: the run aims at (1 - budget_margin) x budget_j"),
+                max_settle_iters=Key(-1, ">= 0 or -1; -1 = max(10, T // 10)", "constrained: the most steps after T "
+                                     "spent bringing a broken budget back"))
     objective_keys = dict(budget=Key(-1.0, ">= 0 or -1; -1 = none",
-                                     "the largest gap f_i - f_i* objective i may end with"))
+                                     "constrained: the largest gap f_i - f_i* objective i may end with"))
+    held_out = True             # pick's gap(j) is measured on held-out rows
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.budgets = {j: b for j, b in self.per["budget"].items() if b >= 0}
-        self.mu = {j: 0.0 for j in self.budgets}  # {j: multiplier}
-        self.g = {}  # {j: f_j - f_j*} behind each choice
+        self.x = {j: logit(min(Q_MAX, max(Q_MIN, self.w[j - 1]))) for j in self.budgets}  # draw logits, from lambd
+        self.g = {}             # {j: f_j - f_j*} on held-out rows, behind each choice
+        self.settled, self.settling = 0, None  # steps after T, and the objective of the next one
 
     @classmethod
     def check(cls, c, kinds, world_size, objective):
-        if len(kinds) > 1 and not any(objective(i).budget >= 0 for i in range(1, len(kinds) + 1)):
+        if len(kinds) < 2:
+            return
+        budgets = [i for i in range(1, len(kinds) + 1) if objective(i).budget >= 0]
+        if not budgets:
             raise ConfigError("method=constrained needs a forgetting budget: set budget_i >= 0 (the largest gap "
                               "f_i - f_i* objective i may end with) for at least one objective, e.g. --budget_1=0.1")
+        blind = [i for i in budgets if not objective(i).eval_split and c["eval_frac"] == 0]
+        if blind:
+            raise ConfigError(f"config key budget_{blind[0]} is set, but objective {blind[0]} has no eval set (eval_frac=0 "
+                              f"and eval_split_{blind[0]} empty): a budget is measured and kept on held-out rows")
+        zero = [i for i in budgets if objective(i).budget == 0]
+        if zero:
+            raise ConfigError(f"config key budget_{zero[0]}=0: a gap of exactly 0 (objective {zero[0]} at its optimum "
+                              f"f*) cannot be kept while another objective trains; give a budget > 0")
 
     def needs(self, i):
         return i in self.budgets
 
+    def q(self):
+        return {j: 1 / (1 + math.exp(-x)) for j, x in self.x.items()}
+
     def pick(self, it, gap):
-        """every maxright_interval steps the constrained gaps are re-evaluated and the multipliers take a
-        step; then one objective is drawn with probability proportional to lambd_i + mu_i."""
+        """every maxright_interval steps the budgeted gaps are measured on held-out rows and their
+        draw logits take a step; then one objective is drawn. After T: the objective extend() chose."""
+        if it >= self.total_iters:
+            return [self.settling]
         if it % self.c["maxright_interval"] == 0 or len(self.g) < len(self.budgets):
             self.g = {j: gap(j) for j in self.budgets}
-            self.mu = dual_update(self.mu, self.g, self.budgets, self.c["dual_lr"])
-        return [self.draw(constrained_probs(self.w, self.mu))]
+            self.x = {j: budget_step(self.x[j], self.g[j], b, self.c["budget_margin"], self.c["dual_lr"])
+                      for j, b in self.budgets.items()}
+        return [self.draw(budget_probs(self.w, self.q()))]
 
-    def update(self, i, gap):
-        if i in self.g:
-            self.g[i] = gap
+    def extend(self, it, last_eval, opt):
+        """after T steps: one more step while a budget is broken on the last evaluation (the most
+        broken, relative to its budget), at most max_settle_iters (-1: max(10, T // 10)) of them."""
+        cap = self.c["max_settle_iters"] if self.c["max_settle_iters"] >= 0 else max(10, self.total_iters // 10)
+        over = {j: (last_eval[f"eval_loss_{j}"] - opt[j] - b) / b for j, b in self.budgets.items()
+                if f"eval_loss_{j}" in last_eval and last_eval[f"eval_loss_{j}"] - opt[j] > b}
+        if not over or self.settled >= cap:
+            return False
+        self.settling, self.settled = max(sorted(over), key=lambda j: over[j]), self.settled + 1
+        return True
 
     def logged(self):
-        return {**{f"g_{j}": v for j, v in self.g.items()}, **{f"mu_{j}": v for j, v in self.mu.items()}}
+        return {**{f"g_{j}": v for j, v in self.g.items()}, **{f"q_{j}": v for j, v in self.q().items()}}
 
     def summary(self, last_eval, opt):
-        """each budget, its multiplier, and whether every budget held at the end on the eval sets."""
-        out = {f"budget_{j}": b for j, b in self.budgets.items()}
-        out.update({f"mu_{j}": v for j, v in self.mu.items()})
-        out["budgets_held"] = all(last_eval.get(f"eval_loss_{j}", float("inf")) - opt[j] <= b
-                                  for j, b in self.budgets.items())
+        """each budget, the gap it ended with, whether it held (and by how much not), the steps after T."""
+        out, held = {"settle_iters": self.settled}, True
+        for j, b in self.budgets.items():
+            g = last_eval.get(f"eval_loss_{j}", float("inf")) - opt[j]
+            out.update({f"budget_{j}": b, f"final_gap_{j}": g, f"budget_held_{j}": g <= b})
+            if g > b:
+                out[f"budget_excess_{j}"] = g - b
+            held = held and g <= b
+        out["budgets_held"] = held
         return out
 
     def state_dict(self):
-        return {"rng": self.rng, "mu": dict(self.mu), "g": dict(self.g)}
+        return {"rng": self.rng, "x": dict(self.x), "g": dict(self.g), "settled": self.settled, "settling": self.settling}
 
     def load_state_dict(self, st):
         super().load_state_dict(st)
-        self.mu, self.g = ({int(j): v for j, v in st[k].items()} for k in ("mu", "g"))
+        self.x, self.g = ({int(j): v for j, v in st[k].items()} for k in ("x", "g"))
+        self.settled, self.settling = int(st["settled"]), st["settling"]
 
 class Select(Method):
     """bilevel data selection (selector.py): dataset_1 is the trusted set, dataset_2 the one to
@@ -394,7 +458,7 @@ def estimate_opt(i, n, train, evaluate, params, optimizer, loaders, before_resto
 def early_stop(ev, opt, eps, pareto):
     """why a joint run stops at an evaluation `ev` = {i: f_i}, or '': a gap f_i - f_i* <= eps where
     f_i* is known, or the point within eps of weakly dominating a point of the reference front."""
-    if any(i in ev and 0 <= opt[i] and ev[i] - opt[i] <= eps for i in opt):
+    if any(i in ev and opt[i] is not None and ev[i] - opt[i] <= eps for i in opt):
         return "an objective is within eps of its optimum"
     if any(all(i in ev and ev[i] <= p[i - 1] + eps for i in opt) for p in pareto):
         return "the reference Pareto front is reached"

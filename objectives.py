@@ -42,8 +42,7 @@ COMMON_KEYS = dict(
     max_len=512,
     max_samples=0,              # 0 = all
     eval_max_samples=1000,      # cap on the eval rows (the held-out slice or eval_split); 0 = no cap
-    obj_opt=-1.0,               # f_i* for maxright / constrained and the metrics (-1 = estimate it with a short run)
-    budget=-1.0,                # method=constrained: the largest gap f_i - f_i* objective i may end with (-1 = none)
+    obj_opt=None,               # f_i* for maxright / constrained and the metrics (None = estimate it with a short run)
     ref_model="",               # reference / teacher ('' = the initial policy; the base model under LoRA)
 )
 
@@ -71,6 +70,7 @@ class Kind:
     eval_loss: Optional[Callable] = None  # (step, objective, batches) -> (loss, stats) instead of the loss on eval rows
     rows_per_example: Callable = lambda c: 1  # training rows one example gives (grpo: num_generations completions of a prompt)
     uses_reference: Callable = lambda c: True  # (keys) -> this objective needs its reference (grpo with grpo_beta 0: none loaded)
+    min_loss: Optional[float] = 0.0  # the least eval loss it can give (None: unbounded, grpo's minus a reward); obj_opt >= it
 
 @dataclass
 class Part:
@@ -410,7 +410,7 @@ KINDS = {k.name: k for k in [
              c.max_new_tokens, source, common["verbose"]),
          collate=R.collate_prompts, count=R.count_completions, loss=grpo_part, reference="initial",
          recomputes_head=lambda c: True, prompt_key="prompt_key", check=_check_grpo, prepare=R.grpo_rollout,
-         eval_loss=R.eval_reward, rows_per_example=lambda c: c.num_generations, uses_reference=lambda c: c.grpo_beta > 0),
+         eval_loss=R.eval_reward, min_loss=None, rows_per_example=lambda c: c.num_generations, uses_reference=lambda c: c.grpo_beta > 0),
 ]}
 
 def per_objective_keys():

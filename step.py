@@ -80,7 +80,7 @@ class Step:
         """One forward of the policy over all parts' rows, parts = [(objective, micro-batch, norm)].
         Each part gives (loss, stats): with norm (global counts) this rank's share of the
         global-batch mean (sum / global count * world, as DDP/FSDP average gradients over ranks);
-        with norm=None (sft/kd only) the per-sample mean losses [B] that the data selector weighs."""
+        with norm=None the per-row losses [B] that the data selector weighs (kinds with per_row)."""
         x = pad_cat([b for _, b, _ in parts], self.pad_id, self.device)
         refs = []
         for o, b, norm in parts:  # everything that needs no grad, before the policy forward

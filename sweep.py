@@ -46,7 +46,8 @@ MARKERS = {"single": "*", "sequential": "s", "mix": "D", "alright": "o", "maxrig
 MAX_RUNS = 100
 # keys that change neither a run's numbers nor its summary: a finished run is compared without them
 BOOKKEEPING = {"out_dir", "resume", "overwrite", "print_config", "log_interval", "save_interval", "keep_last",
-               "wandb_log", "wandb_project", "wandb_run_name", "tensorboard", "dist_timeout_s", "dataset_num_proc"}
+               "wandb_log", "wandb_project", "wandb_run_name", "tensorboard", "dist_timeout_s", "dataset_num_proc",
+               "takeover_lock"}
 
 def base_config(args):
     """train.py's config after the config files and overrides in `args`, checked by train.py itself
@@ -401,6 +402,7 @@ def main(argv):
 if __name__ == "__main__":
     configurator.one_line_errors()
     try:
+        configurator.usage(sys.argv[1:], __doc__)
         sys.exit(main(sys.argv[1:]))
     except KeyboardInterrupt:  # between runs: no child to wait for
         print("\nsweep: interrupted", file=sys.stderr)

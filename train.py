@@ -74,7 +74,7 @@ lora_alpha = 16
 lora_dropout = 0.0
 target_modules = "all-linear"  # or names such as 'q_proj,v_proj' / 'query_key_value'
 # objectives
-obj_1 = "sft"             # a kind of objectives.KINDS (sft | dpo | kd): the kind of objective i; K = the number of obj_i set (at most 8)
+obj_1 = "sft"             # objective i's kind (objectives.KINDS: sft dpo simpo orpo kto kd grpo); K = the obj_i set (at most 8)
 obj_2 = obj_3 = obj_4 = obj_5 = obj_6 = obj_7 = obj_8 = ""  # obj_2 = '': single-objective training
 method = "alright"        # a class of methods.METHODS: sequential | mix | alright | maxright | constrained | select
 lambd = 0.5               # K weights on the simplex, e.g. (0.5, 0.3, 0.2) or --lambd=0.5,0.3,0.2; one number = (lambd, 1 - lambd)
@@ -113,10 +113,11 @@ cpu_offload = False       # FSDP2 parameters and optimizer on CPU
 dist_timeout_s = 1800     # a collective that waits longer (a rank died or hangs) ends the run
 print_config = False      # print the checked config as JSON and exit (sweep.py reads it)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 config = {k: globals()[k] for k in config_keys}
 if __name__ == "__main__":
     configurator.one_line_errors()  # config and data errors: `error: ...` and exit 2, no traceback
+    configurator.usage(sys.argv[1:], __doc__)
     configurator.apply(sys.argv[1:], config, per_objective=per_objective)
     globals().update((k, config[k]) for k in config_keys)  # the KEY_i set stay in config (objective_keys)
     # every check of the config, before anything is read or loaded
@@ -221,8 +222,9 @@ def build_objective(i, c):
     for e in evals:
         e["id"] = ("eval", e["id"])  # a separate eval file numbers its rows from 0 too: keep cache keys apart
     per_micro = micro_train_batch_size // kind.rows_per_example(c)  # grpo: prompts, each num_generations rows
-    loader = lambda s: data.Loader(train, per_micro, grad_accum, rank, world_size, s, collate)
-    o = objectives.Objective(i, kind, c, train, evals, rows, collate, loader(seed + i), loader(seed + 100 + i), opt=c.obj_opt)
+    loader = lambda s, ex=train: data.Loader(ex, per_micro, grad_accum, rank, world_size, s, collate)
+    probe = loader(seed + 100 + i, evals if method.held_out and evals else train)  # the rows the method's gaps are measured on
+    o = objectives.Objective(i, kind, c, train, evals, rows, collate, loader(seed + i), probe, opt=c.obj_opt)
     if kind.prepare is not None:  # an online kind (rollout.py): the policy samples its rows
         from rewards import Rewards
         scored = "reward_fn" in kind.keys
@@ -333,7 +335,7 @@ if master:  # on resume, the harmless keys that changed
     checkpoint.write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2))
 if not resume and K > 1:
     for i in objs:
-        if state["opt"][i] < 0 and method.needs(i):
+        if state["opt"][i] is None and method.needs(i):
             n_est = opt_estimate_iters or max(10, total_iters // 10)
             def reshard():  # zero 2 keeps the gathered weights after a forward: drop them so the restored shards are used
                 for m in [*raw_model.blocks, raw_model] if fsdp else []:
@@ -347,12 +349,13 @@ if not resume and K > 1:
                 f"(set obj_opt_{i} to use a known value)")
 
 def gap(i):
-    """f_i - f_i* on a fresh global batch of objective i (the methods' re-evaluation)."""
+    """f_i - f_i* on a fresh global batch of objective i's probe rows (the methods' re-evaluation:
+    training rows, or held-out rows for a method that measures there)."""
     return eval_objective(objs[i], objs[i].probe.next_step())[0] - state["opt"][i]
 
 def gaps(ev):
     """optimality gaps and ideal distance, where f* is known."""
-    if not (all(state["opt"][i] >= 0 for i in objs) and len(ev) == len(objs)):
+    if not (all(state["opt"][i] is not None for i in objs) and len(ev) == len(objs)):
         return {}
     g = {f"gap_{i}": ev[i] - state["opt"][i] for i in objs}
     return dict(g, ideal_distance=math.sqrt(sum(x * x for x in g.values())))
@@ -406,13 +409,13 @@ last_eval = {}
 pbar = tqdm(total=total_iters, initial=it, disable=not master, desc=method.name if K > 1 else obj_1, dynamic_ncols=True)
 raw_model.train()
 while True:
-    if it == total_iters or (eval_interval > 0 and it % eval_interval == 0) or it == 0:
+    if it >= total_iters or (eval_interval > 0 and it % eval_interval == 0) or it == 0:
         last_eval, stop = evaluate_all(it)
         if stop:
             break
     if eval_gen_interval > 0 and it % eval_gen_interval == 0 and 0 < it < total_iters:
         metrics.write(dict(kind="eval_gen", iter=it, **eval_gen(it)))
-    if it >= total_iters:
+    if it >= total_iters and not method.extend(it, last_eval, state["opt"]):  # constrained: a broken budget
         break
 
     # one optimizer step: the method picks the objective(s), the step trains them
@@ -431,7 +434,7 @@ while True:
     state["tokens"] += tokens
     for i in chosen:
         state["counts"][i] += 1
-    if len(chosen) == 1:
+    if len(chosen) == 1 and state["opt"][chosen[0]] is not None:
         method.update(chosen[0], res[chosen[0]][0] - state["opt"][chosen[0]])
     if it % log_interval == 0 or it == total_iters:
         line = dict(kind="train", iter=it, obj=chosen[0] if len(chosen) == 1 else 0, loss=loss, lr=lr,
@@ -476,8 +479,8 @@ if gen_failed is not None:
 if master:
     checkpoint.write_text(os.path.join(out_dir, "summary.json"), json.dumps(result, indent=2))
     rows = [("iterations", f"{it} (" + ", ".join(f"objective {i}: {n}" for i, n in state["counts"].items()) + ")"),
-            *((k, v if isinstance(v, bool) else f"{v:.4f}") for k, v in {**last_eval, **last_gen, **extra}.items()),
-            *((f"f_{i}*", f"{v:.4f}") for i, v in state["opt"].items() if v >= 0),
+            *((k, v if isinstance(v, (bool, int)) else f"{v:.4f}") for k, v in {**last_eval, **last_gen, **extra}.items()),
+            *((f"f_{i}*", f"{v:.4f}") for i, v in state["opt"].items() if v is not None),
             ("wall time", f"{state['elapsed']:.1f} s ({result['train_s']:.1f} s in training steps)"),
             ("peak memory", f"{result['peak_memory_mb']:.0f} MiB"), ("tokens", f"{state['tokens']:,}"),
             ("final model", os.path.join(out_dir, "final"))]

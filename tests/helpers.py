@@ -99,6 +99,6 @@ def train_defaults(**over):
     src = open(os.path.join(ROOT, "train.py")).read()
     scope = {}
     exec(compile(src[: src.index("config_keys = ")], "train.py", "exec"), scope)
-    c = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
+    c = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))}
     c.update(over)
     return c, scope["per_objective"]

@@ -1,6 +1,9 @@
+import os
+
 import pytest
 
 from configurator import apply
+from helpers import ROOT
 
 def defaults():
     return {"learning_rate": 1e-5, "max_iters": 0, "compile": False, "obj_1": "sft", "adam_betas": (0.9, 0.95), "lambd": 0.5}
@@ -75,3 +78,14 @@ def test_prints_only_on_rank0(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     apply(["--max_iters=3"], defaults())
     assert "max_iters = 3" in capsys.readouterr().out
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "sweep.py"])
+def test_help_prints_the_usage(script):
+    """--help (or -h) prints the command's docstring and exits 0, before anything is checked or loaded."""
+    import ast
+    import subprocess
+    import sys
+    doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, script)).read()))
+    for flag in ("--help", "-h"):
+        p = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and p.stdout.strip() == doc.strip(), (p.returncode, p.stdout[:200], p.stderr[-500:])

@@ -4,6 +4,7 @@ inside a test (a loss function and a table entry) trains next to SFT; the constr
 forgetting budget) against a hand-worked multiplier sequence, across resume and ranks; every bad
 config key refused before anything is loaded."""
 import json
+import math
 import os
 import random
 import shlex
@@ -133,47 +134,70 @@ def test_a_method_added_in_a_test_trains(tmp_path):
     refused(p, "rr_period", ">= 1")
 
 # -----------------------------------------------------------------------------
-# constrained: a forgetting budget by primal-dual updates
+# constrained: a forgetting budget kept on held-out rows
 
-def test_multiplier_update_by_hand():
-    """budget 0.1 on objective 1, dual_lr 0.5, lambd (0.2, 0.8), gaps re-evaluated every 2 steps as
-    0.5, 0.3, 0.0, -0.5: mu = 0.2, 0.3, 0.25, 0 (0.25 - 0.3 clipped at 0), and each step draws
-    objective 1 with probability (0.2 + mu) / (1 + mu), from the run's own seeded generator."""
-    m = methods.make("constrained", (0.2, 0.8), 8, seed=7, maxright_interval=2, budget_1=0.1, dual_lr=0.5)
-    gaps = iter([0.5, 0.3, 0.0, -0.5])
-    mus, picks = [], []
+def test_budget_rule_by_hand():
+    """budget 0.4 on objective 1, lambd (0.5, 0.5), dual_lr 0.5, margin 0.2, gaps measured every 2
+    steps as 1.0, 0.3, -0.2, 2.0: the draw logit starts at logit(0.5) = 0 and moves by 0.5 x
+    clip(g / 0.4 - 0.8, -1, 2) = +0.85, -0.025, -0.5 (clipped at -1), +1.0 (clipped at 2); each step
+    draws objective 1 with probability sigmoid(logit), from the run's own seeded generator. After T:
+    one more step of objective 1 while its gap on the last evaluation exceeds the budget."""
+    m = methods.make("constrained", (0.5, 0.5), 8, seed=7, maxright_interval=2, budget_1=0.4, dual_lr=0.5,
+                     budget_margin=0.2, max_settle_iters=2)
+    gaps = iter([1.0, 0.3, -0.2, 2.0])
+    xs, picks = [], []
     for it in range(8):
-        picks += m.pick(it, lambda i: next(gaps) if i == 1 else pytest.fail("an unconstrained gap was evaluated"))
-        mus.append(m.mu[1])
-        m.update(picks[-1], 123.0)  # between re-evaluations: the logged gap follows training, mu does not move
-    want_mu = [0.2, 0.2, 0.3, 0.3, 0.25, 0.25, 0.0, 0.0]
-    assert mus == pytest.approx(want_mu, abs=1e-15)
+        picks += m.pick(it, lambda i: next(gaps) if i == 1 else pytest.fail("an unbudgeted gap was measured"))
+        xs.append(m.x[1])
+        m.update(picks[-1], 123.0)  # a training loss moves nothing: the budget is measured on held-out rows
+    want_x = [0.85, 0.85, 0.825, 0.825, 0.325, 0.325, 1.325, 1.325]
+    assert xs == pytest.approx(want_x, abs=1e-12)
     r = random.Random(7)
-    want = [1 if r.random() < (0.2 + mu) / (1 + mu) else 2 for mu in want_mu]
-    assert picks == want
-    assert methods.constrained_probs((0.2, 0.8), {1: 0.2}) == pytest.approx([0.4 / 1.2, 0.8 / 1.2])
-    assert methods.dual_update({1: 0.0, 3: 1.0}, {1: 0.4, 3: 0.0}, {1: 0.1, 3: 0.5}, 2.0) == pytest.approx({1: 0.6, 3: 0.0})
+    assert picks == [1 if r.random() < 1 / (1 + math.exp(-x)) else 2 for x in want_x]
+    opt = {1: 2.0, 2: None}
+    assert m.extend(8, {"eval_loss_1": 2.5, "eval_loss_2": 0.3}, opt) and m.pick(8, None) == [1]
+    assert m.extend(9, {"eval_loss_1": 2.45, "eval_loss_2": 0.3}, opt) and m.pick(9, None) == [1]
+    assert not m.extend(10, {"eval_loss_1": 2.45, "eval_loss_2": 0.3}, opt)  # max_settle_iters=2 spent
+    s = m.summary({"eval_loss_1": 2.45}, opt)
+    assert s["budgets_held"] is False and s["budget_excess_1"] == pytest.approx(0.05) and s["settle_iters"] == 2
+    assert methods.budget_step(0.0, 10.0, 0.1, 0.2, 5.0) == pytest.approx(math.log(0.9 / 0.1))  # at most Q_MAX
+    assert methods.budget_step(0.0, -10.0, 0.1, 0.2, 5.0) == pytest.approx(math.log(0.05 / 0.95))  # at least Q_MIN
+
+def test_budget_draws_by_hand():
+    """K = 3, budgets on 1 and 3 with shares 0.3 and 0.2: objective 2 (free) takes the rest, 0.5;
+    shares summing over 0.9 are scaled to 0.9; with every objective budgeted the shares are normalized;
+    two free objectives split the rest by lambd."""
+    assert methods.budget_probs((0.2, 0.5, 0.3), {1: 0.3, 3: 0.2}) == pytest.approx([0.3, 0.5, 0.2])
+    assert methods.budget_probs((0.2, 0.5, 0.3), {1: 0.8, 3: 0.4}) == pytest.approx([0.6, 0.1, 0.3])
+    assert methods.budget_probs((0.5, 0.5), {1: 0.3, 2: 0.1}) == pytest.approx([0.75, 0.25])
+    assert methods.budget_probs((0.2, 0.6, 0.2), {1: 0.5}) == pytest.approx([0.5, 0.375, 0.125])
 
 CONSTRAINED = ["--method=constrained", "--budget_1=0.05", "--lambd=0.2", "--dual_lr=2", "--maxright_interval=2",
-               "--opt_estimate_iters=2", "--train_batch_size=4", "--micro_train_batch_size=2", "--max_iters=6",
-               "--dtype=float64"]
+               "--obj_opt_1=0", "--train_batch_size=4", "--micro_train_batch_size=2", "--max_iters=6",
+               "--max_settle_iters=3", "--dtype=float64"]
 
 def test_constrained_logs_resumes_and_splits_exactly(tmp_path):
-    """the train lines carry the gap and multiplier behind each choice, the summary each budget and
-    whether it held; a run cut after its checkpoint at 4 resumes to the same lines (multipliers,
-    draws, losses) to the bit; 2 ranks give the 1-process losses and multipliers."""
+    """the train lines carry the held-out gap and the draw share behind each choice; a budget still
+    broken at T brings settle steps of objective 1 (at most max_settle_iters, each evaluated), and
+    the summary says whether the budget held and by how much not; a run cut after its checkpoint
+    inside the settle steps resumes to the same lines to the bit; 2 ranks give the 1-process lines."""
     run_train(tmp_path / "a", *CONSTRAINED, "--save_interval=2")
-    lines = metrics(tmp_path / "a")
-    assert all("mu_1" in l and "g_1" in l and "mu_2" not in l for l in lines)
-    assert any(l["mu_1"] > 0 for l in lines)
+    lines, evals = metrics(tmp_path / "a"), metrics(tmp_path / "a", "eval")
+    assert all("q_1" in l and "g_1" in l and "q_2" not in l for l in lines[:6])
     summary = json.load(open(tmp_path / "a" / "summary.json"))
-    assert summary["budget_1"] == 0.05 and summary["budgets_held"] == (summary["eval_loss_1"] - summary["opt"]["1"] <= 0.05)
-    resume_after_cut(tmp_path / "a", tmp_path / "cut", [*CONSTRAINED, "--save_interval=2"], "iter_0000006")
+    gap = summary["eval_loss_1"] - summary["opt"]["1"]
+    assert summary["budget_1"] == 0.05 and summary["final_gap_1"] == pytest.approx(gap)
+    assert summary["budgets_held"] == (gap <= 0.05) and summary["settle_iters"] == len(lines) - 6 == 3, summary
+    assert [l["obj"] for l in lines[6:]] == [1, 1, 1] and [e["iter"] for e in evals][-4:] == [6, 7, 8, 9]
+    assert summary["budget_excess_1"] == pytest.approx(gap - 0.05)  # a budget this tight is not kept by 3 steps
+    resume_after_cut(tmp_path / "a", tmp_path / "cut", [*CONSTRAINED, "--save_interval=2"], "iter_0000009")
     drop = lambda ls: [{k: v for k, v in l.items() if k != "elapsed_s"} for l in ls]
     assert drop(metrics(tmp_path / "cut")) == drop(lines)
     run_train(tmp_path / "ddp", *CONSTRAINED, nproc=2)
-    for x, y in zip(lines, metrics(tmp_path / "ddp")):
-        assert x["obj"] == y["obj"] and abs(x["loss"] - y["loss"]) <= 1e-5 and abs(x["mu_1"] - y["mu_1"]) <= 1e-5
+    two = metrics(tmp_path / "ddp")
+    assert len(two) == len(lines)
+    for x, y in zip(lines, two):
+        assert x["obj"] == y["obj"] and abs(x["loss"] - y["loss"]) <= 1e-9 and abs(x.get("q_1", 0) - y.get("q_1", 0)) <= 1e-9
 
 # -----------------------------------------------------------------------------
 # every refusal before anything is loaded

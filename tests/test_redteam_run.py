@@ -256,7 +256,7 @@ BAD = {  # out-of-range values of each numeric key of train.py (and the objectiv
     "model_n_layer": [0], "model_n_head": [0], "model_n_kv_head": [0], "model_n_embd": [0], "model_intermediate_size": [0],
     "model_max_len": [0], "router_aux_loss": [-0.5, INF], "lora_rank": [-1], "lora_alpha": [0], "lora_dropout": [1.0, -0.1],
     "lambd": [1.5, -0.5, (0.5, 1.5)], "opt_estimate_iters": [-1], "maxright_interval": [0], "eps": [-0.1, INF],
-    "loss_chunk_size": [-1], "dual_lr": [0.0, -0.1],
+    "loss_chunk_size": [-1], "dual_lr": [0.0, -0.1], "budget_margin": [1.0, -0.1], "max_settle_iters": [-2],
     "max_len": [0], "max_samples": [-1], "eval_max_samples": [-1], "obj_opt": [-0.5, INF], "budget": [-2.0, NAN],
     "dpo_beta": [0.0, -0.1, NAN], "dpo_label_smoothing": [0.5, -0.1], "dpo_nll_loss_coef": [-1.0], "simpo_gamma": [INF, NAN],
     "orpo_lambda": [-0.1], "kto_desirable_weight": [-1.0], "kto_undesirable_weight": [-1.0], "kd_beta": [1.5, -0.5],
@@ -273,7 +273,7 @@ BAD = {  # out-of-range values of each numeric key of train.py (and the objectiv
 
 def numeric_keys():
     c, po = train_config()
-    return sorted(k for k, v in c.items() if isinstance(v, (int, float, tuple)) and not isinstance(v, bool)), po
+    return sorted(k for k, v in c.items() if isinstance(v, (int, float, tuple, type(None))) and not isinstance(v, bool)), po
 
 def test_every_numeric_key_has_a_range_and_a_bad_value_here():
     keys, _ = numeric_keys()
@@ -292,7 +292,8 @@ def test_each_bad_value_is_refused_naming_the_key(key):
             msg = refusal(dict(c, **{f"{key}_2": v}), po)
             assert f"{key}_2" in msg, (key, v, msg)
 
-@pytest.mark.parametrize("key,value", [("eval_gen_interval", -1), ("obj_opt", -1.0), ("budget", -1.0), ("max_samples", 0),
+@pytest.mark.parametrize("key,value", [("eval_gen_interval", -1), ("obj_opt", None), ("obj_opt", 0.0), ("budget", -1.0),
+                                       ("max_samples", 0), ("max_settle_iters", -1), ("budget_margin", 0.0),
                                        ("kd_beta", 0.0), ("lora_dropout", 0.0), ("warmup_ratio", 1.0), ("select_ratio", 1.0),
                                        ("upperlevel_weight", 0.0), ("eps", 0.0), ("max_norm", 0.0), ("simpo_gamma", -1.0),
                                        ("adam_betas", (0.0, 0.999)), ("zero_stage", 3), ("lambd", (0.0, 1.0)),

@@ -141,7 +141,7 @@ def test_inner_runs_wait_for_the_corners_and_rerun_on_their_new_f_star(fake, tmp
     rows = launched()
     assert [n for n, _, _ in rows] == ["single_2", "maxright_0.5_0.5"]
     assert rows[1][2] == {"obj_opt_1": repr(1.01), "obj_opt_2": repr(1.01)}  # the corners' eval losses
-    assert "obj_opt_1: -1.0 -> 1.01" in p.stdout
+    assert "obj_opt_1: None -> 1.01" in p.stdout
     assert json.load(open(inner / "config.json"))["obj_opt_2"] == 1.01
 
 # Ctrl-C reaches the child once, the sweep waits for its checkpoint, and the rerun resumes it

@@ -101,3 +101,21 @@ def test_real_sweep_table_matches_its_runs(tmp_path):
         assert r["train_s"] == s[r["run"]]["train_s"]
     assert [r["front"] for r in front["rows"]] == sweep.pareto_mask([r["f"] for r in front["rows"]])
     assert (out / "front.png").exists()
+
+def test_maxright_sweep_over_grpo_uses_negative_f_star(tmp_path):
+    """SFT + GRPO: a GRPO objective's eval loss is minus its reward, so its f* is negative. The
+    sweep finishes, and the inner MAXRIGHT run takes the corner's f* as given, not re-estimated."""
+    out = tmp_path / "sweep"
+    (tmp_path / "r.py").write_text("def score(prompts, completions, **_):\n"
+                                   "    return [1.0 + len(c) / 100 for c in completions]  # > 0: f* < 0\n")
+    cmd = [sys.executable, "sweep.py", *TINY, "--obj_2=grpo", "--dataset_2=data/toy_whisper.jsonl",
+           "--eval_split_2=data/toy_whisper_eval.jsonl", f"--reward_fn_2={tmp_path / 'r.py'}:score", "--max_new_tokens_2=6",
+           "--num_generations_2=2", "--eval_max_samples_2=4", "--methods=maxright", "--grid=3", f"--out_dir={out}",
+           "--max_iters=4", "--train_batch_size=4", "--micro_train_batch_size=2", "--max_samples_1=32", "--max_samples_2=32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    front = json.load(open(out / "front.json"))
+    inner = json.load(open(out / "maxright_0.5_0.5" / "summary.json"))
+    assert front["opt"][1] < 0 and inner["opt"] == {"1": front["opt"][0], "2": front["opt"][1]}
+    assert json.load(open(out / "maxright_0.5_0.5" / "config.json"))["obj_opt_2"] == front["opt"][1]
