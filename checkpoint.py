@@ -37,16 +37,16 @@ def _barrier():
         dist.barrier()
 
 def full_state_dict(model, fsdp, trainable_only=True):
-    """{name: tensor} of the model (its trainable parameters by default), unsharded, on rank 0's CPU."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if not trainable_only:
-        return sd
+    """{name: tensor} of the model (its trainable parameters by default), unsharded, on rank 0's CPU
+    (a 4-bit weight as its 4-bit tensor, quant.py)."""
     keep = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in sd.items() if k in keep}
+    if fsdp:  # trainable only: the frozen weights are not gathered at all
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=trainable_only))
+    else:
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items() if k in keep or not trainable_only}
+    return {k: v for k, v in sd.items() if k in keep or not trainable_only}
 
 def _full_optimizer_state(model, optimizer, fsdp):
     if fsdp:
@@ -203,14 +203,32 @@ def hf_extras(d, tokenizer, base_model=""):
         gen = transformers.GenerationConfig(**{f"{k}_token_id": v for k, v in ids.items()})
     gen.save_pretrained(d)
 
-def export_final(out_dir, model, fsdp, tokenizer, lora=None, base_model=""):
+def full_precision(full, config, base_model="", dequantized=False, log=print):
+    """{name: full-precision tensor} for the 4-bit weights of the state dict `full` (quant.py):
+    re-read from the base checkpoint base_model in their compute dtype, so that final/ merges the
+    adapters into the weights an unquantized run would (and final/adapter, on that same base, is
+    the same model); or their dequantized values with dequantized=True (export_dequantized), or
+    where no checkpoint was loaded (pretrain='': a fresh model), which the log says."""
+    import quant
+    names = [k for k, v in full.items() if quant.quantized(v)]
+    if not names:
+        return {}
+    if dequantized or not base_model:
+        why = "export_dequantized=True" if dequantized else "pretrain='' (no checkpoint to re-read the base from)"
+        log(f"{why}: final/ merges the adapters into the dequantized 4-bit weights of {len(names)} layers")
+        return {k: quant.dequantized(full[k]) for k in names}
+    return quant.read_base(base_model, config, names, full[names[0]].dtype)
+
+def export_final(out_dir, model, fsdp, tokenizer, lora=None, base_model="", dequantized=False, log=print):
     """out_dir/final: the model in HF layout (LoRA merged) and, with lora = dict(rank, alpha,
     target_modules), the adapter in PEFT layout under final/adapter. Written to final.tmp and
-    renamed. Every rank calls this; rank 0 writes."""
+    renamed. Every rank calls this; rank 0 writes. 4-bit weights (quant.py) are exported in full
+    precision: base_model's own (re-read), or their dequantized values (full_precision)."""
     from lora import inject, merge, save_adapter
     from model import GPT
     full = full_state_dict(model, fsdp, trainable_only=False)
     if _rank() == 0:
+        full.update(full_precision(full, model.config, base_model, dequantized, log))
         final_dir = os.path.join(out_dir, "final")
         tmp_dir = final_dir + ".tmp"
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -256,6 +274,7 @@ HARMLESS = {"out_dir", "resume", "overwrite", "eval_interval", "log_interval", "
             "eval_gen_interval", "eval_gen_samples", "eval_gen_max_new_tokens", "reward_model",  # evaluation only
             "eps", "pareto_front", "opt_estimate_iters",  # when to stop; f* is estimated at the start only
             "dataset_num_proc", "print_config", "reschedule",  # how the same tokens are made
+            "export_dequantized",  # what final/ is merged into
             "takeover_lock"}  # who may hold out_dir
 # (max_iters and max_epochs set the run's length T; check_total_iters refuses a T that changes the steps taken)
 

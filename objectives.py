@@ -44,6 +44,8 @@ COMMON_KEYS = dict(
     eval_max_samples=1000,      # cap on the eval rows (the held-out slice or eval_split); 0 = no cap
     obj_opt=None,               # f_i* for maxright / constrained and the metrics (None = estimate it with a short run)
     ref_model="",               # reference / teacher ('' = the initial policy; the base model under LoRA)
+    quantize="",                # '' | nf4: frozen weights in 4 bits (quant.py): LoRA's base, every reference / teacher;
+                                # quantize_i: objective i's own reference / teacher (ref_model_i, or the initial policy)
 )
 
 # -----------------------------------------------------------------------------

@@ -17,11 +17,13 @@ without, against 16 in bf16. Why torchao and not bitsandbytes: BENCHMARKS.md, "4
     restore_base(model, path)   # the original weights re-read from the checkpoint: merge then equals an unquantized run
     copy(model)                 # deepcopy, each 4-bit weight copied exactly
 """
+import importlib.util
+
 import torch
 import torch.nn as nn
 
 from errors import ConfigError
-from model import checkpoint_files, hf_names, needs_transpose, quantized
+from model import checkpoint_files, hf_names, needs_transpose, quantized, resolve_checkpoint
 
 FORMATS = ("", "nf4")
 BLOCK_SIZE = 64       # weights per absmax scale (QLoRA's)
@@ -126,6 +128,16 @@ def quantize(model, fmt="nf4", head=False, double_quant=True, device=None):
         model.to(device)
     return names
 
+def frozen(model, fmt, head=False, device=None, key="quantize"):
+    """quantize() as train.py calls it on a frozen model (LoRA's base, a reference, a teacher):
+    what cannot be quantized (a head that is the embedding, a weight of no whole number of blocks)
+    is a ConfigError naming the key (key: the one that asked for fmt)."""
+    try:
+        return quantize(model, fmt, head=head, device=device)
+    except ValueError as e:
+        keys = f"config keys {key}={fmt!r} and quantize_head=True" if head else f"config key {key}={fmt!r}"
+        raise ConfigError(f"{keys}: {str(e).removeprefix('quantize: ')}") from None
+
 def quantized_names(model):
     return [n for n, p in _unwrap(model).named_parameters() if quantized(p)]
 
@@ -152,6 +164,7 @@ def read_base(path, config, names, dtype=None):
     checkpoint at path (only those tensors, file by file; in dtype, default the checkpoint's):
     the original weights of the 4-bit ones, for an export that merges into the real base."""
     from safetensors import safe_open
+    path = resolve_checkpoint(path)  # a hub id: the local snapshot the run was loaded from
     want = {n.replace(".base.", "."): n for n in names}  # ours without LoRA's wrapper: what hf_names knows
     from_hf = {h: o for h, o in hf_names(config).items() if o in want}
     if set(from_hf.values()) != set(want):
@@ -222,10 +235,16 @@ def check_keys(c, kinds, uses_reference):
     obj_K]; uses_reference(i) -> whether objective i has a reference or teacher model (its own or
     the policy's base). Refuses: an unknown format; a quantize that quantizes nothing (full fine-tuning,
     no reference or teacher); a quantize_i on an objective without a reference or whose reference
-    is the policy's own base (LoRA, no ref_model_i: the base is quantized as quantize says)."""
+    is the policy's own base (LoRA, no ref_model_i: the base is quantized as quantize says), or
+    beyond the run's objectives; quantize_head or export_dequantized where nothing asks for them;
+    a format without torchao installed."""
     for k in ["quantize"] + [f"quantize_{i}" for i in range(1, len(kinds) + 1)]:
         if k in c and c[k] not in FORMATS:
             raise ConfigError(f"config key {k}: {c[k]!r} is not one of {', '.join(repr(f) for f in FORMATS)}")
+    beyond = [k for k in c if k.startswith("quantize_") and k.removeprefix("quantize_").isdigit()
+              and not 1 <= int(k.removeprefix("quantize_")) <= len(kinds)]
+    if beyond:
+        raise ConfigError(f"config key {beyond[0]} is set, but the run has {len(kinds)} objective(s)")
     lora = c.get("lora_rank", 0) > 0
     refs = [i for i in range(1, len(kinds) + 1) if uses_reference(i)]
     for i in range(1, len(kinds) + 1):
@@ -242,10 +261,18 @@ def check_keys(c, kinds, uses_reference):
                               f"quantize={c.get('quantize', '')!r} says; set ref_model_{i} for a separate reference")
     fmts = {c.get(f"quantize_{i}", c.get("quantize", "")) for i in refs}
     if c.get("quantize") and not lora and not any(fmts):
+        why = "every reference / teacher has quantize_i=''" if refs else "no objective has a reference or teacher model"
         raise ConfigError(f"config key quantize={c['quantize']!r}: nothing frozen to quantize (lora_rank=0 trains "
-                          f"every weight of the policy, and no objective has a reference or teacher model)")
+                          f"every weight of the policy, and {why})")
     if c.get("quantize_head") and not (c.get("quantize") or any(fmts)):
         raise ConfigError("config key quantize_head=True: set quantize (the head is quantized with the rest)")
+    if c.get("export_dequantized") and not (lora and c.get("quantize")):
+        raise ConfigError("config key export_dequantized=True: final/ merges LoRA adapters into a 4-bit base only "
+                          "with lora_rank > 0 and quantize set; this run's final/ holds its own weights")
+    used = [k for k in ["quantize"] + [f"quantize_{i}" for i in refs] if c.get(k)]
+    if used and importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"config key {used[0]}={c[used[0]]!r} needs torchao: pip install torchao "
+                          f"(or pip install -e '.[quant]')")
 
 def check_shards(model, world_size, zero_stage):
     """FSDP2 (zero_stage 2/3) shards a 4-bit weight by whole groups of scales (torchao's NF4Tensor

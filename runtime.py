@@ -54,12 +54,21 @@ def shard(m, **kw):
 def wrap(raw_model, w, zero_stage, ptdtype, master_dtype, cpu_offload=False, frozen=()):
     """the model the step runs: raw_model itself (one process), DDP (zero 0-1) or FSDP2 (zero 2
     keeps the gathered weights from forward to backward, zero 3 reshards; the frozen references
-    and teachers are sharded too at zero 3)."""
+    and teachers are sharded too at zero 3). 4-bit weights (quant.py): DDP leaves them out of its
+    start-up broadcast (which would quantize them again) and its gradient buckets, as they are
+    frozen and equal on every rank; FSDP2 shards them where their groups of scales divide among
+    the ranks, else a ConfigError."""
     if not w.ddp:
         return raw_model
+    import quant
     if zero_stage <= 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
+        ignored = quant.ddp_ignored(raw_model)
+        if ignored:
+            DDP._set_params_and_buffers_to_ignore_for_model(raw_model, ignored)
         return DDP(raw_model, device_ids=[w.local_rank] if w.device_type == "cuda" else None)
+    for m in [raw_model, *(frozen if zero_stage == 3 else ())]:
+        quant.check_shards(m, w.world_size, zero_stage)
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
     kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=master_dtype),
               reshard_after_forward=zero_stage == 3)

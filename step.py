@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import losses as L
+import quant
 from data import pad_cat
 from lora import disabled, lora_parameters
 from model import router_aux_loss
@@ -84,8 +85,8 @@ class Step:
         x = pad_cat([b for _, b, _ in parts], self.pad_id, self.device)
         refs = []
         for o, b, norm in parts:  # everything that needs no grad, before the policy forward
-            uses = o.kind.uses_reference(o.cfg)  # sft: only with a kl_anchor
-            refs.append(self.reference_hidden(o, pad_cat([b], self.pad_id, self.device)) if o.kind.needs == "hidden" and uses
+            hidden = o.kind.needs == "hidden" and o.kind.uses_reference(o.cfg)  # sft: only with a kl_anchor
+            refs.append(self.reference_hidden(o, pad_cat([b], self.pad_id, self.device)) if hidden
                         else self.ref_logps(o, b) if o.kind.needs == "logps" else None)
 
         def head(h, w, softcap=0.0):  # h (rows, T, C), w (V, C), the model's final logit soft-cap
@@ -219,7 +220,8 @@ def reference_digest(o, raw_model, identity, world_size=1):
     for k, v in sd.items():
         if k not in lora_names:
             v = v.to_local() if hasattr(v, "to_local") else v  # a shard under FSDP: all ranks' digests below
-            w.update(k.encode() + v.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+            v = quant.dequantized(v.detach())  # a 4-bit weight: the values its forward multiplies
+            w.update(k.encode() + v.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
     h.update("".join(_gather(w.hexdigest(), world_size)).encode())
     return h.hexdigest()
 

@@ -68,6 +68,8 @@ compile = False           # torch.compile each transformer block (the chunked lo
 gradient_checkpointing = False
 router_aux_loss = -1.0    # MoE router load-balancing loss weight: -1 = the checkpoint's (router_aux_loss_coef if output_router_logits), 0 = off
 device = ""               # '' = cuda:LOCAL_RANK when available, else cpu
+quantize_head = False     # quantize (a per-objective key below): the output head in 4 bits too (not a tied embedding)
+export_dequantized = False  # quantize under LoRA: final/ merges into the dequantized 4-bit base, not pretrain's weights
 # LoRA
 lora_rank = 0             # 0 = full fine-tuning
 lora_alpha = 16
@@ -133,6 +135,7 @@ import checkpoint
 import data
 import rollout
 import runtime
+import quant
 from lora import inject, lora_parameters
 from model import GPT, Config, load_tokenizer
 from step import Step, cache_reference, optimizer_step, reference_digest
@@ -186,8 +189,9 @@ _plain = [i for i, c in keys_of.items() if not c.apply_chat_template and c.input
 if pretrain and tokenizer.chat_template and _plain:  # chat rows ('messages') use the template either way
     log(f"note: {pretrain}'s tokenizer has a chat template; objective(s) {_plain} format prompts with input_template "
         f"{per_objective['input_template']!r}: set apply_chat_template_i=True to use the chat template")
-if pretrain:
-    raw_model = GPT.from_pretrained(pretrain, dtype=ptdtype if lora_rank else master_dtype, device=device)
+if pretrain:  # a 4-bit base is read on the CPU, then quantized onto the device one weight at a time
+    raw_model = GPT.from_pretrained(pretrain, dtype=ptdtype if lora_rank else master_dtype,
+                                    device="cpu" if lora_rank and quantize else device)
 else:
     raw_model = GPT(Config(vocab_size=len(tokenizer), n_layer=model_n_layer, n_head=model_n_head,
                            n_kv_head=model_n_kv_head, n_embd=model_n_embd, head_dim=model_n_embd // model_n_head,
@@ -199,6 +203,7 @@ if router_aux_loss >= 0:  # the weight given here instead of the checkpoint's ch
 if compile:
     raw_model.compile_blocks()  # each block on its own: no graph break at the losses' head_fn
 if lora_rank:
+    quant.frozen(raw_model, quantize, quantize_head, device, "quantize")  # the frozen base ('' leaves it as it is)
     inject(raw_model, lora_rank, lora_alpha, lora_dropout, target_modules)
     for _, p in lora_parameters(raw_model):
         p.data = p.data.to(master_dtype)  # adapters train in float32; the frozen base may be bf16
@@ -244,22 +249,24 @@ log("objectives: " + ", ".join(f"{o.i}: {o.kind.name} ({len(o.train)} train / {l
     f"({grad_accum} x {micro_train_batch_size} x {world_size} ranks)")
 
 # references and teachers: frozen, replicated on every rank (sharded at zero 3), in the compute
-# dtype; under LoRA without ref_model the policy with its adapters off
+# dtype or 4-bit (quantize_i); under LoRA without ref_model the policy with its adapters off
 frozen = {}
 for o in objs.values():
-    path = o.cfg.ref_model
+    path, fmt = o.cfg.ref_model, o.cfg.quantize
     if o.kind.reference == "none" or not o.kind.uses_reference(o.cfg):
         continue
     if not path and lora_rank:
         o.ref_is_policy = True
         continue
-    if path not in frozen:
-        m = GPT.from_pretrained(path, dtype=ptdtype, device=device) if path else deepcopy(raw_model).to(ptdtype)
-        frozen[path] = m.eval().requires_grad_(False)
-        if frozen[path].config.vocab_size != raw_model.config.vocab_size:
-            raise configurator.ConfigError(f"objective {o.i}: reference/teacher vocabulary {frozen[path].config.vocab_size} "
+    if (path, fmt) not in frozen:  # path '' = a copy of the initial policy
+        m = (GPT.from_pretrained(path, dtype=ptdtype, device="cpu" if fmt else device) if path
+             else deepcopy(raw_model).to(ptdtype))
+        frozen[path, fmt] = m.eval().requires_grad_(False)
+        quant.frozen(m, fmt, quantize_head, device, f"quantize_{o.i} (or quantize)")
+        if m.config.vocab_size != raw_model.config.vocab_size:
+            raise configurator.ConfigError(f"objective {o.i}: reference/teacher vocabulary {m.config.vocab_size} "
                                            f"!= policy's {raw_model.config.vocab_size} (ref_model_{o.i}={path!r})")
-    o.ref = frozen[path]
+    o.ref = frozen[path, fmt]
 
 # -----------------------------------------------------------------------------
 # data parallel / sharding, optimizer, the step (step.py: bench.py measures this same code)
@@ -459,7 +466,8 @@ pbar.close()
 # the end: last checkpoint, final/ export, summary
 if not (save_interval > 0 and it % save_interval == 0):
     save(it)
-checkpoint.export_final(out_dir, raw_model, fsdp, tokenizer, base_model=pretrain,
+checkpoint.export_final(out_dir, raw_model, fsdp, tokenizer, base_model=pretrain, dequantized=export_dequantized,
+                        log=log,
                         lora=dict(rank=lora_rank, alpha=lora_alpha, target_modules=target_modules) if lora_rank else None)
 gen_failed = None
 try:
