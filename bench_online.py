@@ -31,9 +31,18 @@ the loss forward and backward, clipping, AdamW and the scheduler; the dataloader
 rows is fetched before on_step_begin, as BiPOST's micro-batch is collated before its timer. Its
 split: gen_s is its _generate (tokenizing the prompts, generate, decoding), reward_s its
 _calculate_rewards, the rest the advantages, loss, backward and update.
-Figures: completion tokens per second (batch_size x G x max_new_tokens per step), the median of
-`iters` steps after `warmup_iters`; `rounds` rounds, each running both afresh from the initial
-weights, the order alternating; the ratio BiPOST / TRL is the median of the rounds' ratios.
+Figures: completion tokens per second (batch_size x G x max_new_tokens per rollout, every rollout of
+the step counted), the median of `iters` steps after `warmup_iters`; `rounds` rounds, each running
+both afresh from the initial weights, the order alternating; the ratio BiPOST / TRL is the median
+of the rounds' ratios.
+DAPO's settings on both sides (--epsilon_high=0.28 --dynamic_sampling=True --reward=even_majority):
+the upper clip bound 1 + epsilon_high (TRL's epsilon_high; with one update per rollout the ratio is
+1, so it costs nothing), and dynamic sampling: a group whose rewards are all equal is dropped and the
+next batch_size prompts (a pool after the steps' own, the same for both) rolled out, at most
+max_resample more rollouts, until batch_size groups are kept. BiPOST runs its dynamic_sampling;
+TRL 1.16 has none, so the bench wraps its _generate_and_score_completions the same way (the kept
+groups' rows of its outputs concatenated, the first batch_size groups trained). even_majority (1 when
+at least half a completion's words are even, else 0) makes about one group in eight all equal.
 """
 import statistics
 import sys
@@ -57,6 +66,10 @@ from step import Step, optimizer_step
 KEYS = dict(
     num_generations=4,        # completions sampled per prompt (G); batch_size is the prompts per step
     max_new_tokens=64,        # tokens per completion (every completion runs to the end)
+    reward="even_share",      # even_share | even_majority (a 0/1 reward: some groups all equal)
+    epsilon_high=-1.0,        # the upper clip bound's epsilon on both sides (-1 = epsilon, 0.2)
+    dynamic_sampling=False,   # DAPO's dynamic sampling on both sides (TRL: the bench's wrapper)
+    max_resample=4,           # dynamic_sampling: at most this many extra rollouts per step
 )
 
 def config(**overrides):
@@ -83,6 +96,30 @@ def even_share(prompts, completions, **_):
         out.append(sum(i % 2 == 0 for i in ids) / max(len(ids), 1))
     return out
 
+def even_majority(prompts, completions, **_):
+    """1.0 when at least half a completion's words have an even id, else 0.0: a 0/1 reward whose groups
+    are now and then all equal (dynamic sampling drops them)."""
+    return [float(s >= 0.5) for s in even_share(prompts, completions)]
+
+REWARDS = {"even_share": even_share, "even_majority": even_majority}
+
+class PromptPool:
+    """the prompts after the steps' own, batch_size at a time: what a step's dynamic sampling rolls
+    out when it drops groups (the loader's next prompts in train.py). BiPOST and TRL draw the same."""
+    rank = 0
+
+    def __init__(self, prompts, P, collate=None):
+        self.prompts, self.P, self.collate, self.pos = prompts, P, collate, 0
+
+    def take(self):
+        out = self.prompts[self.pos:self.pos + self.P]
+        assert len(out) == self.P, "the prompt pool is used up"
+        self.pos += self.P
+        return out
+
+    def next_step(self):  # as data.Loader gives a step: one micro-batch
+        return [self.collate(self.take())]
+
 def online_tokenizer(vocab_size):
     """word_tokenizer's words t0 ... with its eos at id vocab_size, past the model's vocabulary: no
     sampled completion stops before max_new_tokens (prompt ids below vocab_size - 2 tokenize the same)."""
@@ -91,10 +128,11 @@ def online_tokenizer(vocab_size):
 # -----------------------------------------------------------------------------
 # BiPOST: the objects train.py builds, the step it runs
 
-def bipost_online(S, prompts):
+def bipost_online(S, prompts, pool=()):
     """a fresh policy from the initial weights and the GRPO objective as train.py sets them up.
     Returns a namespace: o, step (the Step), examples (the tokenized prompts) and run(k), one timed
-    optimizer step on prompts[k P:(k + 1) P] -> its figures, loss, gradient norm and rolled-out rows."""
+    optimizer step on prompts[k P:(k + 1) P] -> its figures, loss, gradient norm and rolled-out rows.
+    pool: the prompts dynamic sampling takes more from."""
     cfg = S.cfg
     P, G, N = cfg["batch_size"], cfg["num_generations"], cfg["max_new_tokens"]
     tok = online_tokenizer(S.base.config.vocab_size)
@@ -106,11 +144,16 @@ def bipost_online(S, prompts):
     optimizer, params = runtime.optimizer(model, cfg["learning_rate"], cfg["adam_betas"], 0.0, fused=S.device_type == "cuda")
     o = objectives.make("grpo", 1, num_generations=G, max_new_tokens=N, max_len=cfg["prompt_len"] + N, temperature=1.0,
                         top_p=1.0, top_k=0, grpo_beta=0.0, grpo_inner_steps=1, input_template="{}",
-                        reward_fn="bench_online:even_share")
+                        reward_fn=f"bench_online:{cfg['reward']}", grpo_epsilon_high=cfg["epsilon_high"],
+                        dynamic_sampling=cfg["dynamic_sampling"], max_resample=cfg["max_resample"])
     o.kind.check(1, o.cfg)  # train.py's checks of the objective's keys
     o.online = rollout.Online(tok, cfg["seed"], rewards.Rewards(o.cfg.reward_fn, o.cfg.reward_weights, "", 1, S.device))
-    examples = o.kind.tokenize([{"prompt": p} for p in prompts], "bench prompts", o.cfg, dict(tokenizer=tok, verbose=False))
+    def tokenize(ps):
+        return o.kind.tokenize([{"prompt": p} for p in ps], "bench prompts", o.cfg, dict(tokenizer=tok, verbose=False))
+    examples = tokenize(prompts)
     assert len(examples) == len(prompts) and all(len(e["prompt_ids"]) == cfg["prompt_len"] for e in examples)
+    collate = lambda ex: o.kind.collate(ex, tok.pad_token_id, o.cfg, False)
+    o.loader = PromptPool(tokenize(pool) if len(pool) else [], P, collate)
     step = Step(model, model, S.autocast, cfg["loss_chunk_size"], tok.pad_token_id, S.device)
 
     def run(k):
@@ -122,21 +165,24 @@ def bipost_online(S, prompts):
         gnorm = optimizer_step(optimizer, params, cfg["max_norm"])
         S.sync()
         t2 = time.perf_counter()
-        lengths = mb[0]["rollout"]["length"].tolist()
-        assert lengths == [N] * (P * G), f"BiPOST completions of {sorted(set(lengths))} tokens, not all {N}"
+        lengths = mb[0]["rollout"]["step"]["length"].tolist()
+        rollouts = st.get("rollouts", 1)
+        assert lengths == [N] * (rollouts * P * G), f"BiPOST completions of {sorted(set(lengths))} tokens, not all {N}"
         rows = (t1 - t0) - st["gen_s"] - st["reward_s"] - st["update_s"]
         return dict(step_s=t2 - t0, gen_s=st["gen_s"], reward_s=st["reward_s"], rows_s=rows, update_s=st["update_s"],
-                    opt_s=t2 - t1, loss=loss, gnorm=gnorm, reward=st["reward"], batch=mb[0])
+                    opt_s=t2 - t1, loss=loss, gnorm=gnorm, reward=st["reward"], batch=mb[0], rollouts=float(rollouts),
+                    tokens=float(rollouts * P * G * N))
     return SimpleNamespace(o=o, step=step, model=model, examples=examples, tokenizer=tok, run=run)
 
 # -----------------------------------------------------------------------------
 # TRL: GRPOTrainer on the same weights, prompts, G and lengths
 
-def trl_online(S, prompts, n_steps):
+def trl_online(S, prompts, n_steps, pool=()):
     """TRL's GRPOTrainer over prompts[:n_steps P] in order (n_steps optimizer steps), configured like
     the BiPOST step. Returns one dict per step: step_s (on_step_begin to on_step_end), gen_s (its
-    _generate), reward_s (its _calculate_rewards), and the prompts and completion lengths its
-    reward function was given (checked: every completion max_new_tokens long)."""
+    _generate), reward_s (its _calculate_rewards), rollouts and completion tokens generated, and the
+    prompts and completion lengths its reward function was given first (checked: every completion
+    max_new_tokens long). pool: the prompts dynamic sampling takes more from."""
     import datasets
     import transformers
     from datasets import Dataset
@@ -154,8 +200,8 @@ def trl_online(S, prompts, n_steps):
 
     def reward(prompts, completions, completion_ids, **kw):  # the same function, its inputs recorded
         seen.append((list(prompts), [len(c) for c in completion_ids]))
-        return even_share(prompts, completions)
-    reward.__name__ = "even_share"
+        return REWARDS[cfg["reward"]](prompts, completions)
+    reward.__name__ = cfg["reward"]
 
     def timing(fn, key):  # times one of the trainer's own methods, leaves it as it is
         def run(*a, **kw):
@@ -170,18 +216,22 @@ def trl_online(S, prompts, n_steps):
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             split.clear()
+            self.first = len(seen)
             S.sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             S.sync()
+            n = len(seen) - self.first
             records.append(dict(step_s=time.perf_counter() - self.t0, gen_s=split.get("gen_s", 0.0),
-                                reward_s=split.get("reward_s", 0.0)))
+                                reward_s=split.get("reward_s", 0.0), rollouts=float(n), tokens=float(n * P * G * N),
+                                first=self.first))
 
     with tempfile.TemporaryDirectory() as out:
         kw = dict(output_dir=out, per_device_train_batch_size=P * G, gradient_accumulation_steps=1, num_generations=G,
                   max_completion_length=N, generation_kwargs={"min_new_tokens": N}, temperature=1.0, top_p=1.0, top_k=0,
                   beta=0.0, num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+                  epsilon_high=None if cfg["epsilon_high"] == -1 else cfg["epsilon_high"],
                   use_vllm=False, shuffle_dataset=False, max_steps=n_steps, learning_rate=cfg["learning_rate"],
                   adam_beta1=cfg["adam_betas"][0], adam_beta2=cfg["adam_betas"][1], weight_decay=0.0,
                   max_grad_norm=cfg["max_norm"], lr_scheduler_type="constant", warmup_steps=0,
@@ -198,14 +248,42 @@ def trl_online(S, prompts, n_steps):
         trainer.remove_callback(PrinterCallback)
         trainer._generate = timing(trainer._generate, "gen_s")
         trainer._calculate_rewards = timing(trainer._calculate_rewards, "reward_s")
+        if cfg["dynamic_sampling"]:
+            trainer._generate_and_score_completions = dynamic_sampling(
+                trainer._generate_and_score_completions, PromptPool(list(pool), P), P, G, cfg["max_resample"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecations inside transformers / TRL
             trainer.train()
-    assert len(records) == len(seen) == n_steps, (len(records), len(seen), n_steps)
-    for r, (ps, lengths) in zip(records, seen):
+    assert len(records) == n_steps and len(seen) == sum(r["rollouts"] for r in records), (len(records), len(seen))
+    for ps, lengths in seen:
         assert lengths == [N] * (P * G), f"TRL completions of {sorted(set(lengths))} tokens, not all {N}"
-        r.update(prompts=ps, lengths=lengths)
+    for r in records:
+        r["prompts"], r["lengths"] = seen[r.pop("first")]
     return records
+
+def dynamic_sampling(generate_and_score, pool, P, G, max_resample):
+    """TRL's _generate_and_score_completions with DAPO's dynamic sampling around it, as BiPOST's: the
+    groups whose advantages are all 0 (all rewards equal) are dropped and the pool's next P prompts
+    rolled out, at most max_resample more times; the rows of the first P kept groups are trained."""
+    def run(inputs):
+        outs = [generate_and_score(inputs)]
+        kept = lambda k: [(k, q) for q in range(len(outs[k]["advantages"]) // G)
+                          if bool((outs[k]["advantages"][q * G:(q + 1) * G] != 0).any())]
+        groups = kept(0)
+        while len(groups) < P and len(outs) <= max_resample:
+            outs.append(generate_and_score([{"prompt": p} for p in pool.take() for _ in range(G)]))
+            groups += kept(len(outs) - 1)
+        groups = groups[:P] or [(0, q) for q in range(P)]  # none kept: the first rollout (all advantages 0)
+        B = len(outs[0]["advantages"])
+        out = {}
+        for key, v in outs[0].items():
+            if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == B:
+                out[key] = torch.cat([outs[k][key][q * G:(q + 1) * G] for k, q in groups])
+            else:
+                out[key] = v
+        out["num_items_in_batch"] = out["completion_mask"].sum()
+        return out
+    return run
 
 # -----------------------------------------------------------------------------
 # the benchmark
@@ -213,7 +291,7 @@ def trl_online(S, prompts, n_steps):
 def median_of(records, key):
     return statistics.median(r[key] for r in records)
 
-def run_round(S, prompts, use_trl, rnd):
+def run_round(S, prompts, use_trl, rnd, pool=()):
     """one round: BiPOST and TRL (when installed), each afresh from the initial weights, warmup_iters
     + iters steps, the order alternating between rounds. Returns {name: timed records}."""
     cfg, out = S.cfg, {}
@@ -222,34 +300,37 @@ def run_round(S, prompts, use_trl, rnd):
     order = ["bipost", "trl"] if rnd % 2 == 0 else ["trl", "bipost"]
     for name in order:
         if name == "bipost":
-            R = bipost_online(S, prompts)
+            R = bipost_online(S, prompts, pool)
             recs = [R.run(k) for k in range(W + n)][W:]
             for r in recs:
                 del r["batch"]
             del R
         elif use_trl:
-            recs = trl_online(S, prompts, W + n)[W:]
+            recs = trl_online(S, prompts, W + n, pool)[W:]
         else:
             continue
+        for r in recs:
+            r["tokens_per_s"] = r["tokens"] / r["step_s"]
         out[name] = recs
         s = median_of(recs, "step_s")
-        print(f"  {name:<7} {s * 1e3:9.1f} ms/step  {tokens / s:8.0f} completion tok/s  generation "
-              f"{median_of(recs, 'gen_s') / s:5.1%}  (round {rnd + 1}, load {bench.loadavg()})")
+        print(f"  {name:<7} {s * 1e3:9.1f} ms/step  {median_of(recs, 'tokens_per_s'):8.0f} completion tok/s  "
+              f"generation {median_of(recs, 'gen_s') / s:5.1%}  rollouts/step {median_of(recs, 'rollouts'):.1f}  "
+              f"(round {rnd + 1}, load {bench.loadavg()})")
     return out
 
 def summarize(rounds, tokens):
-    """per trainer: medians over the rounds of each round's medians; the ratio BiPOST / TRL tokens/s,
-    the median of the rounds' ratios."""
+    """per trainer: medians over the rounds of each round's medians (tokens/s: of each step's completion
+    tokens, every rollout's, over its time); the ratio BiPOST / TRL tokens/s, the median of the rounds'."""
     res = {}
     for name in rounds[0]:
         keys = [k for k in rounds[0][name][0] if isinstance(rounds[0][name][0][k], float)]
         per = {k: [median_of(r[name], k) for r in rounds] for k in keys}
         res[name] = {k: statistics.median(v) for k, v in per.items()}
         res[name]["step_s_rounds"] = per["step_s"]
-        res[name]["tokens_per_s"] = tokens / res[name]["step_s"]
+        res[name]["tokens_per_s_rounds"] = per["tokens_per_s"]
         res[name]["gen_share"] = statistics.median(g / s for g, s in zip(per["gen_s"], per["step_s"]))
     if "trl" in res:
-        ratios = [t / b for b, t in zip(res["bipost"]["step_s_rounds"], res["trl"]["step_s_rounds"])]
+        ratios = [b / t for b, t in zip(res["bipost"]["tokens_per_s_rounds"], res["trl"]["tokens_per_s_rounds"])]
         res["ratio_rounds"], res["ratio"] = ratios, statistics.median(ratios)
     return res
 
@@ -276,7 +357,9 @@ def main(cfg, argv=()):
     cfg = S.cfg
     P, G, N = cfg["batch_size"], cfg["num_generations"], cfg["max_new_tokens"]
     W, n = cfg["warmup_iters"], cfg["iters"]
-    prompts = make_prompts(S, (W + n + (cfg["profile"] != "")) * P)
+    k = (W + n + (cfg["profile"] != "")) * P
+    prompts = make_prompts(S, k + (W + n) * cfg["max_resample"] * P * cfg["dynamic_sampling"])
+    prompts, pool = prompts[:k], prompts[k:]
     use_trl = True
     try:
         import trl
@@ -291,10 +374,12 @@ def main(cfg, argv=()):
     print(f"bench online: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, {info['torch_threads']} threads, "
           f"torch {info['torch']}, transformers {info['transformers']}, trl {trl_version}, {S.device} {cfg['dtype']}, "
           f"{S.base.num_params() / 1e6:.2f}M params (hidden {mc.n_embd}, {mc.n_layer} layers, vocab {mc.vocab_size}); "
-          f"GRPO: {P} prompts x G {G} completions, prompt {cfg['prompt_len']} + {N} new tokens, load {info['load_start']}")
+          f"GRPO: {P} prompts x G {G} completions, prompt {cfg['prompt_len']} + {N} new tokens, reward "
+          f"{cfg['reward']}, epsilon_high {cfg['epsilon_high']}, dynamic_sampling {cfg['dynamic_sampling']}, "
+          f"load {info['load_start']}")
     if cfg["profile"]:
         return profile(S, prompts, use_trl)
-    rounds = [run_round(S, prompts, use_trl, rnd) for rnd in range(cfg["rounds"])]
+    rounds = [run_round(S, prompts, use_trl, rnd, pool) for rnd in range(cfg["rounds"])]
     tokens = P * G * N
     res = summarize(rounds, tokens)
     info["load_end"] = bench.loadavg()
@@ -317,8 +402,10 @@ def report(res, cfg, info, tokens):
         split = (f"gen {r['gen_s'] * 1e3:.0f} / reward {r['reward_s'] * 1e3:.1f} / rows {r['rows_s'] * 1e3:.1f} / "
                  f"fwd+bwd {r['update_s'] * 1e3:.0f} / opt {r['opt_s'] * 1e3:.1f}" if name == "bipost" else
                  f"gen {r['gen_s'] * 1e3:.0f} / reward {r['reward_s'] * 1e3:.1f} / rest (loss, update) {rest * 1e3:.0f}")
-        rows.append([name, f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['gen_share']:.1%}", split])
-    bench.print_table(rows, ["trainer", "ms/step", "completion tok/s", "generation share", "split (ms)"])
+        rows.append([name, f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['rollouts']:.1f}",
+                     f"{r['gen_share']:.1%}", split])
+    bench.print_table(rows, ["trainer", "ms/step", "completion tok/s", "rollouts/step", "generation share",
+                             "split (ms)"])
     if "ratio" in res:
         print(f"BiPOST / TRL completion tokens/s: {res['ratio']:.2f}x (rounds: "
               f"{', '.join(f'{x:.2f}' for x in res['ratio_rounds'])}); generation alone: "

@@ -185,8 +185,11 @@ RANGES = dict(
     dpo_beta="> 0", dpo_label_smoothing="[0, 0.5)", dpo_nll_loss_coef=">= 0", simpo_gamma="finite",
     orpo_lambda=">= 0", kto_desirable_weight=">= 0", kto_undesirable_weight=">= 0",
     kd_beta="[0, 1]", kd_top_k=">= 0; 0 = the full vocabulary", kd_temperature="> 0",
+    kl_anchor=">= 0; 0 = off",
     max_new_tokens=">= 1", temperature=">= 0; 0 = greedy", top_p="(0, 1]", top_k=">= 0; 0 = off",  # online kinds' sampling
     num_generations=">= 2", grpo_epsilon="> 0", grpo_inner_steps=">= 1", grpo_beta=">= 0",
+    grpo_epsilon_high="> 0 or -1; -1 = grpo_epsilon", max_resample=">= 0",
+    overlong_buffer=">= 0; 0 = max_new_tokens // 5",
     # data
     eval_frac="[0, 1)", dataset_num_proc=">= 0; 0 = this process",
     # optimization

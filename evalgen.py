@@ -323,7 +323,7 @@ def run(objectives, model, tokenizer, it, out_dir, samples=64, max_new_tokens=64
             if o.kind.evaluate is None:
                 per[o.i] = {"skipped": f"objective kind {o.kind.name} has no behaviour metrics"}
                 continue
-            if o.kind.reference != "none" and not o.has_reference():  # precompute_ref dropped the reference model
+            if o.kind.reference != "none" and o.kind.uses_reference(o.cfg) and not o.has_reference():
                 per[o.i] = {"skipped": "no reference model in memory (precompute_ref)"}
                 continue
             ref = "self" if o.ref_is_policy else o.ref

@@ -224,16 +224,24 @@ def _normalizer(num_tokens, labels):
 # -----------------------------------------------------------------------------
 # SFT and sequence log-probs
 
-def token_logps(hidden, weight, labels, chunk_size=0, temperature=1.0, uniform=False, softcap=0.0):
+def token_logps(hidden, weight, labels, chunk_size=0, temperature=1.0, uniform=False, softcap=0.0, entropy=None):
     """log p(labels[b, t]) for hidden [B, T, C], weight [V, C] -> [B, T] float32, 0.0 where masked.
     uniform=True: the caller reduces the result with one weight for every token (a sum, a token
     mean), which lets the head's gradient be computed in the forward (_ChunkedHeadUniform).
-    softcap: the model's final logit soft-cap (gemma 2), applied before the temperature."""
+    softcap: the model's final logit soft-cap (gemma 2), applied before the temperature.
+    entropy: a list that receives the [B, T] entropy -sum_v p_v log p_v of the distribution each
+    label is drawn from (0.0 where masked; no gradient), taken from each chunk's tile in the forward."""
+    chunks = [] if entropy is not None else None
+
     def fn(z, y):  # (n, V) logits (overwritten), (n,) targets -> (n,) log p(y) = z_y - logsumexp(z)
         z = _scaled(z, temperature, inplace=True)
         zy = z.gather(1, y[:, None]).squeeze(1)
         m = z.detach().amax(1, keepdim=True)  # the shift that keeps exp() finite; no gradient flows through it
-        return zy - m.squeeze(1) - z.sub_(m).exp_().sum(1).log()
+        e = z.sub_(m).exp_()
+        s = e.sum(1)
+        if chunks is not None:  # H = log s - sum_v (e_v / s) log e_v, with e = exp(z - max z); entr(x) = -x log x
+            chunks.append((s.log() + torch.special.entr(e.detach(), out=e.detach()).sum(1) / s).detach())
+        return zy - m.squeeze(1) - s.log()
 
     def logits_grad(z, g, logp, y):  # d(sum g * logp[y]) / dz = g (onehot(y) - softmax(z / tau)) / tau
         dtype = z.dtype
@@ -252,7 +260,12 @@ def token_logps(hidden, weight, labels, chunk_size=0, temperature=1.0, uniform=F
         gz[torch.arange(len(y), device=y.device), y] += 1
         return logp, gz if temperature == 1.0 else gz.div_(temperature)
     fn.logits_grad, fn.value_and_grad = logits_grad, value_and_grad
-    return _chunked(fn, hidden, weight, labels, chunk_size, [labels], uniform, softcap)
+    out = _chunked(fn, hidden, weight, labels, chunk_size, [labels], uniform and chunks is None, softcap)
+    if chunks is not None:
+        idx = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+        vals = torch.cat(chunks) if chunks else out.new_zeros(0)
+        entropy.append(out.new_zeros(labels.numel()).index_copy(0, idx, vals.to(out.dtype)).view(labels.shape))
+    return out
 
 def sft_loss(hidden, weight, labels, num_tokens=None, chunk_size=0, softcap=0.0):
     """-sum of response-token log-probs / num_tokens. num_tokens=None uses this batch's count; the
@@ -457,23 +470,81 @@ def kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind="forwar
     return losses.sum() / _normalizer(num_tokens, labels)
 
 # -----------------------------------------------------------------------------
+# anti-forgetting SFT (docs/algorithms.md §1.8): DFT's token weights, a KL anchor to a reference
+
+def dft_token_losses(token_logps):
+    """DFT (Wu et al. 2025): each target token's NLL times its own probability, detached:
+    -sg(p_t) log p_t from [B, T] token log-probs (0.0 where masked stays 0.0). The gradient is
+    SFT's scaled per token by p_t, so the head needs the recompute path (unequal token weights)."""
+    return -token_logps.detach().exp() * token_logps
+
+def _kl_anchor_fn(rw, cdt, cap=0.0):
+    """KL(p || q) per token on a chunk, p = softmax(z) the policy's, q = softmax(z_R) the
+    reference's from its hidden states (n, C_R) and head rw (V, C_R), full vocabulary, with the
+    closed-form logits gradient dKL/dz = p (log p - log q - KL). Peak: the scratch tile and q's."""
+    def ref_logps(rh):  # (n, V) reference log-probs in a tile of their own, no grad
+        with torch.no_grad():
+            rh = rh.to(cdt)
+            q = mm_into(rh, rw.to(cdt).t(), rh.new_empty(rh.shape[0], rw.shape[0], dtype=_upcast(rh).dtype))
+            q = softcap_(q, cap)
+            return q.sub_(torch.logsumexp(q, 1, keepdim=True))
+
+    def dot(a, b):  # row-wise sum_v a_v b_v without an (n, V) product
+        return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
+
+    def fn(z, rh):
+        d = ref_logps(rh).neg_().add_(z.sub_(torch.logsumexp(z, 1, keepdim=True)))  # log p - log q
+        return dot(z.exp_(), d)
+
+    def value_and_grad(z, rh):  # KL and its logits gradient, in place: z becomes p, q's tile the gradient
+        d = ref_logps(rh).neg_().add_(z.sub_(torch.logsumexp(z, 1, keepdim=True)))
+        p = z.exp_()
+        kl = dot(p, d)
+        return kl, d.sub_(kl[:, None]).mul_(p)
+
+    def logits_grad(z, g, vals, rh):
+        return value_and_grad(z, rh)[1].mul_(g[:, None].to(z.dtype))
+    fn.value_and_grad, fn.logits_grad = value_and_grad, logits_grad
+    return fn
+
+def kl_anchor_token_losses(hidden, weight, ref_hidden, ref_weight, labels, chunk_size=0, uniform=False, softcap=0.0,
+                           ref_softcap=0.0):
+    """Per-token KL(pi || pi_ref) = sum_v p(v) (log p(v) - log q(v)) over the full vocabulary at the
+    labelled positions [B, T] (0.0 where masked), p from the policy's hidden [B, T, C] and head
+    [V, C], q from the reference's hidden [B, T, C_R] and head [V, C_R] (no gradient reaches the
+    reference). Chunked as every loss here, with the closed-form gradient; softcap, ref_softcap:
+    each model's final logit soft-cap (0 = off). uniform as in token_logps."""
+    fn = _kl_anchor_fn(ref_weight.detach(), compute_dtype(ref_hidden), ref_softcap)
+    return _chunked(fn, hidden, weight, labels, chunk_size, [ref_hidden.detach()], uniform, softcap)
+
+# -----------------------------------------------------------------------------
 # GRPO (docs/algorithms.md §1.7)
 
-def grpo_token_losses(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0.0):
-    """Per-token GRPO losses [B, T] (0 where mask is False) and (k3 KL [B, T], clipped [B, T] bool).
-    logps: the policy's log-probs of the completion tokens (with grad); old_logps: the sampling
-    policy's (no grad; logps.detach() when a rollout is used once, so the ratio is 1); ref_logps: the
-    reference's, or None (beta 0); advantages [B], one per completion. With ratio = exp(logps -
-    old_logps): -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) + beta (exp(ref - logps) - (ref - logps) - 1)."""
+def grpo_token_losses(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0.0, epsilon_high=None,
+                      level="token"):
+    """Per-token GRPO losses [B, T] (0 where mask is False) and (k3 KL [B, T], low-clipped [B, T] bool,
+    high-clipped [B, T] bool). logps: the policy's log-probs of the completion tokens (with grad);
+    old_logps: the sampling policy's (no grad; logps.detach() when a rollout is used once, so the
+    ratio is 1); ref_logps: the reference's, or None (beta 0); advantages [B], one per completion.
+    level "token": one ratio per token, rho_t = exp(logps_t - old_logps_t); "sequence" (GSPO): one per
+    completion, s = exp(mean_t (logps_t - old_logps_t)) over its masked tokens, given to each of them.
+    The loss is -min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta (exp(ref - logps) -
+    (ref - logps) - 1); epsilon_high None = epsilon. Low-clipped: rho < 1 - epsilon with A < 0,
+    high-clipped: rho > 1 + epsilon_high with A > 0 (where the clip takes the gradient away)."""
     A = advantages[:, None].to(logps.dtype)
-    ratio = torch.exp(logps - old_logps)
-    clipped_ratio = ratio.clamp(1 - epsilon, 1 + epsilon)
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    log_ratio = logps - old_logps
+    if level == "sequence":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = ratio.clamp(1 - epsilon, 1 + eps_high)
     surrogate = torch.minimum(ratio * A, clipped_ratio * A)
-    clipped = (clipped_ratio * A < ratio * A) & mask
-    loss = -surrogate
+    low = ((ratio < 1 - epsilon) & (A < 0)).expand_as(mask) & mask
+    high = ((ratio > 1 + eps_high) & (A > 0)).expand_as(mask) & mask
+    loss = (-surrogate).expand_as(logps)
     kl = torch.zeros_like(logps)
     if ref_logps is not None:
         d = ref_logps.to(logps.dtype) - logps
         kl = torch.exp(d) - d - 1
         loss = loss + beta * kl
-    return loss * mask, (kl * mask, clipped)
+    return loss * mask, (kl * mask, low, high)

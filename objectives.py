@@ -201,9 +201,24 @@ def _token_mean(p, tok):
     return tok.sum() / p.norm["tokens"] * p.world_size, {}
 
 def sft_part(p):
-    uniform = p.norm is not None and "weights" not in p.batch  # every token counts alike: the head's gradient in the forward
-    tok = -L.token_logps(p.hidden, p.weight, p.labels, p.chunk_size, uniform=uniform, softcap=p.softcap)
-    return _token_mean(p, tok)
+    """SFT's token mean of -log p (sft_loss=dft: each term times its detached p), plus kl_anchor x
+    the KL to the reference at each target position (p.ref: its hidden states, head, soft-cap); with
+    either option on, the stats are the plain NLL and the KL (anchor_kl), means over the same tokens."""
+    c = p.o.cfg
+    dft, beta = c.sft_loss == "dft", c.kl_anchor
+    uniform = p.norm is not None and "weights" not in p.batch  # every token alike: the head's gradient in the forward
+    logp = L.token_logps(p.hidden, p.weight, p.labels, p.chunk_size, uniform=uniform and not dft, softcap=p.softcap)
+    tok = L.dft_token_losses(logp) if dft else -logp
+    if not dft and beta == 0:
+        return _token_mean(p, tok)
+    stats = {"nll": -logp.detach()}
+    if beta > 0:
+        rh, rw, rcap = p.ref
+        kl = L.kl_anchor_token_losses(p.hidden, p.weight, rh[:, : p.hidden.shape[1]], rw, p.labels, p.chunk_size,
+                                      uniform, p.softcap, rcap)
+        tok, stats["anchor_kl"] = tok + beta * kl, kl.detach()
+    loss, _ = _token_mean(p, tok)
+    return loss, ({} if p.norm is None else {k: _token_mean(p, v)[0] for k, v in stats.items()})
 
 def dpo_part(p):
     c, n = p.o.cfg, p.hidden.shape[0]
@@ -288,18 +303,35 @@ def kd_part(p):
 
 def grpo_part(p):
     """GRPO's clipped policy-gradient loss over the completion tokens, plus grpo_beta x the k3 KL to the
-    reference: this rank's share of the global token mean (p.norm["tokens"]; norm None: per-row means)."""
+    reference, aggregated as grpo_loss says: token (a token mean over the global batch, p.norm["tokens"]),
+    sequence (each completion's token mean, then a mean over the global batch's completions) or constant
+    (the token sum over completions x max_new_tokens); norm None: per-row means. Stats are token means:
+    the KL, the clipped shares (low, high, either) and the entropy of the sampled tokens' distributions."""
     c = p.o.cfg
-    tok = L.token_logps(p.hidden, p.weight, p.labels, p.chunk_size, softcap=p.softcap)
+    ent = [] if p.norm is not None else None
+    tok = L.token_logps(p.hidden, p.weight, p.labels, p.chunk_size, softcap=p.softcap, entropy=ent)
     mask = p.labels != L.IGNORE_INDEX
     dev = lambda k: p.batch[k].to(tok.device)[:, : tok.shape[1]] if k in p.batch else None
     old = dev("old_logps")
-    losses, (kl, clipped) = L.grpo_token_losses(tok, tok.detach() if old is None else old, dev("ref_token_logps"),
-                                                p.batch["advantages"].to(tok.device), mask, c.grpo_epsilon, c.grpo_beta)
+    losses, (kl, low, high) = L.grpo_token_losses(
+        tok, tok.detach() if old is None else old, dev("ref_token_logps"), p.batch["advantages"].to(tok.device), mask,
+        c.grpo_epsilon, c.grpo_beta, epsilon_high(c), c.importance_sampling)
     if p.norm is None:
         return L.per_sample_mean(losses, p.labels), {}
     scale = p.world_size / p.norm["tokens"]
-    return losses.sum() * scale, {"kl": kl.detach().sum() * scale, "clip_frac": clipped.sum() * scale}
+    if c.grpo_loss == "sequence":
+        loss = (losses.sum(-1) / mask.sum(-1).clamp(min=1)).sum() * p.world_size / p.norm["completions"]
+    elif c.grpo_loss == "constant":
+        loss = losses.sum() * p.world_size / (p.norm["completions"] * c.max_new_tokens)
+    else:
+        loss = losses.sum() * scale
+    share = lambda m: m.sum().to(tok.dtype) * scale
+    return loss, {"kl": kl.detach().sum() * scale, "clip_frac": share(low | high), "clip_low_frac": share(low),
+                  "clip_high_frac": share(high), "entropy": ent[0].sum() * scale}
+
+def epsilon_high(c):
+    """the upper clip bound's epsilon: grpo_epsilon_high, or grpo_epsilon when it is -1."""
+    return c.grpo_epsilon if c.grpo_epsilon_high == -1 else c.grpo_epsilon_high
 
 # -----------------------------------------------------------------------------
 # per-kind checks of the config keys
@@ -307,6 +339,10 @@ def grpo_part(p):
 def _check(cond, msg):
     if not cond:
         raise ConfigError(msg)
+
+def _check_sft(i, c):
+    _check(c.sft_loss in ("nll", "dft"), f"config key sft_loss_{i} (or sft_loss): {c.sft_loss!r} is not nll or dft")
+    _check(c.kl_anchor >= 0, f"config key kl_anchor_{i} (or kl_anchor) must be >= 0 (0 = off), got {c.kl_anchor}")
 
 def _check_dpo(i, c):
     _check(c.dpo_beta > 0, f"config key dpo_beta_{i} (or dpo_beta) must be > 0, got {c.dpo_beta}")
@@ -356,13 +392,29 @@ def _check_grpo(i, c):
     _check(c.grpo_epsilon > 0, f"config key grpo_epsilon_{i} (or grpo_epsilon) must be > 0, got {c.grpo_epsilon}")
     _check(c.grpo_inner_steps >= 1, f"config key grpo_inner_steps_{i} (or grpo_inner_steps) must be >= 1, got {c.grpo_inner_steps}")
     _check(c.grpo_beta >= 0, f"config key grpo_beta_{i} (or grpo_beta) must be >= 0, got {c.grpo_beta}")
-    _check(bool(c.reward_fn or c.reward_model), f"objective {i} is grpo: set reward_fn_{i} (a shipped reward: "
-           f"exact_answer, answer_format, length, lowercase, char_match; or 'file.py:function') or reward_model_{i}")
+    for k, allowed in (("grpo_loss", ("token", "sequence", "constant")), ("scale_rewards", ("group", "batch", "none")),
+                       ("importance_sampling", ("token", "sequence"))):
+        _check(getattr(c, k) in allowed, f"config key {k}_{i} (or {k}): {getattr(c, k)!r} is not one of "
+               f"{', '.join(allowed)}")
+    _check(c.advantage == "grpo" or c.scale_rewards != "batch", f"config key scale_rewards_{i}=batch divides grpo's "
+           f"advantages by the batch's reward std; advantage_{i}=rloo divides by none (use scale_rewards_{i}=group "
+           f"or none)")
+    _check(c.grpo_epsilon_high == -1 or c.grpo_epsilon_high > 0, f"config key grpo_epsilon_high_{i} (or "
+           f"grpo_epsilon_high) must be > 0 or -1 (= grpo_epsilon), got {c.grpo_epsilon_high}")
+    _check(c.max_resample >= 0, f"config key max_resample_{i} (or max_resample) must be >= 0, got {c.max_resample}")
     import rewards  # the functions are found now, before anything is loaded
-    n = len([s for s in c.reward_fn.split(",") if s.strip()]) + bool(c.reward_model)
-    for spec in (s.strip() for s in c.reward_fn.split(",") if s.strip()):
+    specs = rewards.names(c.reward_fn)
+    _check(bool(specs or c.reward_model), f"objective {i} is grpo: set reward_fn_{i} (a shipped reward: "
+           f"{', '.join(rewards.SHIPPED)}; or 'file.py:function'; several comma-separated) or reward_model_{i}"
+           + (f" (reward_fn_{i}={c.reward_fn!r} names none)" if c.reward_fn.strip() else ""))
+    for spec in specs:
         rewards.load_function(spec, f"reward_fn_{i}")
-    rewards.parse_weights(c.reward_weights, n, f"reward_weights_{i}")
+    rewards.parse_weights(c.reward_weights, len(specs) + bool(c.reward_model), f"reward_weights_{i}")
+    _check(c.overlong_buffer >= 0, f"config key overlong_buffer_{i} (or overlong_buffer) must be >= 0, "
+           f"got {c.overlong_buffer}")
+    _check("overlong" not in specs or c.overlong_buffer <= c.max_new_tokens, f"config key overlong_buffer_{i}="
+           f"{c.overlong_buffer} exceeds max_new_tokens_{i}={c.max_new_tokens} (the overlong reward falls from 0 to -1 "
+           f"over the last overlong_buffer tokens)")
 
 def _evaluate(name):
     def run(*a, **kw):
@@ -377,8 +429,11 @@ ONLINE_KEYS = dict(max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0)  # sa
 
 KINDS = {k.name: k for k in [
     Kind("sft", "supervised fine-tuning: the mean negative log-likelihood of the response tokens",
-         keys={}, tokenize=_tokenize_sequences, collate=_collate_sequences, count=_count_tokens, loss=sft_part,
-         per_row=True, recomputes_head=lambda c: bool(c.weight_key), evaluate=_evaluate("evaluate_sft")),
+         keys=dict(sft_loss="nll", kl_anchor=0.0),  # sft_loss: nll | dft (DFT); kl_anchor: beta x KL(policy || reference), 0 = off
+         tokenize=_tokenize_sequences, collate=_collate_sequences, count=_count_tokens, loss=sft_part,
+         reference="initial", needs="hidden", per_row=True,
+         recomputes_head=lambda c: bool(c.weight_key) or c.sft_loss == "dft", evaluate=_evaluate("evaluate_sft"),
+         check=_check_sft, uses_reference=lambda c: c.kl_anchor > 0),
     Kind("dpo", "direct preference optimization on (prompt, chosen, rejected) pairs against a frozen reference",
          keys=dict(dpo_beta=0.1, dpo_ipo=False, dpo_label_smoothing=0.0, dpo_nll_loss_coef=0.0),
          tokenize=_tokenize_pairs, collate=_collate_pairs, count=_count_pairs, loss=dpo_part,
@@ -406,7 +461,16 @@ KINDS = {k.name: k for k in [
     Kind("grpo", "GRPO: completions sampled from the policy, scored by reward functions, a clipped policy gradient "
          "with group-relative advantages (online)",
          keys=dict(num_generations=4, advantage="grpo", grpo_epsilon=0.2, grpo_inner_steps=1, grpo_beta=0.0,
-                   reward_fn="", reward_weights="", reward_model="", **ONLINE_KEYS),
+                   reward_fn="", reward_weights="", reward_model="",
+                   grpo_loss="token",           # token | sequence (GRPO's per-completion mean) | constant (Dr. GRPO)
+                   scale_rewards="group",       # group | batch | none (Dr. GRPO): the std grpo's advantages divide by
+                   grpo_epsilon_high=-1.0,      # the upper clip bound 1 + epsilon_high (clip-higher); -1 = grpo_epsilon
+                   importance_sampling="token",  # token | sequence (GSPO: one ratio per completion)
+                   dynamic_sampling=False,      # DAPO: drop groups whose rewards are all equal, sample more prompts
+                   max_resample=4,              # dynamic_sampling: at most this many extra rollouts per step
+                   mask_truncated=False,        # completions cut at max_new_tokens (no eos) get no loss
+                   overlong_buffer=0,           # reward overlong: -1 over the last tokens; 0 = max_new_tokens // 5
+                   **ONLINE_KEYS),
          tokenize=lambda rows, source, c, common: R.tokenize_prompts(
              rows, common["tokenizer"], c.max_len, c.prompt_key, c.input_key, c.input_template, c.apply_chat_template,
              c.max_new_tokens, source, common["verbose"]),

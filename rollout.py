@@ -10,6 +10,7 @@ and its key alone, not on the batch, the rank or the process count that generate
 sample what 1 does), and resuming needs no random state: the rollout counter n is the state.
 """
 import hashlib
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +29,11 @@ def tokenize_prompts(rows, tokenizer, max_len, prompt_key="prompt", input_key="i
                      apply_chat_template=False, max_new_tokens=64, source="", verbose=False):
     """prompt examples {"id", "prompt_ids", "prompt", "columns"} of rows holding a prompt (prompt_key,
     else input_key) or chat messages (their last assistant turn, if any, left out); columns are the
-    row's other fields, passed to the reward functions. A prompt longer than max_len - max_new_tokens
-    tokens is dropped (counted), so every completion fits in max_len."""
-    out, dropped = [], 0
+    rows' other fields, passed to the reward functions: every field any row has, None where a row
+    lacks it (as a datasets column holds it, and TRL passes it). An empty or blank prompt is an error
+    naming the row. A prompt longer than max_len - max_new_tokens tokens is dropped (counted), so
+    every completion fits in max_len."""
+    out, dropped, fields = [], 0, {}
     room = max_len - max_new_tokens
     for i, row in enumerate(rows):
         where = D._where(source, row, i)
@@ -41,14 +44,24 @@ def tokenize_prompts(rows, tokenizer, max_len, prompt_key="prompt", input_key="i
                 raise ConfigError(f"{where}: 'messages' need a user turn and a tokenizer with a chat template")
             text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         else:
+            if prompt_key not in row and input_key not in row:
+                raise ConfigError(f"{where}: missing key {prompt_key!r} (the prompt; or {input_key!r}, or 'messages'; "
+                                  f"keys present: {D._keys(row)})")
             key = prompt_key if prompt_key in row else input_key
-            text = D._prompt(tokenizer, D._field(row, key, where), template, apply_chat_template)
+            prompt = D._field(row, key, where)
+            if not prompt.strip():
+                raise ConfigError(f"{where}: field {key!r} is {'empty' if not prompt else 'blank'}: "
+                                  f"there is no prompt to answer")
+            text = D._prompt(tokenizer, prompt, template, apply_chat_template)
         ids = D._encode(tokenizer, [text], [])[0][0]
         if len(ids) > room:
             dropped += 1
             continue
         columns = {k: v for k, v in row.items() if k not in (prompt_key, input_key, "messages", "_id")}
+        fields.update(dict.fromkeys(columns))
         out.append({"id": row.get("_id", i), "prompt_ids": ids, "prompt": text, "columns": columns})
+    for e in out:  # every row gets every column
+        e["columns"] = {k: e["columns"].get(k) for k in fields}
     if rows and not out:
         raise ConfigError(f"{source}: no prompt fits max_len - max_new_tokens = {room} tokens")
     if verbose and len(rows):
@@ -148,13 +161,14 @@ def sample(step, o, prompt_ids, keys, temperature, max_new_tokens):
         out.append(row[:row.index(eos) + 1] if eos in row else row)
     return out
 
-def _training_rows(prompt_ids, completions, ids, pad_id):
-    """right-padded rows prompt + completion, labels on the completion (data.py's shifted layout)."""
+def _training_rows(prompt_ids, completions, ids, pad_id, no_loss=()):
+    """right-padded rows prompt + completion, labels on the completion (data.py's shifted layout); the
+    rows numbered in no_loss get no labels (mask_truncated)."""
     rows = []
-    for p, c in zip(prompt_ids, completions):
+    for r, (p, c) in enumerate(zip(prompt_ids, completions)):
         seq = p + c
-        labels = [seq[t + 1] if t + 1 >= len(p) else L.IGNORE_INDEX for t in range(len(seq) - 1)] + [L.IGNORE_INDEX]
-        rows.append(D._row([{"input_ids": seq, "labels": labels}]))
+        labels = [seq[t + 1] if t + 1 >= len(p) and r not in no_loss else L.IGNORE_INDEX for t in range(len(seq) - 1)]
+        rows.append(D._row([{"input_ids": seq, "labels": labels + [L.IGNORE_INDEX]}]))
     return D._batch(rows, pad_id, ids)
 
 @torch.no_grad()
@@ -168,24 +182,41 @@ def token_logps(step, x, reference=None):
         return step.model(x["input_ids"], x["attention_mask"], x["position_ids"],
                           head_fn=lambda h, w, softcap=0.0: L.token_logps(h, w, x["labels"], step.chunk_size, softcap=softcap))
 
-def advantages(r, mode="grpo", eps=1e-4):
+def advantages(r, mode="grpo", eps=1e-4, scale="group", batch_std=None):
     """(P, G) rewards -> (P, G) advantages within each prompt's group. grpo: (r - mean) / (std + eps),
-    the std unbiased (torch's, as TRL's); rloo: r minus the mean of the other G - 1 rewards."""
+    the std the group's (scale "group"), the global batch's (scale "batch": batch_std, which the caller
+    takes over all ranks; None = r's own) or none ("none": r - mean, Dr. GRPO); stds unbiased (torch's,
+    as TRL's). rloo: r minus the mean of the other G - 1 rewards (no std)."""
     G = r.shape[1]
+    centred = r - r.mean(1, keepdim=True)
     if mode == "rloo":
-        return (r - r.mean(1, keepdim=True)) * G / (G - 1)
-    return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+        return centred * G / (G - 1)
+    if scale == "none":
+        return centred
+    std = r.std(1, keepdim=True) if scale == "group" else r.std() if batch_std is None else batch_std
+    return centred / (std + eps)
 
-def grpo_rollout(micro_batches, step, o):
-    """GRPO's rollout, in place on the step's prompt micro-batches: each becomes P x G training rows
-    with "advantages" (rows,), "old_logps" (rows, T) when grpo_inner_steps > 1, "ref_token_logps" when
-    grpo_beta > 0, and "rollout" (its rewards and lengths, for the log). A buffered (already rolled
-    out) step is left as it is."""
-    if "advantages" in micro_batches[0]:
-        return micro_batches
+def _batch_std(step, r):
+    """the unbiased std of the rewards r (this rank's) over all ranks' (two passes: mean, then squares)."""
+    s = step.all_sum([float(r.sum()), float(len(r))]).tolist()
+    mean = s[0] / max(s[1], 1.0)
+    return (step.all_sum(float(((r - mean) ** 2).sum())).item() / max(s[1] - 1, 1.0)) ** 0.5
+
+def score(o, prompts, completions, columns):
+    """(rewards (N,), {name: (N,)}) of completions (token ids) of prompts (texts): decoded, then scored by
+    o's rewards, which also get the ids and the objective's max_new_tokens / overlong_buffer."""
+    on = o.online
+    texts = [completion(on.tokenizer, x, on.tokenizer.eos_token_id, ()) for x in completions]
+    return on.rewards(prompts, texts, columns, completion_ids=completions, max_new_tokens=o.cfg.max_new_tokens,
+                      overlong_buffer=o.cfg.overlong_buffer)
+
+def _sample_groups(step, o, micro_batches, times):
+    """one rollout of this rank's prompt micro-batches: [group] in their order, a group being one
+    prompt's G completions and their rewards (times: gen_s and reward_s added to)."""
     c, on = o.cfg, o.online
     G, n = c.num_generations, on.rollouts
     on.rollouts += 1
+    groups = []
     for b in micro_batches:
         t0 = time.time()
         pids = [p for p in b["prompt_ids"] for _ in range(G)]
@@ -193,50 +224,139 @@ def grpo_rollout(micro_batches, step, o):
         comps = sample(step, o, pids, row_keys(on.seed, o.i, n, rid, [g for _ in b["ids"] for g in range(G)]),
                        c.temperature, c.max_new_tokens)
         t1 = time.time()
-        texts = [completion(on.tokenizer, x, on.tokenizer.eos_token_id, ()) for x in comps]
-        prompts = [p for p in b["prompts"] for _ in range(G)]
-        cols = [dict(col, _id=pid) for pid, col in zip(b["ids"], b["columns"]) for _ in range(G)]
-        r, parts = on.rewards(prompts, texts, cols)
-        t2 = time.time()
-        A = advantages(r.view(-1, G), c.advantage).view(-1)
-        pad = on.tokenizer.pad_token_id if on.tokenizer.pad_token_id is not None else 0
-        x = _training_rows(pids, comps, [(pid, g) for pid in b["ids"] for g in range(G)], pad)
-        prompt_info = {k: b[k] for k in ("prompt_ids", "prompts", "columns")}
+        r, parts = score(o, [p for p in b["prompts"] for _ in range(G)], comps,
+                         [dict(col, _id=pid) for pid, col in zip(b["ids"], b["columns"]) for _ in range(G)])
+        times["gen_s"] += t1 - t0
+        times["reward_s"] += time.time() - t1
+        for j, pid in enumerate(b["ids"]):
+            cut = slice(j * G, (j + 1) * G)
+            groups.append(dict(id=pid, prompt_ids=b["prompt_ids"][j], prompt=b["prompts"][j], columns=b["columns"][j],
+                               completions=comps[cut], reward=r[cut], parts={k: v[cut] for k, v in parts.items()}))
+    return groups
+
+def _dynamic_sampling(step, o, micro_batches, groups, times):
+    """DAPO's dynamic sampling: groups whose rewards are all equal (zero advantage) are dropped and the
+    loader's next prompts rolled out, until the kept groups of all ranks fill the step (P) or
+    max_resample more rollouts are spent. The kept groups are ordered as one process would see them
+    (rollout, then place in the global batch), the first P trained, shared out over (micro-batch,
+    rank) slots in turn: the same groups train on any number of ranks. Returns (this rank's groups
+    per micro-batch, every group it sampled, the rollouts taken)."""
+    n_local, world = sum(len(b["ids"]) for b in micro_batches), step.world_size
+    want, rank = n_local * world, getattr(o.loader, "rank", 0)
+    sampled, kept, rounds = [], [], 0
+    while True:
+        for q, g in enumerate(groups):
+            g["order"] = (rounds, rank * n_local + q)  # the loader gives rank r the block [r n, (r + 1) n) of a step
+        sampled += groups
+        kept += [g for g in groups if g["reward"].max() > g["reward"].min()]
+        rounds += 1
+        if step.all_sum(float(len(kept))).item() >= want or rounds > o.cfg.max_resample:
+            break
+        groups = _sample_groups(step, o, o.loader.next_step(), times)
+    if world > 1:
+        kept = [g for part in _all_gather(step, rank, kept) for g in part]
+    kept = sorted(kept, key=lambda g: g["order"])[:want]
+    slots = world * len(micro_batches)
+    return [kept[m * world + rank::slots] for m in range(len(micro_batches))], sampled, rounds
+
+def _all_gather(step, rank, obj):
+    """every rank's obj (picklable), in rank order, through step.all_sum: each rank writes its pickled
+    bytes into its own row of a zero tensor, the sum holds them all."""
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = step.all_sum(torch.nn.functional.one_hot(torch.tensor(rank), step.world_size).double() * len(data))
+    sizes = [int(n) for n in sizes.tolist()]
+    rows = torch.zeros(step.world_size, max(sizes), dtype=torch.float64)
+    rows[rank, :len(data)] = data.double()
+    rows = step.all_sum(rows).cpu().to(torch.uint8)
+    return [pickle.loads(rows[r, :n].numpy().tobytes()) for r, n in enumerate(sizes)]
+
+def grpo_rollout(micro_batches, step, o):
+    """GRPO's rollout, in place on the step's prompt micro-batches: each becomes its prompts' P x G
+    training rows with "advantages" (rows,), "old_logps" (rows, T) when grpo_inner_steps > 1,
+    "ref_token_logps" when grpo_beta > 0, and "rollout" (its rewards and lengths; the first
+    micro-batch's "step" holds the whole rollout's, for the log). With dynamic_sampling the groups
+    are those _dynamic_sampling keeps (a micro-batch left without one gets a row that counts for
+    nothing: every rank runs the same micro-steps). A buffered (already rolled out) step is left as it is."""
+    if "advantages" in micro_batches[0]:
+        return micro_batches
+    c, on = o.cfg, o.online
+    G, eos = c.num_generations, on.tokenizer.eos_token_id
+    pad = on.tokenizer.pad_token_id if on.tokenizer.pad_token_id is not None else 0
+    times = {"gen_s": 0.0, "reward_s": 0.0}
+    groups = _sample_groups(step, o, micro_batches, times)
+    if c.dynamic_sampling:
+        slots, sampled, rounds = _dynamic_sampling(step, o, micro_batches, groups, times)
+    else:  # each micro-batch trains its own prompts' groups
+        ends = [sum(len(b["ids"]) for b in micro_batches[:m + 1]) for m in range(len(micro_batches))]
+        slots, sampled, rounds = [groups[e - len(b["ids"]):e] for b, e in zip(micro_batches, ends)], groups, 1
+    trained = torch.cat([g["reward"] for slot in slots for g in slot] or [torch.zeros(0, dtype=torch.float64)])
+    batch_std = _batch_std(step, trained) if c.advantage == "grpo" and c.scale_rewards == "batch" else None
+    for b, slot in zip(micro_batches, slots):
         b.clear()
-        b.update(x, advantages=A, rollout={"reward": r, "length": torch.tensor([len(q) for q in comps], dtype=torch.float64),
-                                            "parts": parts, "gen_s": t1 - t0, "reward_s": t2 - t1}, **prompt_info)
+        if slot:
+            r = torch.cat([g["reward"] for g in slot])
+            A = advantages(r.view(-1, G), c.advantage, scale=c.scale_rewards, batch_std=batch_std).view(-1)
+            comps = [x for g in slot for x in g["completions"]]
+            cut = {j for j, x in enumerate(comps) if eos not in x} if c.mask_truncated else ()
+            x = _training_rows([g["prompt_ids"] for g in slot for _ in range(G)], comps,
+                               [(g["id"], k) for g in slot for k in range(G)], pad, cut)
+            parts = {k: float(torch.cat([g["parts"][k] for g in slot]).mean()) for k in slot[0]["parts"]}
+        else:  # one row without labels, id None
+            r, A, comps, parts = torch.zeros(0, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), [], {}
+            x = _training_rows([[pad]], [[]], [None], pad)
+        lengths = torch.tensor([len(q) for q in comps], dtype=torch.float64)
+        b.update(x, advantages=A, prompt_ids=[g["prompt_ids"] for g in slot], prompts=[g["prompt"] for g in slot],
+                 columns=[g["columns"] for g in slot], rollout={"reward": r, "length": lengths, "parts": parts})
         dev = D.pad_cat([b], step.pad_id, step.device)
         if c.grpo_inner_steps > 1:
             b["old_logps"] = token_logps(step, dev).float()
         if c.grpo_beta > 0:
             b["ref_token_logps"] = token_logps(step, dev, o).float()
+    lengths = torch.tensor([len(q) for g in sampled for q in g["completions"]], dtype=torch.float64)
+    micro_batches[0]["rollout"]["step"] = dict(
+        times, reward=torch.cat([g["reward"] for g in sampled]), length=lengths, groups=len(sampled),
+        equal=sum(bool(g["reward"].max() == g["reward"].min()) for g in sampled), trained=sum(map(len, slots)),
+        rollouts=rounds)
     return micro_batches
 
-def count_completions(micro_batches, step, o):
-    """GRPO's global counts: completion tokens (its loss is a token mean over the global batch, as
-    DAPO / Dr. GRPO), and the rollout's statistics for the log (reward mean / std, completion length,
-    seconds generating and scoring)."""
-    tokens = sum(L.count_tokens(b["labels"]).item() for b in micro_batches)
+def _rollout_stats(micro_batches):
+    """the step's rollout figures on this rank (a buffer saved before they were kept: its micro-batches')."""
+    st = micro_batches[0]["rollout"].get("step")
+    if st is not None:
+        return st
     r = torch.cat([b["rollout"]["reward"] for b in micro_batches])
-    n_tok = torch.cat([b["rollout"]["length"] for b in micro_batches])
-    s = step.all_sum([tokens, float(r.sum()), float((r * r).sum()), float(len(r)), float(n_tok.sum()),
-                      sum(b["rollout"]["gen_s"] for b in micro_batches), sum(b["rollout"]["reward_s"] for b in micro_batches)])
-    s = s.tolist()
-    N = max(s[3], 1.0)
-    mean = s[1] / N
-    log = {"reward": mean, "reward_std": max(s[2] / N - mean * mean, 0.0) ** 0.5, "completion_len": s[4] / N,
-           "gen_s": s[5] / step.world_size, "reward_s": s[6] / step.world_size}
-    return {"tokens": max(s[0], 1), "log": log}
+    return dict(reward=r, length=torch.cat([b["rollout"]["length"] for b in micro_batches]), groups=0, equal=0,
+                trained=0, rollouts=1, gen_s=sum(b["rollout"]["gen_s"] for b in micro_batches),
+                reward_s=sum(b["rollout"]["reward_s"] for b in micro_batches))
+
+def count_completions(micro_batches, step, o):
+    """GRPO's global counts: loss tokens and completions (the normalizers of grpo_loss token, sequence,
+    constant), and the rollout's statistics for the log over every completion it sampled (reward mean /
+    std, completion length, the share of groups whose rewards are all equal, seconds generating and
+    scoring; with dynamic_sampling the rollouts taken and the groups trained)."""
+    tokens = sum(L.count_tokens(b["labels"]).item() for b in micro_batches)
+    completions = sum(i is not None for b in micro_batches for i in b["ids"])
+    st = _rollout_stats(micro_batches)
+    r, n_tok = st["reward"], st["length"]
+    s = step.all_sum([tokens, completions, float(r.sum()), float((r * r).sum()), float(len(r)), float(n_tok.sum()),
+                      st["gen_s"], st["reward_s"], st["groups"], st["equal"], st["trained"]]).tolist()
+    N = max(s[4], 1.0)
+    mean = s[2] / N
+    log = {"reward": mean, "reward_std": max(s[3] / N - mean * mean, 0.0) ** 0.5, "completion_len": s[5] / N,
+           "groups_all_equal": s[9] / max(s[8], 1.0), "gen_s": s[6] / step.world_size,
+           "reward_s": s[7] / step.world_size}
+    if o.cfg.dynamic_sampling:
+        log.update(rollouts=st["rollouts"], groups_trained=s[10])
+    return {"tokens": max(s[0], 1), "completions": max(s[1], 1), "log": log}
 
 @torch.no_grad()
 def eval_reward(step, o, batches):
     """an online objective's eval loss: minus the mean reward of greedy completions of the held-out
     prompts (eval fillers, id None, count for nothing), over all ranks; stats {"reward": the mean}."""
-    on, total, n = o.online, 0.0, 0.0
+    total, n = 0.0, 0.0
     for b in batches:
         comps = sample(step, o, b["prompt_ids"], torch.zeros(len(b["ids"]), dtype=torch.int64), 0.0, o.cfg.max_new_tokens)
-        texts = [completion(on.tokenizer, x, on.tokenizer.eos_token_id, ()) for x in comps]
-        r, _ = on.rewards(b["prompts"], texts, [dict(col, _id=i) for i, col in zip(b["ids"], b["columns"])])
+        r, _ = score(o, b["prompts"], comps, [dict(col, _id=i) for i, col in zip(b["ids"], b["columns"])])
         real = torch.tensor([i is not None for i in b["ids"]], dtype=torch.float64)
         total += float((r * real).sum())
         n += float(real.sum())
