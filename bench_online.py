@@ -8,7 +8,7 @@ in one process (bench.py's online mode; bench.py's keys, plus the two below):
 
 Both train the same weights (bench.py's random llama: the GPT, and its transformers copy for TRL)
 on the same prompts: `batch_size` prompts per step, each `prompt_len` random token ids written as
-text that bench.word_tokenizer maps back to the same ids, so TRL's own tokenization gives them.
+text that benchlib.word_tokenizer maps back to the same ids, so TRL's own tokenization gives them.
 Each step samples `num_generations` (G) completions of each prompt at temperature 1 (top-k and
 top-p off), scores them with even_share below (one cheap function, the same for both), forms
 GRPO's group advantages (r - mean) / (std + 1e-4), and takes one clipped AdamW step on the
@@ -45,7 +45,6 @@ groups' rows of its outputs concatenated, the first batch_size groups trained). 
 at least half a completion's words are even, else 0) makes about one group in eight all equal.
 """
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -54,7 +53,7 @@ from types import SimpleNamespace
 
 import torch
 
-import bench
+import benchlib
 import objectives
 import rewards
 import rollout
@@ -72,11 +71,9 @@ KEYS = dict(
     max_resample=4,           # dynamic_sampling: at most this many extra rollouts per step
 )
 
-def config(**overrides):
-    """bench.py's defaults, the online keys', then overrides: the config of one online run."""
-    cfg = {k: getattr(bench, k) for k in bench.config_keys}
-    cfg.update(KEYS, **overrides)
-    return cfg
+def config(base, **overrides):
+    """base (bench.py's defaults), the online keys', then overrides: the config of one online run."""
+    return {**base, **KEYS, **overrides}
 
 # -----------------------------------------------------------------------------
 # the prompts and the reward
@@ -123,7 +120,7 @@ class PromptPool:
 def online_tokenizer(vocab_size):
     """word_tokenizer's words t0 ... with its eos at id vocab_size, past the model's vocabulary: no
     sampled completion stops before max_new_tokens (prompt ids below vocab_size - 2 tokenize the same)."""
-    return bench.word_tokenizer(vocab_size + 1)
+    return benchlib.word_tokenizer(vocab_size + 1)
 
 # -----------------------------------------------------------------------------
 # BiPOST: the objects train.py builds, the step it runs
@@ -194,7 +191,7 @@ def trl_online(S, prompts, n_steps, pool=()):
     cfg = S.cfg
     P, G, N = cfg["batch_size"], cfg["num_generations"], cfg["max_new_tokens"]
     assert len(prompts) >= n_steps * P
-    model = bench.hf_model(S, S.master_dtype).to(S.device)
+    model = benchlib.hf_model(S, S.master_dtype).to(S.device)
     V = model.config.vocab_size
     seen, split, records = [], {}, []
 
@@ -239,12 +236,12 @@ def trl_online(S, prompts, n_steps, pool=()):
                   activation_checkpointing=cfg["gradient_checkpointing"], eval_strategy="no", save_strategy="no",
                   logging_strategy="no", log_completions=False, report_to="none", use_cpu=S.device_type == "cpu",
                   dataloader_num_workers=0, disable_tqdm=True, seed=cfg["seed"])
-        args = GRPOConfig(**bench.trl_config_kwargs(GRPOConfig, kw))
+        args = GRPOConfig(**benchlib.trl_config_kwargs(GRPOConfig, kw))
         # TRL's own defaults turn both on: the peer must run the bench's precision and checkpointing
         assert (bool(args.gradient_checkpointing), bool(args.bf16)) == (cfg["gradient_checkpointing"], cfg["dtype"] == "bfloat16")
         trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args,
                               train_dataset=Dataset.from_list([{"prompt": p} for p in prompts[:n_steps * P]]),
-                              processing_class=bench.word_tokenizer(V), callbacks=[Timer()])
+                              processing_class=benchlib.word_tokenizer(V), callbacks=[Timer()])
         trainer.remove_callback(PrinterCallback)
         trainer._generate = timing(trainer._generate, "gen_s")
         trainer._calculate_rewards = timing(trainer._calculate_rewards, "reward_s")
@@ -296,7 +293,6 @@ def run_round(S, prompts, use_trl, rnd, pool=()):
     + iters steps, the order alternating between rounds. Returns {name: timed records}."""
     cfg, out = S.cfg, {}
     W, n = cfg["warmup_iters"], cfg["iters"]
-    tokens = cfg["batch_size"] * cfg["num_generations"] * cfg["max_new_tokens"]
     order = ["bipost", "trl"] if rnd % 2 == 0 else ["trl", "bipost"]
     for name in order:
         if name == "bipost":
@@ -315,7 +311,7 @@ def run_round(S, prompts, use_trl, rnd, pool=()):
         s = median_of(recs, "step_s")
         print(f"  {name:<7} {s * 1e3:9.1f} ms/step  {median_of(recs, 'tokens_per_s'):8.0f} completion tok/s  "
               f"generation {median_of(recs, 'gen_s') / s:5.1%}  rollouts/step {median_of(recs, 'rollouts'):.1f}  "
-              f"(round {rnd + 1}, load {bench.loadavg()})")
+              f"(round {rnd + 1}, load {benchlib.loadavg()})")
     return out
 
 def summarize(rounds, tokens):
@@ -353,7 +349,7 @@ def profile(S, prompts, use_trl, steps=2):
 
 def main(cfg, argv=()):
     assert not cfg["lora_rank"], "the online mode trains the full model (lora_rank=0)"
-    S = bench.build_start(cfg)
+    S = benchlib.build_start(cfg)
     cfg = S.cfg
     P, G, N = cfg["batch_size"], cfg["num_generations"], cfg["max_new_tokens"]
     W, n = cfg["warmup_iters"], cfg["iters"]
@@ -368,8 +364,8 @@ def main(cfg, argv=()):
         print("online: trl is not installed, TRL skipped")
         use_trl, trl_version = False, None
     import transformers
-    info = dict(bench.machine(), device=S.device, dtype=cfg["dtype"], trl=trl_version,
-                transformers=transformers.__version__, load_start=bench.loadavg())
+    info = dict(benchlib.machine(), device=S.device, dtype=cfg["dtype"], trl=trl_version,
+                transformers=transformers.__version__, load_start=benchlib.loadavg())
     mc = S.base.config
     print(f"bench online: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, {info['torch_threads']} threads, "
           f"torch {info['torch']}, transformers {info['transformers']}, trl {trl_version}, {S.device} {cfg['dtype']}, "
@@ -382,10 +378,10 @@ def main(cfg, argv=()):
     rounds = [run_round(S, prompts, use_trl, rnd, pool) for rnd in range(cfg["rounds"])]
     tokens = P * G * N
     res = summarize(rounds, tokens)
-    info["load_end"] = bench.loadavg()
+    info["load_end"] = benchlib.loadavg()
     report(res, cfg, info, tokens)
     if cfg["json"]:
-        bench.write_json(cfg["json"], {"machine": info, "config": cfg, "results": res,
+        benchlib.write_json(cfg["json"], {"machine": info, "config": cfg, "results": res,
                                        "rounds": [{k: [{a: b for a, b in r.items() if a != "prompts"} for r in v]
                                                    for k, v in rnd.items()} for rnd in rounds]})
     return res
@@ -404,16 +400,10 @@ def report(res, cfg, info, tokens):
                  f"gen {r['gen_s'] * 1e3:.0f} / reward {r['reward_s'] * 1e3:.1f} / rest (loss, update) {rest * 1e3:.0f}")
         rows.append([name, f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['rollouts']:.1f}",
                      f"{r['gen_share']:.1%}", split])
-    bench.print_table(rows, ["trainer", "ms/step", "completion tok/s", "rollouts/step", "generation share",
+    benchlib.print_table(rows, ["trainer", "ms/step", "completion tok/s", "rollouts/step", "generation share",
                              "split (ms)"])
     if "ratio" in res:
         print(f"BiPOST / TRL completion tokens/s: {res['ratio']:.2f}x (rounds: "
               f"{', '.join(f'{x:.2f}' for x in res['ratio_rounds'])}); generation alone: "
               f"{res['trl']['gen_s'] / res['bipost']['gen_s']:.2f}x, the rest: "
               f"{(res['trl']['step_s'] - res['trl']['gen_s']) / (res['bipost']['step_s'] - res['bipost']['gen_s']):.2f}x")
-
-if __name__ == "__main__":
-    import configurator
-    _cfg = config()
-    configurator.apply(sys.argv[1:], _cfg, verbose=False)
-    main(_cfg, sys.argv[1:])

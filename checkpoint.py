@@ -294,7 +294,7 @@ def config_changes(saved, config):
             now[k] = now[k.rpartition("_")[0]]
     import objectives
     kinds = [objectives.KINDS.get(v) for k, v in now.items() if k.startswith("obj_") and v]
-    rewarded = any(k is not None and "reward_model" in k.keys for k in kinds)  # a kind trained on reward_model's scores
+    rewarded = any(k is not None and k.scored for k in kinds)  # a kind trained on reward_model's scores
     harmless = HARMLESS - {"reward_model"} if rewarded else HARMLESS
     return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and k not in harmless and saved[k] != now[k]]
 

@@ -12,17 +12,18 @@ import data
 import methods
 import objectives
 import quant
-from configurator import MAX_OBJECTIVES, RANGES, check_range, objective_keys
+from configurator import MAX_OBJECTIVES, check_range, objective_keys
 from errors import ConfigError
 
 def _require(cond, msg):
     if not cond:
         raise ConfigError(msg)
 
-def rules():
-    """every key's rule as its refusal states it: train.py's own keys (configurator.RANGES), each
-    method's keys and per-objective keys (declared in its class), each kind's (its table entry)."""
-    out = dict(RANGES)
+def all_rules(run_rules):
+    """every key's rule as its refusal states it: the run's own keys' (train.py's `rules`), each
+    method's keys and per-objective keys (declared in its class), each objective's (objectives.py:
+    the common keys, each kind's in its table entry)."""
+    out = {**run_rules, **objectives.rules()}
     for m in methods.METHODS.values():
         out.update({k: key.rule for k, key in {**m.keys, **m.objective_keys}.items() if key.rule})
     return out
@@ -36,10 +37,10 @@ def check_value(name, v, rule):
     else:
         check_range(name, v, rule)
 
-def check_ranges(c, per_objective, kinds):
+def check_ranges(c, per_objective, kinds, run_rules):
     """every key against its rule: first each objective's own keys as it resolves them (KEY_i, else
     KEY: named 'KEY_i (or KEY)'), then every other key set, under its own name."""
-    done, rule = set(), rules()
+    done, rule = set(), all_rules(run_rules)
     for i, kind in enumerate(kinds, 1):
         for k in (*objectives.COMMON_KEYS, *objectives.KINDS[kind].keys, *methods.per_objective_keys()):
             if k in rule:
@@ -83,9 +84,10 @@ def _hub_id(name):
     except ValueError:
         return False
 
-def check(c, per_objective, world_size=1):
-    """train.py's config c: every key's range and every combination, each a ConfigError naming the
-    key. Runs before a model or a dataset is loaded. Returns the objectives' kinds [obj_1 .. obj_K]."""
+def check(c, per_objective, run_rules, world_size=1):
+    """train.py's config c (its per-objective keys, and the rules of its own keys): every key's rule
+    and every combination, each a ConfigError naming the key. Runs before a model or a dataset is
+    loaded. Returns the objectives' kinds [obj_1 .. obj_K]."""
     import torch
     kinds = [c[f"obj_{i}"] for i in range(1, MAX_OBJECTIVES + 1)]
     K = sum(map(bool, kinds))
@@ -103,7 +105,7 @@ def check(c, per_objective, world_size=1):
         _require(not isinstance(v, tuple) or k in ("lambd", "adam_betas"),
                  f"config key {k}: one number, got {v!r} (only lambd takes one weight per objective)")
     _require(len(c["adam_betas"]) == 2, f"config key adam_betas: two values (beta1, beta2) in [0, 1), got {c['adam_betas']}")
-    check_ranges(c, per_objective, kinds)
+    check_ranges(c, per_objective, kinds, run_rules)
     _require(c["out_dir"].strip() != "", "config key out_dir must name a directory, got ''")
     dev = c["device"]
     _require(not dev.startswith("cuda") or torch.cuda.is_available(), f"config key device: {dev!r}, but this torch "
@@ -125,8 +127,6 @@ def check(c, per_objective, world_size=1):
     per_step = c["micro_train_batch_size"] * world_size
     _require(c["train_batch_size"] % per_step == 0, f"config key train_batch_size ({c['train_batch_size']}) must be a "
              f"multiple of micro_train_batch_size x world size ({per_step})")
-    _require(c["lr_scheduler"] in ("constant", "cosine"), f"config key lr_scheduler: {c['lr_scheduler']!r} is not "
-             f"constant or cosine")
     _require(not c["cpu_offload"] or c["zero_stage"] >= 2, f"config keys cpu_offload=True and zero_stage={c['zero_stage']}: "
              f"offloading is FSDP2's, set zero_stage=2 or 3")
     _require(not (c["resume"] and c["overwrite"]), "config keys resume and overwrite exclude each other: resume continues "

@@ -163,42 +163,6 @@ def apply(args, config, verbose=None, per_objective=()):
 # -----------------------------------------------------------------------------
 # the range rules of numeric keys
 
-# the range of every numeric key of train.py (a per-objective KEY's covers its KEY_i), as the
-# refusal states it: "> a", ">= a", an interval "[a, b)" (a tuple: each value), "finite", and after
-# "or" one more allowed value; after ";" what a special value means
-RANGES = dict(
-    # I/O
-    log_interval=">= 1", eval_interval=">= 0; 0 = start and end only", eval_iters=">= 0; 0 = the whole eval set",
-    eval_gen_interval=">= 0 or -1; 0 = at the end only, -1 = off", eval_gen_samples=">= 0; 0 = all",
-    eval_gen_max_new_tokens=">= 1", save_interval=">= 0; 0 = only at the end", keep_last=">= 0; 0 = all",
-    # model, LoRA
-    model_n_layer=">= 1", model_n_head=">= 1", model_n_kv_head=">= 1", model_n_embd=">= 1",
-    model_intermediate_size=">= 1", model_max_len=">= 1",
-    lora_rank=">= 0; 0 = full fine-tuning", lora_alpha="> 0", lora_dropout="[0, 1)",
-    router_aux_loss=">= 0 or -1; -1 = the checkpoint's",
-    # objectives and methods
-    lambd="[0, 1]", opt_estimate_iters=">= 0; 0 = max(10, T // 10)", eps=">= 0; 0 = off",
-    loss_chunk_size=">= 0; 0 = automatic",
-    # per objective (objectives.COMMON_KEYS and each kind's keys)
-    max_len=">= 1", max_samples=">= 0; 0 = all", eval_max_samples=">= 0; 0 = no cap",
-    obj_opt="finite; none = estimate it",
-    dpo_beta="> 0", dpo_label_smoothing="[0, 0.5)", dpo_nll_loss_coef=">= 0", simpo_gamma="finite",
-    orpo_lambda=">= 0", kto_desirable_weight=">= 0", kto_undesirable_weight=">= 0",
-    kd_beta="[0, 1]", kd_top_k=">= 0; 0 = the full vocabulary", kd_temperature="> 0",
-    kl_anchor=">= 0; 0 = off",
-    max_new_tokens=">= 1", temperature=">= 0; 0 = greedy", top_p="(0, 1]", top_k=">= 0; 0 = off",  # online kinds' sampling
-    num_generations=">= 2", grpo_epsilon="> 0", grpo_inner_steps=">= 1", grpo_beta=">= 0",
-    grpo_epsilon_high="> 0 or -1; -1 = grpo_epsilon", max_resample=">= 0",
-    overlong_buffer=">= 0; 0 = max_new_tokens // 5",
-    # data
-    eval_frac="[0, 1)", dataset_num_proc=">= 0; 0 = this process",
-    # optimization
-    train_batch_size=">= 1", micro_train_batch_size=">= 1", learning_rate=">= 0; 0 = no update",
-    warmup_ratio="[0, 1]", min_lr_ratio="[0, 1]", weight_decay=">= 0", adam_betas="[0, 1)", max_norm=">= 0; 0 = no clipping",
-    max_epochs=">= 0", max_iters=">= 0; 0 = max_epochs decides", seed=">= 0",
-    # distributed
-    zero_stage="[0, 3]", dist_timeout_s="> 0",
-)
 
 def in_range(v, rule):
     """v (a number) satisfies a RANGES rule."""

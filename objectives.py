@@ -21,6 +21,7 @@ import torch
 import data as D
 import losses as L
 import rollout as R
+from configurator import Key
 from errors import ConfigError
 
 # -----------------------------------------------------------------------------
@@ -39,10 +40,11 @@ COMMON_KEYS = dict(
     weight_key="",              # a numeric column: each training row's loss times its weight, over the weighted count (eval: unweighted)
     input_template="User: {}\nAssistant: ",
     apply_chat_template=False,
-    max_len=512,
-    max_samples=0,              # 0 = all
-    eval_max_samples=1000,      # cap on the eval rows (the held-out slice or eval_split); 0 = no cap
-    obj_opt=None,               # f_i* for maxright / constrained and the metrics (None = estimate it with a short run)
+    max_len=Key(512, ">= 1"),
+    max_samples=Key(0, ">= 0; 0 = all"),
+    eval_max_samples=Key(1000, ">= 0; 0 = no cap", "cap on the eval rows (the held-out slice or eval_split)"),
+    obj_opt=Key(None, "finite; none = estimate it", "f_i* for maxright / constrained and the metrics (None = estimate "
+                "it with a short run of objective i alone)"),
     ref_model="",               # reference / teacher ('' = the initial policy; the base model under LoRA)
     quantize="",                # '' | nf4: frozen weights in 4 bits (quant.py): LoRA's base, every reference / teacher;
                                 # quantize_i: objective i's own reference / teacher (ref_model_i, or the initial policy)
@@ -55,7 +57,7 @@ COMMON_KEYS = dict(
 class Kind:
     name: str
     doc: str
-    keys: dict                  # its own per-objective keys and their defaults
+    keys: dict                  # its per-objective keys: {name: default, or a configurator.Key with its rule}
     tokenize: Callable          # (rows, source, keys, common tokenize kwargs) -> examples
     collate: Callable           # (examples, pad_id, keys, packing) -> batch
     count: Callable             # (micro-batches, step, objective) -> global counts the loss divides by (all ranks, all micro-steps)
@@ -73,6 +75,7 @@ class Kind:
     rows_per_example: Callable = lambda c: 1  # training rows one example gives (grpo: num_generations completions of a prompt)
     uses_reference: Callable = lambda c: True  # (keys) -> this objective needs its reference (grpo with grpo_beta 0: none loaded)
     min_loss: Optional[float] = 0.0  # the least eval loss it can give (None: unbounded, grpo's minus a reward); obj_opt >= it
+    scored: bool = False        # it trains on rewards (reward_fn / reward_model): an online objective's Rewards
 
 @dataclass
 class Part:
@@ -340,68 +343,27 @@ def _check(cond, msg):
     if not cond:
         raise ConfigError(msg)
 
-def _check_sft(i, c):
-    _check(c.sft_loss in ("nll", "dft"), f"config key sft_loss_{i} (or sft_loss): {c.sft_loss!r} is not nll or dft")
-    _check(c.kl_anchor >= 0, f"config key kl_anchor_{i} (or kl_anchor) must be >= 0 (0 = off), got {c.kl_anchor}")
-
-def _check_dpo(i, c):
-    _check(c.dpo_beta > 0, f"config key dpo_beta_{i} (or dpo_beta) must be > 0, got {c.dpo_beta}")
-    _check(0 <= c.dpo_label_smoothing < 0.5, f"config key dpo_label_smoothing_{i} (or dpo_label_smoothing) must lie in "
-           f"[0, 0.5), got {c.dpo_label_smoothing}")
-
-def _check_simpo(i, c):
-    _check(c.dpo_beta > 0, f"config key dpo_beta_{i} (or dpo_beta) must be > 0 (SimPO's beta: ~2), got {c.dpo_beta}")
-    _check(0 <= c.dpo_label_smoothing < 0.5, f"config key dpo_label_smoothing_{i} (or dpo_label_smoothing) must lie in "
-           f"[0, 0.5), got {c.dpo_label_smoothing}")
-
-def _check_orpo(i, c):
-    _check(c.orpo_lambda >= 0, f"config key orpo_lambda_{i} (or orpo_lambda) must be >= 0, got {c.orpo_lambda}")
-
-def _check_kto(i, c):
-    _check(c.dpo_beta > 0, f"config key dpo_beta_{i} (or dpo_beta) must be > 0 (KTO's beta), got {c.dpo_beta}")
-    for k in ("kto_desirable_weight", "kto_undesirable_weight"):
-        _check(getattr(c, k) >= 0, f"config key {k}_{i} (or {k}) must be >= 0, got {getattr(c, k)}")
-
 def _check_kd(i, c):
     if c.kd_on_policy:
         _check_online(i, c)
         _check(not c.weight_key, f"config keys kd_on_policy_{i}=True and weight_key_{i}: on-policy rows are the student's "
                f"own samples, which carry no row weights")
-    _check(c.kd_loss in L.KD_KINDS, f"config key kd_loss_{i} (or kd_loss): {c.kd_loss!r} is not one of {', '.join(L.KD_KINDS)}")
-    _check(c.kd_top_k >= 0, f"config key kd_top_k_{i} (or kd_top_k) must be >= 0 (0 = the full vocabulary), got {c.kd_top_k}")
     _check(c.kd_top_k == 0 or c.kd_loss == "forward", f"config key kd_top_k_{i}={c.kd_top_k} needs kd_loss_{i}=forward, "
            f"got {c.kd_loss!r}")
-    _check(c.kd_loss != "jsd" or 0 < c.kd_beta < 1, f"config key kd_beta_{i} (or kd_beta): jsd needs 0 < kd_beta < 1, got {c.kd_beta}")
-    _check(c.kd_temperature > 0, f"config key kd_temperature_{i} (or kd_temperature) must be > 0, got {c.kd_temperature}")
+    _check(c.kd_loss != "jsd" or 0 < c.kd_beta < 1, f"config key kd_beta_{i} (or kd_beta): jsd needs 0 < kd_beta < 1, "
+           f"got {c.kd_beta}")
 
 def _check_online(i, c):
-    _check(c.max_new_tokens >= 1, f"config key max_new_tokens_{i} (or max_new_tokens) must be >= 1, got {c.max_new_tokens}")
     _check(c.max_new_tokens < c.max_len, f"config key max_new_tokens_{i}={c.max_new_tokens} leaves no room for a prompt "
            f"in max_len_{i}={c.max_len}")
-    _check(c.temperature >= 0, f"config key temperature_{i} (or temperature) must be >= 0, got {c.temperature}")
-    _check(0 < c.top_p <= 1, f"config key top_p_{i} (or top_p) must lie in (0, 1], got {c.top_p}")
-    _check(c.top_k >= 0, f"config key top_k_{i} (or top_k) must be >= 0 (0 = off), got {c.top_k}")
 
 def _check_grpo(i, c):
     _check_online(i, c)
     _check(c.temperature > 0, f"config key temperature_{i} (or temperature) must be > 0 for grpo: greedy completions of a "
            f"prompt are all alike, so every advantage is 0")
-    _check(c.num_generations >= 2, f"config key num_generations_{i} (or num_generations) must be >= 2 (advantages compare "
-           f"completions of one prompt), got {c.num_generations}")
-    _check(c.advantage in ("grpo", "rloo"), f"config key advantage_{i} (or advantage): {c.advantage!r} is not grpo or rloo")
-    _check(c.grpo_epsilon > 0, f"config key grpo_epsilon_{i} (or grpo_epsilon) must be > 0, got {c.grpo_epsilon}")
-    _check(c.grpo_inner_steps >= 1, f"config key grpo_inner_steps_{i} (or grpo_inner_steps) must be >= 1, got {c.grpo_inner_steps}")
-    _check(c.grpo_beta >= 0, f"config key grpo_beta_{i} (or grpo_beta) must be >= 0, got {c.grpo_beta}")
-    for k, allowed in (("grpo_loss", ("token", "sequence", "constant")), ("scale_rewards", ("group", "batch", "none")),
-                       ("importance_sampling", ("token", "sequence"))):
-        _check(getattr(c, k) in allowed, f"config key {k}_{i} (or {k}): {getattr(c, k)!r} is not one of "
-               f"{', '.join(allowed)}")
     _check(c.advantage == "grpo" or c.scale_rewards != "batch", f"config key scale_rewards_{i}=batch divides grpo's "
            f"advantages by the batch's reward std; advantage_{i}=rloo divides by none (use scale_rewards_{i}=group "
            f"or none)")
-    _check(c.grpo_epsilon_high == -1 or c.grpo_epsilon_high > 0, f"config key grpo_epsilon_high_{i} (or "
-           f"grpo_epsilon_high) must be > 0 or -1 (= grpo_epsilon), got {c.grpo_epsilon_high}")
-    _check(c.max_resample >= 0, f"config key max_resample_{i} (or max_resample) must be >= 0, got {c.max_resample}")
     import rewards  # the functions are found now, before anything is loaded
     specs = rewards.names(c.reward_fn)
     _check(bool(specs or c.reward_model), f"objective {i} is grpo: set reward_fn_{i} (a shipped reward: "
@@ -410,8 +372,6 @@ def _check_grpo(i, c):
     for spec in specs:
         rewards.load_function(spec, f"reward_fn_{i}")
     rewards.parse_weights(c.reward_weights, len(specs) + bool(c.reward_model), f"reward_weights_{i}")
-    _check(c.overlong_buffer >= 0, f"config key overlong_buffer_{i} (or overlong_buffer) must be >= 0, "
-           f"got {c.overlong_buffer}")
     _check("overlong" not in specs or c.overlong_buffer <= c.max_new_tokens, f"config key overlong_buffer_{i}="
            f"{c.overlong_buffer} exceeds max_new_tokens_{i}={c.max_new_tokens} (the overlong reward falls from 0 to -1 "
            f"over the last overlong_buffer tokens)")
@@ -425,66 +385,88 @@ def _evaluate(name):
 # -----------------------------------------------------------------------------
 # the table
 
-ONLINE_KEYS = dict(max_new_tokens=64, temperature=1.0, top_p=1.0, top_k=0)  # sampling of an online objective's completions
+# keys several kinds share (one declaration each)
+ONLINE_KEYS = dict(  # sampling of an online objective's completions
+    max_new_tokens=Key(64, ">= 1"), temperature=Key(1.0, ">= 0; 0 = greedy"), top_p=Key(1.0, "(0, 1]"),
+    top_k=Key(0, ">= 0; 0 = off"))
+DPO_BETA = Key(0.1, "> 0", "the preference losses' beta (SimPO's recipes: ~2, DPO's and KTO's: 0.1)")
+LABEL_SMOOTHING = Key(0.0, "[0, 0.5)", "the preference label's noise (cDPO)")
 
 KINDS = {k.name: k for k in [
     Kind("sft", "supervised fine-tuning: the mean negative log-likelihood of the response tokens",
-         keys=dict(sft_loss="nll", kl_anchor=0.0),  # sft_loss: nll | dft (DFT); kl_anchor: beta x KL(policy || reference), 0 = off
+         keys=dict(sft_loss=Key("nll", "one of nll, dft", "dft: each token's NLL times its detached probability"),
+                   kl_anchor=Key(0.0, ">= 0; 0 = off", "beta x KL(policy || reference) at each target position")),
          tokenize=_tokenize_sequences, collate=_collate_sequences, count=_count_tokens, loss=sft_part,
          reference="initial", needs="hidden", per_row=True,
          recomputes_head=lambda c: bool(c.weight_key) or c.sft_loss == "dft", evaluate=_evaluate("evaluate_sft"),
-         check=_check_sft, uses_reference=lambda c: c.kl_anchor > 0),
+         uses_reference=lambda c: c.kl_anchor > 0),
     Kind("dpo", "direct preference optimization on (prompt, chosen, rejected) pairs against a frozen reference",
-         keys=dict(dpo_beta=0.1, dpo_ipo=False, dpo_label_smoothing=0.0, dpo_nll_loss_coef=0.0),
+         keys=dict(dpo_beta=DPO_BETA, dpo_ipo=False, dpo_label_smoothing=LABEL_SMOOTHING,
+                   dpo_nll_loss_coef=Key(0.0, ">= 0", "x the chosen answers' token-mean NLL, added")),
          tokenize=_tokenize_pairs, collate=_collate_pairs, count=_count_pairs, loss=dpo_part,
          reference="initial", needs="logps", per_row=True, stats_per="pairs", prompt_key="prompt_key",
-         evaluate=_evaluate("evaluate_dpo"), check=_check_dpo),
+         evaluate=_evaluate("evaluate_dpo")),
     Kind("simpo", "SimPO: reference-free preference optimization on length-normalized log-probs with a target margin",
-         keys=dict(simpo_gamma=0.5),  # dpo_beta is SimPO's beta (its recipes: ~2; 0.1 is DPO's scale)
+         keys=dict(dpo_beta=DPO_BETA, simpo_gamma=Key(0.5, "finite", "the target margin"),
+                   dpo_label_smoothing=LABEL_SMOOTHING),
          tokenize=_tokenize_pairs, collate=_collate_pairs, count=_count_pairs, loss=simpo_part, per_row=True,
-         stats_per="pairs", prompt_key="prompt_key", evaluate=_evaluate("evaluate_pairs"), check=_check_simpo),
+         stats_per="pairs", prompt_key="prompt_key", evaluate=_evaluate("evaluate_pairs")),
     Kind("orpo", "ORPO: the chosen answer's NLL plus an odds-ratio preference term, no reference model",
-         keys=dict(orpo_lambda=0.1),
+         keys=dict(orpo_lambda=Key(0.1, ">= 0", "x the odds-ratio term")),
          tokenize=_tokenize_pairs, collate=_collate_pairs, count=_count_pairs, loss=orpo_part, per_row=True,
-         stats_per="pairs", prompt_key="prompt_key", evaluate=_evaluate("evaluate_pairs"), check=_check_orpo),
+         stats_per="pairs", prompt_key="prompt_key", evaluate=_evaluate("evaluate_pairs")),
     Kind("kto", "KTO: unpaired desirable / undesirable completions against a frozen reference and the reference point z0",
-         keys=dict(completion_key="completion", label_key="label", kto_desirable_weight=1.0, kto_undesirable_weight=1.0),
+         keys=dict(completion_key="completion", label_key="label", dpo_beta=DPO_BETA,
+                   kto_desirable_weight=Key(1.0, ">= 0"), kto_undesirable_weight=Key(1.0, ">= 0")),
          tokenize=_tokenize_kto, collate=_collate_kto, count=_count_kto, loss=kto_part, reference="initial",
-         needs="logps", per_row=True, stats_per="rows", prompt_key="prompt_key", evaluate=_evaluate("evaluate_kto"),
-         check=_check_kto),
+         needs="logps", per_row=True, stats_per="rows", prompt_key="prompt_key", evaluate=_evaluate("evaluate_kto")),
     Kind("kd", "knowledge distillation: a divergence from a teacher's next-token distribution on the response tokens",
-         keys=dict(kd_loss="forward", kd_beta=0.5, kd_top_k=0, kd_temperature=1.0, kd_on_policy=False, **ONLINE_KEYS),  # kd_loss: forward | reverse | jsd; kd_beta: jsd mixing; kd_top_k 0 = full vocabulary; kd_on_policy: on the student's samples
+         keys=dict(kd_loss=Key("forward", "one of " + ", ".join(L.KD_KINDS)), kd_beta=Key(0.5, "[0, 1]", "jsd's mixing"),
+                   kd_top_k=Key(0, ">= 0; 0 = the full vocabulary"), kd_temperature=Key(1.0, "> 0"),
+                   kd_on_policy=Key(False, "", "distil on the student's own samples of the prompts"), **ONLINE_KEYS),
          tokenize=_tokenize_sequences, collate=_collate_sequences, count=_count_tokens, loss=kd_part,
          reference="required", needs="hidden", per_row=True,
          recomputes_head=lambda c: c.kd_loss != "forward" or bool(c.weight_key), evaluate=_evaluate("evaluate_kd"),
          check=_check_kd, prepare=R.kd_rollout),
     Kind("grpo", "GRPO: completions sampled from the policy, scored by reward functions, a clipped policy gradient "
          "with group-relative advantages (online)",
-         keys=dict(num_generations=4, advantage="grpo", grpo_epsilon=0.2, grpo_inner_steps=1, grpo_beta=0.0,
+         keys=dict(num_generations=Key(4, ">= 2", "completions of each prompt"),
+                   advantage=Key("grpo", "one of grpo, rloo"), grpo_epsilon=Key(0.2, "> 0", "the clip range"),
+                   grpo_inner_steps=Key(1, ">= 1", "updates on each rollout"), grpo_beta=Key(0.0, ">= 0", "x the k3 KL"),
                    reward_fn="", reward_weights="", reward_model="",
-                   grpo_loss="token",           # token | sequence (GRPO's per-completion mean) | constant (Dr. GRPO)
-                   scale_rewards="group",       # group | batch | none (Dr. GRPO): the std grpo's advantages divide by
-                   grpo_epsilon_high=-1.0,      # the upper clip bound 1 + epsilon_high (clip-higher); -1 = grpo_epsilon
-                   importance_sampling="token",  # token | sequence (GSPO: one ratio per completion)
-                   dynamic_sampling=False,      # DAPO: drop groups whose rewards are all equal, sample more prompts
-                   max_resample=4,              # dynamic_sampling: at most this many extra rollouts per step
-                   mask_truncated=False,        # completions cut at max_new_tokens (no eos) get no loss
-                   overlong_buffer=0,           # reward overlong: -1 over the last tokens; 0 = max_new_tokens // 5
+                   grpo_loss=Key("token", "one of token, sequence, constant",
+                                 "sequence: GRPO's per-completion mean; constant: Dr. GRPO's"),
+                   scale_rewards=Key("group", "one of group, batch, none", "the std the advantages divide by"),
+                   grpo_epsilon_high=Key(-1.0, "> 0 or -1; -1 = grpo_epsilon", "clip-higher's upper bound 1 + it"),
+                   importance_sampling=Key("token", "one of token, sequence", "sequence: GSPO, one ratio per completion"),
+                   dynamic_sampling=Key(False, "", "DAPO: drop groups whose rewards are all equal, sample more prompts"),
+                   max_resample=Key(4, ">= 0", "dynamic_sampling: at most this many extra rollouts per step"),
+                   mask_truncated=Key(False, "", "completions cut at max_new_tokens (no eos) get no loss"),
+                   overlong_buffer=Key(0, ">= 0; 0 = max_new_tokens // 5", "the overlong reward's buffer"),
                    **ONLINE_KEYS),
          tokenize=lambda rows, source, c, common: R.tokenize_prompts(
              rows, common["tokenizer"], c.max_len, c.prompt_key, c.input_key, c.input_template, c.apply_chat_template,
              c.max_new_tokens, source, common["verbose"]),
          collate=R.collate_prompts, count=R.count_completions, loss=grpo_part, reference="initial",
          recomputes_head=lambda c: True, prompt_key="prompt_key", check=_check_grpo, prepare=R.grpo_rollout,
-         eval_loss=R.eval_reward, min_loss=None, rows_per_example=lambda c: c.num_generations, uses_reference=lambda c: c.grpo_beta > 0),
+         eval_loss=R.eval_reward, min_loss=None, scored=True, rows_per_example=lambda c: c.num_generations,
+         uses_reference=lambda c: c.grpo_beta > 0),
 ]}
 
-def per_objective_keys():
-    """every per-objective key with its default: the common ones, then each kind's."""
+def declared():
+    """every per-objective key as declared: {name: default or Key}, the common ones, then each kind's."""
     keys = dict(COMMON_KEYS)
     for k in KINDS.values():
         keys.update(k.keys)
     return keys
+
+def per_objective_keys():
+    """every per-objective key with its default."""
+    return {k: v.default if isinstance(v, Key) else v for k, v in declared().items()}
+
+def rules():
+    """every per-objective key's rule, where it has one."""
+    return {k: v.rule for k, v in declared().items() if isinstance(v, Key) and v.rule}
 
 def kind(name, key="obj"):
     """the Kind named `name`, or a ConfigError naming the key and the known kinds."""

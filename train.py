@@ -114,6 +114,23 @@ zero_stage = 0            # 0 DDP | 1 + sharded optimizer state | 2 FSDP2, no re
 cpu_offload = False       # FSDP2 parameters and optimizer on CPU
 dist_timeout_s = 1800     # a collective that waits longer (a rank died or hangs) ends the run
 print_config = False      # print the checked config as JSON and exit (sweep.py reads it)
+# each numeric key's rule above, as its refusal states it (checks.py): "> a", ">= a", "[a, b)" (a tuple:
+# each value), "finite"; after "or" one more allowed value; after ";" what a special value means. A method's
+# keys and an objective's carry theirs where they are declared (methods.py, objectives.py)
+rules = dict(
+    log_interval=">= 1", eval_interval=">= 0; 0 = start and end only", eval_iters=">= 0; 0 = the whole eval set",
+    eval_gen_interval=">= 0 or -1; 0 = at the end only, -1 = off", eval_gen_samples=">= 0; 0 = all",
+    eval_gen_max_new_tokens=">= 1", save_interval=">= 0; 0 = only at the end", keep_last=">= 0; 0 = all",
+    model_n_layer=">= 1", model_n_head=">= 1", model_n_kv_head=">= 1", model_n_embd=">= 1",
+    model_intermediate_size=">= 1", model_max_len=">= 1", router_aux_loss=">= 0 or -1; -1 = the checkpoint's",
+    lora_rank=">= 0; 0 = full fine-tuning", lora_alpha="> 0", lora_dropout="[0, 1)",
+    lambd="[0, 1]", opt_estimate_iters=">= 0; 0 = max(10, T // 10)", eps=">= 0; 0 = off",
+    loss_chunk_size=">= 0; 0 = automatic", eval_frac="[0, 1)", dataset_num_proc=">= 0; 0 = this process",
+    train_batch_size=">= 1", micro_train_batch_size=">= 1", learning_rate=">= 0; 0 = no update",
+    warmup_ratio="[0, 1]", min_lr_ratio="[0, 1]", weight_decay=">= 0", adam_betas="[0, 1)",
+    max_norm=">= 0; 0 = no clipping", max_epochs=">= 0", max_iters=">= 0; 0 = max_epochs decides", seed=">= 0",
+    zero_stage="[0, 3]", dist_timeout_s="> 0", lr_scheduler="one of constant, cosine",
+)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 config = {k: globals()[k] for k in config_keys}
@@ -123,7 +140,7 @@ if __name__ == "__main__":
     configurator.apply(sys.argv[1:], config, per_objective=per_objective)
     globals().update((k, config[k]) for k in config_keys)  # the KEY_i set stay in config (objective_keys)
     # every check of the config, before anything is read or loaded
-    kinds = checks.check(config, per_objective, int(os.environ.get("WORLD_SIZE", 1)))
+    kinds = checks.check(config, per_objective, rules, int(os.environ.get("WORLD_SIZE", 1)))
     if print_config:
         print(json.dumps(config))
         sys.exit(0)
@@ -232,7 +249,7 @@ def build_objective(i, c):
     o = objectives.Objective(i, kind, c, train, evals, rows, collate, loader(seed + i), probe, opt=c.obj_opt)
     if kind.prepare is not None:  # an online kind (rollout.py): the policy samples its rows
         from rewards import Rewards
-        scored = "reward_fn" in kind.keys
+        scored = kind.scored
         o.online = rollout.Online(tokenizer, seed, Rewards(c.reward_fn, c.reward_weights, c.reward_model, i, device) if scored else None)
         if scored:
             log(f"objective {i} ({kind.name}) is online: eval_loss_{i} is minus the mean reward of greedy completions "

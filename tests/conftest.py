@@ -8,3 +8,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # cuda and bf16 by default, and the exact comparisons would fail. BIPOST_TEST_CUDA=1 lets it see GPUs.
 if not os.environ.get("BIPOST_TEST_CUDA"):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """datasets' caches (the Arrow conversion, the tokenized rows) under tmp_path, out of the user's."""
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))

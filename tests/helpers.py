@@ -54,6 +54,10 @@ def write_jsonl(path, rows):
             f.write(json.dumps(r) + "\n")
     return str(path)
 
+def as_lists(examples):
+    """examples with every token field a python list (the map path holds numpy views of its cache)."""
+    return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in e.items()} for e in examples]
+
 def metrics(out_dir, kind="train"):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [l for l in map(json.loads, f) if l["kind"] == kind]
@@ -93,12 +97,25 @@ def tiny_hf(path, seed=0):
     byte_tokenizer().save_pretrained(path)
     return m.float().eval()
 
-def train_defaults(**over):
-    """train.py's config defaults (its header run alone, in process: what configurator.check sees
-    before any --key) with `over`, and its per-objective keys."""
-    src = open(os.path.join(ROOT, "train.py")).read()
+def header(script):
+    """the globals a script's header defines (everything before `config_keys = `), run alone in
+    process: its config defaults before any config file or --key."""
+    src = open(os.path.join(ROOT, script)).read()
     scope = {}
-    exec(compile(src[: src.index("config_keys = ")], "train.py", "exec"), scope)
-    c = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))}
-    c.update(over)
-    return c, scope["per_objective"]
+    exec(compile(src[: src.index("config_keys = ")], script, "exec"), scope)
+    return scope
+
+def script_defaults(script):
+    """a script's config keys and their defaults (train.py, bench.py, generate.py)."""
+    return {k: v for k, v in header(script).items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))}
+
+def train_defaults(**over):
+    """train.py's config defaults (what checks.check sees before any --key) with `over`, and its
+    per-objective keys."""
+    return {**script_defaults("train.py"), **over}, header("train.py")["per_objective"]
+
+def check_config(c, per_objective, world_size=1):
+    """checks.check as train.py calls it, with train.py's own keys' rules: the kinds, or a ConfigError."""
+    import checks
+    return checks.check(c, per_objective, header("train.py")["rules"], world_size)

@@ -15,7 +15,7 @@ import configurator
 import data as D
 import losses
 import objectives
-from helpers import metrics, run_train, tiny_hf, train_defaults
+from helpers import check_config, metrics, run_train, tiny_hf, train_defaults
 from model import GPT, byte_tokenizer
 from step import Step
 
@@ -135,7 +135,7 @@ def test_defaults_are_plain_sft_without_a_reference():
 def test_bad_values_are_refused_naming_the_key(key, value, words):
     c, per = train_defaults(dataset_1="data/toy_sft.jsonl", obj_2="", **{key: value})
     with pytest.raises(configurator.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        checks.check(c, per)
+        check_config(c, per)
 
 # -----------------------------------------------------------------------------
 # train.py: the first logged loss, 2 ranks, and the three references

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
+import benchlib  # noqa: E402
 import methods  # noqa: E402
 import objectives  # noqa: E402
 import runtime  # noqa: E402
@@ -23,10 +24,10 @@ def test_bipost_dpo_step_equals_plain_transformers_step():
     cfg = Config(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, intermediate_size=64,
                  norm_eps=1e-5)
     policy, ref = GPT(cfg), GPT(cfg)  # a reference unlike the policy: the step-0 loss is not log 2
-    hf_policy, hf_ref = bench.to_hf(policy), bench.to_hf(ref).requires_grad_(False)
-    pairs = bench.random_pairs(3, 24, 7, cfg.vocab_size, torch.Generator().manual_seed(1))
+    hf_policy, hf_ref = benchlib.to_hf(policy), benchlib.to_hf(ref).requires_grad_(False)
+    pairs = benchlib.random_pairs(3, 24, 7, cfg.vocab_size, torch.Generator().manual_seed(1))
     pairs[1] = (pairs[1][0], pairs[1][1], pairs[1][1][:5] + pairs[1][2][5:])  # chosen/rejected share a prefix
-    b = bench.dpo_batch(pairs, range(3))
+    b = benchlib.dpo_batch(pairs, range(3))
 
     o = objectives.make("dpo", ref=deepcopy(ref).eval().requires_grad_(False), dpo_beta=0.5)
     opt, params = runtime.optimizer(policy, 1e-3, (0.9, 0.95))  # bench's AdamW: weight decay 0, not fused on CPU
@@ -63,7 +64,7 @@ def test_bench_step_is_train_py_step(tmp_path):
     b["completion_mask"] = torch.nn.functional.pad((b["labels"] != -100).long(), (1, 0))[:, :-1]  # the peer's mask
     policy = GPT.from_pretrained(init, dtype=torch.float64)
     ref = GPT.from_pretrained(init, dtype=torch.float64).eval().requires_grad_(False)
-    hf_policy, hf_ref = bench.to_hf(policy, torch.float64), bench.to_hf(ref, torch.float64).requires_grad_(False)
+    hf_policy, hf_ref = benchlib.to_hf(policy, torch.float64), benchlib.to_hf(ref, torch.float64).requires_grad_(False)
     o = objectives.make("dpo", ref=ref, dpo_beta=0.5)
     opt, params = runtime.optimizer(policy, 3e-3, (0.9, 0.95))
     step = bench.Step(policy, policy, pad_id=tok.pad_token_id)
@@ -94,7 +95,7 @@ def tiny_start(**kw):
     cfg = {k: getattr(bench, k) for k in bench.config_keys}
     cfg.update(model_n_layer=2, model_n_embd=32, model_n_head=4, model_n_kv_head=2, model_intermediate_size=64,
                model_vocab_size=97, batch_size=2, seq_len=16, prompt_len=4, warmup_iters=1, iters=7, device="cpu", **kw)
-    return bench.build_start(cfg)
+    return benchlib.build_start(cfg)
 
 def test_simpo_case_loss_is_simpo_on_full_logits():
     """the simpo case's step loss (step.py, the head applied in chunks through head_fn) is SimPO's,

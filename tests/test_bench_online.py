@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import benchlib
 import bench_online as BO
 from step import Step
 
@@ -26,7 +27,7 @@ P, G, L, N = TINY["batch_size"], TINY["num_generations"], TINY["prompt_len"], TI
 
 @pytest.fixture(scope="module")
 def start():
-    S = bench.build_start(BO.config(**TINY))
+    S = benchlib.build_start(BO.config({k: getattr(bench, k) for k in bench.config_keys}, **TINY))
     return S, BO.make_prompts(S, 2 * P)
 
 def test_bipost_online_step_is_the_grpo_step(start):
@@ -56,7 +57,7 @@ def test_bipost_online_step_is_the_grpo_step(start):
     assert abs(loss.item() - first["loss"]) <= 1e-7
 
     # its gradient: -sum_i A_i sum_t log p(y_it) / (all completion tokens) on transformers' logits
-    hf = bench.to_hf(init, torch.float64)
+    hf = benchlib.to_hf(init, torch.float64)
     logp = F.log_softmax(hf(input_ids=b["input_ids"]).logits[:, L - 1:-1], -1).gather(-1, comps[..., None])[..., 0]
     surrogate = -(A[:, None] * logp).sum() / (P * G * N)
     grads = torch.autograd.grad(surrogate, list(hf.parameters()))
@@ -70,7 +71,7 @@ def test_bipost_online_step_is_the_grpo_step(start):
     torch.nn.utils.clip_grad_norm_(hf.parameters(), bench.max_norm)
     before = {k: v.clone() for k, v in hf.state_dict().items()}
     opt.step()
-    ours = bench.to_hf(run.model, torch.float64).state_dict()
+    ours = benchlib.to_hf(run.model, torch.float64).state_dict()
     # Adam's first step is ~lr x sign(g): entries whose gradient is near its eps differ in float32,
     # so the updates are compared as a whole (a wrong update is off by ~100%)
     d_ours = torch.cat([(ours[k] - before[k]).flatten() for k in before])
@@ -86,7 +87,7 @@ def test_trl_peer_runs_the_same_prompts_group_and_lengths(start):
     pytest.importorskip("trl", reason="trl is not in the test extras: the TRL peer is checked where it is installed")
     S, prompts = start
     records = BO.trl_online(S, prompts, 2)
-    tok = bench.word_tokenizer(S.base.config.vocab_size)
+    tok = benchlib.word_tokenizer(S.base.config.vocab_size)
     for k, rec in enumerate(records):
         assert rec["prompts"] == [p for p in prompts[k * P:(k + 1) * P] for _ in range(G)]
         assert rec["lengths"] == [N] * (P * G)

@@ -4,7 +4,7 @@ import pytest
 
 import checks
 from errors import ConfigError
-from helpers import train_defaults
+from helpers import check_config, train_defaults
 
 GRPO_2 = dict(obj_2="grpo", dataset_2="data/toy_whisper.jsonl", reward_fn_2="lowercase", micro_train_batch_size=4)
 
@@ -15,7 +15,7 @@ def config(**over):
 def refusal(**over):
     c, per = config(**over)
     with pytest.raises(ConfigError) as e:
-        checks.check(c, per)
+        check_config(c, per)
     return str(e.value)
 
 @pytest.mark.parametrize("over,words", [
@@ -35,6 +35,8 @@ def test_refused(over, words):
 
 @pytest.mark.parametrize("over", [
     dict(dpo_beta_2=0.2),                                            # its own kind's key
+    dict(obj_2="simpo", dpo_beta_2=2.0, dpo_label_smoothing_2=0.1),  # a key several kinds declare
+    dict(obj_2="kto", dpo_beta_2=0.2),
     dict(dpo_beta=0.2, kd_loss="reverse"),                           # unsuffixed: every objective's default
     dict(obj_2="kd", ref_model_2="x", max_new_tokens_2=8),           # an online key kd shares with grpo
     dict(GRPO_2, obj_opt_2=-0.5, method="maxright", obj_opt_1=0.2),  # minus a reward: f* below 0 is a value
@@ -43,4 +45,4 @@ def test_refused(over, words):
 ])
 def test_accepted(over):
     c, per = config(**over)
-    checks.check(c, per)
+    check_config(c, per)

@@ -16,29 +16,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+from helpers import as_lists, write_jsonl  # noqa: E402
 from model import byte_tokenizer  # noqa: E402
 
 EOS, PAD = 256, 257
 PROMPT_HI = list(b"User: hi\nAssistant: ")  # 20 bytes
 
-@pytest.fixture(autouse=True)
-def datasets_cache(tmp_path, monkeypatch):
-    # datasets caches what it reads; keep that out of the user's cache
-    import datasets
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+pytestmark = pytest.mark.usefixtures("datasets_cache")  # datasets' caches under tmp_path
 
 @pytest.fixture(scope="module")
 def tok():
     return byte_tokenizer()
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
-
-def as_lists(examples):
-    """examples with every token field a python list (the map path holds numpy views of its cache)."""
-    return [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in e.items()} for e in examples]
 
 def shifted(prompt, response):
     # the labels by definition: position t predicts token t+1 when t+1 is a response token

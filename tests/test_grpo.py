@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import objectives
 import rewards
 import rollout as R
-from helpers import metrics, refused, resume_after_cut, run_train, tiny_hf, train_defaults
+from helpers import check_config, metrics, refused, resume_after_cut, run_train, tiny_hf, train_defaults
 from model import GPT, Config, byte_tokenizer
 from step import Step
 
@@ -542,9 +542,9 @@ def test_bad_online_keys_are_refused(over, words):
     import checks
     import configurator
     c, po = grpo_config()
-    checks.check(dict(c), po)  # the base config passes
+    check_config(dict(c), po)  # the base config passes
     with pytest.raises(configurator.ConfigError) as e:
-        checks.check(dict(c, **over), po)
+        check_config(dict(c, **over), po)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
 

@@ -3,8 +3,10 @@ both orders and with kill -9 of either, never mix their metrics.jsonl lines and 
 live run's checkpoints; then the lock's rules one by one: a live holder is refused whatever the
 flags, a dead one's lock (torn or whole) is taken over, a lock from another host needs
 takeover_lock, and a run removes only a lock that is still its own."""
+import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -225,3 +227,88 @@ def test_train_py_takes_a_lock_from_another_host_only_with_takeover_lock(tmp_pat
     assert not (out / ".lock").exists() and (out / "final").is_dir()
     saved = json.loads((out / "config.json").read_text())
     assert checkpoint.config_changes(saved, {**saved, "takeover_lock": False}) == []
+
+# -----------------------------------------------------------------------------
+# a run holds its out_dir
+
+def test_a_second_run_into_a_held_out_dir_is_refused(tmp_path):
+    """run A trains; B into the same out_dir, new or resumed, is refused naming A's host, pid and
+    lock file; A goes on, and removes its lock when it ends (here on Ctrl-C)."""
+    out, host = tmp_path / "run", socket.gethostname()
+    cmd = [sys.executable, "train.py", *TINY, *SMALL, "--max_iters=100000", f"--out_dir={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    a = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text(), "run A took no lock")
+        assert (out / ".lock").read_text() == f"{host} {a.pid}\n"
+        refused(run_train(out, *SMALL, "--max_iters=4", "--resume=True", check=False),
+                f"out_dir {out} is in use by process {a.pid} on host {host} ({out / '.lock'})")
+        assert a.poll() is None
+    finally:
+        a.send_signal(signal.SIGINT)
+        a.communicate(timeout=120)
+    assert not (out / ".lock").exists()
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    """kill -9 leaves the lock file; the kernel dropped its flock, so the next run on this host takes it."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; checkpoint.hold(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(configurator.ConfigError, match=f"in use by process {holder.pid}"):
+        checkpoint.hold(str(tmp_path))
+    holder.kill()
+    holder.wait()
+    logged = []
+    release = checkpoint.hold(str(tmp_path), log=logged.append)
+    assert logged == [f"out_dir {tmp_path}: took over the lock of process {holder.pid} on {socket.gethostname()} "
+                      f"(no longer running)"]
+    assert (tmp_path / ".lock").read_text() == f"{socket.gethostname()} {os.getpid()}\n"
+    release()
+    assert not (tmp_path / ".lock").exists()
+
+def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(tmp_path):
+    """2 ranks into a held out_dir: rank 0 finds the lock, the other rank stops with it at once
+    (no collective left waiting out dist_timeout_s), and the holder's lock stays as it was."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; checkpoint.hold(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(120)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        t = time.time()
+        p = run_train(tmp_path, *SMALL, "--micro_train_batch_size=2", "--obj_2=", "--max_iters=2", "--dist_timeout_s=60",
+                      nproc=2, check=False)
+        assert p.returncode != 0 and time.time() - t < 60
+        assert f"error: out_dir {tmp_path} is in use by process {holder.pid} on host {socket.gethostname()}" in p.stderr
+        assert 'train.py", line' not in p.stderr  # (torchrun's own traceback reports the failed ranks)
+        assert (tmp_path / ".lock").read_text() == f"{socket.gethostname()} {holder.pid}\n"
+        assert sorted(os.listdir(tmp_path)) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+def test_a_refused_run_leaves_no_lock(tmp_path):
+    """an error after the lock is taken (here a dataset that does not exist) ends with the one
+    line, and the lock goes with it."""
+    p = run_train(tmp_path, *SMALL, "--max_iters=1", "--dataset_1=/no/such/rows.jsonl", check=False)
+    refused(p, "/no/such/rows.jsonl")
+    assert not (tmp_path / ".lock").exists()
+
+def test_lock_where_the_file_system_has_no_flock_goes_by_the_pid(tmp_path, monkeypatch):
+    def no_flock(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_flock)
+    host, lock, logged = socket.gethostname(), tmp_path / ".lock", []
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{host} {sleeper.pid}\n")
+        with pytest.raises(configurator.ConfigError, match=f"in use by process {sleeper.pid} on host {host}"):
+            checkpoint.hold(str(tmp_path), log=logged.append)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    release = checkpoint.hold(str(tmp_path), log=logged.append)  # its process is gone
+    assert lock.read_text() == f"{host} {os.getpid()}\n"
+    assert logged == [f"out_dir {tmp_path}: took over the lock of process {sleeper.pid} on {host} (no longer running)"]
+    release()
+    assert not lock.exists()

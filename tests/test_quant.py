@@ -660,13 +660,12 @@ def test_train_config_refusals(tmp_path):
     before any collective). Each a ConfigError naming the keys."""
     from types import SimpleNamespace
 
-    import checks
     import runtime
-    from helpers import train_defaults
+    from helpers import check_config, train_defaults
 
     def check(**over):
         c, per = train_defaults(dataset="data/toy_sft.jsonl", **over)
-        return checks.check(c, per)
+        return check_config(c, per)
 
     def refused(words, **over):
         with pytest.raises(ConfigError) as e:

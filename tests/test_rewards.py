@@ -8,7 +8,7 @@ import torch
 import rewards
 import rollout as R
 from errors import ConfigError
-from helpers import refused, run_train, train_defaults
+from helpers import check_config, refused, run_train, train_defaults
 from model import byte_tokenizer
 
 TEMPLATE = "User: {}\nAssistant: "
@@ -43,9 +43,9 @@ def test_overlong_buffer_is_checked():
     c, po = train_defaults(obj_1="grpo", obj_2="", dataset_1="data/toy_whisper.jsonl", reward_fn_1="lowercase,overlong",
                            max_len_1=48, max_new_tokens_1=8, num_generations_1=4, train_batch_size=8,
                            micro_train_batch_size=4)
-    checks.check(dict(c), po)
+    check_config(dict(c), po)
     with pytest.raises(ConfigError) as e:
-        checks.check(dict(c, overlong_buffer_1=9), po)
+        check_config(dict(c, overlong_buffer_1=9), po)
     assert "overlong_buffer_1" in str(e.value) and "max_new_tokens_1" in str(e.value)
 
 # -----------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def test_reward_fn_naming_nothing_is_refused():
                            max_len_1=48, max_new_tokens_1=8, num_generations_1=4, train_batch_size=8,
                            micro_train_batch_size=4)
     with pytest.raises(ConfigError) as e:
-        checks.check(dict(c), po)
+        check_config(dict(c), po)
     assert "reward_fn_1" in str(e.value) and "names none" in str(e.value), str(e.value)
     with pytest.raises(ConfigError) as e:
         rewards.Rewards(" , ", "", "", 1)

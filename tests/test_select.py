@@ -7,15 +7,11 @@ import pytest
 from functools import partial
 
 import helpers
-from helpers import ROOT
+from helpers import ROOT, read_jsonl
 
 run_train = partial(helpers.run_train, base=[])
 
 SELECT = ["config/demo_select.py"]
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(l) for l in f if l.strip()]
 
 def clean_fraction(out, ratio=0.7):
     labels = {r["id"]: r["corrupted"] for r in read_jsonl(f"{ROOT}/data/toy_noisy_labels.jsonl")}

@@ -2,19 +2,14 @@
 noisy toy set, 30% of whose pairs have chosen and rejected swapped (known only to the labels file),
 judged by the DPO loss on a small set of clean pairs; the kept pairs are the correctly ordered ones,
 the export keeps original fields, and 2 processes give the logits of 1."""
-import json
 from functools import partial
 
 import helpers
-from helpers import ROOT
+from helpers import ROOT, read_jsonl
 
 run_train = partial(helpers.run_train, base=[])
 
 PAIRS = ["config/demo_select_pairs.py"]
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(l) for l in f if l.strip()]
 
 def test_selector_keeps_the_correctly_ordered_pairs(tmp_path):
     """the config at 5 epochs (80 steps of 64 pairs; the config runs 10), 25-30 s on 2 cores.

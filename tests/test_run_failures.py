@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, metrics, refused, run_train
+from helpers import ROOT, metrics, refused, run_train, write_jsonl
 
 BASE = ["--method=alright", "--train_batch_size=4", "--micro_train_batch_size=4", "--max_iters=6", "--save_interval=3",
         "--keep_last=5"]
@@ -28,9 +28,6 @@ def base_run(tmp_path_factory):
 def copy_of(base_run, tmp_path):
     shutil.copytree(base_run, tmp_path / "run")
     return tmp_path / "run"
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 def toy_rows(name, n):
     with open(os.path.join(ROOT, "data", name)) as f:

@@ -9,20 +9,15 @@ import shutil
 import stat
 import sys
 
-import numpy as np
 import pytest
 
-from helpers import ROOT, refused, run_train
+from helpers import ROOT, as_lists, check_config, read_jsonl, refused, run_train, write_jsonl
 
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 from model import byte_tokenizer  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def datasets_cache(tmp_path, monkeypatch):
-    # datasets caches what it reads; keep that out of the user's cache
-    import datasets
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+pytestmark = pytest.mark.usefixtures("datasets_cache")  # datasets' caches under tmp_path
 
 @pytest.fixture(scope="module")
 def tok():
@@ -30,18 +25,6 @@ def tok():
 
 def rows_of(n, tag="a"):
     return [{"input": f"q{i}", "output": f"{tag}{i}"} for i in range(n)]
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(l) for l in f if l.strip()]
-
-def as_lists(examples):
-    return [{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in e.items()} for e in examples]
 
 def tokens(rows, tok):
     return as_lists(data.tokenize_sft(rows, tok, 32, template="{}"))
@@ -263,7 +246,7 @@ def test_bad_dataset_probs_are_named(blend_config, probs, words):
     import configurator
     import objectives
     with pytest.raises(configurator.ConfigError) as e:
-        checks.check({**blend_config, "dataset_probs": probs}, objectives.per_objective_keys())
+        check_config({**blend_config, "dataset_probs": probs}, objectives.per_objective_keys())
     assert str(e.value).startswith("config key dataset_probs: ") and all(w in str(e.value) for w in words), str(e.value)
 
 def test_bad_dataset_probs_stop_train_py(tmp_path):

@@ -1,16 +1,12 @@
-"""A run as a whole: two runs into one out_dir, a resume that changes the run's length, config
-files that are not config files, and every numeric key's range, each refused with one line that
-names the key (or the file, or the process holding out_dir) before anything heavy is loaded."""
-import errno
+"""A run's config: a resume that changes the run's length, config files that are not config files,
+and every numeric key's range, each refused with one line that names the key (or the file) before
+anything heavy is loaded."""
 import json
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,7 +14,7 @@ import checkpoint
 import checks
 import configurator
 import methods
-from helpers import ROOT, TINY, metrics, refused, run_train, train_defaults
+from helpers import ROOT, check_config, header, metrics, refused, run_train, train_defaults
 
 SMALL = ["--train_batch_size=4", "--micro_train_batch_size=4"]
 
@@ -28,99 +24,8 @@ def train_config(**over):
 
 def refusal(c, per_objective):
     with pytest.raises(configurator.ConfigError) as e:
-        checks.check(c, per_objective)
+        check_config(c, per_objective)
     return str(e.value)
-
-# -----------------------------------------------------------------------------
-# a run holds its out_dir
-
-def wait_for(cond, what, timeout=120):
-    deadline = time.time() + timeout
-    while not cond():
-        assert time.time() < deadline, what
-        time.sleep(0.2)
-
-def test_a_second_run_into_a_held_out_dir_is_refused(tmp_path):
-    """run A trains; B into the same out_dir, new or resumed, is refused naming A's host, pid and
-    lock file; A goes on, and removes its lock when it ends (here on Ctrl-C)."""
-    out, host = tmp_path / "run", socket.gethostname()
-    cmd = [sys.executable, "train.py", *TINY, *SMALL, "--max_iters=100000", f"--out_dir={out}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    a = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text(), "run A took no lock")
-        assert (out / ".lock").read_text() == f"{host} {a.pid}\n"
-        refused(run_train(out, *SMALL, "--max_iters=4", "--resume=True", check=False),
-                f"out_dir {out} is in use by process {a.pid} on host {host} ({out / '.lock'})")
-        assert a.poll() is None
-    finally:
-        a.send_signal(signal.SIGINT)
-        a.communicate(timeout=120)
-    assert not (out / ".lock").exists()
-
-def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
-    """kill -9 leaves the lock file; the kernel dropped its flock, so the next run on this host takes it."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; checkpoint.hold(sys.argv[1]); "
-                               "print('held', flush=True); time.sleep(60)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True)
-    assert holder.stdout.readline() == "held\n"
-    with pytest.raises(configurator.ConfigError, match=f"in use by process {holder.pid}"):
-        checkpoint.hold(str(tmp_path))
-    holder.kill()
-    holder.wait()
-    logged = []
-    release = checkpoint.hold(str(tmp_path), log=logged.append)
-    assert logged == [f"out_dir {tmp_path}: took over the lock of process {holder.pid} on {socket.gethostname()} "
-                      f"(no longer running)"]
-    assert (tmp_path / ".lock").read_text() == f"{socket.gethostname()} {os.getpid()}\n"
-    release()
-    assert not (tmp_path / ".lock").exists()
-
-def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(tmp_path):
-    """2 ranks into a held out_dir: rank 0 finds the lock, the other rank stops with it at once
-    (no collective left waiting out dist_timeout_s), and the holder's lock stays as it was."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; checkpoint.hold(sys.argv[1]); "
-                               "print('held', flush=True); time.sleep(120)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        t = time.time()
-        p = run_train(tmp_path, *SMALL, "--micro_train_batch_size=2", "--obj_2=", "--max_iters=2", "--dist_timeout_s=60",
-                      nproc=2, check=False)
-        assert p.returncode != 0 and time.time() - t < 60
-        assert f"error: out_dir {tmp_path} is in use by process {holder.pid} on host {socket.gethostname()}" in p.stderr
-        assert 'train.py", line' not in p.stderr  # (torchrun's own traceback reports the failed ranks)
-        assert (tmp_path / ".lock").read_text() == f"{socket.gethostname()} {holder.pid}\n"
-        assert sorted(os.listdir(tmp_path)) == [".lock"]
-    finally:
-        holder.kill()
-        holder.wait()
-
-def test_a_refused_run_leaves_no_lock(tmp_path):
-    """an error after the lock is taken (here a dataset that does not exist) ends with the one
-    line, and the lock goes with it."""
-    p = run_train(tmp_path, *SMALL, "--max_iters=1", "--dataset_1=/no/such/rows.jsonl", check=False)
-    refused(p, "/no/such/rows.jsonl")
-    assert not (tmp_path / ".lock").exists()
-
-def test_lock_where_the_file_system_has_no_flock_goes_by_the_pid(tmp_path, monkeypatch):
-    def no_flock(f, how):
-        raise OSError(errno.ENOLCK, "No locks available")
-    monkeypatch.setattr(checkpoint.fcntl, "flock", no_flock)
-    host, lock, logged = socket.gethostname(), tmp_path / ".lock", []
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        lock.write_text(f"{host} {sleeper.pid}\n")
-        with pytest.raises(configurator.ConfigError, match=f"in use by process {sleeper.pid} on host {host}"):
-            checkpoint.hold(str(tmp_path), log=logged.append)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    release = checkpoint.hold(str(tmp_path), log=logged.append)  # its process is gone
-    assert lock.read_text() == f"{host} {os.getpid()}\n"
-    assert logged == [f"out_dir {tmp_path}: took over the lock of process {sleeper.pid} on {host} (no longer running)"]
-    release()
-    assert not lock.exists()
 
 # -----------------------------------------------------------------------------
 # a resume that changes the run's length (max_iters / max_epochs)
@@ -208,7 +113,7 @@ def test_pareto_front_flat_or_wrong_width_or_without_eps(tmp_path):
     f.write_text(json.dumps({"opt": [0, 0], "rows": [{"f": [1.0, 2.0], "front": True}, {"f": [3.0, 3.0], "front": False},
                                                      {"f": [2.0, 1.0], "front": True}]}))
     assert checks.pareto_points(str(f), 2) == [[1.0, 2.0], [2.0, 1.0]]
-    checks.check(dict(c), po)
+    check_config(dict(c), po)
 
 def test_a_runs_config_json_reruns_its_config(cosine_run, tmp_path):
     """train.py RUN/config.json reads the run's resolved config (JSON), not Python (`true` was a NameError)."""
@@ -262,7 +167,8 @@ BAD = {  # out-of-range values of each numeric key of train.py (and the objectiv
     "orpo_lambda": [-0.1], "kto_desirable_weight": [-1.0], "kto_undesirable_weight": [-1.0], "kd_beta": [1.5, -0.5],
     "kd_top_k": [-1], "kd_temperature": [0.0, -1.0],
     "max_new_tokens": [0], "temperature": [-0.5], "top_p": [0.0, 1.5], "top_k": [-1], "num_generations": [1],
-    "grpo_epsilon": [0.0], "grpo_inner_steps": [0], "grpo_beta": [-0.1],
+    "grpo_epsilon": [0.0], "grpo_inner_steps": [0], "grpo_beta": [-0.1], "grpo_epsilon_high": [0.0, -0.5],
+    "max_resample": [-1], "overlong_buffer": [-1], "kl_anchor": [-0.1, NAN],
     "eval_frac": [1.0, -0.1], "dataset_num_proc": [-1],
     "selector_learning_rate": [-0.1, INF], "aux_learning_rate": [-1e-3], "aux_steps": [0], "upperlevel_weight": [1.5, -0.1],
     "upperlevel_weight_decay": [-0.1], "select_ratio": [0.0, 1.5],
@@ -277,14 +183,14 @@ def numeric_keys():
 
 def test_every_numeric_key_has_a_range_and_a_bad_value_here():
     keys, _ = numeric_keys()
-    ranged = {k for k, rule in checks.rules().items() if not rule.startswith("one of")}  # not a string's choices
+    ranged = {k for k, rule in checks.all_rules(header("train.py")["rules"]).items() if not rule.startswith("one of")}  # not a string's choices
     assert set(keys) == ranged, set(keys) ^ ranged
     assert set(keys) == set(BAD), set(keys) ^ set(BAD)
 
 @pytest.mark.parametrize("key", sorted(BAD))
 def test_each_bad_value_is_refused_naming_the_key(key):
     c, po = train_config()
-    checks.check(dict(c), po)  # the defaults pass
+    check_config(dict(c), po)  # the defaults pass
     for v in BAD[key]:
         msg = refusal(dict(c, **{key: v}), po)
         assert msg.startswith("config key") and key in msg, (key, v, msg)
@@ -294,10 +200,11 @@ def test_each_bad_value_is_refused_naming_the_key(key):
 
 @pytest.mark.parametrize("key,value", [("eval_gen_interval", -1), ("obj_opt", None), ("obj_opt", 0.0), ("budget", -1.0),
                                        ("max_samples", 0), ("max_settle_iters", -1), ("budget_margin", 0.0),
+                                       ("grpo_epsilon_high", -1.0), ("overlong_buffer", 0), ("kl_anchor", 0.0),
                                        ("kd_beta", 0.0), ("lora_dropout", 0.0), ("warmup_ratio", 1.0), ("select_ratio", 1.0),
                                        ("upperlevel_weight", 0.0), ("eps", 0.0), ("max_norm", 0.0), ("simpo_gamma", -1.0),
                                        ("adam_betas", (0.0, 0.999)), ("zero_stage", 3), ("lambd", (0.0, 1.0)),
                                        ("learning_rate", 0.0), ("selector_learning_rate", 0.0)])
 def test_edge_values_that_mean_something_pass(key, value):
     c, po = train_config(**{key: value})
-    checks.check(c, po)
+    check_config(c, po)
