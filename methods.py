@@ -86,7 +86,7 @@ def maxright_pick(s):
     """argmax_i s_i of the weighted gaps s = {i: lambd_i (f_i - f_i*)}, ties to the lowest i."""
     return max(sorted(s), key=lambda i: (s[i], -i))
 
-Q_MIN, Q_MAX = 0.05, 0.9  # a budgeted objective's share of the draws: the free objectives keep >= 10% of the steps
+Q_MIN, Q_MAX = 0.05, 0.85  # a budgeted objective's share of the draws: the free objectives keep >= 15% of the steps
 
 def logit(p):
     return math.log(p / (1 - p))
@@ -267,7 +267,7 @@ class Constrained(Alright):
     max_settle_iters steps): the exported model keeps its budgets, or the summary says by how much not."""
     name = "constrained"
     keys = dict(maxright_interval=INTERVAL,
-                dual_lr=Key(0.5, "> 0", "constrained: how fast a budgeted objective's share of the steps moves (its "
+                dual_lr=Key(1.0, "> 0", "constrained: how fast a budgeted objective's share of the steps moves (its "
                                         "logit per budget of excess)"),
                 budget_margin=Key(0.2, "[0, 1)", "constrained: the run aims at (1 - budget_margin) x budget_j"),
                 max_settle_iters=Key(-1, ">= 0 or -1; -1 = max(10, T // 10)", "constrained: the most steps after T "

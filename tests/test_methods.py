@@ -160,15 +160,15 @@ def test_budget_rule_by_hand():
     assert not m.extend(10, {"eval_loss_1": 2.45, "eval_loss_2": 0.3}, opt)  # max_settle_iters=2 spent
     s = m.summary({"eval_loss_1": 2.45}, opt)
     assert s["budgets_held"] is False and s["budget_excess_1"] == pytest.approx(0.05) and s["settle_iters"] == 2
-    assert methods.budget_step(0.0, 10.0, 0.1, 0.2, 5.0) == pytest.approx(math.log(0.9 / 0.1))  # at most Q_MAX
+    assert methods.budget_step(0.0, 10.0, 0.1, 0.2, 5.0) == pytest.approx(math.log(0.85 / 0.15))  # at most Q_MAX
     assert methods.budget_step(0.0, -10.0, 0.1, 0.2, 5.0) == pytest.approx(math.log(0.05 / 0.95))  # at least Q_MIN
 
 def test_budget_draws_by_hand():
     """K = 3, budgets on 1 and 3 with shares 0.3 and 0.2: objective 2 (free) takes the rest, 0.5;
-    shares summing over 0.9 are scaled to 0.9; with every objective budgeted the shares are normalized;
+    shares summing over 0.85 are scaled to 0.85; with every objective budgeted the shares are normalized;
     two free objectives split the rest by lambd."""
     assert methods.budget_probs((0.2, 0.5, 0.3), {1: 0.3, 3: 0.2}) == pytest.approx([0.3, 0.5, 0.2])
-    assert methods.budget_probs((0.2, 0.5, 0.3), {1: 0.8, 3: 0.4}) == pytest.approx([0.6, 0.1, 0.3])
+    assert methods.budget_probs((0.2, 0.5, 0.3), {1: 0.8, 3: 0.4}) == pytest.approx([0.85 * 2 / 3, 0.15, 0.85 / 3])
     assert methods.budget_probs((0.5, 0.5), {1: 0.3, 2: 0.1}) == pytest.approx([0.75, 0.25])
     assert methods.budget_probs((0.2, 0.6, 0.2), {1: 0.5}) == pytest.approx([0.5, 0.375, 0.125])
 
