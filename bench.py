@@ -82,9 +82,11 @@ JOINT = {"alright": ("sft", "dpo"), "maxright": ("sft", "dpo"), "alright3": ("sf
 
 # -----------------------------------------------------------------------------
 # default config values
-mode = "steps"            # steps: each case's optimizer steps | memory: loss + backward, chunked vs full logits | generate | online (bench_online.py)
+mode = "steps"            # steps: each case's optimizer steps | memory: loss + backward, chunked vs full logits |
+                          # generate | online (bench_online.py)
 cases = "sft,dpo,dpo_precomputed,simpo,kd,mix,alright,maxright"
-compare = False           # also the dpo step in plain transformers and in TRL's DPOTrainer, the simpo step in TRL's CPOTrainer (needs trl)
+compare = False           # also the dpo step in plain transformers and in TRL's DPOTrainer, the simpo step in TRL's
+                          # CPOTrainer (needs trl)
 json = ""                 # write the figures to this file as JSON
 # model
 pretrain = ""             # HF hub id or local dir; '' builds a fresh llama from the model_* keys
@@ -121,7 +123,8 @@ warmup_iters = 2          # untimed steps per case (of each objective for alrigh
 iters = 10                # timed steps per case (the median is reported)
 rounds = 1                # run every case (and the peers) this many times, one round after the other; report medians
 memory = True             # peak memory per case, each in a fresh process
-peak_flops = 0.0          # the device's peak FLOP/s in dtype (e.g. 989e12 for H100 bf16 dense); > 0 reports MFU per case
+peak_flops = 0.0          # the device's peak FLOP/s in dtype (e.g. 989e12 for H100 bf16 dense); > 0 reports MFU per
+                          # case
 seed = 1337
 # memory mode: one loss + backward from hidden states, no model
 mem_vocab_size = 128256
@@ -131,9 +134,12 @@ mem_chunk_size = 0        # 0: auto_chunk_size (128 tokens at this vocabulary)
 mem_cases = "sft_full,sft_chunked,kd_full,kd_chunked"
 mem_train_head = True     # False: the output head is frozen (LoRA trains no head), so no weight gradient
 case = ""                 # set by the benchmark itself: measure this one case's memory in a fresh process
-profile = ""              # a case name: torch.profiler over 3 of its steps (top kernels, host vs device time), nothing else
+profile = ""              # a case name: torch.profiler over 3 of its steps (top kernels, host vs device time), nothing
+# else
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+config_keys = [
+    k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))
+]
 
 IGNORE_INDEX = L.IGNORE_INDEX
 
@@ -165,7 +171,11 @@ def precompute_ref_logps(step, o, batches):
 def hf_sequence_logps(model, b):
     """[2B] sum of response-token log-probs, from full [2B, T, V] logits."""
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-    logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+    logps = (
+        torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        .gather(-1, b["input_ids"][:, 1:, None])
+        .squeeze(-1)
+    )
     return (logps * b["completion_mask"][:, 1:]).sum(-1)
 
 def hf_dpo_step(model, ref, optimizer, b, beta=0.1, autocast=contextlib.nullcontext(), max_norm=1.0):
@@ -223,7 +233,8 @@ def trl_simpo_step_times(S, n_steps):
     length = lambda e: max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))  # prompt included
     return trl_step_times(S, n_steps, CPOConfig, CPOTrainer, length, with_ref=False, loss_type="simpo", cpo_alpha=0.0,
                           beta=c.dpo_beta, simpo_gamma=c.simpo_gamma, label_smoothing=c.dpo_label_smoothing,
-                          remove_unused_columns=False)  # its pair collator needs every column (else it sets this, with a warning)
+                          # its pair collator needs every column (else it sets this, with a warning)
+                          remove_unused_columns=False)
 
 def trl_step_times(S, n_steps, config_class, trainer_class, length, with_ref, **objective_kw):
     """a TRL preference trainer on the bench's pairs (the first n_steps batches), weights, lengths and
@@ -279,7 +290,10 @@ def trl_step_times(S, n_steps, config_class, trainer_class, length, with_ref, **
                   dataloader_num_workers=0, disable_tqdm=True, seed=cfg["seed"])
         args = config_class(**trl_config_kwargs(config_class, kw))
         # TRL's own defaults turn both on: the peer must run the bench's precision and checkpointing
-        assert (bool(args.gradient_checkpointing), bool(args.bf16)) == (cfg["gradient_checkpointing"], cfg["dtype"] == "bfloat16")
+        assert (bool(args.gradient_checkpointing), bool(args.bf16)) == (
+            cfg["gradient_checkpointing"],
+            cfg["dtype"] == "bfloat16",
+        )
         timer = Timer()
         trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                 processing_class=word_tokenizer(V), callbacks=[timer], peft_config=peft_config,
@@ -463,7 +477,9 @@ def bipost_trainer(name, S, R):
             p.data = p.data.to(S.master_dtype)
         quant.quantize(model, cfg["quantize"])  # the frozen base: '' leaves it as it is
     model.train()
-    optimizer, params = runtime.optimizer(model, cfg["learning_rate"], cfg["adam_betas"], 0.0, fused=S.device_type == "cuda")
+    optimizer, params = runtime.optimizer(
+        model, cfg["learning_rate"], cfg["adam_betas"], 0.0, fused=S.device_type == "cuda"
+    )
     uses = JOINT.get(name) or {"mix": ("sft", "dpo"), "dpo_precomputed": ("dpo",)}.get(name, (name,))
     def frozen(m):  # a reference / teacher: frozen, in the compute dtype, 4-bit weights with quantize
         m = deepcopy(m).to(S.device, S.ptdtype).eval().requires_grad_(False)
@@ -480,7 +496,9 @@ def bipost_trainer(name, S, R):
         precompute_ref_logps(core, dpo, S.dpo_batches)
         dpo.ref = None  # the cache replaces the reference model
     obj = {"sft": sft, "dpo": dpo, "dpo_precomputed": dpo, "kd": kd, "simpo": simpo}
-    batch = lambda o, k: (S.dpo_batches if o.kind.collate is dpo.kind.collate else S.sft_batches)[k % len(S.sft_batches)]
+    batch = lambda o, k: (S.dpo_batches if o.kind.collate is dpo.kind.collate else S.sft_batches)[
+        k % len(S.sft_batches)
+    ]
     lambd = cfg["lambd"]
     parts = lambda kind, k: ([(sft, batch(sft, k), lambd), (dpo, batch(dpo, k), 1 - lambd)] if kind == "mix" else
                              [(obj[kind], batch(obj[kind], k), 1.0)])
@@ -564,7 +582,9 @@ def summarize(R, results, lambd):
         wt = ({"sft": lambd, "dpo": 1 - lambd} if R.name == "alright" and len(med) == 2 else
               {i: 1 / 3 for i in kinds} if R.name == "alright3" and len(med) == 3 else {i: len(by[i]) / n for i in med})
         out["step_s"] = sum(wt[i] * med[i] for i in med) + sum(R.evals) / n
-        out["tokens_per_step"] = sum(wt[i] * statistics.mean(t for t, o in zip(R.tokens, R.objs) if o == i) for i in med)
+        out["tokens_per_step"] = sum(
+            wt[i] * statistics.mean(t for t, o in zip(R.tokens, R.objs) if o == i) for i in med
+        )
         if flops:
             out["flops"] = sum(wt[i] * flops[i] for i in med) + flops.get("evaluation", 0) * len(out["eval_s"]) / n
         if all(i in results for i in kinds):
@@ -609,7 +629,9 @@ def case_memory_subprocess(name, argv):
     for line in p.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
             return json_lib.loads(line[len("BENCH_RESULT "):])
-    raise RuntimeError(f"memory subprocess for {name} failed (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    raise RuntimeError(
+        f"memory subprocess for {name} failed (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    )
 
 # the TRL peers: name -> (the bench case it runs like, the function that times it)
 TRL_PEERS = {"trl": ("dpo", trl_dpo_step_times), "trl_simpo": ("simpo", trl_simpo_step_times)}
@@ -742,7 +764,9 @@ def report_steps(S, results, info, n_rounds):
         mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
         if c in JOINT:
             parts = ", ".join(f"{k} {gf(sum(p.values()))}" for k, p in r["flops_parts"].items())
-            parts = f"weighted as its step time: {parts}" + (" (per evaluation)" if "evaluation" in r["flops_parts"] else "")
+            parts = f"weighted as its step time: {parts}" + (
+                " (per evaluation)" if "evaluation" in r["flops_parts"] else ""
+            )
         else:
             parts = " + ".join(f"{k} {gf(v)}" for k, v in r["flops_parts"][c].items())
         print(f"  {c:<16} {gf(r['flops']):>9}  {r['tflops_per_s']:7.2f} TFLOP/s{mfu}  = {parts}")
@@ -772,7 +796,8 @@ def profile_case(name, S, steps=3):
 
 def main_memory(cfg, argv):
     device = default_device(cfg["device"])
-    cfg["dtype"], ptdtype, _, _ = runtime.precision(cfg["dtype"], device.split(":")[0])  # the tensors' dtype, no autocast
+    # the tensors' dtype, no autocast
+    cfg["dtype"], ptdtype, _, _ = runtime.precision(cfg["dtype"], device.split(":")[0])
     args = (cfg["mem_vocab_size"], cfg["mem_seq_len"], cfg["mem_n_embd"], cfg["mem_chunk_size"], device, ptdtype,
             cfg["mem_train_head"])
     if cfg["case"]:
@@ -829,8 +854,12 @@ def kernels_only(ours, x, S, dt):
         for t in range(n):
             for i, (f, block) in enumerate(zip(c.fused, ours.blocks)):
                 q = linear(h, *f["qkv"])[:, :H * hd].view(B, H, 1, hd)
-                y = F.scaled_dot_product_attention(q, c.k[i][:, :, :P + t + 1], c.v[i][:, :, :P + t + 1], enable_gqa=H != K)
-                h = dense(block.mlp.down_proj, linear(dense(block.attn.o_proj, y.view(B, H * hd)), *f["gate_up"])[:, :I])
+                y = F.scaled_dot_product_attention(
+                    q, c.k[i][:, :, : P + t + 1], c.v[i][:, :, : P + t + 1], enable_gqa=H != K
+                )
+                h = dense(
+                    block.mlp.down_proj, linear(dense(block.attn.o_proj, y.view(B, H * hd)), *f["gate_up"])[:, :I]
+                )
             linear(h, ours.lm_head.weight).argmax(dim=-1)
     return run
 
@@ -887,8 +916,10 @@ def bench_generate(cfg):
     res["vs_no_cache"] = res["generate.py"]["tokens_per_s"] / res["no_cache"]["tokens_per_s"]
     res["unfused_vs_transformers"] = statistics.median(per_round("unfused"))
     if "kernels_only" in runs:
-        res["kernels_only_vs_transformers"] = statistics.median(per_round("kernels_only"))  # the ceiling of vs_transformers
-    for k in ("transformers", "no_cache", "unfused", "no_graph"):  # no_graph: the CUDA-graph replay against the eager step
+        # the ceiling of vs_transformers
+        res["kernels_only_vs_transformers"] = statistics.median(per_round("kernels_only"))
+    # no_graph: the CUDA-graph replay against the eager step
+    for k in ("transformers", "no_cache", "unfused", "no_graph"):
         if k in outs:
             res[f"same_tokens_{k}"] = float((outs["generate.py"][:, P:] == outs[k][:, P:]).float().mean())
     info["load_end"] = loadavg()
@@ -923,4 +954,9 @@ if __name__ == "__main__":
     globals().update(_cfg)
     if mode not in ("steps", "memory", "generate", "online"):
         raise ValueError(f"config key mode: {mode!r} is not steps, memory, generate or online")
-    {"steps": main_steps, "memory": main_memory, "generate": lambda c, argv: bench_generate(c), "online": bench_online.main}[mode](_cfg, sys.argv[1:])
+    {
+        "steps": main_steps,
+        "memory": main_memory,
+        "generate": lambda c, argv: bench_generate(c),
+        "online": bench_online.main,
+    }[mode](_cfg, sys.argv[1:])

@@ -138,7 +138,9 @@ def bipost_online(S, prompts, pool=()):
     if cfg["compile"]:
         model.compile_blocks()
     model.train()
-    optimizer, params = runtime.optimizer(model, cfg["learning_rate"], cfg["adam_betas"], 0.0, fused=S.device_type == "cuda")
+    optimizer, params = runtime.optimizer(
+        model, cfg["learning_rate"], cfg["adam_betas"], 0.0, fused=S.device_type == "cuda"
+    )
     o = objectives.make("grpo", 1, num_generations=G, max_new_tokens=N, max_len=cfg["prompt_len"] + N, temperature=1.0,
                         top_p=1.0, top_k=0, grpo_beta=0.0, grpo_inner_steps=1, input_template="{}",
                         reward_fn=f"bench_online:{cfg['reward']}", grpo_epsilon_high=cfg["epsilon_high"],
@@ -238,7 +240,10 @@ def trl_online(S, prompts, n_steps, pool=()):
                   dataloader_num_workers=0, disable_tqdm=True, seed=cfg["seed"])
         args = GRPOConfig(**benchlib.trl_config_kwargs(GRPOConfig, kw))
         # TRL's own defaults turn both on: the peer must run the bench's precision and checkpointing
-        assert (bool(args.gradient_checkpointing), bool(args.bf16)) == (cfg["gradient_checkpointing"], cfg["dtype"] == "bfloat16")
+        assert (bool(args.gradient_checkpointing), bool(args.bf16)) == (
+            cfg["gradient_checkpointing"],
+            cfg["dtype"] == "bfloat16",
+        )
         trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args,
                               train_dataset=Dataset.from_list([{"prompt": p} for p in prompts[:n_steps * P]]),
                               processing_class=benchlib.word_tokenizer(V), callbacks=[Timer()])

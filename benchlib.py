@@ -99,7 +99,11 @@ def trl_config_kwargs(config_class, kw):
     installed names, keys it does not know dropped (each said once)."""
     import dataclasses
     known = {f.name for f in dataclasses.fields(config_class)}
-    renames = {"eval_strategy": "evaluation_strategy", "use_cpu": "no_cuda", "activation_checkpointing": "gradient_checkpointing"}
+    renames = {
+        "eval_strategy": "evaluation_strategy",
+        "use_cpu": "no_cuda",
+        "activation_checkpointing": "gradient_checkpointing",
+    }
     out = {}
     for k, v in kw.items():
         if k in known:

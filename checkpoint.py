@@ -51,7 +51,9 @@ def full_state_dict(model, fsdp, trainable_only=True):
 def _full_optimizer_state(model, optimizer, fsdp):
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1: the shards meet on rank 0
         optimizer.consolidate_state_dict(to=0)
         return optimizer.state_dict() if _rank() == 0 else None
@@ -143,7 +145,9 @@ def _load(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: refused to load: it holds more than tensors and plain containers ({first})") from None
+        raise ConfigError(
+            f"{path}: refused to load: it holds more than tensors and plain containers ({first})"
+        ) from None
 
 def check_shapes(path, msd, model):
     """a tensor of the checkpoint whose shape is not the model's is an error naming it."""
@@ -159,7 +163,12 @@ def load(path, model, optimizer, fsdp=False):
     check_shapes(path, msd, model)
     osd = _load(os.path.join(path, "optimizer.pt"))
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
         opts = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(model, msd, options=opts)
         set_optimizer_state_dict(model, optimizer, osd, options=opts)
@@ -464,7 +473,9 @@ def read_metrics(path, log=print):
             line = None
         if not (isinstance(line, dict) and isinstance(line.get("iter"), int) and "kind" in line):
             if j != last:
-                raise ConfigError(f"{path}, line {j}: not a metrics line ({l[:60]!r}); repair or delete that line and resume again")
+                raise ConfigError(
+                    f"{path}, line {j}: not a metrics line ({l[:60]!r}); repair or delete that line and resume again"
+                )
             log(f"warning: {path}, line {j}: incomplete last line dropped (written when the previous run ended)")
             continue
         lines.append(line)
@@ -479,7 +490,9 @@ def rewind_metrics(path, it, log=print):
 class Metrics:
     """metrics.jsonl on rank 0, one JSON object a line, plus optional wandb / tensorboard."""
 
-    def __init__(self, out_dir, master, config, wandb_log=False, wandb_project="", wandb_run_name="", tensorboard=False):
+    def __init__(
+        self, out_dir, master, config, wandb_log=False, wandb_project="", wandb_run_name="", tensorboard=False
+    ):
         self.path, self.master, self.wandb, self.tb = os.path.join(out_dir, "metrics.jsonl"), master, None, None
         if master and wandb_log:
             import wandb
@@ -495,7 +508,11 @@ class Metrics:
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
         n = line["iter"]
-        scalars = {f"{line['kind']}/{k}": v for k, v in line.items() if isinstance(v, (int, float)) and k not in ("iter", "kind")}
+        scalars = {
+            f"{line['kind']}/{k}": v
+            for k, v in line.items()
+            if isinstance(v, (int, float)) and k not in ("iter", "kind")
+        }
         if self.wandb:
             self.wandb.log(scalars, step=n)
         for k, v in scalars.items() if self.tb else ():

@@ -96,7 +96,10 @@ def check(c, per_objective, run_rules, world_size=1):
             objectives.kind(v, f"obj_{i}")
     _require(bool(kinds[0]), "config key obj_1 must be set")
     gap = kinds.index("") + 1 if "" in kinds else None
-    _require(all(kinds[:K]), f"config keys obj_1 ... obj_{K}: objectives are numbered 1..K without gaps, obj_{gap} is not set")
+    _require(
+        all(kinds[:K]),
+        f"config keys obj_1 ... obj_{K}: objectives are numbered 1..K without gaps, obj_{gap} is not set",
+    )
     kinds = kinds[:K]
     method = c["method"]
     _require(method in methods.METHODS, f"config key method: {method!r} is not one of {', '.join(methods.METHODS)}")
@@ -104,7 +107,9 @@ def check(c, per_objective, run_rules, world_size=1):
     for k, v in c.items():  # the configurator lets a float key take a tuple: only lambd may
         _require(not isinstance(v, tuple) or k in ("lambd", "adam_betas"),
                  f"config key {k}: one number, got {v!r} (only lambd takes one weight per objective)")
-    _require(len(c["adam_betas"]) == 2, f"config key adam_betas: two values (beta1, beta2) in [0, 1), got {c['adam_betas']}")
+    _require(
+        len(c["adam_betas"]) == 2, f"config key adam_betas: two values (beta1, beta2) in [0, 1), got {c['adam_betas']}"
+    )
     check_ranges(c, per_objective, kinds, run_rules)
     _require(c["out_dir"].strip() != "", "config key out_dir must name a directory, got ''")
     dev = c["device"]
@@ -114,14 +119,17 @@ def check(c, per_objective, run_rules, world_size=1):
              f"config key dtype: {c['dtype']!r} is not float32, bfloat16 or float64" + (
                  " (float16 gradients underflow without loss scaling, which train.py does not do: use bfloat16, or float32 "
                  "where the GPU has no bfloat16)" if c["dtype"] == "float16" else ""))
-    _require(c["max_iters"] > 0 or c["max_epochs"] > 0, "config keys max_iters and max_epochs are both 0: nothing to train")
+    _require(
+        c["max_iters"] > 0 or c["max_epochs"] > 0, "config keys max_iters and max_epochs are both 0: nothing to train"
+    )
     _require(c["pretrain"] or c["model_n_head"] % c["model_n_kv_head"] == 0, f"config key model_n_kv_head "
              f"({c['model_n_kv_head']}) must divide model_n_head ({c['model_n_head']}): each key/value head serves a group")
     if c["pareto_front"]:
         pareto_points(c["pareto_front"], K)
         _require(c["eps"] > 0, f"config key pareto_front={c['pareto_front']!r} is set, but eps=0 (early stop off): "
                  f"set eps > 0 (e.g. --eps=1e-4)")
-    for k in sorted(k for k in c if k == "reward_model" or k.startswith("reward_model_")):  # loaded after training, else
+    # loaded after training, else
+    for k in sorted(k for k in c if k == "reward_model" or k.startswith("reward_model_")):
         _require(not c[k] or os.path.exists(c[k]) or _hub_id(c[k]), f"config key {k}: {c[k]!r} is neither a local "
                  f"path that exists nor a hub id")
     per_step = c["micro_train_batch_size"] * world_size

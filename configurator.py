@@ -96,7 +96,9 @@ def _config_file(path, config):
     ext = os.path.splitext(path.removesuffix(os.sep))[1].lower()
     data = f"config files are .py (or a run's config.json); pass data as --dataset_1={path}"
     if os.path.isdir(path) or ext in DATA_FILES:
-        raise ConfigError(f"{path} is {'a directory' if os.path.isdir(path) else 'a data file'}, not a config file: {data}")
+        raise ConfigError(
+            f"{path} is {'a directory' if os.path.isdir(path) else 'a data file'}, not a config file: {data}"
+        )
     if ext == ".json":
         try:
             with open(path) as f:

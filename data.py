@@ -206,7 +206,9 @@ def _read_source(name, split):
     that pyarrow cannot read (mixed types), or an error naming the file, line and column. A local
     file or folder of files is converted into a cache folder keyed on its content (_content_key)."""
     ext = os.path.splitext(name)[1].lower()
-    is_disk = os.path.isdir(name) and any(os.path.exists(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json"))
+    is_disk = os.path.isdir(name) and any(
+        os.path.exists(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json")
+    )
     if ext in FILE_EXTS and not os.path.isfile(name):
         raise ConfigError(f"{name}: no such file")
     if (ext in FILE_EXTS or os.path.exists(os.path.join(name, "state.json"))) and split != "train":
@@ -271,7 +273,9 @@ def blend_probs(probs, n, what="probs"):
     except ValueError:
         raise ConfigError(f"{what}: {probs!r} is not a comma-separated list of numbers") from None
     if len(p) != n:
-        raise ConfigError(f"{what}: {probs!r} gives {len(p)} proportions for {n} source{'s' * (n != 1)} (one per source)")
+        raise ConfigError(
+            f"{what}: {probs!r} gives {len(p)} proportions for {n} source{'s' * (n != 1)} (one per source)"
+        )
     bad = [x for x in p if not math.isfinite(x) or x < 0]
     if bad:
         raise ConfigError(f"{what}: {probs!r} holds {bad[0]}; proportions are finite numbers >= 0")
@@ -468,7 +472,9 @@ def load_streaming(spec, split="train", max_samples=0, seed=42, eval_frac=0.0, e
         return [], held
     train = clean(ds.skip(k).shuffle(seed=seed, buffer_size=buffer_size).take(max_samples))
     if len(train) < max_samples:
-        raise ConfigError(f"{spec}: the stream has {len(train) + k} rows, fewer than max_samples={max_samples} + {k} held out")
+        raise ConfigError(
+            f"{spec}: the stream has {len(train) + k} rows, fewer than max_samples={max_samples} + {k} held out"
+        )
     return train, held
 
 def objective_splits(c, seed, eval_frac, streaming, lazy=False, _train=True):
@@ -544,7 +550,9 @@ def _prompt_text(row, key, where):
 def _messages(messages, where, key):
     if not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
-        raise ConfigError(f"{where}: field {key!r} must be a non-empty list of {{'role': str, 'content': str}} messages")
+        raise ConfigError(
+            f"{where}: field {key!r} must be a non-empty list of {{'role': str, 'content': str}} messages"
+        )
     return messages
 
 def _chat_parts(tokenizer, prompt, completion, where, key, prompt_of=""):
@@ -672,7 +680,9 @@ FLOAT_FIELDS = ("weight",)  # per-row numbers kept as one-element sequences besi
 def _weight(row, key, where):
     """a row's weight (weight_key): a finite number >= 0."""
     if key not in row:
-        raise ConfigError(f"{where}: missing key {key!r} (the row weight named by weight_key; keys present: {_keys(row)})")
+        raise ConfigError(
+            f"{where}: missing key {key!r} (the row weight named by weight_key; keys present: {_keys(row)})"
+        )
     w = row[key]
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
         raise ConfigError(f"{where}: field {key!r} (the row weight) must be a finite number >= 0, found {w!r}")
@@ -824,7 +834,9 @@ def tokenize_sft(rows, tokenizer, max_len, input_key="input", output_key="output
     keys = dict(input_key=input_key, output_key=output_key, template=template,
                 apply_chat_template=apply_chat_template, system_key=system_key, weight_key=weight_key, label_key=label_key)
     per_row = functools.partial(_sft_rows, tokenizer=tokenizer, max_len=max_len, source=source, **keys)
-    return _tokenize(rows, per_row, SFT_FIELDS + _extra_fields(weight_key, label_key), source, max_len, verbose, num_proc)
+    return _tokenize(
+        rows, per_row, SFT_FIELDS + _extra_fields(weight_key, label_key), source, max_len, verbose, num_proc
+    )
 
 def tokenize_dpo(rows, tokenizer, max_len, prompt_key="prompt", chosen_key="chosen", rejected_key="rejected",
                  template="User: {}\nAssistant: ", apply_chat_template=False, source="", verbose=False, num_proc=0,
@@ -941,7 +953,9 @@ def collate_sft(examples, pad_id, packing=False, max_len=0):
     if _weighted(examples):  # per token: each document's tokens carry its row's weight (0 on padding)
         w = np.zeros(batch["input_ids"].shape)
         for r, b in enumerate(bins):
-            w[r, : sum(len(d["input_ids"]) for d in b)] = np.concatenate([np.full(len(d["input_ids"]), d["weight"][0]) for d in b])
+            w[r, : sum(len(d["input_ids"]) for d in b)] = np.concatenate(
+                [np.full(len(d["input_ids"]), d["weight"][0]) for d in b]
+            )
         batch["weights"] = torch.from_numpy(w)
     return batch
 
@@ -959,7 +973,9 @@ def collate_kto(examples, pad_id):
     """A batch of B KTO rows: the rows themselves (as SFT rows), "kl" their B mismatched rows (a
     batch of its own: no gradient flows through them), "desirable" [B] bools, "weights" [B] when given."""
     batch = _batch([_row([e], "chosen_ids", "chosen_labels") for e in examples], pad_id, [e["id"] for e in examples])
-    batch["kl"] = _batch([_row([e], "rejected_ids", "rejected_labels") for e in examples], pad_id, [e["id"] for e in examples])
+    batch["kl"] = _batch(
+        [_row([e], "rejected_ids", "rejected_labels") for e in examples], pad_id, [e["id"] for e in examples]
+    )
     batch["desirable"] = torch.tensor([bool(e["desirable"][0]) for e in examples])
     if _weighted(examples):
         batch["weights"] = torch.tensor([float(e["weight"][0]) for e in examples], dtype=torch.float64)

@@ -188,8 +188,15 @@ def format_prompt(tokenizer, row, i, key="", input_key="input", template="User: 
         msgs = row["messages"]
         if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
             msgs = msgs[:-1]
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs) or not tokenizer.chat_template:
-            raise ValueError(f"{where}: 'messages' need a list of turns ending with the user's and a tokenizer with a chat template")
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(isinstance(m, dict) for m in msgs)
+            or not tokenizer.chat_template
+        ):
+            raise ValueError(
+                f"{where}: 'messages' need a list of turns ending with the user's and a tokenizer with a chat template"
+            )
         return msgs[-1].get("content"), tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     keys = [key] if key else ["prompt", input_key, "instruction"]
     k = next((k for k in keys if k in row), None)
@@ -197,7 +204,9 @@ def format_prompt(tokenizer, row, i, key="", input_key="input", template="User: 
         raise ValueError(f"{where}: none of the keys {keys} (keys present: {list(row)})")
     text = row[k]
     if not isinstance(text, str):
-        raise ValueError(f"{where}: the prompt in {k!r} is not a string ({type(text).__name__} {json.dumps(text)[:40]})")
+        raise ValueError(
+            f"{where}: the prompt in {k!r} is not a string ({type(text).__name__} {json.dumps(text)[:40]})"
+        )
     if not text.strip():
         raise ValueError(f"{where}: empty prompt in {k!r}")
     if chat:

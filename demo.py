@@ -30,7 +30,8 @@ METHODS = ("sequential", "mix", "alright", "maxright")
 BUDGETS = {"constrained_half": 0.5, "constrained_quarter": 0.25}  # constrained: budget_1 = this x ALRIGHT's SFT gap
 
 def train(out_dir, *args, config="config/demo.py"):
-    cmd = [sys.executable, "train.py", config, f"--out_dir={out_dir}", "--overwrite=True", *args]  # a rerun replaces its runs
+    # a rerun replaces its runs
+    cmd = [sys.executable, "train.py", config, f"--out_dir={out_dir}", "--overwrite=True", *args]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -67,7 +68,9 @@ def plot(results, opt, path):
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     names = list(results)  # the behaviour panel: what each model says at the end
     for k, (key, label) in enumerate((("fmt", "SFT format"), ("pref", "preferred '!'"))):
-        bx.bar([j + 0.4 * k for j in range(len(names))], [results[m]["behaviour"][key] for m in names], 0.4, label=label)
+        bx.bar(
+            [j + 0.4 * k for j in range(len(names))], [results[m]["behaviour"][key] for m in names], 0.4, label=label
+        )
     bx.set_xticks([j + 0.2 for j in range(len(names))], names, rotation=20)
     bx.set_ylim(0, 1)
     bx.set_title("what each model says: share of held-out prompts")
@@ -92,17 +95,27 @@ THIRD = ["--obj_3=dpo", "--dataset_3=data/toy_calm.jsonl", "--eval_split_3=data/
 def three_objectives(out, opt, budget, quick):
     """K = 3 beside the K = 2 table: f_3* from the third objective alone, then three methods with the
     same step budget as every other run; prints and returns their table."""
-    budget = [a for a in budget if not a.startswith("--eval_gen")] + (["--max_samples_3=128"] if quick else [])  # losses only
+    # losses only
+    budget = [a for a in budget if not a.startswith("--eval_gen")] + (["--max_samples_3=128"] if quick else [])
     alone = train(f"{out}/calm_alone", "--obj_1=dpo", "--dataset_1=data/toy_calm.jsonl",
                   "--eval_split_1=data/toy_calm_eval.jsonl", "--obj_2=", *budget)
     opt3 = (*opt, alone["eval_loss_1"])
     third = f"--lambd={1 / 3!r},{1 / 3!r},{1 - 2 / 3!r}"
     print(f"\nK = 3: f_3* (the third objective alone) = {opt3[2]:.4f}, lambd = 1/3 each\n")
-    head = f"{'method':>10}  {'f_1':>7}  {'f_2':>7}  {'f_3':>7}  {'ideal dist':>10}  {'steps 1/2/3':>11}  {'train s':>7}"
+    head = (
+        f"{'method':>10}  {'f_1':>7}  {'f_2':>7}  {'f_3':>7}  {'ideal dist':>10}  {'steps 1/2/3':>11}  {'train s':>7}"
+    )
     print(head + "\n" + "-" * len(head))
     table = {}
     for m in ("sequential", "alright", "maxright"):
-        r = train(f"{out}/k3_{m}", f"--method={m}", third, *THIRD, *(f"--obj_opt_{i}={v!r}" for i, v in enumerate(opt3, 1)), *budget)
+        r = train(
+            f"{out}/k3_{m}",
+            f"--method={m}",
+            third,
+            *THIRD,
+            *(f"--obj_opt_{i}={v!r}" for i, v in enumerate(opt3, 1)),
+            *budget,
+        )
         f = [r[f"eval_loss_{i}"] for i in (1, 2, 3)]
         table[m] = dict(f=f, ideal_distance=math.dist(f, opt3), steps=r["counts"], train_s=r["train_s"])
         print(f"{m:>10}  {f[0]:7.4f}  {f[1]:7.4f}  {f[2]:7.4f}  {table[m]['ideal_distance']:10.4f}  "
@@ -113,7 +126,9 @@ def online(out, budget, quick):
     """SFT + GRPO (config/demo_grpo.py), sequential and ALRIGHT at lambd = 0.5, the same step budget:
     the SFT eval loss, the held-out mean reward of greedy answers, the SFT format share."""
     budget = [a for a in budget if not a.startswith("--max_samples_2")] + (["--max_samples_2=64"] if quick else [])
-    print("\nonline objective 2 (GRPO, 'whisper' prompts, reward = lowercase share + characters matching the lowercase words)\n")
+    print(
+        "\nonline objective 2 (GRPO, 'whisper' prompts, reward = lowercase share + characters matching the lowercase words)\n"
+    )
     head = f"{'method':>10}  {'SFT loss':>8}  {'reward':>6}  {'SFT format':>10}  {'train s':>7}"
     print(head + "\n" + "-" * len(head))
     table = {}
@@ -133,7 +148,9 @@ NAMES = {"sft_alone": "SFT alone", "dpo_alone": "DPO alone", "alright": "ALRIGHT
 def tables_md(res, seconds):
     """the README's demo tables as markdown, with the commit and date they came from (out/demo/tables.md)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                                text=True).stdout.strip()
     except OSError:
@@ -152,7 +169,10 @@ def tables_md(res, seconds):
             f"{r['ideal_distance']:.3f} | {'/'.join(str(v) for v in r['steps'].values())} | {r['time_vs_sequential']:.2f} |"
             for k, r in m.items()]
     out += ["", "| run | SFT format | with the preferred `!` | exactly right |", "|---|---|---|---|"]
-    out += [f"| {NAMES.get(k, k)} | {b['fmt']:.0%} | {b['pref']:.0%} | {b['exact']:.0%} |" for k, b in res["behaviour"].items()]
+    out += [
+        f"| {NAMES.get(k, k)} | {b['fmt']:.0%} | {b['pref']:.0%} | {b['exact']:.0%} |"
+        for k, b in res["behaviour"].items()
+    ]
     k3 = res["k3"]
     out += ["", f"K = 3 (f_3* = {k3['opt'][2]:.4f}, lambd = 1/3 each):", "",
             "| method | f_1 | f_2 | f_3 | ideal distance | steps 1/2/3 |", "|---|---|---|---|---|---|"]
@@ -180,7 +200,8 @@ def main(quick=False):
     gap = results["alright"]["eval_loss_1"] - opt[0]
     for name, frac in BUDGETS.items():  # a forgetting budget of a share of ALRIGHT's SFT gap at the same lambd
         results[name] = train(f"{out}/{name}", "--method=constrained", f"--budget_1={frac * gap:.4f}", *known, *budget)
-    simpo = train(f"{out}/alright_simpo", "--method=alright", "--obj_2=simpo", "--dpo_beta=2.0", *budget)  # SimPO's beta
+    # SimPO's beta
+    simpo = train(f"{out}/alright_simpo", "--method=alright", "--obj_2=simpo", "--dpo_beta=2.0", *budget)
     for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items(), ("alright_simpo", simpo)]:
         r["behaviour"] = behaviour(f"{out}/{m}")
     sel_budget = ["--max_epochs=1", "--max_samples_2=256"] if quick else []

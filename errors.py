@@ -26,6 +26,10 @@ def one_line_errors():
         if int(os.environ.get("RANK", 0)) == 0:
             # the real stderr: torch.distributed wraps this hook and buffers sys.stderr until it returns
             bar = "tqdm" in sys.modules and bool(getattr(sys.modules["tqdm"].tqdm, "_instances", None))
-            print(("\n" if bar else "") + f"error: {e.strerror if disk and e.strerror else e}", file=sys.__stderr__, flush=True)
+            print(
+                ("\n" if bar else "") + f"error: {e.strerror if disk and e.strerror else e}",
+                file=sys.__stderr__,
+                flush=True,
+            )
         os._exit(1 if disk else 2)  # skips the process group's teardown, which would wait for the other ranks
     sys.excepthook = hook

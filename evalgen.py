@@ -90,7 +90,9 @@ def greedy(model, prompts, max_new_tokens, eos, pad, batch_size=32):
         mask = torch.zeros(len(idx), T, dtype=torch.long)
         for r, i in enumerate(idx):
             ids[r, T - len(prompts[i]):], mask[r, T - len(prompts[i]):] = torch.tensor(prompts[i]), 1
-        y = generate(model, ids.to(dev), max_new_tokens, eos_token_id=eos, attention_mask=mask.to(dev), pad_token_id=pad)
+        y = generate(
+            model, ids.to(dev), max_new_tokens, eos_token_id=eos, attention_mask=mask.to(dev), pad_token_id=pad
+        )
         for r, i in enumerate(idx):
             new = y[r, T:].tolist()
             out[i] = new[:new.index(eos)] if eos in new else new
@@ -165,16 +167,22 @@ def check_reward_model(name, key="reward_model"):
         cfg = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
-        raise ConfigError(f"config key {key}: cannot read the config of {name!r} ({type(e).__name__}: {first})") from None
+        raise ConfigError(
+            f"config key {key}: cannot read the config of {name!r} ({type(e).__name__}: {first})"
+        ) from None
     if cfg.num_labels != 1:
-        raise ConfigError(f"config key {key}: {name!r} has {cfg.num_labels} outputs; a reward model gives one score (num_labels=1)")
+        raise ConfigError(
+            f"config key {key}: {name!r} has {cfg.num_labels} outputs; a reward model gives one score (num_labels=1)"
+        )
 
 def load_reward_model(name, device="cpu", dtype=torch.float32):
     """(model, tokenizer) of a transformers sequence-classification checkpoint with one output."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     rm = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device).eval()
     if rm.config.num_labels != 1:
-        raise ValueError(f"reward_model {name!r} has {rm.config.num_labels} outputs; a reward model gives one score (num_labels=1)")
+        raise ValueError(
+            f"reward_model {name!r} has {rm.config.num_labels} outputs; a reward model gives one score (num_labels=1)"
+        )
     tok = AutoTokenizer.from_pretrained(name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -45,7 +45,8 @@ ckpt = ""                 # with out_dir: a checkpoint of the run instead of fin
 prompt = ""               # one prompt
 prompts = ""              # a JSONL of prompt rows (or a .json list)
 objective = 0             # i > 0: the eval split of the run's objective i (needs out_dir)
-out = ""                  # JSONL of output rows (.json: one JSON list; '' = print); never an existing file unless overwrite
+out = ""                  # JSONL of output rows (.json: one JSON list; '' = print); never an existing file unless
+                          # overwrite
 overwrite = False         # True: --out may replace an existing file
 generator_name = ""       # the `generator` field ('' = the run's / checkpoint's name)
 max_new_tokens = 64
@@ -145,7 +146,9 @@ def model_source(out_dir="", pretrain="", adapter="", ckpt=""):
         if not out_dir:
             raise ValueError("ckpt: give the run's --out_dir too (its config.json builds the model)")
         if adapter:
-            raise ValueError("adapter: a checkpoint of a LoRA run merges its own adapters; give --adapter with --pretrain")
+            raise ValueError(
+                "adapter: a checkpoint of a LoRA run merges its own adapters; give --adapter with --pretrain"
+            )
         path, cfg = checkpoint_path(out_dir, ckpt)
         return path, cfg.get("pretrain", "")
     if out_dir:
@@ -193,7 +196,8 @@ def read_prompts_file(path):
         raise ValueError(f"prompts: {path}: no such file")
     with open(path, "rb") as f:
         text = D._decode(path, f.read())
-    lines = [n for n, line in enumerate(text.split("\n"), 1) if line.strip()]  # data.py's JSON lines: one row per non-blank line
+    # data.py's JSON lines: one row per non-blank line
+    lines = [n for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:
         raise ValueError(f"prompts: {path}: no prompt rows (the file is empty)")
     try:
@@ -232,7 +236,9 @@ def held_out_rows(run_cfg, i):
         raise ValueError(f"objective: the run has no dataset_{i}")
     method = methods.make(run_cfg.get("method", "alright"), (1 / K,) * K, **run_cfg)  # which rows it held out
     frac = method.eval_frac(i, run_cfg.get("eval_frac", 0.0))
-    _, rows = D.objective_splits(o, run_cfg.get("seed", 42), frac, run_cfg.get("streaming", False), lazy=True, _train=False)
+    _, rows = D.objective_splits(
+        o, run_cfg.get("seed", 42), frac, run_cfg.get("streaming", False), lazy=True, _train=False
+    )
     rows = list(rows)
     if not rows:
         why = (f"method={method.name} holds out none of dataset_{i}" if method.eval_frac(i, 1.0) == 0 else
@@ -278,7 +284,9 @@ def check_out(out, overwrite, inputs=(), runs=()):
     else:
         d = os.path.dirname(os.path.abspath(out))
         while d != os.path.dirname(d):  # a run: a dir of --out_dir, or one holding metrics.jsonl
-            if any(os.path.isdir(r) and os.path.samefile(d, r) for r in runs) or os.path.exists(os.path.join(d, "metrics.jsonl")):
+            if any(os.path.isdir(r) and os.path.samefile(d, r) for r in runs) or os.path.exists(
+                os.path.join(d, "metrics.jsonl")
+            ):
                 what = f"is a file of the run {d}"
                 break
             d = os.path.dirname(d)

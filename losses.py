@@ -272,7 +272,9 @@ def sft_loss(hidden, weight, labels, num_tokens=None, chunk_size=0, softcap=0.0)
     training loop passes the count of the whole global batch (all micro-batches, all ranks), so
     summing the micro-batch losses gives the per-token mean over the global batch whatever the
     batch x accumulation x world split."""
-    return -token_logps(hidden, weight, labels, chunk_size, uniform=True, softcap=softcap).sum() / _normalizer(num_tokens, labels)
+    return -token_logps(hidden, weight, labels, chunk_size, uniform=True, softcap=softcap).sum() / _normalizer(
+        num_tokens, labels
+    )
 
 def per_sample_mean(token_values, labels):
     """[B, T] per-token values -> [B] mean over each row's response tokens (0 for rows with none)."""

@@ -344,7 +344,13 @@ class Constrained(Alright):
         return out
 
     def state_dict(self):
-        return {"rng": self.rng, "x": dict(self.x), "g": dict(self.g), "settled": self.settled, "settling": self.settling}
+        return {
+            "rng": self.rng,
+            "x": dict(self.x),
+            "g": dict(self.g),
+            "settled": self.settled,
+            "settling": self.settling,
+        }
 
     def load_state_dict(self, st):
         super().load_state_dict(st)
@@ -438,7 +444,8 @@ def estimate_opt(i, n, train, evaluate, params, optimizer, loaders, before_resto
     import torch
     from copy import deepcopy
     saved = [p.detach().clone() for p in params]
-    local = getattr(optimizer, "optim", optimizer)  # zero 1: this rank's shard (its full state_dict needs a consolidation)
+    # zero 1: this rank's shard (its full state_dict needs a consolidation)
+    local = getattr(optimizer, "optim", optimizer)
     opt_state = deepcopy(local.state_dict())
     positions = [d.state_dict() for d in loaders]
     rng = torch.get_rng_state()

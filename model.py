@@ -97,7 +97,8 @@ class Config:
     shared_expert_size: int = 0    # qwen2-moe: one always-on expert behind a sigmoid gate
     norm_topk: bool = True         # renormalize the chosen experts' router probabilities to sum to 1
     moe_layers: list = field(default_factory=list)  # per layer: True = experts, False = a dense mlp
-    router_aux_coef: float = 0.0   # weight of the router load-balancing loss in training (0 = none): see router_aux_loss
+    # weight of the router load-balancing loss in training (0 = none): see router_aux_loss
+    router_aux_coef: float = 0.0
     rope_theta: float = 10000.0
     rotary_dim: int = -1           # -1 = head_dim; fewer = partial rotary (pythia); 0 = no rope (gpt2)
     rope_scaling: dict = field(default_factory=dict)  # {'rope_type': 'llama3'|'linear', ...}
@@ -123,7 +124,9 @@ class Config:
         if t == "gpt2":
             C = d["n_embd"]
             if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn"):
-                raise ValueError("gpt2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported")
+                raise ValueError(
+                    "gpt2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported"
+                )
             return Config(model_type=t, vocab_size=d["vocab_size"], n_layer=d["n_layer"], n_head=d["n_head"],
                           n_kv_head=d["n_head"], n_embd=C, head_dim=C // d["n_head"],
                           intermediate_size=d.get("n_inner") or 4 * C, norm="layer",
@@ -167,7 +170,9 @@ class Config:
             if every:
                 types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
             elif t in ("qwen2", "qwen3", "qwen2_moe"):
-                types = ["sliding_attention" if i >= d.get("max_window_layers", n) else "full_attention" for i in range(n)]
+                types = [
+                    "sliding_attention" if i >= d.get("max_window_layers", n) else "full_attention" for i in range(n)
+                ]
         if t in ("mistral", "phi3", "mixtral", "qwen3_moe") or not types:  # their models window every layer
             types = ["sliding_attention"] * n
         if not window:
@@ -497,7 +502,9 @@ class Attention(nn.Module):
             y = attend(q, kc, vc, mask, False, self.scale, self.softcap)
             return dense(self.o_proj, y.transpose(1, 2).reshape(B, T, H * hd))
         if flash_attn_func is not None and v.is_cuda and v.dtype in (torch.float16, torch.bfloat16):
-            y = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seg, self.window, self.scale, self.softcap)
+            y = flash_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seg, self.window, self.scale, self.softcap
+            )
             y = y.reshape(B, T, H * hd)
         else:
             y = attend(q, k, v, mask, mask is None, self.scale, self.softcap)
@@ -670,16 +677,26 @@ class GPT(nn.Module):
         static = kv_cache is not None and kv_cache.static
         local = mask
         if cfg.sliding_window:
-            local = kv_cache.window(mask, cfg.sliding_window) if static else window_mask(mask, cfg.sliding_window, t0, T, x.device)
+            local = (
+                kv_cache.window(mask, cfg.sliding_window)
+                if static
+                else window_mask(mask, cfg.sliding_window, t0, T, x.device)
+            )
         # a forward with grad keeps each MoE layer's router logits for the load-balancing loss (router_aux_loss);
         # no-grad ones (references, evaluation, generation) and backward's recomputes leave them alone
-        moes = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)] if torch.is_grad_enabled() and kv_cache is None else []
+        moes = (
+            [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+            if torch.is_grad_enabled() and kv_cache is None
+            else []
+        )
         for moe in moes:
             moe.recording = True
         for i, block in enumerate(self.blocks):
             r, m = (rope_local, local) if block.attn.window else (rope, mask)
             if kv_cache is not None:
-                x = block(x, r, m, None, (kv_cache.k[i], kv_cache.v[i], kv_cache.cur if static else t0, kv_cache.fused[i]))
+                x = block(
+                    x, r, m, None, (kv_cache.k[i], kv_cache.v[i], kv_cache.cur if static else t0, kv_cache.fused[i])
+                )
             elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, r, m, seg, use_reentrant=False)
             else:
@@ -691,14 +708,16 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if head_fn is not None:  # a soft-capped model (gemma 2) tells head_fn its cap, which it must apply
             w = self.lm_head.weight
-            w = w.get_original_weight() if quantized(w) else w  # a 4-bit head (quant.py): the losses multiply plain weights
+            # a 4-bit head (quant.py): the losses multiply plain weights
+            w = w.get_original_weight() if quantized(w) else w
             return head_fn(x, w, softcap=cfg.final_softcap) if cfg.final_softcap else head_fn(x, w)
         return softcap(self.lm_head(x), cfg.final_softcap)
 
     def rope(self, position_ids, dtype, local=False):
         dev, name = position_ids.device, "_inv_freq_local" if local else "_inv_freq"
         if getattr(self, name, None) is None or getattr(self, name).device != dev:
-            setattr(self, name, rope_inv_freq(self.config, local).to(dev))  # once, not a host-to-device copy per forward
+            # once, not a host-to-device copy per forward
+            setattr(self, name, rope_inv_freq(self.config, local).to(dev))
         inv = getattr(self, name)
         ang = position_ids[..., None].float() * inv  # (B, T, r/2)
         ang = torch.cat((ang, ang), dim=-1)[:, None]  # (B, 1, T, r)
@@ -807,7 +826,9 @@ def resolve_checkpoint(name_or_dir):
         return name_or_dir
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(name_or_dir, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+        return snapshot_download(
+            name_or_dir, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+        )
     except Exception as e:
         raise ValueError(f"{name_or_dir!r} is not a local directory and could not be fetched from the hub: {e}") from e
 
@@ -818,7 +839,9 @@ def checkpoint_files(path):
             return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
-        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)")
+        raise ValueError(
+            f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)"
+        )
     return [single]
 
 def needs_transpose(cfg, hf_key):

@@ -37,7 +37,8 @@ COMMON_KEYS = dict(
     prompt_key="prompt",        # pairwise rows
     chosen_key="chosen",
     rejected_key="rejected",
-    weight_key="",              # a numeric column: each training row's loss times its weight, over the weighted count (eval: unweighted)
+    # a numeric column: each training row's loss times its weight, over the weighted count (eval: unweighted)
+    weight_key="",
     input_template="User: {}\nAssistant: ",
     apply_chat_template=False,
     max_len=Key(512, ">= 1"),
@@ -60,21 +61,28 @@ class Kind:
     keys: dict                  # its per-objective keys: {name: default, or a configurator.Key with its rule}
     tokenize: Callable          # (rows, source, keys, common tokenize kwargs) -> examples
     collate: Callable           # (examples, pad_id, keys, packing) -> batch
-    count: Callable             # (micro-batches, step, objective) -> global counts the loss divides by (all ranks, all micro-steps)
+    # (micro-batches, step, objective) -> global counts the loss divides by (all ranks, all micro-steps)
+    count: Callable
     loss: Callable              # (Part) -> (loss, stats); Part.norm None: per-row losses [B]
     reference: str = "none"     # none | initial (default: the initial policy) | required (a teacher must be named)
     needs: str = ""             # what the step computes of the reference first: "" | "logps" (cacheable) | "hidden"
     per_row: bool = False       # its loss can be given per row (the data selector weighs rows)
-    recomputes_head: Callable = lambda c: True  # (keys) -> its backward recomputes the head's logits (no closed form in the forward)
+    # (keys) -> its backward recomputes the head's logits (no closed form in the forward)
+    recomputes_head: Callable = lambda c: True
     stats_per: str = ""         # the count its summed stats are divided by ("pairs"), '' = stats are means already
     prompt_key: str = "input_key"  # the key naming a row's prompt (generate.py --objective)
-    evaluate: Optional[Callable] = None  # evalgen: (policy, ref, tokenizer, examples, max_new_tokens, keys, rm) -> (metrics, gens)
+    # evalgen: (policy, ref, tokenizer, examples, max_new_tokens, keys, rm) -> (metrics, gens)
+    evaluate: Optional[Callable] = None
     check: Callable = lambda i, c: None  # its keys' checks, before anything is loaded: raise ConfigError
-    prepare: Optional[Callable] = None  # online kinds: (micro-batches, step, objective) -> the step's rows, made by the policy (rollout.py)
+    # online kinds: (micro-batches, step, objective) -> the step's rows, made by the policy (rollout.py)
+    prepare: Optional[Callable] = None
     eval_loss: Optional[Callable] = None  # (step, objective, batches) -> (loss, stats) instead of the loss on eval rows
-    rows_per_example: Callable = lambda c: 1  # training rows one example gives (grpo: num_generations completions of a prompt)
-    uses_reference: Callable = lambda c: True  # (keys) -> this objective needs its reference (grpo with grpo_beta 0: none loaded)
-    min_loss: Optional[float] = 0.0  # the least eval loss it can give (None: unbounded, grpo's minus a reward); obj_opt >= it
+    # training rows one example gives (grpo: num_generations completions of a prompt)
+    rows_per_example: Callable = lambda c: 1
+    # (keys) -> this objective needs its reference (grpo with grpo_beta 0: none loaded)
+    uses_reference: Callable = lambda c: True
+    # the least eval loss it can give (None: unbounded, grpo's minus a reward); obj_opt >= it
+    min_loss: Optional[float] = 0.0
     scored: bool = False        # it trains on rewards (reward_fn / reward_model): an online objective's Rewards
 
 @dataclass
@@ -259,7 +267,8 @@ def _pair_losses(p, losses, stats):
     if p.norm is None:
         return losses, None
     count = p.norm["pairs"] if "pairs" in p.norm else p.norm["rows"]
-    return losses.sum() / count * p.world_size, torch.stack([s.sum() for s in stats]) if stats else None  # one host sync, later
+    # one host sync, later
+    return losses.sum() / count * p.world_size, torch.stack([s.sum() for s in stats]) if stats else None
 
 def simpo_part(p):
     c = p.o.cfg
@@ -275,7 +284,8 @@ def orpo_part(p):
     if p.norm is None:  # per pair: the chosen answer's token-mean NLL + lambda x the odds-ratio term
         return _pair_losses(p, -a + c.orpo_lambda * ratio_losses, [])[0], {}
     loss, st = _pair_losses(p, c.orpo_lambda * ratio_losses, [(ratio > 0).float(), ratio])
-    nll = -_chosen_sum(p, tok) / p.norm["chosen_tokens"] * p.world_size  # the SFT term: a token mean over the chosen answers
+    # the SFT term: a token mean over the chosen answers
+    nll = -_chosen_sum(p, tok) / p.norm["chosen_tokens"] * p.world_size
     return nll + loss, {"acc": st[0], "log_odds_ratio": st[1]}
 
 def kto_part(p):
@@ -491,4 +501,6 @@ def evaluate(kind, policy, ref, tokenizer, examples, max_new_tokens=64, beta=0.1
     spec = KINDS[kind]
     if spec.evaluate is None:
         raise ValueError(f"objective kind {kind!r} has no behaviour metrics")
-    return spec.evaluate(policy, ref, tokenizer, examples, max_new_tokens, make(kind, dpo_beta=beta).cfg, rm, batch_size)
+    return spec.evaluate(
+        policy, ref, tokenizer, examples, max_new_tokens, make(kind, dpo_beta=beta).cfg, rm, batch_size
+    )

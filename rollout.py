@@ -87,7 +87,9 @@ def _mix(x):
 
 def row_keys(seed, i, n, ids, g):
     """one 32-bit key per row: (seed, objective, rollout, prompt id, completion index)."""
-    h = lambda pid, gg: int.from_bytes(hashlib.blake2b(repr((seed, i, n, pid, gg)).encode(), digest_size=4).digest(), "big")
+    h = lambda pid, gg: int.from_bytes(
+        hashlib.blake2b(repr((seed, i, n, pid, gg)).encode(), digest_size=4).digest(), "big"
+    )
     return torch.tensor([h(pid, gg) for pid, gg in zip(ids, g)], dtype=torch.int64)
 
 def uniforms(keys):
@@ -355,7 +357,9 @@ def eval_reward(step, o, batches):
     prompts (eval fillers, id None, count for nothing), over all ranks; stats {"reward": the mean}."""
     total, n = 0.0, 0.0
     for b in batches:
-        comps = sample(step, o, b["prompt_ids"], torch.zeros(len(b["ids"]), dtype=torch.int64), 0.0, o.cfg.max_new_tokens)
+        comps = sample(
+            step, o, b["prompt_ids"], torch.zeros(len(b["ids"]), dtype=torch.int64), 0.0, o.cfg.max_new_tokens
+        )
         r, _ = score(o, b["prompts"], comps, [dict(col, _id=i) for i, col in zip(b["ids"], b["columns"])])
         real = torch.tensor([i is not None for i in b["ids"]], dtype=torch.float64)
         total += float((r * real).sum())

@@ -39,7 +39,8 @@ def precision(dtype, device_type):
     master_dtype = torch.float64 if ptdtype == torch.float64 else torch.float32
     half = ptdtype in (torch.bfloat16, torch.float16)
     autocast = torch.autocast(device_type, dtype=ptdtype) if half else contextlib.nullcontext()
-    if device_type == "cuda":  # TF32 for float32 products on the GPU (it also sets torch's process-wide matmul precision)
+    # TF32 for float32 products on the GPU (it also sets torch's process-wide matmul precision)
+    if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return dtype, ptdtype, master_dtype, autocast

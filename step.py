@@ -29,7 +29,9 @@ class Step:
     reference), the autocast context, the head's chunk size, and the data-parallel world (its size
     and a sum over ranks) that turns local sums into this rank's share of the global-batch mean."""
 
-    def __init__(self, model, raw_model, autocast=None, chunk_size=0, pad_id=0, device="cpu", world_size=1, all_sum=None):
+    def __init__(
+        self, model, raw_model, autocast=None, chunk_size=0, pad_id=0, device="cpu", world_size=1, all_sum=None
+    ):
         self.model, self.raw_model, self.chunk_size, self.pad_id = model, raw_model, chunk_size, pad_id
         self.autocast = autocast if autocast is not None else contextlib.nullcontext()
         self.device, self.world_size = device, world_size
@@ -45,7 +47,12 @@ class Step:
                                       head_fn=lambda h, w, softcap=0.0: (h, w.detach().clone(), softcap))
             # a sharded (FSDP2) model frees its gathered head weight after the forward: keep a copy
             keep = (lambda w: w.detach().clone()) if hasattr(o.ref, "reshard") else (lambda w: w)
-            return o.ref(x["input_ids"], x["attention_mask"], x["position_ids"], head_fn=lambda h, w, softcap=0.0: (h, keep(w), softcap))
+            return o.ref(
+                x["input_ids"],
+                x["attention_mask"],
+                x["position_ids"],
+                head_fn=lambda h, w, softcap=0.0: (h, keep(w), softcap),
+            )
 
     def ref_logps(self, o, b):
         """reference log pi(chosen), log pi(rejected), each (B,): from the cache or a no-grad forward.
@@ -144,7 +151,9 @@ class Step:
             if o.kind.prepare is not None:
                 o.kind.prepare(mb, self, o)
         norms = [self.normalizers(o, mb) for o, mb in zip(objectives, micro_batches)]
-        micro = [[(o, mb[m], n) for o, mb, n in zip(objectives, micro_batches, norms)] for m in range(len(micro_batches[0]))]
+        micro = [
+            [(o, mb[m], n) for o, mb, n in zip(objectives, micro_batches, norms)] for m in range(len(micro_batches[0]))
+        ]
         t0 = time.time()
         res = self.reduce(objectives, self.accumulate(micro, weights, sync_ctx), norms)  # reduce syncs with the device
         for (_, st), n in zip(res, norms):
@@ -175,9 +184,11 @@ class Step:
              / self.world_size).tolist()
         res, j = [], 0
         for o, (l, st), norm in zip(objectives, totals, norms):
-            per = self.world_size / norm[o.kind.stats_per] if o.kind.stats_per else 1.0  # dpo: sums over pairs; kd_kl: a mean already
+            # dpo: sums over pairs; kd_kl: a mean already
+            per = self.world_size / norm[o.kind.stats_per] if o.kind.stats_per else 1.0
             stats = {k: v[j + 1 + q] * per for q, k in enumerate(st)}
-            res.append((v[j], dict(stats, **norm.get("log", {}))))  # a kind's count may add global figures (rollout stats)
+            # a kind's count may add global figures (rollout stats)
+            res.append((v[j], dict(stats, **norm.get("log", {}))))
             j += 1 + len(st)
         return res
 

@@ -56,7 +56,9 @@ def base_config(args):
     the count matches the objectives the config sets."""
     for K in range(2, configurator.MAX_OBJECTIVES + 1):
         lambd = ",".join([repr(1 / K)] * K)
-        p = subprocess.run([sys.executable, TRAIN, *args, f"--lambd={lambd}", "--print_config=True"], capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, TRAIN, *args, f"--lambd={lambd}", "--print_config=True"], capture_output=True, text=True
+        )
         err = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
         if p.returncode == 0 or "config key lambd" not in err:
             break
@@ -87,7 +89,10 @@ def read_grid(text):
                       f"points (lambd_1 values for 2 objectives, e.g. 0.25,0.5,0.75; or K weights joined by ':')") from None
         for x in w:
             if not 0 <= x <= 1:  # nan too
-                raise bad(f"the weight {x!r} is not in [0, 1]" + (" (the points per edge are an integer >= 2)" if x > 1 else ""))
+                raise bad(
+                    f"the weight {x!r} is not in [0, 1]"
+                    + (" (the points per edge are an integer >= 2)" if x > 1 else "")
+                )
         points.append(w)
     return points
 
@@ -353,7 +358,10 @@ def plot(rows, opt, K, path):
             fr = sorted((r["f"][a], r["f"][b]) for r in rows if r["front"])
             ax.plot(*zip(*fr), color="gray", lw=1, zorder=0, label="front")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("solid: non-dominated, faded: dominated" + ("" if K == 2 else " (in all K losses); pairwise projections"), fontsize=10)
+    fig.suptitle(
+        "solid: non-dominated, faded: dominated" + ("" if K == 2 else " (in all K losses); pairwise projections"),
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -41,10 +41,12 @@ out_dir = "out"
 log_interval = 1          # iterations between metrics lines
 eval_interval = 50        # iterations between evaluations of both objectives (0 = start and end only)
 eval_iters = 0            # eval on the first eval_iters x train_batch_size examples (0 = the whole eval set)
-eval_gen_interval = -1    # iterations between behaviour metrics of greedy answers (evalgen.py; 0 = at the end only, -1 = off)
+eval_gen_interval = -1    # iterations between behaviour metrics of greedy answers (evalgen.py; 0 = at the end only, -1
+                          # = off)
 eval_gen_samples = 64     # held-out examples per objective they judge (0 = all)
 eval_gen_max_new_tokens = 64
-reward_model = ""         # a sequence-classification checkpoint judging DPO answers ('' = the implicit reward); reward_model_i: a grpo objective's reward
+reward_model = ""         # a sequence-classification checkpoint judging DPO answers ('' = the implicit reward);
+                          # reward_model_i: a grpo objective's reward
 save_interval = 0         # iterations between checkpoints (0 = only at the end)
 keep_last = 2             # checkpoints kept in out_dir/ckpt
 resume = False            # True: continue from the latest checkpoint in out_dir
@@ -63,10 +65,12 @@ model_n_kv_head = 2
 model_n_embd = 64
 model_intermediate_size = 176
 model_max_len = 512
-dtype = ""                # '' = bfloat16 where the GPU supports it, else float32 | float32 | bfloat16 | float64 (exactness tests)
+dtype = ""                # '' = bfloat16 where the GPU supports it, else float32 | float32 | bfloat16 | float64
+                          # (exactness tests)
 compile = False           # torch.compile each transformer block (the chunked losses stay eager)
 gradient_checkpointing = False
-router_aux_loss = -1.0    # MoE router load-balancing loss weight: -1 = the checkpoint's (router_aux_loss_coef if output_router_logits), 0 = off
+router_aux_loss = -1.0    # MoE router load-balancing loss weight: -1 = the checkpoint's (router_aux_loss_coef if
+                          # output_router_logits), 0 = off
 device = ""               # '' = cuda:LOCAL_RANK when available, else cpu
 quantize_head = False     # quantize (a per-objective key below): the output head in 4 bits too (not a tied embedding)
 export_dequantized = False  # quantize under LoRA: final/ merges into the dequantized 4-bit base, not pretrain's weights
@@ -76,15 +80,18 @@ lora_alpha = 16
 lora_dropout = 0.0
 target_modules = "all-linear"  # or names such as 'q_proj,v_proj' / 'query_key_value'
 # objectives
-obj_1 = "sft"             # objective i's kind (objectives.KINDS: sft dpo simpo orpo kto kd grpo); K = the obj_i set (at most 8)
+obj_1 = "sft"             # objective i's kind (objectives.KINDS: sft dpo simpo orpo kto kd grpo); K = the obj_i set (at
+                          # most 8)
 obj_2 = obj_3 = obj_4 = obj_5 = obj_6 = obj_7 = obj_8 = ""  # obj_2 = '': single-objective training
 method = "alright"        # a class of methods.METHODS: sequential | mix | alright | maxright | constrained | select
-lambd = 0.5               # K weights on the simplex, e.g. (0.5, 0.3, 0.2) or --lambd=0.5,0.3,0.2; one number = (lambd, 1 - lambd)
+lambd = 0.5               # K weights on the simplex, e.g. (0.5, 0.3, 0.2) or --lambd=0.5,0.3,0.2; one number = (lambd,
+                          # 1 - lambd)
 opt_estimate_iters = 0    # steps of the single-objective runs that estimate f* (0 = max(10, T // 10))
 eps = 0.0                 # early stop when a gap f_i - f_i* <= eps (0 = off)
 pareto_front = ""         # JSON file of [[f_1, ..., f_K], ...]: early stop when weakly dominated within eps
 precompute_ref = False    # DPO reference log-probs once, cached on disk; the reference model is dropped
-loss_chunk_size = 0       # tokens per chunk of the output head ([chunk, V] logits at a time); 0: max(128, 2^22 / V), 2^26 / V on a GPU
+loss_chunk_size = 0       # tokens per chunk of the output head ([chunk, V] logits at a time); 0: max(128, 2^22 / V),
+                          # 2^26 / V on a GPU
 # each method's keys (methods.py, declared in its class: maxright_interval, dual_lr, the selector's keys, ...)
 globals().update(methods.config_keys())
 # per-objective keys (objectives.py: dataset, max_len, obj_opt, ref_model, dpo_beta, kd_loss, ...; a method's
@@ -94,7 +101,8 @@ globals().update(per_objective)
 # data
 eval_frac = 0.05          # the share of each dataset held out for evaluation (method=select: none of dataset_2)
 packing = False           # sft/kd: concatenate documents up to max_len
-streaming = False         # read each dataset as a stream (needs max_samples_i; eval_split_i '' or a file): sets too large for the disk
+streaming = False         # read each dataset as a stream (needs max_samples_i; eval_split_i '' or a file): sets too
+                          # large for the disk
 dataset_num_proc = 0      # processes that tokenize (datasets' map, cached under HF_DATASETS_CACHE); 0 = this one
 # optimization
 train_batch_size = 8      # global batch in samples (pairs for dpo)
@@ -132,7 +140,11 @@ rules = dict(
     zero_stage="[0, 3]", dist_timeout_s="> 0", lr_scheduler="one of constant, cosine",
 )
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+config_keys = [
+    k
+    for k, v in globals().items()
+    if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))
+]
 config = {k: globals()[k] for k in config_keys}
 if __name__ == "__main__":
     configurator.one_line_errors()  # config and data errors: `error: ...` and exit 2, no traceback
@@ -202,7 +214,9 @@ ckpt_root, metrics_path = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)  # the same initial weights on every rank
 tokenizer = load_tokenizer(pretrain)
-_plain = [i for i, c in keys_of.items() if not c.apply_chat_template and c.input_template == per_objective["input_template"]]
+_plain = [
+    i for i, c in keys_of.items() if not c.apply_chat_template and c.input_template == per_objective["input_template"]
+]
 if pretrain and tokenizer.chat_template and _plain:  # chat rows ('messages') use the template either way
     log(f"note: {pretrain}'s tokenizer has a chat template; objective(s) {_plain} format prompts with input_template "
         f"{per_objective['input_template']!r}: set apply_chat_template_i=True to use the chat template")
@@ -239,18 +253,22 @@ def build_objective(i, c):
         # selections, nothing read into python before tokenizing (generate.py --objective reads the same)
         rows, eval_rows = data.objective_splits(c, seed, method.eval_frac(i, eval_frac), streaming, lazy=True)
         train = kind.tokenize(rows, c.dataset, c, common)
-        unweighted = type(c)(**{**vars(c), "weight_key": ""})  # the eval loss is the plain objective's, whatever the weights
+        # the eval loss is the plain objective's, whatever the weights
+        unweighted = type(c)(**{**vars(c), "weight_key": ""})
         evals = kind.tokenize(eval_rows, f"{c.eval_split or c.dataset} (eval)", unweighted, common)
     for e in evals:
         e["id"] = ("eval", e["id"])  # a separate eval file numbers its rows from 0 too: keep cache keys apart
     per_micro = micro_train_batch_size // kind.rows_per_example(c)  # grpo: prompts, each num_generations rows
     loader = lambda s, ex=train: data.Loader(ex, per_micro, grad_accum, rank, world_size, s, collate)
-    probe = loader(seed + 100 + i, evals if method.held_out and evals else train)  # the rows the method's gaps are measured on
+    # the rows the method's gaps are measured on
+    probe = loader(seed + 100 + i, evals if method.held_out and evals else train)
     o = objectives.Objective(i, kind, c, train, evals, rows, collate, loader(seed + i), probe, opt=c.obj_opt)
     if kind.prepare is not None:  # an online kind (rollout.py): the policy samples its rows
         from rewards import Rewards
         scored = kind.scored
-        o.online = rollout.Online(tokenizer, seed, Rewards(c.reward_fn, c.reward_weights, c.reward_model, i, device) if scored else None)
+        o.online = rollout.Online(
+            tokenizer, seed, Rewards(c.reward_fn, c.reward_weights, c.reward_model, i, device) if scored else None
+        )
         if scored:
             log(f"objective {i} ({kind.name}) is online: eval_loss_{i} is minus the mean reward of greedy completions "
                 f"of its held-out prompts (eval_reward_{i})")
@@ -348,7 +366,9 @@ if resume:
     method.load_state_dict(state["method"])
     def schedule_at(j, T):  # what step j of a T-step run computes that depends on T
         return runtime.lr_at(j, T, learning_rate, warmup_ratio, lr_scheduler, min_lr_ratio), method.schedule_at(j, T)
-    checkpoint.check_total_iters(state["iter"], state.get("total_iters", total_iters), total_iters, schedule_at, reschedule, log)
+    checkpoint.check_total_iters(
+        state["iter"], state.get("total_iters", total_iters), total_iters, schedule_at, reschedule, log
+    )
     state["total_iters"] = total_iters
     log(f"resumed from {path} at iteration {state['iter']}")
     if master:
@@ -361,7 +381,8 @@ if not resume and K > 1:
     for i in objs:
         if state["opt"][i] is None and method.needs(i):
             n_est = opt_estimate_iters or max(10, total_iters // 10)
-            def reshard():  # zero 2 keeps the gathered weights after a forward: drop them so the restored shards are used
+            # zero 2 keeps the gathered weights after a forward: drop them so the restored shards are used
+            def reshard():
                 for m in [*raw_model.blocks, raw_model] if fsdp else []:
                     m.reshard()
             state["opt"][i] = methods.estimate_opt(i, n_est, lambda it: (train_step([i]), update(it)),

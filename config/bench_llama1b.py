@@ -17,4 +17,5 @@ prompt_len = 256
 warmup_iters = 3
 iters = 10
 memory = False            # one fresh process per case: slow at this size; set True for the dpo case
-peak_flops = 989e12       # H100 / H200 SXM bf16 dense; MFU = the step's FLOPs (bench.py's count by part) / step time / this
+peak_flops = 989e12       # H100 / H200 SXM bf16 dense; MFU = the step's FLOPs (bench.py's count by part) / step time /
+                          # this

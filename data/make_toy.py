@@ -94,7 +94,9 @@ def make(seed=0):
     wrng = random.Random(seed + 2)
     whisper = lambda p: {"prompt": "whisper " + p, "answer": p}
     files["toy_whisper.jsonl"] = [whisper(p) for p in draw(1000, singles, pairs, r=wrng)]
-    files["toy_whisper_eval.jsonl"] = [whisper(p) for p in draw(200, eval_singles[:50], eval_pairs[:150], repeat=False, r=wrng)]
+    files["toy_whisper_eval.jsonl"] = [
+        whisper(p) for p in draw(200, eval_singles[:50], eval_pairs[:150], repeat=False, r=wrng)
+    ]
     arng = random.Random(seed + 3)
     def arith(n):
         rows = []

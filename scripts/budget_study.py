@@ -44,7 +44,11 @@ def main(seeds, out, compare=""):
         gap = alright[0.5]["eval_loss_1"] - f1
         for name, frac in (("half", 0.5), ("a quarter", 0.25)):
             b = round(frac * gap, 4)
-            within = [(r["eval_loss_2"] - f2, x, r["eval_loss_1"] - f1) for x, r in alright.items() if r["eval_loss_1"] - f1 <= b]
+            within = [
+                (r["eval_loss_2"] - f2, x, r["eval_loss_1"] - f1)
+                for x, r in alright.items()
+                if r["eval_loss_1"] - f1 <= b
+            ]
             best = f"{min(within)[1]}: {min(within)[2]:.3f}, {min(within)[0]:.3f}" if within else "none of 0.5-0.9"
             budget = ["--method=constrained", "--lambd=0.5", f"--budget_1={b}"]
             cell = lambda r: (f"{r['eval_loss_1'] - f1:.3f}{'' if r['eval_loss_1'] - f1 <= b else ' (over)'}, "
@@ -59,4 +63,8 @@ if __name__ == "__main__":
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     if {"-h", "--help"} & set(sys.argv[1:]) or set(args) - {"seeds", "out", "compare"}:
         sys.exit(print(__doc__) or 0)
-    main([int(x) for x in args.get("seeds", "42").split(",")], args.get("out", "out/budget_study"), args.get("compare", ""))
+    main(
+        [int(x) for x in args.get("seeds", "42").split(",")],
+        args.get("out", "out/budget_study"),
+        args.get("compare", ""),
+    )

@@ -55,7 +55,9 @@ def test_bench_step_is_train_py_step(tmp_path):
            "--model_intermediate_size=64", "--eval_iters=1", "--eval_interval=0", "--dtype=float64"]
     run_train(tmp_path / "init", *dpo, "--max_iters=1", "--learning_rate=0", base=[])  # final/ = the initial weights
     init = str(tmp_path / "init" / "final")
-    run_train(tmp_path / "run", *dpo, f"--pretrain={init}", "--max_iters=2", "--learning_rate=3e-3", "--dpo_beta=0.5", base=[])
+    run_train(
+        tmp_path / "run", *dpo, f"--pretrain={init}", "--max_iters=2", "--learning_rate=3e-3", "--dpo_beta=0.5", base=[]
+    )
     theirs = [l["loss"] for l in metrics(tmp_path / "run")]
 
     tok = load_tokenizer(init)
@@ -141,7 +143,9 @@ def test_joint_cases_pick_with_methods_py(monkeypatch):
         calls.append(("pick", it, seen, out))
         return out
     monkeypatch.setattr(methods.Maxright, "pick", spy_pick)
-    monkeypatch.setattr(methods.Maxright, "update", lambda self, i, g: (calls.append(("update", i, g)), update(self, i, g)))
+    monkeypatch.setattr(
+        methods.Maxright, "update", lambda self, i, g: (calls.append(("update", i, g)), update(self, i, g))
+    )
     R = bench.make_runner("maxright", S)
     R.warm(1)
     for _ in range(7):

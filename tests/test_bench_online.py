@@ -65,7 +65,9 @@ def test_bipost_online_step_is_the_grpo_step(start):
     assert want > 1e-3 and abs(first["gnorm"] - want) / want < 1e-4, (first["gnorm"], want)
 
     # the update: one clipped AdamW step of that gradient, the bench's optimizer settings
-    opt = torch.optim.AdamW(hf.parameters(), lr=TINY["learning_rate"], betas=bench.adam_betas, eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        hf.parameters(), lr=TINY["learning_rate"], betas=bench.adam_betas, eps=1e-8, weight_decay=0.0
+    )
     for p, gr in zip(hf.parameters(), grads):
         p.grad = gr
     torch.nn.utils.clip_grad_norm_(hf.parameters(), bench.max_norm)

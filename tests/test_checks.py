@@ -9,7 +9,9 @@ from helpers import check_config, train_defaults
 GRPO_2 = dict(obj_2="grpo", dataset_2="data/toy_whisper.jsonl", reward_fn_2="lowercase", micro_train_batch_size=4)
 
 def config(**over):
-    c, per = train_defaults(**{"dataset_1": "data/toy_sft.jsonl", "dataset_2": "data/toy_pref.jsonl", "obj_2": "dpo", **over})
+    c, per = train_defaults(
+        **{"dataset_1": "data/toy_sft.jsonl", "dataset_2": "data/toy_pref.jsonl", "obj_2": "dpo", **over}
+    )
     return c, per
 
 def refusal(**over):

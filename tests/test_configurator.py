@@ -6,7 +6,14 @@ from configurator import apply
 from helpers import ROOT
 
 def defaults():
-    return {"learning_rate": 1e-5, "max_iters": 0, "compile": False, "obj_1": "sft", "adam_betas": (0.9, 0.95), "lambd": 0.5}
+    return {
+        "learning_rate": 1e-5,
+        "max_iters": 0,
+        "compile": False,
+        "obj_1": "sft",
+        "adam_betas": (0.9, 0.95),
+        "lambd": 0.5,
+    }
 
 def test_int_accepted_for_float():
     c = defaults()
@@ -56,7 +63,9 @@ def test_config_file_then_override_later_wins(tmp_path):
 def test_config_file_unknown_name_is_error(tmp_path):
     f = tmp_path / "cfg.py"
     f.write_text("learning_rat = 3e-4\n")
-    with pytest.raises(ValueError, match=r"cfg.py: unknown config key 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(
+        ValueError, match=r"cfg.py: unknown config key 'learning_rat' \(did you mean 'learning_rate'\?\)"
+    ):
         apply([str(f)], defaults())
 
 def test_config_file_wrong_type(tmp_path):

@@ -109,7 +109,10 @@ def test_dpo_prompt_strings(tok):
 
 def test_dpo_message_lists(tok):
     user = {"role": "user", "content": "hi"}
-    row = {"chosen": [user, {"role": "assistant", "content": "ih"}], "rejected": [user, {"role": "assistant", "content": "HI"}]}
+    row = {
+        "chosen": [user, {"role": "assistant", "content": "ih"}],
+        "rejected": [user, {"role": "assistant", "content": "HI"}],
+    }
     ex = data.tokenize_dpo([row], tok, 64)[0]
     assert ex["chosen_ids"] == PROMPT_HI + list(b"ih\n") + [EOS]
     assert ex["chosen_labels"] == shifted(PROMPT_HI, list(b"ih\n") + [EOS])
@@ -250,7 +253,8 @@ def test_map_tokenizing_equals_python(kind, blend, num_proc, tmp_path, tok, caps
     a = write_jsonl(tmp_path / "a.jsonl", [map_rows(kind, i) for i in range(60)])
     spec = a + "," + write_jsonl(tmp_path / "b.jsonl", [map_rows(kind, i) for i in range(60, 100)]) if blend else a
     train, ev = data.load_splits(spec, max_samples=50, eval_frac=0.1, seed=3, lazy=True)
-    assert isinstance(train, data.Rows) and len(train) == 50 and len(ev) == (4 if blend else 5)  # 10% of each source's share
+    # 10% of each source's share
+    assert isinstance(train, data.Rows) and len(train) == 50 and len(ev) == (4 if blend else 5)
     for rows in (train, ev):
         got = tokenize(kind, rows, tok, num_proc=num_proc)
         said = capsys.readouterr().out
@@ -285,7 +289,8 @@ def test_map_tokenizing_reads_its_cache(tmp_path, tok, monkeypatch):
     assert calls
     calls.clear()
     assert as_lists(tokenize("sft", data.load_splits(spec, max_samples=150, lazy=True)[0], tok)) == first and not calls
-    assert as_lists(tokenize("sft", data.load_splits(spec, max_samples=151, lazy=True)[0], tok)) != first and calls  # other rows
+    # other rows
+    assert as_lists(tokenize("sft", data.load_splits(spec, max_samples=151, lazy=True)[0], tok)) != first and calls
     code = f"""
 import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
 import datasets, data, test_data
@@ -297,7 +302,11 @@ type(tok).__call__ = lambda self, *a, **k: calls.append(1) or f(self, *a, **k)
 ex = test_data.tokenize("sft", data.load_splits({spec!r}, max_samples=150, lazy=True)[0], tok)
 print(len(calls), len(ex))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()[-1].split()
+    out = (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        .stdout.splitlines()[-1]
+        .split()
+    )
     assert out == ["0", str(len(first))]
 
 @pytest.mark.parametrize("num_proc", [0, 2])
@@ -317,14 +326,19 @@ def test_truncation_dropping_and_ids(tok, capsys):
             {"input": "aa", "output": "b" * 8},         # 2 + 9 tokens: cut to 8, eos lost
             {"input": "a" * 7, "output": "bb"}]         # 7 + 3 tokens: cut to 8, one response token left
     ex = data.tokenize_sft(rows, tok, 8, template="{}", source="toy", verbose=True)
-    assert "toy: 3 examples from 4 rows, 1 dropped (prompt too long for max_len=8), 2 truncated" in capsys.readouterr().out
+    assert (
+        "toy: 3 examples from 4 rows, 1 dropped (prompt too long for max_len=8), 2 truncated" in capsys.readouterr().out
+    )
     assert [e["id"] for e in ex] == [0, 2, 3]
     assert ex[0]["labels"] == [-100, -100, -100, 98, EOS, -100]
     assert ex[1]["input_ids"] == [97, 97] + [98] * 6 and ex[1]["labels"] == [-100] + [98] * 6 + [-100]
     assert ex[2]["input_ids"] == [97] * 7 + [98] and ex[2]["labels"] == [-100] * 6 + [98, -100]
     pairs = [{"prompt": "a" * 8, "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b" * 9, "rejected": "c"}]
     ex = data.tokenize_dpo(pairs, tok, 8, template="{}", verbose=True)
-    assert "data: 1 examples from 2 rows, 1 dropped (prompt too long for max_len=8), 1 truncated" in capsys.readouterr().out
+    assert (
+        "data: 1 examples from 2 rows, 1 dropped (prompt too long for max_len=8), 1 truncated"
+        in capsys.readouterr().out
+    )
     assert ex[0]["id"] == 1 and len(ex[0]["chosen_ids"]) == 8 and ex[0]["rejected_ids"] == [97, 99, EOS]
 
 def test_error_messages(tmp_path, tok):
@@ -389,7 +403,10 @@ def test_packing_matches_unpacked_per_document():
     # a document's labels never reach into the next one
     assert packed["labels"][0, 4].item() == -100
     # max_len=0 packs up to the longest example: 2 + 2 + 2 fill one row of 6, then the 6 alone
-    assert data.collate_sft(examples([2, 2, 2, 6]), PAD, packing=True)["attention_mask"].tolist() == [[1, 1, 2, 2, 3, 3], [1] * 6]
+    assert data.collate_sft(examples([2, 2, 2, 6]), PAD, packing=True)["attention_mask"].tolist() == [
+        [1, 1, 2, 2, 3, 3],
+        [1] * 6,
+    ]
     with pytest.raises(ValueError, match="more than the packing length 4"):
         data.collate_sft(ex, PAD, packing=True, max_len=4)
 
@@ -487,7 +504,9 @@ def test_toy_data_rules():
     files = load_make_toy().make()
     sft, pref, noisy = files["toy_sft.jsonl"], files["toy_pref.jsonl"], files["toy_noisy.jsonl"]
     labels = files["toy_noisy_labels.jsonl"]
-    assert len(sft) == len(pref) == 2000 and len(noisy) == len(labels) == 1000 and len(files["toy_trusted.jsonl"]) == 200
+    assert (
+        len(sft) == len(pref) == 2000 and len(noisy) == len(labels) == 1000 and len(files["toy_trusted.jsonl"]) == 200
+    )
     for r in sft + files["toy_sft_eval.jsonl"] + files["toy_trusted.jsonl"]:
         assert r["output"] == r["input"].upper() and len(f"User: {r['input']}\nAssistant: {r['output']}") <= 48
     for r in pref + files["toy_pref_eval.jsonl"]:
@@ -498,7 +517,9 @@ def test_toy_data_rules():
         assert (r["output"] != r["input"].upper()) == x["corrupted"]
         assert len(r["output"]) == len(r["input"])
     train_prompts = {r["input"] for r in sft + noisy + files["toy_trusted.jsonl"]} | {r["prompt"] for r in pref}
-    eval_prompts = {r["input"] for r in files["toy_sft_eval.jsonl"]} | {r["prompt"] for r in files["toy_pref_eval.jsonl"]}
+    eval_prompts = {r["input"] for r in files["toy_sft_eval.jsonl"]} | {
+        r["prompt"] for r in files["toy_pref_eval.jsonl"]
+    }
     assert len(eval_prompts) == 400 and not train_prompts & eval_prompts
 
 def test_chatml_turn_end_gives_one_eos():
@@ -512,7 +533,10 @@ def test_chatml_turn_end_gives_one_eos():
     prompt = list(b"<user>a") + [EOS] + list(b"\n<assistant>")
     assert ex["input_ids"] == prompt + [66, EOS]
     assert [x for x in ex["labels"] if x != -100] == [66, EOS]
-    row = {"chosen": [user, {"role": "assistant", "content": "B"}], "rejected": [user, {"role": "assistant", "content": "C"}]}
+    row = {
+        "chosen": [user, {"role": "assistant", "content": "B"}],
+        "rejected": [user, {"role": "assistant", "content": "C"}],
+    }
     ex = data.tokenize_dpo([row], t, 64)[0]
     assert ex["chosen_ids"] == prompt + [66, EOS] and ex["rejected_ids"] == prompt + [67, EOS]
 
@@ -537,7 +561,9 @@ def test_streaming_reads_only_what_it_takes(tmp_path, monkeypatch):
         data.load_streaming(str(path))
     monkeypatch.undo()
     from helpers import metrics, run_train
-    run_train(tmp_path / "run", "--streaming=True", "--max_iters=2", "--train_batch_size=4", "--micro_train_batch_size=2")
+    run_train(
+        tmp_path / "run", "--streaming=True", "--max_iters=2", "--train_batch_size=4", "--micro_train_batch_size=2"
+    )
     assert [l["iter"] for l in metrics(tmp_path / "run")] == [1, 2]
 
 # -----------------------------------------------------------------------------

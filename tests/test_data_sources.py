@@ -52,7 +52,9 @@ def test_file_cut_with_its_mtime_restored_reads_its_new_rows(tmp_path, tok):
     the rows (Arrow conversion) and the examples (tokenized cache) are the 10 new ones."""
     path = write_jsonl(tmp_path / "d.jsonl", rows_of(100))
     assert len(data.load_rows(path)) == 100
-    assert as_lists(data.tokenize_sft(data.load_splits(path, lazy=True)[0], tok, 32, template="{}")) == reference(path, tok)
+    assert as_lists(data.tokenize_sft(data.load_splits(path, lazy=True)[0], tok, 32, template="{}")) == reference(
+        path, tok
+    )
     rewrite_keeping_mtime(path, rows_of(10, tag="b"))
     got = data.load_rows(path)
     assert got == [{**r, "_id": i} for i, r in enumerate(rows_of(10, tag="b"))]
@@ -123,9 +125,13 @@ def test_data_folder_is_never_written(tmp_path, tok, kind):
         src = write_jsonl(tmp_path / "ds" / "d.jsonl", rows)
     before = listing(tmp_path / "ds")
     for num_proc in (0, 2, 0):  # the second 0 reads the cache
-        got = data.tokenize_sft(data.load_splits(src, max_samples=35, lazy=True)[0], tok, 32, template="{}", num_proc=num_proc)
+        got = data.tokenize_sft(
+            data.load_splits(src, max_samples=35, lazy=True)[0], tok, 32, template="{}", num_proc=num_proc
+        )
         ids = {e["id"] for e in got}
-        assert as_lists(got) == [e for e in tokens([{**r, "_id": i} for i, r in enumerate(rows)], tok) if e["id"] in ids]
+        assert as_lists(got) == [
+            e for e in tokens([{**r, "_id": i} for i, r in enumerate(rows)], tok) if e["id"] in ids
+        ]
         assert len(got) == 35
     assert listing(tmp_path / "ds") == before
 
@@ -135,10 +141,15 @@ def read_only_mount(src, dst, code):
     import subprocess
     os.makedirs(dst)
     mount = f"mount --bind {src} {dst} && mount -o remount,bind,ro {dst}"
-    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True).returncode:
+    if (
+        not shutil.which("unshare")
+        or subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True).returncode
+    ):
         return None
     cmd = f"{mount} && ! touch {dst}/x 2>/dev/null && exec {sys.executable} -c \"$0\""  # (touch: it is read-only)
-    return subprocess.run(["unshare", "-m", "sh", "-c", cmd, code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", cmd, code], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
 
 def test_read_only_save_to_disk_folder(tmp_path, tok):
     """a save_to_disk folder on a read-only filesystem (root: a read-only bind mount; others: the

@@ -95,7 +95,9 @@ def test_implicit_reward_judge(pair):
 
 def hf_greedy_answer(hf, p, n):
     with torch.no_grad():
-        y = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=n, eos_token_id=256, pad_token_id=257)[0, len(p):].tolist()
+        y = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=n, eos_token_id=256, pad_token_id=257)[
+            0, len(p) :
+        ].tolist()
     return y[:y.index(256)] if 256 in y else y
 
 def test_sft_evaluate_end_to_end(pair):
@@ -111,7 +113,10 @@ def test_sft_evaluate_end_to_end(pair):
 def test_dpo_and_kd_evaluate_end_to_end(pair):
     (pol, hf_pol), (ref, hf_ref) = pair
     tok, n, beta = byte_tokenizer(), 10, 0.5
-    rows = [{"prompt": "owl", "chosen": "OWL!", "rejected": "OWL"}, {"prompt": "red fox", "chosen": "RED!", "rejected": "RED"}]
+    rows = [
+        {"prompt": "owl", "chosen": "OWL!", "rejected": "OWL"},
+        {"prompt": "red fox", "chosen": "RED!", "rejected": "RED"},
+    ]
     ex = D.tokenize_dpo(rows, tok, 80)
     m, gens = objectives.evaluate("dpo", pol, ref, tok, ex, max_new_tokens=n, beta=beta)
     # by hand from transformers: greedy answers of both models, their implicit rewards, then the pairs

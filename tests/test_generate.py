@@ -40,16 +40,21 @@ def test_cache_greedy_equals_full_forward_and_transformers(name, tmp_path):
     # whose attention SDPA cannot compute (gemma2's score soft-cap: newer transformers refuse sdpa,
     # 5.17 runs it without the cap) are compared on eager attention, row by row, unpadded
     padded = not getattr(hf.config, "attn_logit_softcapping", None)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa" if padded else "eager", dtype=torch.float64)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="sdpa" if padded else "eager", dtype=torch.float64
+    )
     hf.eval()
     ours = GPT.from_pretrained(str(tmp_path), dtype=torch.float64).eval()
     ids, mask, rows = padded_batch([9, 4, 1, 6])
     n = 12
     with torch.no_grad():  # the decoding head: the full forward's last logits (soft-capped where the model caps)
-        torch.testing.assert_close(ours(ids[:1], head_fn=decoding.last_logits), ours(ids[:1])[:, -1], atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            ours(ids[:1], head_fn=decoding.last_logits), ours(ids[:1])[:, -1], atol=1e-12, rtol=0
+        )
     cached = generate(ours, ids, n, attention_mask=mask)
     full = generate(ours, ids, n, attention_mask=mask, use_cache=False)
-    hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None  # the configs' default 2/50256 are real tokens here
+    # the configs' default 2/50256 are real tokens here
+    hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None
     assert cached.shape == (4, 9 + n)
     assert torch.equal(cached, full)
     # the one-shape step a CUDA graph replays (frozen cache, all keys masked past the position), eager here
@@ -163,7 +168,9 @@ def check_decoding_products(w, b, g, limit):
             assert got.shape == (rows, 1, 96) and got.is_contiguous()
             assert (got - want).abs().max().item() <= 1e-4
             xt = x.view(rows, 40).t()  # the path taken: w @ x.T, bit for bit
-            assert torch.equal(got.view(rows, 96), (torch.mm(w, xt) if bias is None else torch.addmm(b[:, None], w, xt)).t())
+            assert torch.equal(
+                got.view(rows, 96), (torch.mm(w, xt) if bias is None else torch.addmm(b[:, None], w, xt)).t()
+            )
     x = torch.randn(limit + 1, 40, generator=g)
     for ctx, xx, ww, bb in [(torch.inference_mode(), x, w, b), (torch.enable_grad(), x[:8], w, b),
                             (torch.inference_mode(), x[:8].double(), w.double(), b.double())]:
@@ -201,14 +208,20 @@ def test_eos_stops_like_transformers(tiny):
 def test_top_k_1_is_greedy_and_seed_reproducible(tiny):
     ours = GPT.from_pretrained(tiny[0]).eval()
     greedy = generate(ours, PROMPTS, 12)
-    assert torch.equal(generate(ours, PROMPTS, 12, temperature=0.7, top_k=1, generator=torch.Generator().manual_seed(3)), greedy)
-    assert torch.equal(generate(ours, PROMPTS, 12, temperature=0.7, top_p=1e-6, generator=torch.Generator().manual_seed(3)), greedy)
+    assert torch.equal(
+        generate(ours, PROMPTS, 12, temperature=0.7, top_k=1, generator=torch.Generator().manual_seed(3)), greedy
+    )
+    assert torch.equal(
+        generate(ours, PROMPTS, 12, temperature=0.7, top_p=1e-6, generator=torch.Generator().manual_seed(3)), greedy
+    )
     runs = []
     for global_seed in (1, 2):  # the generator alone decides
         torch.manual_seed(global_seed)
         runs.append(generate(ours, PROMPTS, 12, temperature=1.5, generator=torch.Generator().manual_seed(7)))
     assert torch.equal(runs[0], runs[1])
-    assert not torch.equal(runs[0], generate(ours, PROMPTS, 12, temperature=1.5, generator=torch.Generator().manual_seed(8)))
+    assert not torch.equal(
+        runs[0], generate(ours, PROMPTS, 12, temperature=1.5, generator=torch.Generator().manual_seed(8))
+    )
 
 @pytest.mark.parametrize("k,p", [(5, 1.0), (0, 0.6), (8, 0.7)])
 def test_sampling_follows_the_truncated_distribution(tiny, k, p):
@@ -239,7 +252,9 @@ def test_stop_strings(tiny):
     j = new.index(ord("\n"))
     y = generate(ours, x, 20, stop_fn=decoding.stop_checker(tok, ["\n"]))
     assert y[0, x.shape[1]:].tolist() == new[:j + 1]  # stopped on the token that completed the stop string
-    assert decoding.generate_texts(ours, tok, [text, "User: owl\nAssistant: "], 20, stops=["\n"])[0] == tok.decode(new[:j])
+    assert decoding.generate_texts(ours, tok, [text, "User: owl\nAssistant: "], 20, stops=["\n"])[0] == tok.decode(
+        new[:j]
+    )
     k = bytes(new).index(b"tl")
     assert k > j
     assert decoding.generate_texts(ours, tok, [text], 20, stops=["tl"])[0] == tok.decode(new[:k])
@@ -280,7 +295,11 @@ def hf_text(hf, text, n):
 
 def test_script_jsonl_to_jsonl(tiny, tmp_path):
     path, hf = tiny
-    rows = [{"prompt": "red fox", "id": 3}, {"input": "cat", "extra": [1]}, {"instruction": "a much longer prompt here"}]
+    rows = [
+        {"prompt": "red fox", "id": 3},
+        {"input": "cat", "extra": [1]},
+        {"instruction": "a much longer prompt here"},
+    ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = G.main([f"--pretrain={path}", f"--prompts={tmp_path / 'in.jsonl'}", f"--out={tmp_path / 'out.jsonl'}",
                   "--max_new_tokens=6", "--temperature=0", "--apply_chat_template=false", "--generator_name=tiny",
@@ -337,10 +356,15 @@ def test_bench_generate_runs_the_same_tokens():
     cfg.update(model_n_layer=2, model_n_embd=32, model_n_head=4, model_n_kv_head=2, model_intermediate_size=64,
                model_vocab_size=97, batch_size=3, prompt_len=5, seq_len=12, rounds=2, device="cpu")
     res = bench.bench_generate(cfg)
-    assert res["same_tokens_transformers"] == 1.0 and res["same_tokens_no_cache"] == 1.0 and res["same_tokens_unfused"] == 1.0
+    assert (
+        res["same_tokens_transformers"] == 1.0
+        and res["same_tokens_no_cache"] == 1.0
+        and res["same_tokens_unfused"] == 1.0
+    )
     assert len(res["vs_transformers_rounds"]) == 2 and len(res["no_cache"]["runs_s"]) == 1
     assert res["vs_no_cache"] == pytest.approx(res["no_cache"]["seconds"] / res["generate.py"]["seconds"])
-    assert len(res["kernels_only"]["runs_s"]) == 2 and res["kernels_only_vs_transformers"] > 0  # a llama: the floor runs
+    # a llama: the floor runs
+    assert len(res["kernels_only"]["runs_s"]) == 2 and res["kernels_only_vs_transformers"] > 0
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_from_a_checkpoint_like_final(tiny, tmp_path, lora):
@@ -354,7 +378,9 @@ def test_from_a_checkpoint_like_final(tiny, tmp_path, lora):
     final = G.main(args)
     got = G.main(args + ["--ckpt=latest"])
     assert got[0]["output"] == final[0]["output"]
-    base = G.main([f"--pretrain={tiny[0]}", "--prompt=red fox", "--max_new_tokens=8", "--temperature=0"]) if lora else None
+    base = (
+        G.main([f"--pretrain={tiny[0]}", "--prompt=red fox", "--max_new_tokens=8", "--temperature=0"]) if lora else None
+    )
     assert not lora or base[0]["output"] != final[0]["output"]  # the adapter changed what the model says
     with pytest.raises(ValueError, match="no checkpoint at"):
         G.main(args + [f"--ckpt={tmp_path}"])

@@ -135,7 +135,9 @@ def test_prompts_files_errors_name_the_file_and_line(run, tmp_path):
         gen(f"--pretrain={run / 'final'}", f"--prompts={tmp_path / 'no_such.jsonl'}")
     p = tmp_path / "one.json"  # one row, pretty-printed, is one row
     p.write_text('{\n  "prompt": "red fox"\n}\n')
-    assert [r["prompt"] for r in gen(f"--pretrain={run / 'final'}", f"--prompts={p}", "--max_new_tokens=2")] == ["red fox"]
+    assert [r["prompt"] for r in gen(f"--pretrain={run / 'final'}", f"--prompts={p}", "--max_new_tokens=2")] == [
+        "red fox"
+    ]
 
 # an adapter of another shape: the file, the tensor and both shapes
 def test_adapter_of_another_shape_names_file_tensor_and_shapes(tmp_path):
@@ -159,7 +161,9 @@ def test_adapter_of_another_shape_names_file_tensor_and_shapes(tmp_path):
 
 # train.py's reward_model: checked before anything loads; a late failure still leaves the summary
 def test_reward_model_that_cannot_exist_is_refused_before_loading(tmp_path):
-    p = run_train(tmp_path / "a", "--obj_2=", "--max_iters=1", "--eval_gen_interval=0", "--reward_model=/nope", check=False)
+    p = run_train(
+        tmp_path / "a", "--obj_2=", "--max_iters=1", "--eval_gen_interval=0", "--reward_model=/nope", check=False
+    )
     refused(p, "reward_model", "/nope")
     p = run_train(tmp_path / "b", "--obj_2=", "--max_iters=1", "--eval_gen_interval=0", "--reward_model=no-org/no-rm",
                   check=False)  # a hub id offline, not in the cache

@@ -52,7 +52,8 @@ def test_advantages_by_hand():
     std = math.sqrt(((1 - 1) ** 2 + 1 + 1 + 2 ** 2) / 3)  # mean 1, unbiased
     want = torch.tensor([[0.0, -1 / (std + 1e-4), -1 / (std + 1e-4), 2 / (std + 1e-4)], [0.0] * 4], dtype=torch.float64)
     assert torch.allclose(R.advantages(r, "grpo"), want, atol=1e-12)
-    loo = torch.tensor([[1 - 1.0, 0 - 4 / 3, 0 - 4 / 3, 3 - 1 / 3], [0.0] * 4], dtype=torch.float64)  # r_g - mean of the others
+    # r_g - mean of the others
+    loo = torch.tensor([[1 - 1.0, 0 - 4 / 3, 0 - 4 / 3, 3 - 1 / 3], [0.0] * 4], dtype=torch.float64)
     assert torch.allclose(R.advantages(r, "rloo"), loo, atol=1e-12)
     centred = torch.tensor([[0.0, -1, -1, 2], [0.0] * 4], dtype=torch.float64)
     assert torch.equal(R.advantages(r, "grpo", scale="none"), centred)  # Dr. GRPO: no std
@@ -70,7 +71,8 @@ def test_loss_and_gradient_against_the_formula(models, inner, beta):
     ref = GPT.from_pretrained(str(d / "ref"), dtype=torch.float64).requires_grad_(False)
     o = online(objectives.make("grpo", ref=ref, grpo_epsilon=0.2, grpo_beta=beta, grpo_inner_steps=inner))
     prompts = [R.D._encode(tok, [TEMPLATE.format(p)], [])[0][0] for p in ("red fox", "sky")]
-    comps = [list(b"red fox") + [256], list(b"RED") + [256], list(b"sky is") + [256], list(b"s")]  # the last: cut, no eos
+    # the last: cut, no eos
+    comps = [list(b"red fox") + [256], list(b"RED") + [256], list(b"sky is") + [256], list(b"s")]
     step = Step(policy, policy, chunk_size=5, pad_id=tok.pad_token_id)
     batches, want_num, n_tok = [], 0.0, 0
     g = torch.Generator().manual_seed(0)
@@ -452,7 +454,9 @@ def test_sampling_is_seeded_and_independent_of_the_batch(models):
     policy = GPT.from_pretrained(str(d / "policy"), dtype=torch.float64)
     o = online(objectives.make("grpo", top_k=50))
     step = Step(policy, policy, pad_id=tok.pad_token_id)
-    prompts = [R.D._encode(tok, [TEMPLATE.format(p)], [])[0][0] for p in ("red fox", "a much longer prompt here", "sky")]
+    prompts = [
+        R.D._encode(tok, [TEMPLATE.format(p)], [])[0][0] for p in ("red fox", "a much longer prompt here", "sky")
+    ]
     keys = R.row_keys(0, 1, 0, ["a", "b", "c"], [0, 0, 0])
     together = R.sample(step, o, prompts, keys, 1.0, 12)
     alone = [R.sample(step, o, [p], keys[j:j + 1], 1.0, 12)[0] for j, p in enumerate(prompts)]
@@ -475,7 +479,9 @@ def test_on_policy_kd_is_the_reverse_kl_of_the_students_own_samples(models):
     teacher = GPT.from_pretrained(str(d / "ref"), dtype=torch.float64).requires_grad_(False)
     o = objectives.make("kd", ref=teacher, kd_loss="reverse", kd_on_policy=True, max_new_tokens=6)
     o.online = R.Online(tok, 3)
-    ex = R.D.tokenize_sft([{"input": "red fox", "output": "RED FOX"}, {"input": "sky", "output": "SKY"}], tok, 40, template=TEMPLATE)
+    ex = R.D.tokenize_sft(
+        [{"input": "red fox", "output": "RED FOX"}, {"input": "sky", "output": "SKY"}], tok, 40, template=TEMPLATE
+    )
     b = R.D.collate_sft(ex, tok.pad_token_id)
     step = Step(policy, policy, pad_id=tok.pad_token_id)
     o.kind.prepare([b], step, o)
@@ -497,7 +503,9 @@ def test_on_policy_kd_is_the_reverse_kl_of_the_students_own_samples(models):
 # reward functions
 
 def test_shipped_rewards():
-    assert rewards.exact_answer(["q"] * 4, ["so #### 42", "\\boxed{7}", "it is 3, then 12.", "none"], ["42", "7", "12", "1"]) == [1, 1, 1, 0]
+    assert rewards.exact_answer(
+        ["q"] * 4, ["so #### 42", "\\boxed{7}", "it is 3, then 12.", "none"], ["42", "7", "12", "1"]
+    ) == [1, 1, 1, 0]
     assert rewards.answer_format([""] * 2, ["x\n#### 5", "5"]) == [1.0, 0.0]
     assert rewards.lowercase([""] * 3, ["abC", "", "ab"]) == [2 / 3, 0.0, 1.0]
     assert rewards.char_match([""] * 2, ["red fix", "RED FOX"], ["red fox", "red fox"]) == [6 / 7, 1 / 7]
@@ -569,7 +577,8 @@ def test_two_ranks_equal_one_and_resume_across_a_reused_rollout(tmp_path):
             for k in ("loss", "reward", "kl", "clip_frac", "completion_len", "grad_norm"):
                 assert abs(x[k] - y[k]) < 1e-9, (k, x, y)
     assert a[1]["clip_frac"] >= 0 and a[1]["kl"] > 1e-4 and a[0]["kl"] < 1e-12  # step 1: the policy is the reference
-    resume_after_cut(one, tmp_path / "cut", args, "iter_0000004")  # resumes after step 3: step 4 reuses step 3's rollout
+    # resumes after step 3: step 4 reuses step 3's rollout
+    resume_after_cut(one, tmp_path / "cut", args, "iter_0000004")
     c = metrics(tmp_path / "cut")
     assert [l["loss"] for l in c] == [l["loss"] for l in a] and [l["reward"] for l in c] == [l["reward"] for l in a]
 
@@ -609,7 +618,9 @@ def test_lora_reference_is_the_base_model(tmp_path):
 def test_grpo_learns_a_verifiable_task(tmp_path):
     """GRPO alone, from a random tiny model: the held-out mean reward of greedy completions (the share
     of lowercase letters) rises far above its start."""
-    run_train(tmp_path / "run", *GRPO, "--max_samples_1=0", "--max_iters=60", "--eval_interval=60", "--learning_rate=3e-3")
+    run_train(
+        tmp_path / "run", *GRPO, "--max_samples_1=0", "--max_iters=60", "--eval_interval=60", "--learning_rate=3e-3"
+    )
     ev = metrics(tmp_path / "run", "eval")
     assert ev[0]["eval_reward_1"] < 0.3 and ev[-1]["eval_reward_1"] > 0.8, ev
     assert ev[-1]["eval_loss_1"] == -ev[-1]["eval_reward_1"]

@@ -24,7 +24,9 @@ def test_k2_draws_are_the_two_objective_rule():
     r = random.Random(7)  # and for other weights and seeds, step by step
     for lambd in (0.0, 0.01, 0.5, 0.77, 1.0):
         a, b = random.Random(lambd), random.Random(lambd)
-        assert all(methods.alright_pick(a, methods.weights(lambd, 2)) == (1 if b.random() < lambd else 2) for _ in range(500))
+        assert all(
+            methods.alright_pick(a, methods.weights(lambd, 2)) == (1 if b.random() < lambd else 2) for _ in range(500)
+        )
 
 def test_k2_run_draws_as_before(tmp_path):
     """the loop itself: a seed-42 ALRIGHT run with lambd = 0.3 trains the same objectives as before."""
@@ -99,7 +101,13 @@ def test_config_file_sets_objective_keys(tmp_path):
     f.write_text("dataset_1 = 'a'\ndataset_3 = 'c'\nmax_len_1 = max_len_2 = 48\nlambd = (0.2, 0.3, 0.5)\n")
     c = dict(table, lambd=0.5)
     configurator.apply([str(f)], c, verbose=False, per_objective=table)
-    assert (c["dataset_1"], c["dataset_3"], c["max_len_1"], c["max_len_2"], c["lambd"]) == ("a", "c", 48, 48, (0.2, 0.3, 0.5))
+    assert (c["dataset_1"], c["dataset_3"], c["max_len_1"], c["max_len_2"], c["lambd"]) == (
+        "a",
+        "c",
+        48,
+        48,
+        (0.2, 0.3, 0.5),
+    )
 
 def test_bad_k_configs_are_clear_errors(tmp_path):
     p = run_train(tmp_path / "a", *K3, "--lambd=0.5", "--max_iters=1", check=False)
@@ -146,12 +154,23 @@ def test_k3_toy_alright_and_maxright_beat_sequential(tmp_path):
     summary = lambda d: json.load(open(d / "summary.json"))
     opt = []
     for i in (1, 2, 3):
-        run_train(tmp_path / f"single_{i}", *args, "--method=sequential", "--lambd=" + ",".join("1" if j == i else "0" for j in (1, 2, 3)))
+        run_train(
+            tmp_path / f"single_{i}",
+            *args,
+            "--method=sequential",
+            "--lambd=" + ",".join("1" if j == i else "0" for j in (1, 2, 3)),
+        )
         opt.append(summary(tmp_path / f"single_{i}")[f"eval_loss_{i}"])
     third = ",".join([repr(1 / 3)] * 2 + [repr(1 - 2 / 3)])
     dist = {}
     for m in ("sequential", "alright", "maxright"):
-        run_train(tmp_path / m, *args, f"--method={m}", f"--lambd={third}", *(f"--obj_opt_{i}={v!r}" for i, v in enumerate(opt, 1)))
+        run_train(
+            tmp_path / m,
+            *args,
+            f"--method={m}",
+            f"--lambd={third}",
+            *(f"--obj_opt_{i}={v!r}" for i, v in enumerate(opt, 1)),
+        )
         s = summary(tmp_path / m)
         gaps = [s[f"eval_loss_{i}"] - opt[i - 1] for i in (1, 2, 3)]
         assert abs(s["ideal_distance"] - math.sqrt(sum(g * g for g in gaps))) < 1e-9  # the distance over K = 3

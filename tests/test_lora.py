@@ -30,7 +30,9 @@ def ids(T=13, seed=1):
 
 def tiny_gpt():
     torch.manual_seed(0)
-    return GPT(Config(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, intermediate_size=64)).eval()
+    return GPT(
+        Config(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, intermediate_size=64)
+    ).eval()
 
 def family_gpt(name):
     # our model for a family's config, random weights (enough for module matching)
@@ -128,7 +130,9 @@ def test_all_linear(name):
     assert isinstance(m.lm_head, nn.Linear) and not m.lm_head.weight.requires_grad
 
 def test_missing_target_is_an_error():
-    with pytest.raises(ValueError, match=r"\['nope'\].*available: c_attn, c_fc, c_proj, down_proj, o_proj, qkv_proj, up_proj"):
+    with pytest.raises(
+        ValueError, match=r"\['nope'\].*available: c_attn, c_fc, c_proj, down_proj, o_proj, qkv_proj, up_proj"
+    ):
         inject(family_gpt("gpt2"), rank=2, alpha=2, target_modules="c_attn,nope")
     with pytest.raises(ValueError, match="gate_proj.*q_proj"):
         inject(family_gpt("llama"), rank=2, alpha=2, target_modules="query_key_value")
@@ -137,7 +141,8 @@ def test_missing_target_is_an_error():
     ("llama", "q_proj,v_proj", ["q_proj", "v_proj"]),
     ("gpt_neox", "query_key_value", ["query_key_value"]),
     ("gpt2", "c_attn", ["c_attn"]),
-    ("gpt2", "o_proj", ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]),  # 'c_proj' would also hit the mlp
+    # 'c_proj' would also hit the mlp
+    ("gpt2", "o_proj", ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]),
     ("qwen2", "all-linear", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
 ])
 def test_peft_parity_and_reload(name, targets, peft_targets, tmp_path):
@@ -178,7 +183,9 @@ def test_load_adapter_saved_by_peft(tmp_path):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
         pm.save_pretrained(tmp_path / "adapter")
         ours = GPT.from_pretrained(str(hf_dir)).eval()
-        assert load_adapter(ours, tmp_path / "adapter") == [f"blocks.{i}.{p}" for i in range(2) for p in ("attn.k_proj", "mlp.up_proj")]
+        assert load_adapter(ours, tmp_path / "adapter") == [
+            f"blocks.{i}.{p}" for i in range(2) for p in ("attn.k_proj", "mlp.up_proj")
+        ]
         assert lora_modules(ours)["blocks.0.attn.k_proj"].scaling == 2.5
         assert (ours(ids()) - pm(ids()).logits).abs().max() <= 1e-4
 

@@ -149,7 +149,9 @@ def test_autocast_head_runs_in_bf16_with_float32_statistics(kind, monkeypatch):
     seen = []
     for name, ops in (("mm_into", (0, 1)), ("addmm_into", (1, 2))):  # (a, b, out), (acc, a, b)
         real = getattr(losses, name)
-        monkeypatch.setattr(losses, name, lambda *a, _r=real, _o=ops: (seen.append(tuple(a[i].dtype for i in _o)), _r(*a))[1])
+        monkeypatch.setattr(
+            losses, name, lambda *a, _r=real, _o=ops: (seen.append(tuple(a[i].dtype for i in _o)), _r(*a))[1]
+        )
     g = torch.randn(B, T)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         if kind == "sft":

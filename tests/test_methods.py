@@ -197,7 +197,11 @@ def test_constrained_logs_resumes_and_splits_exactly(tmp_path):
     two = metrics(tmp_path / "ddp")
     assert len(two) == len(lines)
     for x, y in zip(lines, two):
-        assert x["obj"] == y["obj"] and abs(x["loss"] - y["loss"]) <= 1e-9 and abs(x.get("q_1", 0) - y.get("q_1", 0)) <= 1e-9
+        assert (
+            x["obj"] == y["obj"]
+            and abs(x["loss"] - y["loss"]) <= 1e-9
+            and abs(x.get("q_1", 0) - y.get("q_1", 0)) <= 1e-9
+        )
 
 # -----------------------------------------------------------------------------
 # every refusal before anything is loaded
@@ -274,7 +278,10 @@ def test_budgets_hold_on_the_shipped_toy(tmp_path):
     the eval set, as the summary says), DPO trains on at least 10% of the steps and its eval loss falls."""
     base = ["config/demo.py", "--learning_rate=3e-3", "--max_iters=400", "--eval_interval=100", "--eval_iters=4",
             "--seed=2"]  # a seed where the multiplier rule this replaced broke the smaller budget (0.420 > 0.402)
-    run = lambda name, *a: (run_train(tmp_path / name, *a, base=base), json.load(open(tmp_path / name / "summary.json")))[1]
+    run = lambda name, *a: (
+        run_train(tmp_path / name, *a, base=base),
+        json.load(open(tmp_path / name / "summary.json")),
+    )[1]
     f1 = run("sft", "--obj_2=")["eval_loss_1"]
     f2 = run("dpo", "--obj_1=dpo", "--dataset_1=data/toy_pref.jsonl", "--eval_split_1=data/toy_pref_eval.jsonl",
              "--obj_2=")["eval_loss_1"]

@@ -69,7 +69,13 @@ WINDOWED = ["mistral_window", "qwen2_window", "gemma2", "gemma3", "phi3"]
 
 def make_hf(name, path):
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config({**FAMILIES, **LOGITS_ONLY, **MOE}[name](), attn_implementation="eager").float().eval()
+    hf = (
+        transformers.AutoModelForCausalLM.from_config(
+            {**FAMILIES, **LOGITS_ONLY, **MOE}[name](), attn_implementation="eager"
+        )
+        .float()
+        .eval()
+    )
     # random norms/biases too, so a missed one shows
     with torch.no_grad():
         for n, p in hf.named_parameters():
@@ -89,7 +95,9 @@ def test_logit_parity_and_round_trip(name, tmp_path):
     assert (got - ref).abs().max().item() <= 1e-4
     # our save_pretrained -> transformers gives the same logits
     ours.save_pretrained(tmp_path / "ours")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").float().eval()
+    back = (
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").float().eval()
+    )
     with torch.no_grad():
         assert (back(ids).logits - got).abs().max().item() <= 1e-4
 
@@ -161,7 +169,12 @@ def test_window_keeps_the_causal_fast_path(monkeypatch, tmp_path):
     import model as M
     calls = []
     real_attend = M.attend
-    monkeypatch.setattr(M, "attend", lambda q, k, v, mask, is_causal, *a: calls.append((mask, is_causal)) or real_attend(q, k, v, mask, is_causal, *a))
+    monkeypatch.setattr(
+        M,
+        "attend",
+        lambda q, k, v, mask, is_causal, *a: calls.append((mask, is_causal))
+        or real_attend(q, k, v, mask, is_causal, *a),
+    )
     make_hf("mistral_window", tmp_path)
     m = GPT.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
@@ -239,7 +252,9 @@ def test_unsupported_model_type(tmp_path):
 
 def test_fresh_model_saves_as_llama(tmp_path):
     torch.manual_seed(0)
-    m = GPT(Config(vocab_size=258, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, intermediate_size=64)).eval()
+    m = GPT(
+        Config(vocab_size=258, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, intermediate_size=64)
+    ).eval()
     m.save_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     ids = torch.randint(0, 258, (2, 9))

@@ -143,7 +143,9 @@ def test_router_aux_loss_key_overrides_the_checkpoint(tmp_path):
     from helpers import metrics, run_train
     from model import byte_tokenizer
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(moe_config("mixtral", vocab_size=258, output_router_logits=False))
+    hf = transformers.AutoModelForCausalLM.from_config(
+        moe_config("mixtral", vocab_size=258, output_router_logits=False)
+    )
     hf.save_pretrained(tmp_path / "moe")
     byte_tokenizer().save_pretrained(tmp_path / "moe")
     args = [f"--pretrain={tmp_path / 'moe'}", "--obj_1=sft", "--obj_2=", "--dataset_1=data/toy_sft.jsonl",

@@ -17,7 +17,10 @@ from step import Step
 TEMPLATE = "User: {}\nAssistant: "
 
 def pref_rows():
-    return [{"prompt": p, "chosen": p.upper() + "!", "rejected": p.upper()} for p in ("red fox", "sky", "old oak tree", "cat")]
+    return [
+        {"prompt": p, "chosen": p.upper() + "!", "rejected": p.upper()}
+        for p in ("red fox", "sky", "old oak tree", "cat")
+    ]
 
 def kto_rows():
     return [{"prompt": "red fox", "completion": "RED FOX!", "label": True}, {"prompt": "sky", "completion": "sky", "label": False},
@@ -52,9 +55,16 @@ def kto_formula(m, ref, examples, beta=0.5, wd=1.0, wu=1.0):
     bk = rows([(i, l) for i, l, _ in kl])
     r = hf_logps(m, b["input_ids"], b["labels"])[0] - hf_logps(ref, b["input_ids"], b["labels"])[0].detach()
     with torch.no_grad():
-        z0 = max(0.0, (hf_logps(m, bk["input_ids"], bk["labels"])[0] - hf_logps(ref, bk["input_ids"], bk["labels"])[0]).mean().item())
+        z0 = max(
+            0.0,
+            (hf_logps(m, bk["input_ids"], bk["labels"])[0] - hf_logps(ref, bk["input_ids"], bk["labels"])[0])
+            .mean()
+            .item(),
+        )
     good = torch.tensor([e["desirable"][0] == 1 for e in examples])
-    return torch.where(good, wd * (1 - torch.sigmoid(beta * (r - z0))), wu * (1 - torch.sigmoid(beta * (z0 - r)))).mean()
+    return torch.where(
+        good, wd * (1 - torch.sigmoid(beta * (r - z0))), wu * (1 - torch.sigmoid(beta * (z0 - r)))
+    ).mean()
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
@@ -102,11 +112,14 @@ def test_first_step_of_a_run_is_the_formula(tmp_path, models, kind):
     tok = byte_tokenizer()
     if kind == "kto":
         ex = D.tokenize_kto(rows, tok, 40, template=TEMPLATE)
-        want = kto_formula(hf, hf_ref, [{"input_ids": e["chosen_ids"], "labels": e["chosen_labels"], **e} for e in ex], beta=0.5)
+        want = kto_formula(
+            hf, hf_ref, [{"input_ids": e["chosen_ids"], "labels": e["chosen_labels"], **e} for e in ex], beta=0.5
+        )
     else:
         want = pair_formula(kind, hf, D.collate_dpo(D.tokenize_dpo(rows, tok, 40, template=TEMPLATE), tok.pad_token_id))
     first = metrics(tmp_path / "out")[0]
-    assert abs(first["loss"] - want.item()) < 1e-8, (first["loss"], want.item())  # float32 rounding inside transformers' norms
+    # float32 rounding inside transformers' norms
+    assert abs(first["loss"] - want.item()) < 1e-8, (first["loss"], want.item())
 
 def test_kto_reference_point_ignores_row_order_when_prompts_are_equal(models):
     """rows with one prompt: the mismatched rows are that prompt with every completion once, in
@@ -115,7 +128,10 @@ def test_kto_reference_point_ignores_row_order_when_prompts_are_equal(models):
     tok = byte_tokenizer()
     policy = GPT.from_pretrained(str(d / "policy"), dtype=torch.float64)
     ref = GPT.from_pretrained(str(d / "ref"), dtype=torch.float64).requires_grad_(False)
-    rows = [{"prompt": "fox", "completion": c, "label": i % 2 == 0} for i, c in enumerate(["FOX!", "fox", "FOX", "F!", "xx"])]
+    rows = [
+        {"prompt": "fox", "completion": c, "label": i % 2 == 0}
+        for i, c in enumerate(["FOX!", "fox", "FOX", "F!", "xx"])
+    ]
     z0 = []
     for order in ([0, 1, 2, 3, 4], [3, 0, 4, 2, 1], [4, 3, 2, 1, 0]):
         b = D.collate_kto(D.tokenize_kto([rows[k] for k in order], tok, 40, template=TEMPLATE), tok.pad_token_id)
@@ -137,7 +153,11 @@ def test_new_kinds_with_lora_beside_sft_and_dpo_two_ranks_and_resume(tmp_path):
     every kind's stats; a run cut after its checkpoint at 2 resumes to the same lines to the bit."""
     run_train(tmp_path / "one", *ALL)
     lines = metrics(tmp_path / "one")
-    assert all(f"loss_{i}" in l for l in lines for i in range(1, 6)) and "log_odds_ratio_4" in lines[0] and "z0_5" in lines[0]
+    assert (
+        all(f"loss_{i}" in l for l in lines for i in range(1, 6))
+        and "log_odds_ratio_4" in lines[0]
+        and "z0_5" in lines[0]
+    )
     run_train(tmp_path / "two", *ALL, nproc=2)
     for a, b in zip(lines, metrics(tmp_path / "two")):
         assert a.keys() == b.keys()
@@ -173,12 +193,26 @@ def test_weights(tmp_path, kind, file):
               "--model_n_layer=2", "--model_n_embd=32", "--model_n_head=4", "--model_n_kv_head=2",
               "--model_intermediate_size=64", "--learning_rate=3e-3", "--eval_interval=0"]
     weighted_file(tmp_path / "ones.jsonl", rows, [1] * 8)
-    run_train(tmp_path / "ones", *common, f"--dataset_1={tmp_path / 'ones.jsonl'}", "--weight_key=w", "--train_batch_size=8", base=[])
+    run_train(
+        tmp_path / "ones",
+        *common,
+        f"--dataset_1={tmp_path / 'ones.jsonl'}",
+        "--weight_key=w",
+        "--train_batch_size=8",
+        base=[],
+    )
     run_train(tmp_path / "plain", *common, f"--dataset_1={tmp_path / 'ones.jsonl'}", "--train_batch_size=8", base=[])
     assert [l["loss"] for l in metrics(tmp_path / "ones")] == [l["loss"] for l in metrics(tmp_path / "plain")]
     weighted_file(tmp_path / "twos.jsonl", rows, [2, 1] * 4)
     weighted_file(tmp_path / "dup.jsonl", rows + rows[::2], [1] * 12)
-    run_train(tmp_path / "twos", *common, f"--dataset_1={tmp_path / 'twos.jsonl'}", "--weight_key=w", "--train_batch_size=8", base=[])
+    run_train(
+        tmp_path / "twos",
+        *common,
+        f"--dataset_1={tmp_path / 'twos.jsonl'}",
+        "--weight_key=w",
+        "--train_batch_size=8",
+        base=[],
+    )
     run_train(tmp_path / "dup", *common, f"--dataset_1={tmp_path / 'dup.jsonl'}", "--train_batch_size=12", base=[])
     a, b = metrics(tmp_path / "twos"), metrics(tmp_path / "dup")
     assert len(a) == len(b) == 3

@@ -58,7 +58,14 @@ def test_demo_quick(tmp_path):
                        text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.load(open(os.path.join(ROOT, "out/demo_quick/demo.json")))
-    assert set(res["methods"]) == {"sequential", "mix", "alright", "maxright", "constrained_half", "constrained_quarter"}
+    assert set(res["methods"]) == {
+        "sequential",
+        "mix",
+        "alright",
+        "maxright",
+        "constrained_half",
+        "constrained_quarter",
+    }
     for row in res["methods"].values():
         assert abs(row["ideal_distance"] - (row["gap_1"] ** 2 + row["gap_2"] ** 2) ** 0.5) < 1e-9
     for name, frac in (("constrained_half", 0.5), ("constrained_quarter", 0.25)):  # budgets from ALRIGHT's SFT gap
@@ -153,7 +160,13 @@ def test_bad_config_is_a_clear_error(tmp_path, arg, message):
 def test_early_stop_on_gap_and_on_pareto_front(tmp_path):
     """eps > 0: stop at the first evaluation where a gap f_i - f_i* <= eps, or where the eval point
     weakly dominates (within eps) a point of the given reference front."""
-    args = ["--method=alright", "--max_iters=40", "--eval_interval=5", "--train_batch_size=4", "--micro_train_batch_size=4"]
+    args = [
+        "--method=alright",
+        "--max_iters=40",
+        "--eval_interval=5",
+        "--train_batch_size=4",
+        "--micro_train_batch_size=4",
+    ]
     run_train(tmp_path / "gap", *args, "--obj_opt_1=0.0", "--obj_opt_2=0.68", "--eps=0.01")
     ev = metrics(tmp_path / "gap", "eval")
     stop = ev[-1]
@@ -273,7 +286,14 @@ def test_forward_kd_logs_the_kl(tmp_path):
     kd_kl = its cross-entropy less that H(p_T), on the same eval rows."""
     run_train(tmp_path / "base", "--max_iters=20")
     ckpt = tmp_path / "base" / "final"
-    kd = ["--obj_1=kd", "--obj_2=", "--max_iters=1", "--train_batch_size=4", "--micro_train_batch_size=2", f"--ref_model={ckpt}"]
+    kd = [
+        "--obj_1=kd",
+        "--obj_2=",
+        "--max_iters=1",
+        "--train_batch_size=4",
+        "--micro_train_batch_size=2",
+        f"--ref_model={ckpt}",
+    ]
     run_train(tmp_path / "self", f"--pretrain={ckpt}", *kd)
     first, ev0 = metrics(tmp_path / "self")[0], metrics(tmp_path / "self", "eval")[0]
     assert abs(first["kd_kl"]) < 1e-6 and abs(ev0["eval_kd_kl_1"]) < 1e-6

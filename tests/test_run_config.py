@@ -20,7 +20,9 @@ SMALL = ["--train_batch_size=4", "--micro_train_batch_size=4"]
 
 def train_config(**over):
     """train.py's defaults (its header run alone) for K = 2 (sft + dpo) with `over`, and its per-objective keys."""
-    return train_defaults(**{"obj_2": "dpo", "dataset_1": "data/toy_sft.jsonl", "dataset_2": "data/toy_pref.jsonl", **over})
+    return train_defaults(
+        **{"obj_2": "dpo", "dataset_1": "data/toy_sft.jsonl", "dataset_2": "data/toy_pref.jsonl", **over}
+    )
 
 def refusal(c, per_objective):
     with pytest.raises(configurator.ConfigError) as e:
@@ -58,7 +60,10 @@ def test_resume_longer_cosine_sequential_run_is_refused_unless_rescheduled(cosin
             "--reschedule=True")
     assert {f: (out / f).read_bytes() for f in before} == before
     p = run_train(out, *RUN, "--max_iters=8", "--save_interval=2", "--resume=True", "--reschedule=True")
-    assert f"from 4 to 8 steps at step 5 (step 5: learning rate {cosine_lr(4, 4):.4g} -> {cosine_lr(4, 8):.4g})" in p.stdout
+    assert (
+        f"from 4 to 8 steps at step 5 (step 5: learning rate {cosine_lr(4, 4):.4g} -> {cosine_lr(4, 8):.4g})"
+        in p.stdout
+    )
     lrs = [l["lr"] for l in metrics(out)]
     assert lrs == pytest.approx([cosine_lr(j, 4) for j in range(4)] + [cosine_lr(j, 8) for j in range(4, 8)], rel=1e-12)
     assert [l["obj"] for l in metrics(out)] == [1, 1, 2, 2, 2, 2, 2, 2]  # 8 steps: 1 for 4, then 2 for 4
@@ -69,11 +74,16 @@ def test_schedule_comparison_matches_a_straight_run():
     the new length: constant (same warm-up steps) yes; cosine, a changed warm-up, sequential no."""
     import runtime
     def at(sched, warmup=0.0, seq=False):
-        return lambda j, T: (runtime.lr_at(j, T, 1.0, warmup, sched), methods.sequential_pick(j, [0.5, 0.5], T) if seq else 1)
+        return lambda j, T: (
+            runtime.lr_at(j, T, 1.0, warmup, sched),
+            methods.sequential_pick(j, [0.5, 0.5], T) if seq else 1,
+        )
     checkpoint.check_total_iters(100, 100, 400, at("constant"))
-    checkpoint.check_total_iters(100, 100, 400, at("constant", 0.001))  # no warm-up step either way (round(0.1), round(0.4))
+    # no warm-up step either way (round(0.1), round(0.4))
+    checkpoint.check_total_iters(100, 100, 400, at("constant", 0.001))
     for bad, first in ((at("cosine"), "step 2: learning rate 0.9998 -> 1"), (at("constant", 0.05), "step 1: learning "
-                       "rate 0.2 -> 0.05"), (at("constant", seq=True), "step 51: objective 2 -> 1")):  # warm-up 5 steps, then 20
+                       # warm-up 5 steps, then 20
+                       "rate 0.2 -> 0.05"), (at("constant", seq=True), "step 51: objective 2 -> 1")):
         with pytest.raises(configurator.ConfigError, match=f"from 100 to 400 steps.*{first}.*--reschedule=True"):
             checkpoint.check_total_iters(100, 100, 400, bad)
     checkpoint.check_total_iters(100, 100, 400, at("cosine"), reschedule=True, log=lambda *a: None)
@@ -127,7 +137,9 @@ def test_config_files_that_are_not_configs(tmp_path):
     c, po = train_config()
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps([{"input": "a", "output": "b"}]))
-    with pytest.raises(configurator.ConfigError, match=f"{rows} holds JSON data \\(list\\), not a config.*--dataset_1="):
+    with pytest.raises(
+        configurator.ConfigError, match=f"{rows} holds JSON data \\(list\\), not a config.*--dataset_1="
+    ):
         configurator.apply([str(rows)], c, verbose=False, per_objective=po)
     for name in ("rows.jsonl", "rows.parquet"):
         (tmp_path / name).write_text('{"input": "a", "output": "b"}\n')  # valid Python too: it used to run
@@ -179,11 +191,15 @@ BAD = {  # out-of-range values of each numeric key of train.py (and the objectiv
 
 def numeric_keys():
     c, po = train_config()
-    return sorted(k for k, v in c.items() if isinstance(v, (int, float, tuple, type(None))) and not isinstance(v, bool)), po
+    return (
+        sorted(k for k, v in c.items() if isinstance(v, (int, float, tuple, type(None))) and not isinstance(v, bool)),
+        po,
+    )
 
 def test_every_numeric_key_has_a_range_and_a_bad_value_here():
     keys, _ = numeric_keys()
-    ranged = {k for k, rule in checks.all_rules(header("train.py")["rules"]).items() if not rule.startswith("one of")}  # not a string's choices
+    # not a string's choices
+    ranged = {k for k, rule in checks.all_rules(header("train.py")["rules"]).items() if not rule.startswith("one of")}
     assert set(keys) == ranged, set(keys) ^ ranged
     assert set(keys) == set(BAD), set(keys) ^ set(BAD)
 

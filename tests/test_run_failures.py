@@ -130,7 +130,9 @@ def test_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, mo
     m = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(m.parameters())
     checkpoint.save(str(tmp_path), 1, m, opt, {"iter": 1})
-    full = lambda path, mode="r", *a, **k: builtins.open("/dev/full" if path.endswith("optimizer.pt") else path, mode, *a, **k)
+    full = lambda path, mode="r", *a, **k: builtins.open(
+        "/dev/full" if path.endswith("optimizer.pt") else path, mode, *a, **k
+    )
     monkeypatch.setattr(checkpoint, "open", full, raising=False)  # writes there fail with ENOSPC, as on a full disk
     with pytest.raises(OSError, match=r"tmp_iter_0000002/optimizer.pt: no space left on device .* "
                                       r"the previous checkpoint .*iter_0000001 is kept"):

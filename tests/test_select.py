@@ -48,7 +48,11 @@ def test_ids_are_original_rows_and_sigmoid_weights(tmp_path):
     assert [r["id"] for r in sel] == [i for i in range(40) if i not in (3, 7, 30)]
     assert all(0 < r["weight"] < 2 for r in sel) and len({round(r["weight"], 6) for r in sel}) > 1
     kept = read_jsonl(tmp_path / "out" / "selected.jsonl")
-    assert len(kept) == round(0.7 * 37) and all(r in rows for r in kept) and not any(r["input"].startswith("long") for r in kept)
+    assert (
+        len(kept) == round(0.7 * 37)
+        and all(r in rows for r in kept)
+        and not any(r["input"].startswith("long") for r in kept)
+    )
 
 def selector_logits(out):
     return {r["id"]: r["logit"] for r in read_jsonl(out / "selector.jsonl")}

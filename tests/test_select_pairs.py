@@ -26,7 +26,9 @@ def test_selector_keeps_the_correctly_ordered_pairs(tmp_path):
     top = sorted(sel, key=lambda r: -r["logit"])[: round(0.7 * len(sel))]
     kept_clean = sum(not labels[r["id"]] for r in top) / len(top)
     assert kept_clean >= 0.9, (kept_clean, base)
-    mean = lambda flag: sum(r["weight"] for r in sel if labels[r["id"]] == flag) / sum(labels[r["id"]] == flag for r in sel)
+    mean = lambda flag: sum(r["weight"] for r in sel if labels[r["id"]] == flag) / sum(
+        labels[r["id"]] == flag for r in sel
+    )
     assert mean(False) > 5 * mean(True)
     # selected.jsonl: exactly the top 70% by logit, in the file's order, original fields unchanged
     noisy = read_jsonl(f"{ROOT}/data/toy_pref_noisy.jsonl")

@@ -97,7 +97,11 @@ def test_real_sweep_table_matches_its_runs(tmp_path):
     for r in front["rows"]:
         f = [s[r["run"]]["eval_loss_1"], s[r["run"]]["eval_loss_2"]]
         gaps = [f[0] - front["opt"][0], f[1] - front["opt"][1]]
-        assert r["f"] == f and r["gaps"] == gaps and abs(r["ideal_distance"] - (gaps[0] ** 2 + gaps[1] ** 2) ** 0.5) < 1e-12
+        assert (
+            r["f"] == f
+            and r["gaps"] == gaps
+            and abs(r["ideal_distance"] - (gaps[0] ** 2 + gaps[1] ** 2) ** 0.5) < 1e-12
+        )
         assert r["train_s"] == s[r["run"]]["train_s"]
     assert [r["front"] for r in front["rows"]] == sweep.pareto_mask([r["f"] for r in front["rows"]])
     assert (out / "front.png").exists()

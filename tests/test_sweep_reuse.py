@@ -119,7 +119,9 @@ def test_third_objective_reruns_the_two_objective_corners(fake, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert [n for n, _, _ in launched()] == ["single_1", "single_2", "single_3"]
     assert "obj_3: '' -> 'dpo'" in p.stdout
-    assert front(tmp_path)["single_1"] == approx([1.01, 2.01, 2.01]) and front(tmp_path)["single_3"] == approx([2.01, 2.01, 1.01])
+    assert front(tmp_path)["single_1"] == approx([1.01, 2.01, 2.01]) and front(tmp_path)["single_3"] == approx(
+        [2.01, 2.01, 1.01]
+    )
 
 def test_inner_runs_wait_for_the_corners_and_rerun_on_their_new_f_star(fake, tmp_path):
     """with a corner missing, no inner run trains on an estimated f*; one that did (written by an
@@ -215,7 +217,9 @@ def test_sweep_from_another_directory_real_runs(tmp_path):
     os.makedirs(tmp_path / "mydata")
     for f in ("toy_sft.jsonl", "toy_sft_eval.jsonl", "toy_pref.jsonl", "toy_pref_eval.jsonl"):
         shutil.copy(os.path.join(ROOT, "data", f), tmp_path / "mydata")
-    (tmp_path / "mycfg.py").write_text('dataset_1 = "mydata/toy_sft.jsonl"\neval_split_1 = "mydata/toy_sft_eval.jsonl"\n')
+    (tmp_path / "mycfg.py").write_text(
+        'dataset_1 = "mydata/toy_sft.jsonl"\neval_split_1 = "mydata/toy_sft_eval.jsonl"\n'
+    )
     tiny = [a for a in TINY if not a.startswith(("--dataset_1=", "--eval_split_1=", "--dataset_2=", "--eval_split_2="))]
     cmd = [sys.executable, os.path.join(ROOT, "sweep.py"), "mycfg.py", *tiny, "--dataset_2=mydata/toy_pref.jsonl",
            "--eval_split_2=mydata/toy_pref_eval.jsonl", "--methods=alright", "--grid=2", "--out_dir=out/sw",
@@ -263,5 +267,7 @@ def test_sweep_refuses_a_bad_pareto_front(fake, tmp_path, content):
     path = tmp_path / "front.json"
     if content is not None:
         path.write_text(content)
-    refused(run(*TOY, "--methods=alright", "--grid=3", "--eps=0.1", f"--pareto_front={path}"), "pareto_front", "front.json")
+    refused(
+        run(*TOY, "--methods=alright", "--grid=3", "--eps=0.1", f"--pareto_front={path}"), "pareto_front", "front.json"
+    )
     assert launched() == []

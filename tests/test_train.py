@@ -102,7 +102,9 @@ def test_frozen_teacher_and_reference_sharded_at_zero_3(tmp_path):
 def test_methods_pick_objectives_as_defined(tmp_path):
     common = ["--train_batch_size=4", "--micro_train_batch_size=4"]
     # alright: objective 1 on a fraction of steps close to lambd (binomial sd 0.03 at 240 steps)
-    run_train(tmp_path / "alright", *common, "--method=alright", "--lambd=0.3", "--max_iters=240", "--learning_rate=1e-4")
+    run_train(
+        tmp_path / "alright", *common, "--method=alright", "--lambd=0.3", "--max_iters=240", "--learning_rate=1e-4"
+    )
     objs = [l["obj"] for l in metrics(tmp_path / "alright")]
     assert len(objs) == 240 and abs(objs.count(1) / 240 - 0.3) < 0.1
     # sequential: objective 1 for round(lambd * T) steps, then objective 2
@@ -139,7 +141,9 @@ def test_resume_continues_exactly(tmp_path, method):
     cut = tmp_path / "cut"
     resume_after_cut(straight, cut, args, "iter_0000010")
     assert_same_losses(losses(straight), losses(cut), tol=0.0)
-    assert metrics(straight, "eval") == [dict(l, elapsed_s=l2["elapsed_s"]) for l, l2 in zip(metrics(cut, "eval"), metrics(straight, "eval"))]
+    assert metrics(straight, "eval") == [
+        dict(l, elapsed_s=l2["elapsed_s"]) for l, l2 in zip(metrics(cut, "eval"), metrics(straight, "eval"))
+    ]
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
