@@ -686,9 +686,9 @@ def main_steps(cfg, argv):
     n_params = sum(p.numel() for n, p in S.base.named_parameters() if not n.startswith("wte."))
     print(f"bench: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, {info['torch_threads']} threads, "
           f"torch {info['torch']}, {S.device} {cfg['dtype']}, N = {(M['body'] + M['head']) / 1e6:.2f}M matmul params "
-          f"({M['body'] / 1e6:.2f}M blocks + {M['head'] / 1e6:.2f}M head; {n_params / 1e6:.2f}M params besides the input "
-          f"embedding), vocab {mcfg.vocab_size}, {cfg['batch_size']} x {cfg['seq_len']} tokens ({cfg['prompt_len']} "
-          f"prompt), load {info['load_start']}")
+          f"({M['body'] / 1e6:.2f}M blocks + {M['head'] / 1e6:.2f}M head; {n_params / 1e6:.2f}M params besides "
+          f"the input embedding), vocab {mcfg.vocab_size}, {cfg['batch_size']} x {cfg['seq_len']} tokens "
+          f"({cfg['prompt_len']} prompt), load {info['load_start']}")
     trl = {}  # the TRL peers to run: name -> TRL's version
     if cfg["compare"] and cfg["lora_rank"]:
         print("compare: LoRA runs compare with TRL + PEFT only (the plain transformers peers train the full model)")
@@ -735,8 +735,8 @@ def report_steps(S, results, info, n_rounds):
         each = lambda key: (f" (rounds: {', '.join(f'{v:.2f}' for v in r['rounds'][key])})"
                             if len(r["rounds"][key]) > 1 else "")
         if "vs_single" in r:
-            note = (f"{r['vs_single']:.3f}x the single-objective steps{each('vs_single')}; {'/'.join(r['counts'])} steps "
-                    f"{'/'.join(str(v) for v in r['counts'].values())}")
+            note = (f"{r['vs_single']:.3f}x the single-objective steps{each('vs_single')}; "
+                    f"{'/'.join(r['counts'])} steps {'/'.join(str(v) for v in r['counts'].values())}")
         if "vs_dpo" in r:
             note = f"{r['vs_dpo']:.3f}x the time of the dpo step{each('vs_dpo')}"
         own = {"transformers_sft": "sft", "transformers": "dpo", **{p: v[0] for p, v in TRL_PEERS.items()}}.get(c)
@@ -747,16 +747,17 @@ def report_steps(S, results, info, n_rounds):
         mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
         mem += f" ({r['with_models_mib']:.0f})" if "with_models_mib" in r else ""
         rows.append([c, f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}", mem, note])
-    print(f"\n{S.device} {cfg['dtype']}, batch {B} x {T} tokens (dpo: {B} pairs = {2 * B} rows), median of {cfg['iters']} "
-          f"steps after {cfg['warmup_iters']} warmup{f', median over {n_rounds} rounds' if n_rounds > 1 else ''}, "
+    print(f"\n{S.device} {cfg['dtype']}, batch {B} x {T} tokens (dpo: {B} pairs = {2 * B} rows), "
+          f"median of {cfg['iters']} steps after {cfg['warmup_iters']} warmup"
+          f"{f', median over {n_rounds} rounds' if n_rounds > 1 else ''}, "
           f"load {info['load_start']} -> {info['load_end']}")
     print_table(rows, ["case", "ms/step", "tokens/s", "peak MiB (with models)", "note"])
     mem_note = ("peak memory: max_memory_allocated above the pre-step allocation" if S.device_type == "cuda" else
                 "peak memory: peak RSS above the pre-step RSS") + (", a fresh process per case; (with models): the "
                 "same peak above the memory before the case built its policy, reference and teacher")
     print(mem_note)
-    print("\nFLOPs per step (GFLOP; matrix products only: N excludes the input embedding, the head runs on the labelled "
-          "positions, attention over each row's full T x T; see bench.py's header)")
+    print("\nFLOPs per step (GFLOP; matrix products only: N excludes the input embedding, the head runs on the "
+          "labelled positions, attention over each row's full T x T; see bench.py's header)")
     gf = lambda v: f"{v / 1e9:,.2f}"
     for c, r in results.items():
         if not r.get("flops"):
@@ -806,7 +807,8 @@ def main_memory(cfg, argv):
     info = dict(machine(), device=device, dtype=cfg["dtype"], load_start=loadavg())
     V, T, C = args[:3]
     print(f"bench memory: loss + backward from hidden (1, {T}, {C}), head ({V}, {C}), {device} {cfg['dtype']}, "
-          f"chunk {cfg['mem_chunk_size'] or L.auto_chunk_size(V)} tokens, head {'trained' if cfg['mem_train_head'] else 'frozen'}; one fresh process per case")
+          f"chunk {cfg['mem_chunk_size'] or L.auto_chunk_size(V)} tokens, "
+          f"head {'trained' if cfg['mem_train_head'] else 'frozen'}; one fresh process per case")
     results = {}
     for name in [c.strip() for c in cfg["mem_cases"].split(",") if c.strip()]:
         results[name] = case_memory_subprocess(name, argv)
@@ -893,9 +895,10 @@ def bench_generate(cfg):
     if (floor := kernels_only(ours, x, S, dt)) is not None:
         runs["kernels_only"] = floor
     info = dict(machine(), device=S.device, dtype=S.cfg["dtype"], load_start=loadavg())
-    print(f"bench generate: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, {info['torch_threads']} threads, "
-          f"torch {info['torch']}, transformers {transformers.__version__}, {S.device} {S.cfg['dtype']}, "
-          f"{ours.num_params() / 1e6:.2f}M params, vocab {V}, batch {B}, prompt {P}, {N} new tokens")
+    print(f"bench generate: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, "
+          f"{info['torch_threads']} threads, torch {info['torch']}, transformers {transformers.__version__}, "
+          f"{S.device} {S.cfg['dtype']}, {ours.num_params() / 1e6:.2f}M params, vocab {V}, batch {B}, prompt {P}, "
+          f"{N} new tokens")
     times, outs = {k: [] for k in runs}, {}
     with torch.no_grad():
         for k in runs:
@@ -933,8 +936,10 @@ def report_generate(res, runs, cfg, info):
                   f"{res['generate.py']['tokens_per_s'] / res[k]['tokens_per_s']:.2f}x"] for k in runs],
                 ["generator", "seconds", "new tokens/s", "generate.py is"])
     print(f"generate.py / transformers tokens/s, median of the rounds' ratios: {res['vs_transformers']:.2f}x "
-          f"(rounds: {', '.join(f'{r:.2f}' for r in res['vs_transformers_rounds'])}); unfused: {res['unfused_vs_transformers']:.2f}x"
-          + (f"; kernels only (the ceiling): {res['kernels_only_vs_transformers']:.2f}x" if "kernels_only" in runs else ""))
+          f"(rounds: {', '.join(f'{r:.2f}' for r in res['vs_transformers_rounds'])}); "
+          f"unfused: {res['unfused_vs_transformers']:.2f}x"
+          + (f"; kernels only (the ceiling): {res['kernels_only_vs_transformers']:.2f}x"
+             if "kernels_only" in runs else ""))
     print(f"same greedy tokens as generate.py: transformers {res['same_tokens_transformers']:.3f}, "
           f"unfused {res['same_tokens_unfused']:.3f}, no cache {res['same_tokens_no_cache']:.3f}"
           + (f", eager step (no graph) {res['same_tokens_no_graph']:.3f}" if "no_graph" in runs else "")

@@ -372,8 +372,9 @@ def main(cfg, argv=()):
     info = dict(benchlib.machine(), device=S.device, dtype=cfg["dtype"], trl=trl_version,
                 transformers=transformers.__version__, load_start=benchlib.loadavg())
     mc = S.base.config
-    print(f"bench online: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, {info['torch_threads']} threads, "
-          f"torch {info['torch']}, transformers {info['transformers']}, trl {trl_version}, {S.device} {cfg['dtype']}, "
+    print(f"bench online: {info['cpu'] if S.device_type == 'cpu' else info.get('gpu')}, "
+          f"{info['torch_threads']} threads, torch {info['torch']}, transformers {info['transformers']}, "
+          f"trl {trl_version}, {S.device} {cfg['dtype']}, "
           f"{S.base.num_params() / 1e6:.2f}M params (hidden {mc.n_embd}, {mc.n_layer} layers, vocab {mc.vocab_size}); "
           f"GRPO: {P} prompts x G {G} completions, prompt {cfg['prompt_len']} + {N} new tokens, reward "
           f"{cfg['reward']}, epsilon_high {cfg['epsilon_high']}, dynamic_sampling {cfg['dynamic_sampling']}, "
@@ -394,7 +395,8 @@ def main(cfg, argv=()):
 def report(res, cfg, info, tokens):
     print(f"\n{info['device']} {cfg['dtype']}, {cfg['batch_size']} prompts x {cfg['num_generations']} completions x "
           f"{cfg['max_new_tokens']} tokens = {tokens} completion tokens per step, median of {cfg['iters']} steps after "
-          f"{cfg['warmup_iters']} warm-up, median over {cfg['rounds']} round(s), load {info['load_start']} -> {info['load_end']}")
+          f"{cfg['warmup_iters']} warm-up, median over {cfg['rounds']} round(s), "
+          f"load {info['load_start']} -> {info['load_end']}")
     rows = []
     for name, r in res.items():
         if not isinstance(r, dict):
@@ -402,13 +404,15 @@ def report(res, cfg, info, tokens):
         rest = r["step_s"] - r["gen_s"] - r["reward_s"]
         split = (f"gen {r['gen_s'] * 1e3:.0f} / reward {r['reward_s'] * 1e3:.1f} / rows {r['rows_s'] * 1e3:.1f} / "
                  f"fwd+bwd {r['update_s'] * 1e3:.0f} / opt {r['opt_s'] * 1e3:.1f}" if name == "bipost" else
-                 f"gen {r['gen_s'] * 1e3:.0f} / reward {r['reward_s'] * 1e3:.1f} / rest (loss, update) {rest * 1e3:.0f}")
+                 f"gen {r['gen_s'] * 1e3:.0f} / reward {r['reward_s'] * 1e3:.1f} / "
+                 f"rest (loss, update) {rest * 1e3:.0f}")
         rows.append([name, f"{r['step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['rollouts']:.1f}",
                      f"{r['gen_share']:.1%}", split])
     benchlib.print_table(rows, ["trainer", "ms/step", "completion tok/s", "rollouts/step", "generation share",
                              "split (ms)"])
     if "ratio" in res:
-        print(f"BiPOST / TRL completion tokens/s: {res['ratio']:.2f}x (rounds: "
-              f"{', '.join(f'{x:.2f}' for x in res['ratio_rounds'])}); generation alone: "
-              f"{res['trl']['gen_s'] / res['bipost']['gen_s']:.2f}x, the rest: "
-              f"{(res['trl']['step_s'] - res['trl']['gen_s']) / (res['bipost']['step_s'] - res['bipost']['gen_s']):.2f}x")
+        print(
+            f"BiPOST / TRL completion tokens/s: {res['ratio']:.2f}x (rounds: "
+            f"{', '.join(f'{x:.2f}' for x in res['ratio_rounds'])}); generation alone: "
+            f"{res['trl']['gen_s'] / res['bipost']['gen_s']:.2f}x, the rest: "
+            f"{(res['trl']['step_s'] - res['trl']['gen_s']) / (res['bipost']['step_s'] - res['bipost']['gen_s']):.2f}x")

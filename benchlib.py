@@ -153,7 +153,8 @@ def build_start(cfg):
     else:
         mc = Config(vocab_size=cfg["model_vocab_size"], n_layer=cfg["model_n_layer"], n_head=cfg["model_n_head"],
                     n_kv_head=cfg["model_n_kv_head"], n_embd=cfg["model_n_embd"],
-                    head_dim=cfg["model_n_embd"] // cfg["model_n_head"], intermediate_size=cfg["model_intermediate_size"],
+                    head_dim=cfg["model_n_embd"] // cfg["model_n_head"],
+                    intermediate_size=cfg["model_intermediate_size"],
                     max_position_embeddings=max(2048, cfg["seq_len"]), norm_eps=1e-5)
         S.base = GPT(mc).to(master_dtype)
         S.teacher = GPT(mc).to(master_dtype)  # another random init

@@ -154,8 +154,9 @@ def check_shapes(path, msd, model):
     own = model.state_dict()
     for k, v in msd.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):  # a DTensor's shape is the full one
-            raise ConfigError(f"{path}/model.pt: {k} has shape {tuple(v.shape)}, this model's is {tuple(own[k].shape)}: "
-                              f"the checkpoint was written with other model_* / pretrain / lora_rank keys")
+            raise ConfigError(f"{path}/model.pt: {k} has shape {tuple(v.shape)}, this model's is "
+                              f"{tuple(own[k].shape)}: the checkpoint was written with other model_* / pretrain / "
+                              f"lora_rank keys")
 
 def load(path, model, optimizer, fsdp=False):
     """restores model, optimizer and this rank's RNGs; returns the loop state."""
@@ -207,7 +208,8 @@ def hf_extras(d, tokenizer, base_model=""):
         except (OSError, ValueError):  # no generation_config.json there
             gen = None
     if gen is None:
-        ids = {k: cfg.get(f"{k}_token_id") if cfg.get(f"{k}_token_id") is not None else getattr(tokenizer, f"{k}_token_id", None)
+        ids = {k: cfg.get(f"{k}_token_id") if cfg.get(f"{k}_token_id") is not None
+                  else getattr(tokenizer, f"{k}_token_id", None)
                for k in ("bos", "eos", "pad")}
         gen = transformers.GenerationConfig(**{f"{k}_token_id": v for k, v in ids.items()})
     gen.save_pretrained(d)
@@ -290,7 +292,8 @@ HARMLESS = {"out_dir", "resume", "overwrite", "eval_interval", "log_interval", "
 def previous_run(out_dir):
     """what an earlier run left in out_dir: checkpoints, metrics lines, final model, summary."""
     metrics = os.path.join(out_dir, "metrics.jsonl")
-    left = {"ckpt": latest(os.path.join(out_dir, "ckpt")) is not None, "final": os.path.isdir(os.path.join(out_dir, "final")),
+    left = {"ckpt": latest(os.path.join(out_dir, "ckpt")) is not None,
+            "final": os.path.isdir(os.path.join(out_dir, "final")),
             "metrics.jsonl": os.path.exists(metrics) and os.path.getsize(metrics) > 0,
             "summary.json": os.path.exists(os.path.join(out_dir, "summary.json"))}
     return [k for k, v in left.items() if v]
@@ -321,9 +324,9 @@ def check_out_dir(config, log=print):
         with open(path) as f:
             changes = config_changes(json.load(f), config)
         if changes:
-            raise ConfigError(f"resume=True, but the config differs from that of the run in {out_dir} in keys that change "
-                              f"what a step computes: {'; '.join(changes)} (restore them, or start a new run: another "
-                              f"out_dir or --overwrite=True)")
+            raise ConfigError(f"resume=True, but the config differs from that of the run in {out_dir} in keys that "
+                              f"change what a step computes: {'; '.join(changes)} (restore them, or start a new run: "
+                              f"another out_dir or --overwrite=True)")
         return []
     left = previous_run(out_dir)
     if left and not config["overwrite"]:
@@ -346,11 +349,11 @@ def check_total_iters(done, before, now, at, reschedule=False, log=print):
         return f"step {j + 1}: " + ", ".join([f"learning rate {lr0:.4g} -> {lr1:.4g}"] * (lr0 != lr1) +
                                              [f"objective {obj0} -> {obj1}"] * (obj0 != obj1))
     if not reschedule:
-        raise ConfigError(f"resume=True, but max_iters / max_epochs change the run's length from {before} to {now} steps, "
-                          f"over which the learning rate schedule (lr_scheduler, warmup_ratio) and the sequential split are "
-                          f"laid out: the {done} steps taken are not those of a run of {now} steps ({differs(j)}); restore "
-                          f"max_iters / max_epochs (a run of {before} steps), or pass --reschedule=True to go on with the "
-                          f"schedule of {now} steps from step {done + 1}")
+        raise ConfigError(f"resume=True, but max_iters / max_epochs change the run's length from {before} to {now} "
+                          f"steps, over which the learning rate schedule (lr_scheduler, warmup_ratio) and the "
+                          f"sequential split are laid out: the {done} steps taken are not those of a run of {now} "
+                          f"steps ({differs(j)}); restore max_iters / max_epochs (a run of {before} steps), or pass "
+                          f"--reschedule=True to go on with the schedule of {now} steps from step {done + 1}")
     log(f"reschedule=True: the run's length changes from {before} to {now} steps at step {done + 1}"
         + (f" ({differs(done)})" if at(done, before) != at(done, now) else ""))
 

@@ -117,13 +117,14 @@ def check(c, per_objective, run_rules, world_size=1):
              f"({torch.__version__}) sees no CUDA device; use --device=cpu or leave device empty")
     _require(c["dtype"] in ("", "float32", "bfloat16", "float64"),
              f"config key dtype: {c['dtype']!r} is not float32, bfloat16 or float64" + (
-                 " (float16 gradients underflow without loss scaling, which train.py does not do: use bfloat16, or float32 "
-                 "where the GPU has no bfloat16)" if c["dtype"] == "float16" else ""))
+                 " (float16 gradients underflow without loss scaling, which train.py does not do: use bfloat16, "
+                 "or float32 where the GPU has no bfloat16)" if c["dtype"] == "float16" else ""))
     _require(
         c["max_iters"] > 0 or c["max_epochs"] > 0, "config keys max_iters and max_epochs are both 0: nothing to train"
     )
-    _require(c["pretrain"] or c["model_n_head"] % c["model_n_kv_head"] == 0, f"config key model_n_kv_head "
-             f"({c['model_n_kv_head']}) must divide model_n_head ({c['model_n_head']}): each key/value head serves a group")
+    _require(c["pretrain"] or c["model_n_head"] % c["model_n_kv_head"] == 0,
+             f"config key model_n_kv_head ({c['model_n_kv_head']}) must divide model_n_head ({c['model_n_head']}): "
+             f"each key/value head serves a group")
     if c["pareto_front"]:
         pareto_points(c["pareto_front"], K)
         _require(c["eps"] > 0, f"config key pareto_front={c['pareto_front']!r} is set, but eps=0 (early stop off): "
@@ -135,10 +136,10 @@ def check(c, per_objective, run_rules, world_size=1):
     per_step = c["micro_train_batch_size"] * world_size
     _require(c["train_batch_size"] % per_step == 0, f"config key train_batch_size ({c['train_batch_size']}) must be a "
              f"multiple of micro_train_batch_size x world size ({per_step})")
-    _require(not c["cpu_offload"] or c["zero_stage"] >= 2, f"config keys cpu_offload=True and zero_stage={c['zero_stage']}: "
-             f"offloading is FSDP2's, set zero_stage=2 or 3")
-    _require(not (c["resume"] and c["overwrite"]), "config keys resume and overwrite exclude each other: resume continues "
-             "the run in out_dir, overwrite replaces it")
+    _require(not c["cpu_offload"] or c["zero_stage"] >= 2, f"config keys cpu_offload=True and "
+             f"zero_stage={c['zero_stage']}: offloading is FSDP2's, set zero_stage=2 or 3")
+    _require(not (c["resume"] and c["overwrite"]), "config keys resume and overwrite exclude each other: resume "
+             "continues the run in out_dir, overwrite replaces it")
     objective = lambda i: objective_keys(c, i, per_objective)
     methods.METHODS[method].check(c, kinds, world_size, objective)
     m = methods.make(method, w, **c)
@@ -161,8 +162,8 @@ def check(c, per_objective, run_rules, world_size=1):
             _require(f"{k}_{i}" not in c, f"config key {k}_{i} is set, but objective {i} is {kind}: {k} is a key of "
                      f"{' / '.join(owners)} objectives")
         _require(o.obj_opt is None or spec.min_loss is None or o.obj_opt >= spec.min_loss, f"config key "
-                 f"{named('obj_opt')}={o.obj_opt}: objective {i} ({kind}) has losses >= {spec.min_loss}, so f_{i}* cannot "
-                 f"be {o.obj_opt} (unset it, or set none, to estimate f_{i}*)")
+                 f"{named('obj_opt')}={o.obj_opt}: objective {i} ({kind}) has losses >= {spec.min_loss}, so f_{i}* "
+                 f"cannot be {o.obj_opt} (unset it, or set none, to estimate f_{i}*)")
         spec.check(i, o)
         _require(c["micro_train_batch_size"] % spec.rows_per_example(o) == 0, f"config key micro_train_batch_size "
                  f"({c['micro_train_batch_size']}) must be a multiple of objective {i}'s rows per example "
@@ -174,7 +175,8 @@ def check(c, per_objective, run_rules, world_size=1):
         o = objective(i)
         _require(not (m.needs(i) and o.obj_opt is None and not o.eval_split and c["eval_frac"] == 0),
                  f"method={method} estimates f_{i}* as objective {i}'s eval loss, but objective {i} has no eval set "
-                 f"(eval_frac=0 and eval_split_{i} empty): set eval_frac > 0, eval_split_{i}, or obj_opt_{i} (a known f_{i}*)")
+                 f"(eval_frac=0 and eval_split_{i} empty): set eval_frac > 0, eval_split_{i}, or obj_opt_{i} "
+                 f"(a known f_{i}*)")
     spec = lambda i: objectives.KINDS[kinds[i - 1]]  # objective i's reference or teacher, whose weights quantize_i sets
     quant.check_keys(c, kinds, lambda i: spec(i).reference != "none" and spec(i).uses_reference(objective(i)))
     return kinds

@@ -549,7 +549,8 @@ def _prompt_text(row, key, where):
 
 def _messages(messages, where, key):
     if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
         raise ConfigError(
             f"{where}: field {key!r} must be a non-empty list of {{'role': str, 'content': str}} messages"
         )
@@ -618,8 +619,8 @@ def _example(prompt_ids, response_ids, max_len):
 def _report(source, n_rows, n_kept, truncated, max_len, prompt_lens, verbose):
     name = source or "data"
     if n_kept == 0 and n_rows > 0:
-        raise ConfigError(f"{name}: no examples left: all {n_rows} rows have a prompt that leaves no room for a response "
-                         f"token under max_len={max_len} (shortest prompt: {min(prompt_lens)} tokens)")
+        raise ConfigError(f"{name}: no examples left: all {n_rows} rows have a prompt that leaves no room for a "
+                          f"response token under max_len={max_len} (shortest prompt: {min(prompt_lens)} tokens)")
     if verbose and n_rows > 0:
         print(f"{name}: {n_kept} examples from {n_rows} rows, {n_rows - n_kept} dropped (prompt too long "
               f"for max_len={max_len}), {truncated} truncated")
@@ -776,7 +777,8 @@ def _map_part(part, per_row, fields, num_proc, verbose):
     V = datasets.Value
     features = datasets.Features({"id": V("string" if ids and isinstance(ids[0], str) else "int64"), "kept": V("bool"),
                                   "prompt_len": V("int64"), "truncated": V("bool"),
-                                  **{f: datasets.Sequence(V("float64" if f in FLOAT_FIELDS else "int64")) for f in fields}})
+                                  **{f: datasets.Sequence(V("float64" if f in FLOAT_FIELDS else "int64"))
+                                     for f in fields}})
     was_off = datasets.are_progress_bars_disabled()
     if not verbose or len(idx) < 50_000:  # a bar only where tokenizing takes a while
         datasets.disable_progress_bars()
@@ -819,7 +821,8 @@ def _tokenize(rows, per_row, fields, source, max_len, verbose, num_proc):
     return out
 
 def tokenize_sft(rows, tokenizer, max_len, input_key="input", output_key="output", template="User: {}\nAssistant: ",
-                 apply_chat_template=False, system_key="", source="", verbose=False, num_proc=0, weight_key="", label_key=""):
+                 apply_chat_template=False, system_key="", source="", verbose=False, num_proc=0, weight_key="",
+                 label_key=""):
     """SFT/KD examples {"id", "input_ids", "labels"}. A row is either input/output strings (the
     prompt is template with {} = input, or the chat template when apply_chat_template; the
     system_key field, when given, goes first: as a system message, or as a line before the
@@ -831,8 +834,8 @@ def tokenize_sft(rows, tokenizer, max_len, input_key="input", output_key="output
     rows: a list of dicts, or a Rows (load_splits(lazy=True)), tokenized with datasets' map
     (cached, num_proc processes). weight_key: the column of each row's weight (example "weight",
     [w]); label_key: the column of a KTO row's label (example "desirable", [0 or 1])."""
-    keys = dict(input_key=input_key, output_key=output_key, template=template,
-                apply_chat_template=apply_chat_template, system_key=system_key, weight_key=weight_key, label_key=label_key)
+    keys = dict(input_key=input_key, output_key=output_key, template=template, apply_chat_template=apply_chat_template,
+                system_key=system_key, weight_key=weight_key, label_key=label_key)
     per_row = functools.partial(_sft_rows, tokenizer=tokenizer, max_len=max_len, source=source, **keys)
     return _tokenize(
         rows, per_row, SFT_FIELDS + _extra_fields(weight_key, label_key), source, max_len, verbose, num_proc
@@ -877,8 +880,8 @@ def _mismatched(prompts):
     return other
 
 def tokenize_kto(rows, tokenizer, max_len, prompt_key="prompt", completion_key="completion", label_key="label",
-                 chosen_key="chosen", rejected_key="rejected", template="User: {}\nAssistant: ", apply_chat_template=False,
-                 source="", verbose=False, num_proc=0, weight_key=""):
+                 chosen_key="chosen", rejected_key="rejected", template="User: {}\nAssistant: ",
+                 apply_chat_template=False, source="", verbose=False, num_proc=0, weight_key=""):
     """KTO examples, laid out as pairs: "chosen_*" the row (prompt + completion + eos, tokenized as
     tokenize_sft), "rejected_*" its mismatched row for the reference point z0 (its prompt with
     another prompt's completion, _mismatched), "desirable" [0 or 1]. Unpaired rows {prompt, completion,
@@ -902,7 +905,8 @@ def tokenize_kto(rows, tokenizer, max_len, prompt_key="prompt", completion_key="
     for j, e in enumerate(singles):
         kl = _example(parts[j][0], parts[other[j]][1], max_len)  # a prompt that kept its own answer fits
         out.append({"id": e["id"], "chosen_ids": e["input_ids"], "chosen_labels": e["labels"], "rejected_ids": kl[0],
-                    "rejected_labels": kl[1], "desirable": e["desirable"], **({"weight": e["weight"]} if weight_key else {})})
+                    "rejected_labels": kl[1], "desirable": e["desirable"],
+                    **({"weight": e["weight"]} if weight_key else {})})
     return out
 
 # -----------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def behaviour(run_dir):
     gens = [json.loads(l) for f in sorted(os.listdir(d)) if f.split("_")[1] == last for l in open(os.path.join(d, f))]
     words = [g["prompt"].split("User: ", 1)[-1].rsplit("\nAssistant: ", 1)[0] for g in gens]
     fmt = [a.rstrip("!").replace(" ", "").isalpha() and a.rstrip("!").isupper() for a in (g["output"] for g in gens)]
-    return {"fmt": sum(fmt) / len(gens), "pref": sum(f and g["output"].endswith("!") for f, g in zip(fmt, gens)) / len(gens),
+    return {"fmt": sum(fmt) / len(gens),
+            "pref": sum(f and g["output"].endswith("!") for f, g in zip(fmt, gens)) / len(gens),
             "exact": sum(g["output"].rstrip("!") == w.upper() for g, w in zip(gens, words)) / len(gens)}
 
 def plot(results, opt, path):
@@ -126,9 +127,8 @@ def online(out, budget, quick):
     """SFT + GRPO (config/demo_grpo.py), sequential and ALRIGHT at lambd = 0.5, the same step budget:
     the SFT eval loss, the held-out mean reward of greedy answers, the SFT format share."""
     budget = [a for a in budget if not a.startswith("--max_samples_2")] + (["--max_samples_2=64"] if quick else [])
-    print(
-        "\nonline objective 2 (GRPO, 'whisper' prompts, reward = lowercase share + characters matching the lowercase words)\n"
-    )
+    print("\nonline objective 2 (GRPO, 'whisper' prompts, reward = lowercase share + characters matching the "
+          "lowercase words)\n")
     head = f"{'method':>10}  {'SFT loss':>8}  {'reward':>6}  {'SFT format':>10}  {'train s':>7}"
     print(head + "\n" + "-" * len(head))
     table = {}
@@ -157,7 +157,8 @@ def tables_md(res, seconds):
         commit, dirty = "unknown", ""
     opt, m = res["opt"], res["methods"]
     out = [f"`python demo.py`, commit {commit or 'unknown'}{' with local changes' if dirty else ''}, "
-           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds:.0f} s in all; f_1* = {opt[0]:.3f}, f_2* = {opt[1]:.4f}", "",
+           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds:.0f} s in all; "
+           f"f_1* = {opt[0]:.3f}, f_2* = {opt[1]:.4f}", "",
            "| method | f_1 (SFT) | f_2 (DPO) | gap_1 | gap_2 | ideal distance | steps 1/2 | time vs sequential |",
            "|---|---|---|---|---|---|---|---|"]
     def held(r):  # constrained: its budget, whether it held, the steps it took after T
@@ -165,8 +166,9 @@ def tables_md(res, seconds):
             return ""
         after = f", {r['settle_iters']} steps after T" if r["settle_iters"] else ""
         return f" (budget {r['budget_1']:.3f}: {'held' if r['budgets_held'] else 'NOT held'}{after})"
-    out += [f"| {k.replace('_', ' ')} | {r['f_1']:.3f} | {r['f_2']:.3f} | {r['gap_1']:.3f}{held(r)} | {r['gap_2']:.3f} | "
-            f"{r['ideal_distance']:.3f} | {'/'.join(str(v) for v in r['steps'].values())} | {r['time_vs_sequential']:.2f} |"
+    out += [f"| {k.replace('_', ' ')} | {r['f_1']:.3f} | {r['f_2']:.3f} | {r['gap_1']:.3f}{held(r)} | "
+            f"{r['gap_2']:.3f} | {r['ideal_distance']:.3f} | {'/'.join(str(v) for v in r['steps'].values())} | "
+            f"{r['time_vs_sequential']:.2f} |"
             for k, r in m.items()]
     out += ["", "| run | SFT format | with the preferred `!` | exactly right |", "|---|---|---|---|"]
     out += [
@@ -208,9 +210,11 @@ def main(quick=False):
     train(f"{out}/select", *sel_budget, config="config/demo_select.py")
 
     base = results["sequential"]
-    print(f"\nf_1* (SFT alone) = {opt[0]:.4f}   f_2* (DPO alone) = {opt[1]:.4f}   lambd = 0.5, {base['iters']} steps each "
-          f"(constrained: budget_1 = {', '.join(f'{x:g}' for x in BUDGETS.values())} x ALRIGHT's gap_1 {gap:.4f})\n")
-    head = f"{'method':>10}  {'f_1':>7}  {'f_2':>7}  {'gap_1':>7}  {'gap_2':>7}  {'ideal dist':>10}  {'train s':>7}  {'x seq':>5}  {'peak MiB':>8}"
+    print(f"\nf_1* (SFT alone) = {opt[0]:.4f}   f_2* (DPO alone) = {opt[1]:.4f}   lambd = 0.5, "
+          f"{base['iters']} steps each (constrained: budget_1 = {', '.join(f'{x:g}' for x in BUDGETS.values())} "
+          f"x ALRIGHT's gap_1 {gap:.4f})\n")
+    head = (f"{'method':>10}  {'f_1':>7}  {'f_2':>7}  {'gap_1':>7}  {'gap_2':>7}  {'ideal dist':>10}  "
+            f"{'train s':>7}  {'x seq':>5}  {'peak MiB':>8}")
     print(head)
     print("-" * len(head))
     table = {}
@@ -225,7 +229,8 @@ def main(quick=False):
         print(f"{m:>10}  {row['f_1']:7.4f}  {row['f_2']:7.4f}  {g1:7.4f}  {g2:7.4f}  {row['ideal_distance']:10.4f}  "
               f"{row['train_s']:7.1f}  {row['time_vs_sequential']:5.2f}  {row['peak_memory_mb']:8.0f}"
               + (f"  (budget_1 {row['budget_1']:.4f} {'held' if row['budgets_held'] else 'NOT held'}, steps "
-                 f"{'/'.join(map(str, row['steps'].values()))}, {row['settle_iters']} after T)" if "budgets_held" in row else ""))
+                 f"{'/'.join(map(str, row['steps'].values()))}, {row['settle_iters']} after T)"
+                 if "budgets_held" in row else ""))
     print("\nbehaviour: share of the held-out prompts (eval_gen_samples of each objective) answered, greedy, in the "
           "SFT format (UPPERCASE words), in it with the preferred '!', and exactly right")
     for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone), *results.items(), ("alright_simpo", simpo)]:
@@ -247,7 +252,8 @@ def main(quick=False):
         json.dump({"opt": opt, "methods": table, "selection_clean_fraction": clean, "k3": k3, "grpo": grpo,
                    "behaviour": {m: r["behaviour"] for m, r in [("sft_alone", sft_alone), ("dpo_alone", dpo_alone),
                                                                 *results.items(), ("alright_simpo", simpo)]},
-                   "alright_simpo": {"f_1": simpo["eval_loss_1"], "f_2_simpo": simpo["eval_loss_2"], "gap_1": simpo["eval_loss_1"] - opt[0]}},
+                   "alright_simpo": {"f_1": simpo["eval_loss_1"], "f_2_simpo": simpo["eval_loss_2"],
+                                     "gap_1": simpo["eval_loss_1"] - opt[0]}},
                   f, indent=2)
     with open(os.path.join(ROOT, out, "demo.json")) as f:
         md = tables_md(json.load(f), time.time() - t0)

@@ -210,7 +210,8 @@ def kd_metrics(student, teacher, prompts, student_answers, teacher_answers, pad)
     kl = sequence_kl(student, teacher, prompts, student_answers, pad)
     n_tok = sum(len(a) for a in student_answers)
     return {"teacher_exact": sum(a == b for a, b in zip(student_answers, teacher_answers)) / max(len(prompts), 1),
-            "teacher_token_agreement": sum(map(token_agreement, student_answers, teacher_answers)) / max(len(prompts), 1),
+            "teacher_token_agreement":
+                sum(map(token_agreement, student_answers, teacher_answers)) / max(len(prompts), 1),
             "seq_kl": kl.mean().item() if len(kl) else 0.0, "seq_kl_per_token": kl.sum().item() / max(n_tok, 1)}
 
 def judge(policy, ref, tokenizer, prompts, answers, beta, rm=None):
@@ -257,8 +258,8 @@ def evaluate_kd(policy, ref, tokenizer, examples, max_new_tokens=64, keys=None, 
 
 def evaluate_dpo(policy, ref, tokenizer, examples, max_new_tokens=64, keys=None, rm=None, batch_size=32):
     eos, beta = tokenizer.eos_token_id, getattr(keys, "dpo_beta", 0.1)
-    pairs = [(split_example(e["chosen_ids"], e["chosen_labels"]), split_example(e["rejected_ids"], e["rejected_labels"]))
-             for e in examples]
+    pairs = [(split_example(e["chosen_ids"], e["chosen_labels"]),
+              split_example(e["rejected_ids"], e["rejected_labels"])) for e in examples]
     prompts = [c[0] for c, _ in pairs]
     chosen = [c[1][:-1] if c[1][-1:] == [eos] else c[1] for c, _ in pairs]
     rejected = [r[1][:-1] if r[1][-1:] == [eos] else r[1] for _, r in pairs]
@@ -277,8 +278,8 @@ def evaluate_pairs(policy, ref, tokenizer, examples, max_new_tokens=64, keys=Non
     """reference-free preference kinds (simpo, orpo): pref_accuracy, the share of held-out pairs whose
     chosen answer has the higher mean token log-prob (the ranking both losses train), or the reward
     model's preference when one is given; the greedy answers are written for reading."""
-    pairs = [(split_example(e["chosen_ids"], e["chosen_labels"]), split_example(e["rejected_ids"], e["rejected_labels"]))
-             for e in examples]
+    pairs = [(split_example(e["chosen_ids"], e["chosen_labels"]),
+              split_example(e["rejected_ids"], e["rejected_labels"])) for e in examples]
     prompts = [c[0] for c, _ in pairs]
     _, gens = _answers(policy, tokenizer, prompts, max_new_tokens, batch_size)
     if rm is not None:

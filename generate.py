@@ -108,8 +108,9 @@ def model_from_checkpoint(out_dir, ckpt):
         else:
             g = lambda k: cfg[f"model_{k}"]
             model = GPT(Config(vocab_size=len(tok), n_layer=g("n_layer"), n_head=g("n_head"), n_kv_head=g("n_kv_head"),
-                               n_embd=g("n_embd"), head_dim=g("n_embd") // g("n_head"), intermediate_size=g("intermediate_size"),
-                               max_position_embeddings=g("max_len"), norm_eps=1e-5))
+                               n_embd=g("n_embd"), head_dim=g("n_embd") // g("n_head"),
+                               intermediate_size=g("intermediate_size"), max_position_embeddings=g("max_len"),
+                               norm_eps=1e-5))
         if cfg.get("lora_rank"):
             from lora import inject
             inject(model, cfg["lora_rank"], cfg["lora_alpha"], 0.0, cfg["target_modules"])
@@ -315,11 +316,14 @@ def main(argv):
     c = {k: globals()[k] for k in config_keys}
     changed = set(configurator.apply(argv, c))
     # every check that needs no model first: a bad key, --out, the prompts, their formatting, --stop
-    for k, ok, want in (("temperature", c["temperature"] >= 0, ">= 0 (0 = greedy)"), ("max_new_tokens", c["max_new_tokens"] > 0, "> 0"),
+    for k, ok, want in (("temperature", c["temperature"] >= 0, ">= 0 (0 = greedy)"),
+                        ("max_new_tokens", c["max_new_tokens"] > 0, "> 0"),
                         ("top_p", 0 < c["top_p"] <= 1, "in (0, 1]"), ("top_k", c["top_k"] >= 0, ">= 0 (0 = off)"),
                         ("batch_size", c["batch_size"] >= 1, ">= 1"), ("num_samples", c["num_samples"] >= 1, ">= 1"),
-                        ("max_prompts", c["max_prompts"] >= 0, ">= 0 (0 = all)"), ("objective", c["objective"] >= 0, ">= 1 (0 = off)"),
-                        ("dtype", c["dtype"] in ("", "float32", "bfloat16", "float16", "float64"), "float32, bfloat16, float16 or float64")):
+                        ("max_prompts", c["max_prompts"] >= 0, ">= 0 (0 = all)"),
+                        ("objective", c["objective"] >= 0, ">= 1 (0 = off)"),
+                        ("dtype", c["dtype"] in ("", "float32", "bfloat16", "float16", "float64"),
+                         "float32, bfloat16, float16 or float64")):
         if not ok:
             raise ValueError(f"--{k} must be {want}, got {c[k]!r}")
     check_out(c["out"], c["overwrite"], [c["prompts"]] if c["prompts"] else [], [c["out_dir"]] if c["out_dir"] else [])

@@ -124,8 +124,9 @@ def merge(model):
     inner = _unwrap(model)
     four = [p for p, m in _adapted(inner).items() if quantized(m.base.weight)]
     if four:  # copy_ into a 4-bit weight would quantize the merged weight again
-        raise ValueError(f"merge: the base weight of {four[0]} (and {len(four) - 1} more) is 4-bit; put the full-precision "
-                         f"base back first (quant.restore_base, or quant.dequantize for the dequantized weights)")
+        raise ValueError(f"merge: the base weight of {four[0]} (and {len(four) - 1} more) is 4-bit; put the "
+                         f"full-precision base back first (quant.restore_base, or quant.dequantize for the "
+                         f"dequantized weights)")
     for p, m in _adapted(inner).items():
         w = m.base.weight
         ct = torch.promote_types(w.dtype, torch.float32)  # bf16 merges in float32, float64 in float64

@@ -293,8 +293,9 @@ class Constrained(Alright):
                               "f_i - f_i* objective i may end with) for at least one objective, e.g. --budget_1=0.1")
         blind = [i for i in budgets if not objective(i).eval_split and c["eval_frac"] == 0]
         if blind:
-            raise ConfigError(f"config key budget_{blind[0]} is set, but objective {blind[0]} has no eval set (eval_frac=0 "
-                              f"and eval_split_{blind[0]} empty): a budget is measured and kept on held-out rows")
+            raise ConfigError(f"config key budget_{blind[0]} is set, but objective {blind[0]} has no eval set "
+                              f"(eval_frac=0 and eval_split_{blind[0]} empty): a budget is measured and kept "
+                              f"on held-out rows")
         zero = [i for i in budgets if objective(i).budget == 0]
         if zero:
             raise ConfigError(f"config key budget_{zero[0]}=0: a gap of exactly 0 (objective {zero[0]} at its optimum "
@@ -366,7 +367,8 @@ class Select(Method):
         selector_learning_rate=Key(1e-4, ">= 0; 0 = uniform weights"),
         selector_algorithm=Key("memory", "one of memory, penalty",
                                "memory: one forward feeds both updates; penalty: an auxiliary theta-hat"),
-        aux_learning_rate=Key(1e-3, "> 0", "penalty: Adam lr of theta-hat, which tracks argmin of the weighted noisy loss"),
+        aux_learning_rate=Key(1e-3, "> 0",
+                              "penalty: Adam lr of theta-hat, which tracks argmin of the weighted noisy loss"),
         aux_steps=Key(1, ">= 1", "penalty: theta-hat steps per selector step"),
         upperlevel_weight=Key(0.5, "[0, 1]", "rho = 1 / (1 + gamma)"),
         upperlevel_weight_decay=Key(0.1, ">= 0", "rho -= decay at the start of every epoch >= 1"),
@@ -379,8 +381,9 @@ class Select(Method):
         import objectives
         per_row = [k for k, v in objectives.KINDS.items() if v.per_row]
         if len(kinds) != 2 or not all(k in per_row for k in kinds):
-            raise ConfigError(f"method=select needs obj_1 and obj_2 of kinds with per-row losses ({', '.join(per_row)}) "
-                              f"and no obj_3: dataset_1 is the trusted set, dataset_2 the one to filter")
+            raise ConfigError(f"method=select needs obj_1 and obj_2 of kinds with per-row losses "
+                              f"({', '.join(per_row)}) and no obj_3: "
+                              f"dataset_1 is the trusted set, dataset_2 the one to filter")
         if c["packing"]:
             raise ConfigError("config keys method=select and packing=True: the selector weighs each document's loss, "
                               "a packed row holds several documents; set packing=False")

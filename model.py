@@ -141,7 +141,8 @@ class Config:
             return Config(model_type=t, vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=H,
                           n_kv_head=H, n_embd=C, head_dim=hd, intermediate_size=d["intermediate_size"],
                           norm="layer", norm_eps=d.get("layer_norm_eps", 1e-5), mlp="gelu",
-                          act={"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}[d.get("hidden_act", "gelu")],
+                          act={"gelu": "gelu", "gelu_new": "gelu_tanh",
+                               "gelu_fast": "gelu_tanh"}[d.get("hidden_act", "gelu")],
                           qkv_bias=d.get("attention_bias", True), o_bias=d.get("attention_bias", True),
                           mlp_bias=True, fused_qkv="neox", parallel_residual=d.get("use_parallel_residual", True),
                           rope_theta=theta, rotary_dim=int(hd * pct), rope_scaling=scaling,
@@ -196,8 +197,8 @@ class Config:
                       expert_size=d.get("moe_intermediate_size") or 0,
                       shared_expert_size=d.get("shared_expert_intermediate_size") or 0,
                       norm_topk=d.get("norm_topk_prob", t == "mixtral"), moe_layers=moe if E else [],
-                      router_aux_coef=router_aux_coef(d) if E else 0.0,
-                      rope_theta=theta, rotary_dim=int(hd * rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
+                      router_aux_coef=router_aux_coef(d) if E else 0.0, rope_theta=theta,
+                      rotary_dim=int(hd * rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
                       rope_scaling=scaling, max_position_embeddings=d.get("max_position_embeddings", 2048),
                       tie_word_embeddings=d.get("tie_word_embeddings", gemma), hf=d)
 
@@ -409,15 +410,15 @@ class KVCache:
 
     def fuse(self, model):
         """decoding then runs q|k|v and gate|up as one matrix product each: fewer kernel launches
-        per step (BENCHMARKS.md: ~7% faster steps for the demo's model on CPU, no measurable change
+        per step (docs/benchmarks_log.md: ~7% faster steps for the demo's model on CPU, no measurable change
         at 7M parameters, where the products' arithmetic dominates). The weights are concatenated
         here, once per cache (a copy of those weights for the cache's life). Layers already fused
         (gpt2, neox, phi3), wrapped ones (LoRA: not a plain nn.Linear) and sharded ones (FSDP2: their
         weights gathered only inside the forward) keep their own path."""
         # a DTensor weight (FSDP2) is a shard outside the forward's gather: those layers keep their own path
         # a 4-bit weight (quant.py) stays 4-bit: concatenating would dequantize a copy
-        plain = lambda *ls: all(type(l) is nn.Linear and not hasattr(l.weight, "full_tensor") and not quantized(l.weight)
-                                for l in ls)
+        plain = lambda *ls: all(type(l) is nn.Linear and not hasattr(l.weight, "full_tensor")
+                                and not quantized(l.weight) for l in ls)
         cat = lambda *ls: (torch.cat([l.weight for l in ls]),
                            None if ls[0].bias is None else torch.cat([l.bias for l in ls]))
         for i, block in enumerate(model.blocks):
@@ -789,8 +790,8 @@ class GPT(nn.Module):
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             if quantized(p):
-                raise ValueError(f"save_pretrained: {name} is 4-bit; write the full-precision base (quant.restore_base) "
-                                 f"or the dequantized weights (quant.dequantize) first")
+                raise ValueError(f"save_pretrained: {name} is 4-bit; write the full-precision base "
+                                 f"(quant.restore_base) or the dequantized weights (quant.dequantize) first")
             key = to_hf[name]
             t = p.detach()
             if hasattr(t, "full_tensor"):
@@ -867,16 +868,21 @@ def hf_names(cfg):
         top = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "ln_f.weight",
                "lm_head.weight": "lm_head.weight"}
         pre, layer = "model.layers.{}.", {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
-                                          **{f"self_attn.{p}": f"attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_proj")},
-                                          **{f"mlp.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")}}
+                                          **{f"self_attn.{p}": f"attn.{p}"
+                                             for p in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm",
+                                                       "qkv_proj")},
+                                          **{f"mlp.{p}": f"mlp.{p}"
+                                             for p in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")}}
         mixtral = cfg.model_type == "mixtral"  # block_sparse_moe, w1 = gate, w3 = up, w2 = down
         for e in range(cfg.n_expert):
-            layer.update({f"block_sparse_moe.experts.{e}.{w}" if mixtral else f"mlp.experts.{e}.{p}": f"mlp.experts.{e}.{p}"
+            layer.update({f"block_sparse_moe.experts.{e}.{w}" if mixtral else f"mlp.experts.{e}.{p}":
+                              f"mlp.experts.{e}.{p}"
                           for w, p in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))})
         if cfg.n_expert:
             layer.update({"block_sparse_moe.gate" if mixtral else "mlp.gate": "mlp.gate",
                           "mlp.shared_expert_gate": "mlp.shared_expert_gate",
-                          **{f"mlp.shared_expert.{p}": f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")}})
+                          **{f"mlp.shared_expert.{p}": f"mlp.shared_expert.{p}"
+                             for p in ("gate_proj", "up_proj", "down_proj")}})
         if cfg.post_norms:  # gemma 2/3: post_attention_layernorm follows attention; pre_feedforward is ln_2
             layer.update({"post_attention_layernorm": "post_attn_norm", "pre_feedforward_layernorm": "ln_2",
                           "post_feedforward_layernorm": "post_mlp_norm"})

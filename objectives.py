@@ -356,21 +356,21 @@ def _check(cond, msg):
 def _check_kd(i, c):
     if c.kd_on_policy:
         _check_online(i, c)
-        _check(not c.weight_key, f"config keys kd_on_policy_{i}=True and weight_key_{i}: on-policy rows are the student's "
-               f"own samples, which carry no row weights")
-    _check(c.kd_top_k == 0 or c.kd_loss == "forward", f"config key kd_top_k_{i}={c.kd_top_k} needs kd_loss_{i}=forward, "
-           f"got {c.kd_loss!r}")
+        _check(not c.weight_key, f"config keys kd_on_policy_{i}=True and weight_key_{i}: on-policy rows are the "
+               f"student's own samples, which carry no row weights")
+    _check(c.kd_top_k == 0 or c.kd_loss == "forward",
+           f"config key kd_top_k_{i}={c.kd_top_k} needs kd_loss_{i}=forward, got {c.kd_loss!r}")
     _check(c.kd_loss != "jsd" or 0 < c.kd_beta < 1, f"config key kd_beta_{i} (or kd_beta): jsd needs 0 < kd_beta < 1, "
            f"got {c.kd_beta}")
 
 def _check_online(i, c):
-    _check(c.max_new_tokens < c.max_len, f"config key max_new_tokens_{i}={c.max_new_tokens} leaves no room for a prompt "
-           f"in max_len_{i}={c.max_len}")
+    _check(c.max_new_tokens < c.max_len,
+           f"config key max_new_tokens_{i}={c.max_new_tokens} leaves no room for a prompt in max_len_{i}={c.max_len}")
 
 def _check_grpo(i, c):
     _check_online(i, c)
-    _check(c.temperature > 0, f"config key temperature_{i} (or temperature) must be > 0 for grpo: greedy completions of a "
-           f"prompt are all alike, so every advantage is 0")
+    _check(c.temperature > 0, f"config key temperature_{i} (or temperature) must be > 0 for grpo: greedy completions "
+           f"of a prompt are all alike, so every advantage is 0")
     _check(c.advantage == "grpo" or c.scale_rewards != "batch", f"config key scale_rewards_{i}=batch divides grpo's "
            f"advantages by the batch's reward std; advantage_{i}=rloo divides by none (use scale_rewards_{i}=group "
            f"or none)")
@@ -425,14 +425,16 @@ KINDS = {k.name: k for k in [
          keys=dict(orpo_lambda=Key(0.1, ">= 0", "x the odds-ratio term")),
          tokenize=_tokenize_pairs, collate=_collate_pairs, count=_count_pairs, loss=orpo_part, per_row=True,
          stats_per="pairs", prompt_key="prompt_key", evaluate=_evaluate("evaluate_pairs")),
-    Kind("kto", "KTO: unpaired desirable / undesirable completions against a frozen reference and the reference point z0",
+    Kind("kto", "KTO: unpaired desirable / undesirable completions against a frozen reference "
+         "and the reference point z0",
          keys=dict(completion_key="completion", label_key="label", dpo_beta=DPO_BETA,
                    kto_desirable_weight=Key(1.0, ">= 0"), kto_undesirable_weight=Key(1.0, ">= 0")),
          tokenize=_tokenize_kto, collate=_collate_kto, count=_count_kto, loss=kto_part, reference="initial",
          needs="logps", per_row=True, stats_per="rows", prompt_key="prompt_key", evaluate=_evaluate("evaluate_kto")),
     Kind("kd", "knowledge distillation: a divergence from a teacher's next-token distribution on the response tokens",
-         keys=dict(kd_loss=Key("forward", "one of " + ", ".join(L.KD_KINDS)), kd_beta=Key(0.5, "[0, 1]", "jsd's mixing"),
-                   kd_top_k=Key(0, ">= 0; 0 = the full vocabulary"), kd_temperature=Key(1.0, "> 0"),
+         keys=dict(kd_loss=Key("forward", "one of " + ", ".join(L.KD_KINDS)),
+                   kd_beta=Key(0.5, "[0, 1]", "jsd's mixing"), kd_top_k=Key(0, ">= 0; 0 = the full vocabulary"),
+                   kd_temperature=Key(1.0, "> 0"),
                    kd_on_policy=Key(False, "", "distil on the student's own samples of the prompts"), **ONLINE_KEYS),
          tokenize=_tokenize_sequences, collate=_collate_sequences, count=_count_tokens, loss=kd_part,
          reference="required", needs="hidden", per_row=True,
@@ -442,14 +444,16 @@ KINDS = {k.name: k for k in [
          "with group-relative advantages (online)",
          keys=dict(num_generations=Key(4, ">= 2", "completions of each prompt"),
                    advantage=Key("grpo", "one of grpo, rloo"), grpo_epsilon=Key(0.2, "> 0", "the clip range"),
-                   grpo_inner_steps=Key(1, ">= 1", "updates on each rollout"), grpo_beta=Key(0.0, ">= 0", "x the k3 KL"),
-                   reward_fn="", reward_weights="", reward_model="",
+                   grpo_inner_steps=Key(1, ">= 1", "updates on each rollout"),
+                   grpo_beta=Key(0.0, ">= 0", "x the k3 KL"), reward_fn="", reward_weights="", reward_model="",
                    grpo_loss=Key("token", "one of token, sequence, constant",
                                  "sequence: GRPO's per-completion mean; constant: Dr. GRPO's"),
                    scale_rewards=Key("group", "one of group, batch, none", "the std the advantages divide by"),
                    grpo_epsilon_high=Key(-1.0, "> 0 or -1; -1 = grpo_epsilon", "clip-higher's upper bound 1 + it"),
-                   importance_sampling=Key("token", "one of token, sequence", "sequence: GSPO, one ratio per completion"),
-                   dynamic_sampling=Key(False, "", "DAPO: drop groups whose rewards are all equal, sample more prompts"),
+                   importance_sampling=Key("token", "one of token, sequence",
+                                           "sequence: GSPO, one ratio per completion"),
+                   dynamic_sampling=Key(False, "",
+                                        "DAPO: drop groups whose rewards are all equal, sample more prompts"),
                    max_resample=Key(4, ">= 0", "dynamic_sampling: at most this many extra rollouts per step"),
                    mask_truncated=Key(False, "", "completions cut at max_new_tokens (no eos) get no loss"),
                    overlong_buffer=Key(0, ">= 0; 0 = max_new_tokens // 5", "the overlong reward's buffer"),

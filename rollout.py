@@ -182,7 +182,8 @@ def token_logps(step, x, reference=None):
         return L.token_logps(h, w, x["labels"], step.chunk_size, softcap=cap)
     with step.autocast:
         return step.model(x["input_ids"], x["attention_mask"], x["position_ids"],
-                          head_fn=lambda h, w, softcap=0.0: L.token_logps(h, w, x["labels"], step.chunk_size, softcap=softcap))
+                          head_fn=lambda h, w, softcap=0.0: L.token_logps(h, w, x["labels"], step.chunk_size,
+                                                                          softcap=softcap))
 
 def advantages(r, mode="grpo", eps=1e-4, scale="group", batch_std=None):
     """(P, G) rewards -> (P, G) advantages within each prompt's group. grpo: (r - mean) / (std + eps),

@@ -251,8 +251,8 @@ class Selection:
             self.step.accumulate([[(self.ft, b, None)] for b in ft], sync_ctx=self.sync_ctx, loss_fn=loss_fn)
             gnorm = optimizer_step(self.aux_opt, self.params, self.c["max_norm"])
             if not math.isfinite(gnorm):
-                raise RuntimeError(f"non-finite gradient norm {gnorm} in theta-hat's step (selector_algorithm=penalty); "
-                                   f"its update was skipped")
+                raise RuntimeError(f"non-finite gradient norm {gnorm} in theta-hat's step "
+                                   f"(selector_algorithm=penalty); its update was skipped")
             seen = seen or losses
         self._swap_aux()
         return seen

@@ -78,7 +78,8 @@ class Step:
         x = pad_cat([b], self.pad_id, self.device)
         with self.autocast:
             return self.model(x["input_ids"], x["attention_mask"], x["position_ids"],
-                              head_fn=lambda h, w, softcap=0.0: L.sequence_logps(h, w, x["labels"], self.chunk_size, softcap))
+                              head_fn=lambda h, w, softcap=0.0: L.sequence_logps(h, w, x["labels"], self.chunk_size,
+                                                                                 softcap))
 
     def normalizers(self, o, micro_batches):
         """global (all ranks, all micro-batches) counts of one objective's step (tokens, pairs, ...)."""

@@ -86,7 +86,8 @@ def read_grid(text):
             w = [float(x) for x in p.split(":")]
         except ValueError:
             raise bad(f"{p!r} is not a number: give the points per edge (an integer >= 2, e.g. 5) or a list of "
-                      f"points (lambd_1 values for 2 objectives, e.g. 0.25,0.5,0.75; or K weights joined by ':')") from None
+                      f"points (lambd_1 values for 2 objectives, e.g. 0.25,0.5,0.75; "
+                      f"or K weights joined by ':')") from None
         for x in w:
             if not 0 <= x <= 1:  # nan too
                 raise bad(
@@ -237,11 +238,12 @@ def run_all(args, methods, grid, out_dir, launcher, max_runs=MAX_RUNS):
     the signal that interrupted the sweep or None)."""
     # checked as its runs will be: the budgets of a constrained sweep, none for the other methods
     cfg = base_config([*args, "--method=constrained"] if "constrained" in methods else
-                      [*args, "--method=sequential", *(f"--budget_{i}=-1.0" for i in range(1, configurator.MAX_OBJECTIVES + 1))])
+                      [*args, "--method=sequential",
+                       *(f"--budget_{i}=-1.0" for i in range(1, configurator.MAX_OBJECTIVES + 1))])
     bad = [k for k in ("resume", "overwrite") if cfg[k]]
     if bad:
-        raise configurator.ConfigError(f"sweep: config key {bad[0]} is the sweep's to set, run by run (it resumes a run "
-                                       f"that stopped and starts over one of another config): leave it out")
+        raise configurator.ConfigError(f"sweep: config key {bad[0]} is the sweep's to set, run by run (it resumes "
+                                       f"a run that stopped and starts over one of another config): leave it out")
     K = sum(bool(cfg[f"obj_{i}"]) for i in range(1, configurator.MAX_OBJECTIVES + 1))
     if K < 2:
         raise configurator.ConfigError("sweep: the base config trains one objective; set obj_2 (and obj_3, ...)")
@@ -254,9 +256,10 @@ def run_all(args, methods, grid, out_dir, launcher, max_runs=MAX_RUNS):
     inner = math.comb(grid + K - 2, K - 1) - K if isinstance(grid, int) else len(grid)
     n = K + inner * len(methods)
     if n > max_runs:
-        raise configurator.ConfigError(f"sweep: --grid={grid if isinstance(grid, int) else ','.join(':'.join(map(repr, w)) for w in grid)} "
-                                       f"plans {n:,} runs ({K} objectives, {len(methods)} method(s)), more than "
-                                       f"--max_runs={max_runs}: use a smaller grid or a list of points, or raise --max_runs")
+        raise configurator.ConfigError(
+            f"sweep: --grid={grid if isinstance(grid, int) else ','.join(':'.join(map(repr, w)) for w in grid)} "
+            f"plans {n:,} runs ({K} objectives, {len(methods)} method(s)), more than --max_runs={max_runs}: "
+            f"use a smaller grid or a list of points, or raise --max_runs")
     runs = plan(K, grid_points(grid, K), methods)
     os.makedirs(out_dir, exist_ok=True)
     done, failed, spec = {}, [], {name: (method, w) for name, method, w in runs}
@@ -291,8 +294,9 @@ def run_all(args, methods, grid, out_dir, launcher, max_runs=MAX_RUNS):
             extra.append("--overwrite=True")  # train.py clears that run's outputs itself
         rc, sig = launch(launcher, run_dir, args, extra)
         if sig is not None:
-            print(f"sweep: interrupted; {name} stopped (exit {rc}){' with a checkpoint' if has_checkpoint(run_dir) else ''}: "
-                  f"run the same command again to go on", file=sys.stderr, flush=True)
+            print(f"sweep: interrupted; {name} stopped (exit {rc})"
+                  f"{' with a checkpoint' if has_checkpoint(run_dir) else ''}: run the same command again to go on",
+                  file=sys.stderr, flush=True)
             return done, spec, failed + [name], K, sig
         todo, s = status(run_dir, now, K)
         if rc != 0 or todo != "reuse":
@@ -315,9 +319,10 @@ def front_rows(done, spec, K):
     for n, front in zip(names, mask):
         s, (m, w) = done[n], spec[n]
         gaps = [a - b for a, b in zip(f[n], opt)]
-        rows.append(dict(run=n, method=m, lambd=list(w), f=f[n], gaps=gaps, ideal_distance=math.sqrt(sum(g * g for g in gaps)),
-                         front=front, iters=s.get("iters"), train_s=s.get("train_s"), wall_s=s.get("wall_s"),
-                         tokens=s.get("tokens"), peak_memory_mb=s.get("peak_memory_mb")))
+        rows.append(dict(run=n, method=m, lambd=list(w), f=f[n], gaps=gaps,
+                         ideal_distance=math.sqrt(sum(g * g for g in gaps)), front=front, iters=s.get("iters"),
+                         train_s=s.get("train_s"), wall_s=s.get("wall_s"), tokens=s.get("tokens"),
+                         peak_memory_mb=s.get("peak_memory_mb")))
     return rows, opt
 
 def write_table(rows, opt, K, out_dir):
@@ -347,7 +352,8 @@ def plot(rows, opt, K, path):
                 rs = [r for r in rows if r["method"] == m and r["front"] == front]
                 ax.scatter([r["f"][a] for r in rs], [r["f"][b] for r in rs], marker=MARKERS.get(m, "x"), s=70,
                            color=f"C{k}", alpha=0.9 if front else 0.35, edgecolors="black" if front else "none",
-                           linewidths=1.2, label=m if front or not any(r["front"] for r in rows if r["method"] == m) else None)
+                           linewidths=1.2,
+                           label=m if front or not any(r["front"] for r in rows if r["method"] == m) else None)
         ax.scatter([opt[a]], [opt[b]], marker="*", s=250, color="gold", edgecolors="black", zorder=4, label="f*")
         ax.set(xlabel=f"f_{a + 1} (eval loss)", ylabel=f"f_{b + 1} (eval loss)")
         for axis, j in (("x", a), ("y", b)):  # losses that span decades (a forgotten objective): log scale
@@ -367,8 +373,8 @@ def plot(rows, opt, K, path):
     plt.close(fig)
 
 def main(argv):
-    own = dict(methods="sequential,alright,maxright", grid="5", out_dir="out/sweep", launcher=shlex.quote(sys.executable),
-               max_runs=str(MAX_RUNS))
+    own = dict(methods="sequential,alright,maxright", grid="5", out_dir="out/sweep",
+               launcher=shlex.quote(sys.executable), max_runs=str(MAX_RUNS))
     args = []
     for a in argv:
         key, sep, val = a[2:].partition("=")

@@ -279,7 +279,8 @@ if ddp:  # a node-local file or path that differs between ranks would train on a
     data.check_same_data(objs.values(), world_size)
 total_iters = max_iters if max_iters > 0 else max_epochs * method.steps_per_epoch(objs)
 method.total_iters = total_iters
-log("objectives: " + ", ".join(f"{o.i}: {o.kind.name} ({len(o.train)} train / {len(o.eval)} eval)" for o in objs.values())
+log("objectives: " + ", ".join(f"{o.i}: {o.kind.name} ({len(o.train)} train / {len(o.eval)} eval)"
+                               for o in objs.values())
     + f" | method {method.name} | {total_iters} iterations of {train_batch_size} samples "
     f"({grad_accum} x {micro_train_batch_size} x {world_size} ranks)")
 
@@ -310,7 +311,8 @@ fsdp = ddp and zero_stage >= 2
 if fsdp and zero_stage == 3 and frozen:
     log(f"{len(frozen)} frozen reference / teacher model(s) sharded across {world_size} ranks")
 optimizer, params = runtime.optimizer(raw_model, learning_rate, adam_betas, weight_decay,
-                                      fused=world.device_type == "cuda" and not cpu_offload, zero1=ddp and zero_stage == 1)
+                                      fused=world.device_type == "cuda" and not cpu_offload,
+                                      zero1=ddp and zero_stage == 1)
 step = Step(model, raw_model, autocast, loss_chunk_size, tokenizer.pad_token_id, device, world_size, all_sum)
 sync_ctx = runtime.sync_context(model, ddp, fsdp)
 
@@ -351,8 +353,8 @@ if precompute_ref:  # reference log-probs once, cached on disk; the reference mo
 run = SimpleNamespace(config=config, objectives=objs, step=step, params=params, device=device, all_sum=all_sum,
                       sync_ctx=sync_ctx, log=log, master=master, train_step=train_step)
 method.start(run)
-state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "train_s": 0.0, "counts": {i: 0 for i in objs}, "opt": {i: o.opt for i, o in objs.items()},
-         "total_iters": total_iters}
+state = {"iter": 0, "tokens": 0, "elapsed": 0.0, "train_s": 0.0, "counts": {i: 0 for i in objs},
+         "opt": {i: o.opt for i, o in objs.items()}, "total_iters": total_iters}
 metrics = checkpoint.Metrics(out_dir, master, config, wandb_log, wandb_project, wandb_run_name, tensorboard)
 
 if resume:
@@ -385,11 +387,10 @@ if not resume and K > 1:
             def reshard():
                 for m in [*raw_model.blocks, raw_model] if fsdp else []:
                     m.reshard()
-            state["opt"][i] = methods.estimate_opt(i, n_est, lambda it: (train_step([i]), update(it)),
-                                                   lambda: eval_objective(objs[i])[0], params, optimizer,
-                                                   [o.loader for o in objs.values()] + [o.online for o in objs.values() if o.online],
-                                                   reshard,
-                                                   lambda r: tqdm(r, disable=not master, desc=f"estimating f_{i}*", leave=False))
+            state["opt"][i] = methods.estimate_opt(
+                i, n_est, lambda it: (train_step([i]), update(it)), lambda: eval_objective(objs[i])[0], params,
+                optimizer, [o.loader for o in objs.values()] + [o.online for o in objs.values() if o.online], reshard,
+                lambda r: tqdm(r, disable=not master, desc=f"estimating f_{i}*", leave=False))
             log(f"f_{i}* estimated as {state['opt'][i]:.4f}: eval loss after {n_est} steps of objective {i} alone "
                 f"(set obj_opt_{i} to use a known value)")
 
@@ -431,7 +432,8 @@ def save(it):
 def failed(what, it, chosen):
     path = checkpoint.latest(ckpt_root)
     return RuntimeError(f"{what} at iteration {it + 1} (objective {', '.join(map(str, chosen))}); " + (
-        f"the last good checkpoint is {path}" if path else f"no checkpoint was written (save_interval={save_interval})"))
+        f"the last good checkpoint is {path}" if path
+        else f"no checkpoint was written (save_interval={save_interval})"))
 
 interrupted = False  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit (ranks agree through an all-reduce)
 def on_signal(signum, frame):
@@ -442,8 +444,8 @@ signal.signal(signal.SIGTERM, on_signal)
 
 def eval_gen(it):
     import evalgen  # what the model says on held-out prompts; every rank computes it, the master writes
-    return evalgen.run(list(objs.values()), raw_model, tokenizer, it, out_dir, eval_gen_samples, eval_gen_max_new_tokens,
-                       reward_model, master, autocast)
+    return evalgen.run(list(objs.values()), raw_model, tokenizer, it, out_dir, eval_gen_samples,
+                       eval_gen_max_new_tokens, reward_model, master, autocast)
 
 # -----------------------------------------------------------------------------
 # the loop
@@ -505,8 +507,8 @@ pbar.close()
 if not (save_interval > 0 and it % save_interval == 0):
     save(it)
 checkpoint.export_final(out_dir, raw_model, fsdp, tokenizer, base_model=pretrain, dequantized=export_dequantized,
-                        log=log,
-                        lora=dict(rank=lora_rank, alpha=lora_alpha, target_modules=target_modules) if lora_rank else None)
+                        log=log, lora=(dict(rank=lora_rank, alpha=lora_alpha, target_modules=target_modules)
+                                       if lora_rank else None))
 gen_failed = None
 try:
     last_gen = eval_gen(it) if eval_gen_interval >= 0 else {}
@@ -525,7 +527,8 @@ if gen_failed is not None:
 if master:
     checkpoint.write_text(os.path.join(out_dir, "summary.json"), json.dumps(result, indent=2))
     rows = [("iterations", f"{it} (" + ", ".join(f"objective {i}: {n}" for i, n in state["counts"].items()) + ")"),
-            *((k, v if isinstance(v, (bool, int)) else f"{v:.4f}") for k, v in {**last_eval, **last_gen, **extra}.items()),
+            *((k, v if isinstance(v, (bool, int)) else f"{v:.4f}")
+              for k, v in {**last_eval, **last_gen, **extra}.items()),
             *((f"f_{i}*", f"{v:.4f}") for i, v in state["opt"].items() if v is not None),
             ("wall time", f"{state['elapsed']:.1f} s ({result['train_s']:.1f} s in training steps)"),
             ("peak memory", f"{result['peak_memory_mb']:.0f} MiB"), ("tokens", f"{state['tokens']:,}"),

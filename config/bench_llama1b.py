@@ -3,7 +3,8 @@
 # weights, full fine-tuning, 4 x 1024 tokens (dpo: 4 pairs), every case beside the peers:
 #   python bench.py config/bench_llama1b.py --compare=True
 #   python bench.py config/bench_llama1b.py --cases=sft --seq_len=2048 --prompt_len=512    # MFU at 4 x 2048
-#   python bench.py config/bench_llama1b.py --cases=sft,dpo,kd --lora_rank=16 --target_modules=q_proj,v_proj --compare=True
+#   python bench.py config/bench_llama1b.py --cases=sft,dpo,kd --lora_rank=16 --target_modules=q_proj,v_proj \
+#       --compare=True
 model_vocab_size = 128256
 model_n_layer = 16
 model_n_head = 32

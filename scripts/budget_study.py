@@ -32,7 +32,8 @@ def main(seeds, out, compare=""):
         subprocess.run(f"git -C {ROOT} archive {compare} | tar -x -C {other}", shell=True, check=True)
     lines = ["| seed | budget_1 | ALRIGHT at the best fixed lambd within it: lambd, gap_1, gap_2 | "
              + (f"{compare}'s rule: gap_1, gap_2, DPO steps | " if compare else "")
-             + "constrained: gap_1, gap_2, DPO steps (steps in all) |", "|---|---|---|" + ("---|" if compare else "") + "---|"]
+             + "constrained: gap_1, gap_2, DPO steps (steps in all) |",
+             "|---|---|---|" + ("---|" if compare else "") + "---|"]
     for seed in seeds:
         d = os.path.join(out, f"seed_{seed}")
         s = [f"--seed={seed}"]

@@ -25,8 +25,8 @@ def run_train(out_dir, *args, nproc=1, check=True, base=TINY, script="train.py",
     (under torchrun when nproc > 1); returns the CompletedProcess."""
     cmd = [sys.executable, script, *base, *args, f"--out_dir={out_dir}"]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               "--master_addr=127.0.0.1", *cmd[1:]]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "--master_addr=127.0.0.1", *cmd[1:]]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0 and not aborted_after_finishing(p, out_dir, nproc):

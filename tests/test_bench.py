@@ -188,5 +188,6 @@ def test_flop_count_is_the_hand_count():
     assert Ml["body"] == M["body"] and Ml["lora"] == L_ * 4 * ((C + H * hd) + (C + K * hd))
     f = bench.step_flops([(objectives.make("sft"), S.sft_batches[0], 1.0)], Ml)
     tok, lab = B * T, B * (T - P)
-    assert f == {"policy body": 4 * M["body"] * tok, "policy head": 4 * V * C * lab, "attention": 12 * L_ * H * hd * T * tok,
+    assert f == {"policy body": 4 * M["body"] * tok, "policy head": 4 * V * C * lab,
+                 "attention": 12 * L_ * H * hd * T * tok,
                  "LoRA adapters": 6 * Ml["lora"] * tok}  # frozen weights: forward and the input's gradient only

@@ -411,8 +411,10 @@ def test_packing_matches_unpacked_per_document():
         data.collate_sft(ex, PAD, packing=True, max_len=4)
 
 def test_collate_dpo():
-    ex = [{"id": 0, "chosen_ids": [1, 2, 3], "chosen_labels": [-100, 3, -100], "rejected_ids": [1, 4], "rejected_labels": [4, -100]},
-          {"id": 1, "chosen_ids": [5], "chosen_labels": [-100], "rejected_ids": [5, 6, 7, 8], "rejected_labels": [6, 7, 8, -100]}]
+    ex = [{"id": 0, "chosen_ids": [1, 2, 3], "chosen_labels": [-100, 3, -100],
+           "rejected_ids": [1, 4], "rejected_labels": [4, -100]},
+          {"id": 1, "chosen_ids": [5], "chosen_labels": [-100],
+           "rejected_ids": [5, 6, 7, 8], "rejected_labels": [6, 7, 8, -100]}]
     b = data.collate_dpo(ex, PAD)
     assert b["input_ids"].tolist() == [[1, 2, 3, PAD], [5, PAD, PAD, PAD], [1, 4, PAD, PAD], [5, 6, 7, 8]]
     assert b["labels"].tolist() == [[-100, 3, -100, -100], [-100] * 4, [4, -100, -100, -100], [6, 7, 8, -100]]

@@ -285,7 +285,7 @@ def test_bad_probs_through_the_api_are_one_error(tmp_path):
 def test_same_file_twice_in_a_select_blend_is_named(tmp_path):
     """method=select keeps one weight per row id: a file listed twice in dataset_2 (under any spelling)
     would give two rows one id."""
-    p = run_train(tmp_path / "run", "--method=select", "--obj_1=sft", "--obj_2=sft", "--dataset_1=data/toy_trusted.jsonl",
-                  "--dataset_2=data/toy_noisy.jsonl,./data/toy_noisy.jsonl", "--max_iters=1", "--print_config=True",
-                  check=False, base=[])
+    p = run_train(tmp_path / "run", "--method=select", "--obj_1=sft", "--obj_2=sft",
+                  "--dataset_1=data/toy_trusted.jsonl", "--dataset_2=data/toy_noisy.jsonl,./data/toy_noisy.jsonl",
+                  "--max_iters=1", "--print_config=True", check=False, base=[])
     refused(p, "dataset_2", "data/toy_noisy.jsonl", "twice")

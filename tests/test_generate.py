@@ -329,8 +329,9 @@ def test_script_from_a_run_dir(tiny, tmp_path):
     merge(m).save_pretrained(str(run / "final"))
     byte_tokenizer().save_pretrained(str(run / "final"))
     (tmp_path / "eval.jsonl").write_text('{"q": "red fox", "a": "x"}\n{"q": "owl", "a": "y"}\n')
-    (run / "config.json").write_text(json.dumps({"dataset_1": str(tmp_path / "eval.jsonl"), "eval_split_1": str(tmp_path / "eval.jsonl"),
-                                                 "input_key": "q", "obj_1": "sft", "input_template_1": "Q: {}\nA: ",
+    (run / "config.json").write_text(json.dumps({"dataset_1": str(tmp_path / "eval.jsonl"),
+                                                 "eval_split_1": str(tmp_path / "eval.jsonl"), "input_key": "q",
+                                                 "obj_1": "sft", "input_template_1": "Q: {}\nA: ",
                                                  "apply_chat_template_1": False}))
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(run / "final")).double()
     args = ["--max_new_tokens=5", "--temperature=0", "--dtype=float64"]

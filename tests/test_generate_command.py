@@ -68,7 +68,8 @@ def test_ckpt_of_a_lora_run_on_a_fresh_base_is_its_final_model(run):
 def test_a_merged_final_given_its_own_adapter_is_refused(run, tmp_path):
     final, adapter = run / "final", run / "final" / "adapter"
     shutil.copytree(adapter, tmp_path / "copy")  # the same adapter elsewhere: detected by content
-    for args in ([f"--pretrain={final}", f"--adapter={adapter}"], [f"--pretrain={final}", f"--adapter={tmp_path / 'copy'}"],
+    for args in ([f"--pretrain={final}", f"--adapter={adapter}"],
+                 [f"--pretrain={final}", f"--adapter={tmp_path / 'copy'}"],
                  [f"--out_dir={run}", f"--adapter={adapter}"]):
         with pytest.raises(ValueError, match=r"adapter: .* is already merged into .*final"):
             gen(*args, "--prompt=red fox")
@@ -151,8 +152,8 @@ def test_adapter_of_another_shape_names_file_tensor_and_shapes(tmp_path):
     inject(m, 4, 8, 0.0, "q_proj")
     save_adapter(m, str(tmp_path / "ad"))
     f = str(tmp_path / "ad" / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=rf"{f}: base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight "
-                                         r"has shape \(4, 32\), .* \(4, 48\)"):
+    with pytest.raises(ValueError, match=rf"{f}: base_model\.model\.model\.layers\.0\.self_attn\.q_proj\."
+                                         r"lora_A\.weight has shape \(4, 32\), .* \(4, 48\)"):
         load_adapter(tiny(48), str(tmp_path / "ad"))
     wider = tiny(32)
     inject(wider, 8, 8, 0.0, "q_proj")  # adapters of another rank already in place

@@ -26,8 +26,8 @@ from step import Step
 
 TEMPLATE = "User: {}\nAssistant: "
 GRPO = ["--obj_1=grpo", "--dataset_1=data/toy_whisper.jsonl", "--eval_split_1=data/toy_whisper_eval.jsonl", "--obj_2=",
-        "--reward_fn_1=lowercase", "--max_len_1=48", "--max_new_tokens_1=8", "--num_generations_1=4", "--train_batch_size=8",
-        "--micro_train_batch_size=4", "--max_samples_1=64", "--eval_max_samples_1=8"]
+        "--reward_fn_1=lowercase", "--max_len_1=48", "--max_new_tokens_1=8", "--num_generations_1=4",
+        "--train_batch_size=8", "--micro_train_batch_size=4", "--max_samples_1=64", "--eval_max_samples_1=8"]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
@@ -518,7 +518,8 @@ def test_a_bad_reward_function_stops_the_run_naming_it(tmp_path):
 
 @pytest.mark.parametrize("body,words", [
     ("def f(prompts, completions, **kw):\n    return [1.0]\n", ["reward_fn_1", "returned 1 values for 2 completions"]),
-    ("def f(prompts, completions, **kw):\n    return [float('nan')] * len(completions)\n", ["reward_fn_1", "nan", "row"]),
+    ("def f(prompts, completions, **kw):\n    return [float('nan')] * len(completions)\n",
+     ["reward_fn_1", "nan", "row"]),
     ("def f(prompts, completions, **kw):\n    return ['x', 1]\n", ["reward_fn_1", "'x'", "not a finite number"]),
 ])
 def test_bad_reward_values_are_named(tmp_path, body, words):
@@ -531,9 +532,9 @@ def test_bad_reward_values_are_named(tmp_path, body, words):
 
 def grpo_config(**over):
     """train.py's checked defaults with a grpo objective 1, in process."""
-    return train_defaults(**{"obj_1": "grpo", "obj_2": "", "dataset_1": "data/toy_whisper.jsonl", "reward_fn_1": "lowercase",
-                             "max_len_1": 48, "max_new_tokens_1": 8, "num_generations_1": 4, "train_batch_size": 8,
-                             "micro_train_batch_size": 4, **over})
+    return train_defaults(**{"obj_1": "grpo", "obj_2": "", "dataset_1": "data/toy_whisper.jsonl",
+                             "reward_fn_1": "lowercase", "max_len_1": 48, "max_new_tokens_1": 8, "num_generations_1": 4,
+                             "train_batch_size": 8, "micro_train_batch_size": 4, **over})
 
 @pytest.mark.parametrize("over,words", [
     (dict(reward_fn_1=""), ["reward_fn_1", "reward_model_1"]),
@@ -564,8 +565,8 @@ def test_two_ranks_equal_one_and_resume_across_a_reused_rollout(tmp_path):
     first's log-probs) and grpo_beta > 0: 2 ranks (DDP, and FSDP2 at zero_stage 3, where the ranks
     must take the same number of decoding steps) sample the same completions and give the same
     losses as 1; a run cut between the two steps of a rollout resumes to the same numbers."""
-    args = [*GRPO, "--dtype=float64", "--grpo_inner_steps_1=2", "--grpo_beta_1=0.05", "--max_iters=4", "--save_interval=1",
-            "--keep_last=4", "--learning_rate=1e-2"]
+    args = [*GRPO, "--dtype=float64", "--grpo_inner_steps_1=2", "--grpo_beta_1=0.05", "--max_iters=4",
+            "--save_interval=1", "--keep_last=4", "--learning_rate=1e-2"]
     one, two, sharded = tmp_path / "one", tmp_path / "two", tmp_path / "zero3"
     run_train(one, *args)
     run_train(two, *args, nproc=2)

@@ -130,7 +130,8 @@ def test_k3_resume_is_bit_exact(tmp_path, method):
     from safetensors.torch import load_file
     args = [*K3, f"--method={method}", "--lambd=0.4,0.35,0.25", "--max_samples_1=36", "--max_samples_2=44",
             "--max_samples_3=28", "--train_batch_size=8", "--micro_train_batch_size=4", "--max_iters=10",
-            "--save_interval=5", "--keep_last=5", "--opt_estimate_iters=2", "--maxright_interval=3", "--eval_interval=5"]
+            "--save_interval=5", "--keep_last=5", "--opt_estimate_iters=2", "--maxright_interval=3",
+            "--eval_interval=5"]
     straight = tmp_path / "straight"
     run_train(straight, *args)
     cut = tmp_path / "cut"

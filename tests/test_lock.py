@@ -252,8 +252,8 @@ def test_a_second_run_into_a_held_out_dir_is_refused(tmp_path):
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     """kill -9 leaves the lock file; the kernel dropped its flock, so the next run on this host takes it."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; checkpoint.hold(sys.argv[1]); "
-                               "print('held', flush=True); time.sleep(60)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True)
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     with pytest.raises(configurator.ConfigError, match=f"in use by process {holder.pid}"):
         checkpoint.hold(str(tmp_path))
@@ -271,13 +271,13 @@ def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(tmp_path):
     """2 ranks into a held out_dir: rank 0 finds the lock, the other rank stops with it at once
     (no collective left waiting out dist_timeout_s), and the holder's lock stays as it was."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; checkpoint.hold(sys.argv[1]); "
-                               "print('held', flush=True); time.sleep(120)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True)
+                               "print('held', flush=True); time.sleep(120)", str(tmp_path)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         t = time.time()
-        p = run_train(tmp_path, *SMALL, "--micro_train_batch_size=2", "--obj_2=", "--max_iters=2", "--dist_timeout_s=60",
-                      nproc=2, check=False)
+        p = run_train(tmp_path, *SMALL, "--micro_train_batch_size=2", "--obj_2=", "--max_iters=2",
+                      "--dist_timeout_s=60", nproc=2, check=False)
         assert p.returncode != 0 and time.time() - t < 60
         assert f"error: out_dir {tmp_path} is in use by process {holder.pid} on host {socket.gethostname()}" in p.stderr
         assert 'train.py", line' not in p.stderr  # (torchrun's own traceback reports the failed ranks)

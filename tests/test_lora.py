@@ -20,8 +20,9 @@ HF_CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(vocab_size=V, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
                                               num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
                                               tie_word_embeddings=True),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=V, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                                   num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=64),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=V, hidden_size=48, intermediate_size=80,
+                                                   num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
+                                                   max_position_embeddings=64),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=48, n_layer=2, n_head=4, n_positions=64),
 }
 

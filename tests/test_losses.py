@@ -176,8 +176,9 @@ def test_uniform_head_gradient_equals_recompute(kind):
     def tok(uniform):
         if kind == "sft":
             return losses.token_logps(hidden, weight, labels, 4, temperature=1.5, uniform=uniform)
-        return losses.kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels, top_k=5 if kind == "kd_top_k" else 0,
-                                      temperature=2.0, chunk_size=4, uniform=uniform)
+        return losses.kd_token_losses(hidden, weight, teacher_hidden, teacher_weight, labels,
+                                      top_k=5 if kind == "kd_top_k" else 0, temperature=2.0, chunk_size=4,
+                                      uniform=uniform)
     a, b = tok(True), tok(False)
     assert_same(a, b)
     for x, y in zip(grads(a.sum() * 0.37, hidden, weight), grads(b.sum() * 0.37, hidden, weight)):

@@ -24,16 +24,17 @@ FAMILIES = {
         max_position_embeddings=256, rope_theta=500000.0,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
-    "llama_linear_rope": lambda: transformers.LlamaConfig(**llama_kw(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama_linear_rope": lambda: transformers.LlamaConfig(**llama_kw(
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "mistral": lambda: transformers.MistralConfig(**llama_kw(head_dim=12)),
     "qwen2": lambda: transformers.Qwen2Config(**llama_kw(tie_word_embeddings=True)),
     "qwen3": lambda: transformers.Qwen3Config(**llama_kw(head_dim=16)),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=V, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                                   num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=128,
-                                                   use_parallel_residual=True),
-    "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(vocab_size=V, hidden_size=48, intermediate_size=80,
-                                                              num_hidden_layers=3, num_attention_heads=4, rotary_pct=0.5,
-                                                              max_position_embeddings=128, use_parallel_residual=False),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=V, hidden_size=48, intermediate_size=80,
+                                                   num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
+                                                   max_position_embeddings=128, use_parallel_residual=True),
+    "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(
+        vocab_size=V, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, rotary_pct=0.5,
+        max_position_embeddings=128, use_parallel_residual=False),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=48, n_layer=2, n_head=4, n_positions=128),
     # windows of 8 keys against sequences of 37: the window decides most positions
     "mistral_window": lambda: transformers.MistralConfig(**llama_kw(head_dim=12, sliding_window=8)),
@@ -48,15 +49,18 @@ FAMILIES = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
     "phi3": lambda: transformers.Phi3Config(**llama_kw(pad_token_id=0, eos_token_id=None, sliding_window=8)),
-    "phi3_partial_rotary": lambda: transformers.Phi3Config(**llama_kw(pad_token_id=0, eos_token_id=None, num_key_value_heads=6,
-                                                                      rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})),
+    "phi3_partial_rotary": lambda: transformers.Phi3Config(**llama_kw(
+        pad_token_id=0, eos_token_id=None, num_key_value_heads=6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})),
 }
 # mixtures of experts: 4 experts, 2 per token; qwen2-moe with a shared expert and layer 1 dense.
 # apart from FAMILIES: transformers' grouped-mm experts refuse float64, which generate's tests use
 MOE = {
-    "mixtral": lambda: transformers.MixtralConfig(**llama_kw(intermediate_size=40, num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**llama_kw(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-                                                                shared_expert_intermediate_size=32, mlp_only_layers=[1])),
+    "mixtral": lambda: transformers.MixtralConfig(**llama_kw(
+        intermediate_size=40, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**llama_kw(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+        mlp_only_layers=[1])),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**llama_kw(head_dim=16, num_experts=4, num_experts_per_tok=2,
                                                                 moe_intermediate_size=24, norm_topk_prob=True)),
 }

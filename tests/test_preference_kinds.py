@@ -23,8 +23,10 @@ def pref_rows():
     ]
 
 def kto_rows():
-    return [{"prompt": "red fox", "completion": "RED FOX!", "label": True}, {"prompt": "sky", "completion": "sky", "label": False},
-            {"prompt": "old oak", "completion": "OLD OAK!", "label": True}, {"prompt": "cat", "completion": "CAT", "label": False}]
+    return [{"prompt": "red fox", "completion": "RED FOX!", "label": True},
+            {"prompt": "sky", "completion": "sky", "label": False},
+            {"prompt": "old oak", "completion": "OLD OAK!", "label": True},
+            {"prompt": "cat", "completion": "CAT", "label": False}]
 
 def hf_logps(m, ids, labels):
     """[rows] summed and [rows] mean response-token log-probs of transformers' model m."""
@@ -105,9 +107,10 @@ def test_first_step_of_a_run_is_the_formula(tmp_path, models, kind):
     rows = kto_rows() if kind == "kto" else pref_rows()
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_train(tmp_path / "out", f"--pretrain={d / 'policy'}", f"--obj_1={kind}", f"--dataset_1={path}", f"--eval_split_1={path}",
-              "--obj_2=", "--max_len_1=40", "--train_batch_size=4", "--micro_train_batch_size=2", "--max_iters=1",
-              "--dtype=float64", "--dpo_beta=0.5" if kind == "kto" else "--dpo_beta=2.0", f"--ref_model={d / 'ref'}",
+    run_train(tmp_path / "out", f"--pretrain={d / 'policy'}", f"--obj_1={kind}", f"--dataset_1={path}",
+              f"--eval_split_1={path}", "--obj_2=", "--max_len_1=40", "--train_batch_size=4",
+              "--micro_train_batch_size=2", "--max_iters=1", "--dtype=float64",
+              "--dpo_beta=0.5" if kind == "kto" else "--dpo_beta=2.0", f"--ref_model={d / 'ref'}",
               "--input_template=" + TEMPLATE, base=[])
     tok = byte_tokenizer()
     if kind == "kto":
@@ -143,7 +146,8 @@ def test_kto_reference_point_ignores_row_order_when_prompts_are_equal(models):
 # the new kinds in the loop: LoRA, K = 3 beside SFT and DPO, 2 ranks, resume
 
 ALL = ["--obj_3=simpo", "--obj_4=orpo", "--obj_5=kto", *(f"--{k}_{i}={v}" for i in (3, 4, 5) for k, v in (
-    ("dataset", "data/toy_pref.jsonl"), ("eval_split", "data/toy_pref_eval.jsonl"), ("max_samples", 64), ("max_len", 40))),
+    ("dataset", "data/toy_pref.jsonl"), ("eval_split", "data/toy_pref_eval.jsonl"), ("max_samples", 64),
+    ("max_len", 40))),
        "--dpo_beta_3=2.0", "--lambd=0.2,0.2,0.2,0.2,0.2", "--method=mix", "--lora_rank=4", "--learning_rate=3e-2",
        "--train_batch_size=4", "--micro_train_batch_size=2", "--max_iters=4", "--dtype=float64", "--save_interval=2"]
 

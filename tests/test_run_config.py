@@ -97,8 +97,10 @@ def test_schedule_comparison_matches_a_straight_run():
     (["--adam_betas=(0.9,)"], ["config key adam_betas: two values", "(0.9,)"]),
     (["--method=maxright", "--eval_frac=0", "--eval_split_1=", "--eval_split_2="],
      ["method=maxright", "objective 1 has no eval set", "eval_frac", "eval_split_1", "obj_opt_1"]),
-    (["--pareto_front=/no/such/front.json", "--eps=0.1"], ["config key pareto_front='/no/such/front.json'", "cannot read"]),
-    (["data/toy_sft.jsonl"], ["data/toy_sft.jsonl is a data file", "config files are .py", "--dataset_1=data/toy_sft.jsonl"]),
+    (["--pareto_front=/no/such/front.json", "--eps=0.1"],
+     ["config key pareto_front='/no/such/front.json'", "cannot read"]),
+    (["data/toy_sft.jsonl"],
+     ["data/toy_sft.jsonl is a data file", "config files are .py", "--dataset_1=data/toy_sft.jsonl"]),
 ])
 def test_refused_before_anything_loads(tmp_path, args, words):
     p = run_train(tmp_path / "out", "--pretrain=/no/such/model", *args, check=False)
@@ -120,7 +122,8 @@ def test_pareto_front_flat_or_wrong_width_or_without_eps(tmp_path):
     f.write_text("[[5.0, 0.7]]")
     assert "eps=0" in refusal(dict(c, eps=0.0), po)
     # sweep.py's front.json: its runs marked front
-    f.write_text(json.dumps({"opt": [0, 0], "rows": [{"f": [1.0, 2.0], "front": True}, {"f": [3.0, 3.0], "front": False},
+    f.write_text(json.dumps({"opt": [0, 0], "rows": [{"f": [1.0, 2.0], "front": True},
+                                                     {"f": [3.0, 3.0], "front": False},
                                                      {"f": [2.0, 1.0], "front": True}]}))
     assert checks.pareto_points(str(f), 2) == [[1.0, 2.0], [2.0, 1.0]]
     check_config(dict(c), po)
@@ -170,23 +173,25 @@ INF, NAN = math.inf, math.nan
 BAD = {  # out-of-range values of each numeric key of train.py (and the objectives' keys), by what the key means
     "log_interval": [0], "eval_interval": [-1], "eval_iters": [-1], "eval_gen_interval": [-2], "eval_gen_samples": [-1],
     "eval_gen_max_new_tokens": [0], "save_interval": [-1], "keep_last": [-1],
-    "model_n_layer": [0], "model_n_head": [0], "model_n_kv_head": [0], "model_n_embd": [0], "model_intermediate_size": [0],
-    "model_max_len": [0], "router_aux_loss": [-0.5, INF], "lora_rank": [-1], "lora_alpha": [0], "lora_dropout": [1.0, -0.1],
+    "model_n_layer": [0], "model_n_head": [0], "model_n_kv_head": [0], "model_n_embd": [0],
+    "model_intermediate_size": [0], "model_max_len": [0], "router_aux_loss": [-0.5, INF],
+    "lora_rank": [-1], "lora_alpha": [0], "lora_dropout": [1.0, -0.1],
     "lambd": [1.5, -0.5, (0.5, 1.5)], "opt_estimate_iters": [-1], "maxright_interval": [0], "eps": [-0.1, INF],
     "loss_chunk_size": [-1], "dual_lr": [0.0, -0.1], "budget_margin": [1.0, -0.1], "max_settle_iters": [-2],
     "max_len": [0], "max_samples": [-1], "eval_max_samples": [-1], "obj_opt": [-0.5, INF], "budget": [-2.0, NAN],
-    "dpo_beta": [0.0, -0.1, NAN], "dpo_label_smoothing": [0.5, -0.1], "dpo_nll_loss_coef": [-1.0], "simpo_gamma": [INF, NAN],
-    "orpo_lambda": [-0.1], "kto_desirable_weight": [-1.0], "kto_undesirable_weight": [-1.0], "kd_beta": [1.5, -0.5],
-    "kd_top_k": [-1], "kd_temperature": [0.0, -1.0],
+    "dpo_beta": [0.0, -0.1, NAN], "dpo_label_smoothing": [0.5, -0.1], "dpo_nll_loss_coef": [-1.0],
+    "simpo_gamma": [INF, NAN], "orpo_lambda": [-0.1], "kto_desirable_weight": [-1.0], "kto_undesirable_weight": [-1.0],
+    "kd_beta": [1.5, -0.5], "kd_top_k": [-1], "kd_temperature": [0.0, -1.0],
     "max_new_tokens": [0], "temperature": [-0.5], "top_p": [0.0, 1.5], "top_k": [-1], "num_generations": [1],
     "grpo_epsilon": [0.0], "grpo_inner_steps": [0], "grpo_beta": [-0.1], "grpo_epsilon_high": [0.0, -0.5],
     "max_resample": [-1], "overlong_buffer": [-1], "kl_anchor": [-0.1, NAN],
     "eval_frac": [1.0, -0.1], "dataset_num_proc": [-1],
-    "selector_learning_rate": [-0.1, INF], "aux_learning_rate": [-1e-3], "aux_steps": [0], "upperlevel_weight": [1.5, -0.1],
-    "upperlevel_weight_decay": [-0.1], "select_ratio": [0.0, 1.5],
+    "selector_learning_rate": [-0.1, INF], "aux_learning_rate": [-1e-3], "aux_steps": [0],
+    "upperlevel_weight": [1.5, -0.1], "upperlevel_weight_decay": [-0.1], "select_ratio": [0.0, 1.5],
     "train_batch_size": [0], "micro_train_batch_size": [0], "learning_rate": [-1e-3, INF, NAN], "warmup_ratio": [1.5],
-    "min_lr_ratio": [-0.1, 1.5], "weight_decay": [-0.1], "adam_betas": [(0.9, 1.0), (-0.1, 0.9), (0.9,), (0.9, 0.95, 0.99)],
-    "max_norm": [-1.0], "max_epochs": [-1], "max_iters": [-1], "seed": [-1], "zero_stage": [4, -1], "dist_timeout_s": [0],
+    "min_lr_ratio": [-0.1, 1.5], "weight_decay": [-0.1],
+    "adam_betas": [(0.9, 1.0), (-0.1, 0.9), (0.9,), (0.9, 0.95, 0.99)], "max_norm": [-1.0],
+    "max_epochs": [-1], "max_iters": [-1], "seed": [-1], "zero_stage": [4, -1], "dist_timeout_s": [0],
 }
 
 def numeric_keys():
@@ -217,10 +222,11 @@ def test_each_bad_value_is_refused_naming_the_key(key):
 @pytest.mark.parametrize("key,value", [("eval_gen_interval", -1), ("obj_opt", None), ("obj_opt", 0.0), ("budget", -1.0),
                                        ("max_samples", 0), ("max_settle_iters", -1), ("budget_margin", 0.0),
                                        ("grpo_epsilon_high", -1.0), ("overlong_buffer", 0), ("kl_anchor", 0.0),
-                                       ("kd_beta", 0.0), ("lora_dropout", 0.0), ("warmup_ratio", 1.0), ("select_ratio", 1.0),
-                                       ("upperlevel_weight", 0.0), ("eps", 0.0), ("max_norm", 0.0), ("simpo_gamma", -1.0),
-                                       ("adam_betas", (0.0, 0.999)), ("zero_stage", 3), ("lambd", (0.0, 1.0)),
-                                       ("learning_rate", 0.0), ("selector_learning_rate", 0.0)])
+                                       ("kd_beta", 0.0), ("lora_dropout", 0.0), ("warmup_ratio", 1.0),
+                                       ("select_ratio", 1.0), ("upperlevel_weight", 0.0), ("eps", 0.0),
+                                       ("max_norm", 0.0), ("simpo_gamma", -1.0), ("adam_betas", (0.0, 0.999)),
+                                       ("zero_stage", 3), ("lambd", (0.0, 1.0)), ("learning_rate", 0.0),
+                                       ("selector_learning_rate", 0.0)])
 def test_edge_values_that_mean_something_pass(key, value):
     c, po = train_config(**{key: value})
     check_config(c, po)

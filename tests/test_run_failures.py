@@ -41,8 +41,9 @@ def test_reference_cache_follows_the_data_and_the_weights(tmp_path):
     rows = toy_rows("toy_pref.jsonl", 32)
     write_jsonl(pref, rows)
     out = tmp_path / "run"
-    args = ["--obj_1=dpo", "--obj_2=", f"--dataset_1={pref}", "--eval_split_1=data/toy_pref_eval.jsonl", "--max_iters=1",
-            "--train_batch_size=8", "--micro_train_batch_size=8", "--precompute_ref=True", "--overwrite=True"]
+    args = ["--obj_1=dpo", "--obj_2=", f"--dataset_1={pref}", "--eval_split_1=data/toy_pref_eval.jsonl",
+            "--max_iters=1", "--train_batch_size=8", "--micro_train_batch_size=8", "--precompute_ref=True",
+            "--overwrite=True"]
     run_train(out, *args)
     assert abs(metrics(out)[0]["loss"] - math.log(2)) < 1e-5
     write_jsonl(pref, [dict(r, rejected=r["rejected"].lower() + " no") for r in rows])  # same ids, prompts, counts
@@ -142,7 +143,8 @@ def test_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, mo
     assert checkpoint.load(checkpoint.latest(str(tmp_path)), m, opt) == {"iter": 1}
     # train.py prints it as one line
     p = subprocess.run([sys.executable, "-c", "import configurator; configurator.one_line_errors(); "
-                        "raise OSError(28, 'writing x/model.pt: no space left on device')"], cwd=ROOT, capture_output=True, text=True)
+                        "raise OSError(28, 'writing x/model.pt: no space left on device')"],
+                       cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 1 and p.stderr == "error: writing x/model.pt: no space left on device\n"
 
 # 7. ranks on different data, and a rank that never arrives

@@ -84,8 +84,8 @@ def test_real_sweep_table_matches_its_runs(tmp_path):
     """K = 2, grid 3, one method: 3 runs of train.py; f* = the corner runs' losses, every row's f_i
     its run's summary, gaps and ideal distance from them, and maxright got f* as obj_opt_i."""
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "sweep.py", *TINY, "--methods=maxright", "--grid=3", f"--out_dir={out}",
-           "--max_iters=6", "--train_batch_size=4", "--micro_train_batch_size=4", "--max_samples_1=32", "--max_samples_2=32"]
+    cmd = [sys.executable, "sweep.py", *TINY, "--methods=maxright", "--grid=3", f"--out_dir={out}", "--max_iters=6",
+           "--train_batch_size=4", "--micro_train_batch_size=4", "--max_samples_1=32", "--max_samples_2=32"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -113,9 +113,10 @@ def test_maxright_sweep_over_grpo_uses_negative_f_star(tmp_path):
     (tmp_path / "r.py").write_text("def score(prompts, completions, **_):\n"
                                    "    return [1.0 + len(c) / 100 for c in completions]  # > 0: f* < 0\n")
     cmd = [sys.executable, "sweep.py", *TINY, "--obj_2=grpo", "--dataset_2=data/toy_whisper.jsonl",
-           "--eval_split_2=data/toy_whisper_eval.jsonl", f"--reward_fn_2={tmp_path / 'r.py'}:score", "--max_new_tokens_2=6",
-           "--num_generations_2=2", "--eval_max_samples_2=4", "--methods=maxright", "--grid=3", f"--out_dir={out}",
-           "--max_iters=4", "--train_batch_size=4", "--micro_train_batch_size=2", "--max_samples_1=32", "--max_samples_2=32"]
+           "--eval_split_2=data/toy_whisper_eval.jsonl", f"--reward_fn_2={tmp_path / 'r.py'}:score",
+           "--max_new_tokens_2=6", "--num_generations_2=2", "--eval_max_samples_2=4", "--methods=maxright", "--grid=3",
+           f"--out_dir={out}", "--max_iters=4", "--train_batch_size=4", "--micro_train_batch_size=2",
+           "--max_samples_1=32", "--max_samples_2=32"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -223,7 +223,8 @@ def test_sweep_from_another_directory_real_runs(tmp_path):
     tiny = [a for a in TINY if not a.startswith(("--dataset_1=", "--eval_split_1=", "--dataset_2=", "--eval_split_2="))]
     cmd = [sys.executable, os.path.join(ROOT, "sweep.py"), "mycfg.py", *tiny, "--dataset_2=mydata/toy_pref.jsonl",
            "--eval_split_2=mydata/toy_pref_eval.jsonl", "--methods=alright", "--grid=2", "--out_dir=out/sw",
-           "--max_iters=2", "--train_batch_size=4", "--micro_train_batch_size=4", "--max_samples_1=16", "--max_samples_2=16"]
+           "--max_iters=2", "--train_batch_size=4", "--micro_train_batch_size=4", "--max_samples_1=16",
+           "--max_samples_2=16"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -237,10 +238,12 @@ def test_sweep_from_another_directory_real_runs(tmp_path):
 
 # bad sweep keys: one line naming the key, before any run starts
 @pytest.mark.parametrize("arg, words", [("--grid=abc", ["--grid=abc"]), ("--grid=2.5", ["--grid=2.5", "integer"]),
-                                        ("--grid=1", ["--grid=1", ">= 2"]), ("--grid=0.5,1.5", ["--grid", "1.5", "[0, 1]"]),
+                                        ("--grid=1", ["--grid=1", ">= 2"]),
+                                        ("--grid=0.5,1.5", ["--grid", "1.5", "[0, 1]"]),
                                         ("--grid=200", ["--grid=200", "596 runs", "--max_runs"]),
                                         ("--grid=100000", ["--grid=100000", "299,996 runs"]),
-                                        ("--launcher=", ["--launcher"]), ("--launcher=/nope/python", ["--launcher", "/nope/python"]),
+                                        ("--launcher=", ["--launcher"]),
+                                        ("--launcher=/nope/python", ["--launcher", "/nope/python"]),
                                         ("--out_dir=", ["--out_dir"]), ("--max_runs=0", ["--max_runs"]),
                                         ("--eval_frac=0", ["eval_split_1", "eval_frac"]),
                                         ("--overwrite=True", ["overwrite"])])

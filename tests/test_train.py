@@ -156,8 +156,8 @@ def test_final_export_loads_in_transformers_and_peft(tmp_path):
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
     byte_tokenizer().save_pretrained(tmp_path / "base")
     out = tmp_path / "run"
-    run_train(out, f"--pretrain={tmp_path / 'base'}", "--lora_rank=4", "--lora_alpha=8", "--target_modules=q_proj,v_proj",
-              "--gradient_checkpointing=True",
+    run_train(out, f"--pretrain={tmp_path / 'base'}", "--lora_rank=4", "--lora_alpha=8",
+              "--target_modules=q_proj,v_proj", "--gradient_checkpointing=True",
               "--method=alright", "--train_batch_size=4", "--micro_train_batch_size=4", "--max_iters=5")
     ids = torch.randint(0, 258, (2, 11))
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "final").float().eval()
