@@ -4,13 +4,14 @@ forward of model.GPT with the losses of objectives.py / losses.py applied throug
 backward, gradient clipping, one AdamW step), set up as train.py sets up (runtime.py: device,
 dtype, autocast, AdamW; methods.py: ALRIGHT's draw and MAXRIGHT's pick; step.py: the step):
 
-    python bench.py                                   # tiny llama on CPU in float32, the default cases (all but alright3)
-    python bench.py --compare=True --rounds=3         # + the same DPO and SFT steps in plain transformers, and TRL (DPO, SimPO)
-    python bench.py --mode=memory                     # loss peak memory: chunked vs full logits, 128k vocab
-    python bench.py --mode=generate                   # batched greedy generation against transformers
-    python bench.py --mode=online --rounds=3          # a GRPO step (rollout, scoring, update) against TRL's GRPOTrainer (bench_online.py)
-    python bench.py --pretrain=meta-llama/Llama-3.2-1B --dtype=bfloat16 --batch_size=4 --seq_len=2048 --prompt_len=512
-    python bench.py --cases=dpo,kd --lora_rank=16 --quantize=nf4      # 4-bit frozen weights (quant.py): against quantize=''
+    python bench.py                              # tiny llama, CPU, float32: the default cases (all but alright3)
+    python bench.py --compare=True --rounds=3    # + the DPO and SFT steps in plain transformers, and TRL (DPO, SimPO)
+    python bench.py --mode=memory                # loss peak memory: chunked vs full logits, 128k vocab
+    python bench.py --mode=generate              # batched greedy generation against transformers
+    python bench.py --mode=online --rounds=3     # a GRPO step against TRL's GRPOTrainer (bench_online.py)
+    python bench.py --cases=dpo,kd --lora_rank=16 --quantize=nf4   # 4-bit frozen weights (quant.py) against ''
+    python bench.py --pretrain=meta-llama/Llama-3.2-1B --dtype=bfloat16 --batch_size=4 --seq_len=2048 \
+        --prompt_len=512
 
 Cases (--cases=...): sft; dpo (the frozen initial policy as reference, forwarded every step);
 dpo_precomputed (reference log-probs computed once before timing: no reference forward); simpo (the

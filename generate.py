@@ -16,8 +16,9 @@ text is its prompt_key field, else the first of "prompt", input_key, "instructio
 streaming included).
 Formatting is train.py's: input_template (--input_template={} passes a prompt unchanged) or the
 tokenizer's chat template (apply_chat_template: '' = the run's setting when --out_dir has one, else
-input_template when given, else the chat template when the tokenizer has one). Output rows keep the prompt row's fields and add
-`instruction` (the prompt text), `output` and `generator` (AlpacaEval's format).
+input_template when given, else the chat template when the tokenizer has one). Output rows keep the
+prompt row's fields and add `instruction` (the prompt text), `output` and `generator` (AlpacaEval's
+format).
 Stop: at eos, and at any of --stop (a JSON list of strings, else the string itself: '[/INST]' is
 one stop string; matched on the text with special tokens; the output ends before it).
 Limits: a prompt longer than the model's context (max_position_embeddings) is an error;

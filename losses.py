@@ -3,8 +3,9 @@ The training objectives (SFT with DFT / a KL anchor, DPO, SimPO, ORPO, KTO, KD, 
 final hidden states and the output head.
 Vocabularies of 128k+ make [B, T, V] logits the memory bottleneck, so every loss that needs the
 vocabulary keeps only the labelled positions, then projects them in chunks of `chunk_size` tokens
-(0: auto_chunk_size(V)): [chunk, V] logits exist one chunk at a time, are recomputed in backward, and the head's gradient
-is accumulated in place into one buffer (autograd would allocate a fresh [V, C] per chunk).
+(0: auto_chunk_size(V)): [chunk, V] logits exist one chunk at a time, are recomputed in backward,
+and the head's gradient is accumulated in place into one buffer (autograd would allocate a fresh
+[V, C] per chunk).
 Labels are already shifted: labels[b, t] is predicted from position t.
 """
 import torch

@@ -84,7 +84,8 @@ def resume_after_cut(straight, cut, args, last_ckpt):
     return run_train(cut, *args, "--resume=True")
 
 def tiny_hf(path, seed=0):
-    """a random tiny transformers Llama (byte vocabulary) saved with its tokenizer under path; returns it, float32, in eval mode."""
+    """a random tiny transformers Llama (byte vocabulary) saved with its tokenizer under path; returns it,
+    float32, in eval mode."""
     import torch
     import transformers
 

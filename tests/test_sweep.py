@@ -38,7 +38,8 @@ with open(os.environ["SWEEP_LOG"], "a") as f:
     f.write(json.dumps([name, "resume" in args]) + "\n")
 os.makedirs(out, exist_ok=True)
 # config.json as train.py writes it before training (its checked config): a sweep reuses or resumes a run only under it
-cfg = subprocess.run([sys.executable, sys.argv[1], *sys.argv[2:], "--print_config=True"], capture_output=True, text=True, check=True)
+cfg = subprocess.run([sys.executable, sys.argv[1], *sys.argv[2:], "--print_config=True"], capture_output=True,
+                     text=True, check=True)
 open(os.path.join(out, "config.json"), "w").write(cfg.stdout.strip().splitlines()[-1])
 if name in os.environ.get("SWEEP_FAIL", "").split(","):
     if name.startswith("alright"):  # died after a checkpoint

@@ -28,12 +28,14 @@ args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
 out = args["out_dir"]
 name = os.path.basename(out)
 with open(os.environ["SWEEP_LOG"], "a") as f:
-    f.write(json.dumps([name, args.get("resume") == "True", {k: v for k, v in args.items() if k.startswith("obj_opt")}]) + "\n")
+    opt = {k: v for k, v in args.items() if k.startswith("obj_opt")}
+    f.write(json.dumps([name, args.get("resume") == "True", opt]) + "\n")
 os.makedirs(out, exist_ok=True)
 if name in os.environ.get("SWEEP_FAIL", "").split(","):
     open(os.path.join(out, "metrics.jsonl"), "w").write("{}\n")
     sys.exit(1)
-cfg = subprocess.run([sys.executable, sys.argv[1], *argv, "--print_config=True"], capture_output=True, text=True, check=True)
+cfg = subprocess.run([sys.executable, sys.argv[1], *argv, "--print_config=True"], capture_output=True, text=True,
+                     check=True)
 config = json.loads(cfg.stdout.strip().splitlines()[-1])
 json.dump(config, open(os.path.join(out, "config.json"), "w"))
 if name in os.environ.get("SWEEP_HANG", "").split(","):
