@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checks
 import configurator
 import data as D
 import losses
@@ -129,13 +128,13 @@ def test_defaults_are_plain_sft_without_a_reference():
     assert o.kind.uses_reference(objectives.make("sft", kl_anchor=0.1).cfg)
     assert o.kind.recomputes_head(objectives.make("sft", sft_loss="dft").cfg)  # unequal token weights
 
-@pytest.mark.parametrize("key,value,words", [
-    ("sft_loss_1", "focal", "sft_loss_1 (or sft_loss): 'focal' is not nll or dft"),
-    ("kl_anchor_1", -0.1, "kl_anchor_1 must be >= 0")])
+@pytest.mark.parametrize("key,value,words", [("sft_loss_1", "focal", ("sft_loss_1", "'focal'", "nll", "dft")),
+                                             ("kl_anchor_1", -0.1, ("kl_anchor_1", ">= 0", "-0.1"))])
 def test_bad_values_are_refused_naming_the_key(key, value, words):
     c, per = train_defaults(dataset_1="data/toy_sft.jsonl", obj_2="", **{key: value})
-    with pytest.raises(configurator.ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(configurator.ConfigError) as e:
         check_config(c, per)
+    assert all(w in str(e.value) for w in words), str(e.value)
 
 # -----------------------------------------------------------------------------
 # train.py: the first logged loss, 2 ranks, and the three references

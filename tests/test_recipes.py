@@ -22,6 +22,11 @@ def test_every_config_applies(name):
     if name.startswith("bench_"):  # presets of bench.py
         configurator.apply([os.path.join(ROOT, "config", name)], script_defaults("bench.py"), verbose=False)
         return
+    if name.startswith("study_"):  # study.py's configs (tests/test_study.py runs one's --quick section)
+        import study
+        for quick in ([], ["--quick"]):
+            study.load_config([os.path.join(ROOT, "config", name), *quick])
+        return
     cfg = train_defaults()[0]
     apply_config(os.path.join(ROOT, "config", name), cfg)
 
