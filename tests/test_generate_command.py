@@ -182,3 +182,16 @@ def test_reward_model_failing_at_the_end_still_writes_the_summary(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["iters"] == 2 and "eval_loss_1" in summary and str(rm) in summary["eval_gen_error"]
     assert os.path.exists(out / "final" / "config.json")
+
+def test_objective_beyond_the_run_and_two_prompt_sources_are_refused():
+    """--objective=3 of a two-objective run names the run's objective count (it used to report a
+    missing 'input' key); --objective beside --prompt or --prompts is refused (one source of prompts)."""
+    run_cfg = {"obj_1": "sft", "obj_2": "dpo", "dataset_1": "data/toy_sft.jsonl", "dataset_2": "data/toy_pref.jsonl",
+               "eval_frac": 0.05}
+    with pytest.raises(ValueError, match=r"--objective=3, but the run trained 2 objective\(s\) \(1 to 2\)"):
+        G.held_out_rows(run_cfg, 3)
+    rows, _ = G.held_out_rows(run_cfg, 2)  # its own objectives still read their held-out rows
+    assert rows and all("prompt" in r for r in rows)
+    for kw in (dict(prompt="red fox", objective=1), dict(prompts="p.jsonl", objective=2), dict(prompt="a", prompts="b")):
+        with pytest.raises(ValueError, match="give one source of prompts"):
+            G.read_prompt_rows(run_cfg=run_cfg, **kw)
