@@ -2,8 +2,11 @@
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +31,41 @@ def run_train(out_dir, *args, nproc=1, check=True, base=TINY, script="train.py",
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", "--master_addr=127.0.0.1", *cmd[1:]]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    p = warm_run(cmd, root, env) if nproc == 1 else None
+    if p is None:
+        p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0 and not aborted_after_finishing(p, out_dir, nproc):
         raise AssertionError(f"{' '.join(cmd)}\nexit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+_warm = {}
+
+def warm_run(cmd, cwd, env, timeout=600):
+    """runs `python script args` in a fork of tests/warm.py (torch, transformers and datasets already
+    imported: ~5 CPU seconds less a run) and returns the CompletedProcess subprocess.run would, or
+    None where that process cannot serve it the same way: its environment was another, or it
+    could not start (BIPOST_TEST_WARM=0 turns it off)."""
+    if os.environ.get("BIPOST_TEST_WARM", "1") == "0":
+        return None
+    if "proc" not in _warm:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "warm.py")], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+        ready = json.loads(proc.stdout.readline() or "{}")
+        _warm.update(proc=proc if "ready" in ready else None, env=env)
+    proc = _warm["proc"]
+    if proc is None or proc.poll() is not None or env != _warm["env"]:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
+        proc.stdin.write(json.dumps(dict(argv=cmd[1:], cwd=str(cwd), env=env, stdout=out, stderr=err)) + "\n")
+        pid, fired = json.loads(proc.stdout.readline())["pid"], []
+        timer = threading.Timer(timeout, lambda: fired.append(os.kill(pid, signal.SIGKILL)))
+        timer.start()
+        rc = json.loads(proc.stdout.readline())["rc"]
+        timer.cancel()
+        p = subprocess.CompletedProcess(cmd, rc, open(out).read(), open(err).read())
+    if fired:
+        raise subprocess.TimeoutExpired(cmd, timeout, p.stdout, p.stderr)
     return p
 
 def aborted_after_finishing(p, out_dir, nproc):
