@@ -73,9 +73,10 @@ def plot(results, opt, path):
             [j + 0.4 * k for j in range(len(names))], [results[m]["behaviour"][key] for m in names], 0.4, label=label
         )
     bx.set_xticks([j + 0.2 for j in range(len(names))], names, rotation=20)
-    bx.set_ylim(0, 1)
+    bx.set_ylim(0, 1.2)  # room for the legend above the bars
+    bx.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     bx.set_title("what each model says: share of held-out prompts")
-    bx.legend()
+    bx.legend(loc="upper center", ncol=2)
     for m, r in results.items():
         xs = [e["eval_loss_1"] for e in r["evals"]]
         ys = [e["eval_loss_2"] for e in r["evals"]]
@@ -86,7 +87,7 @@ def plot(results, opt, path):
     ax.set_ylabel("objective 2: DPO eval loss")
     ax.set_xscale("log")
     ax.set_title("toy trade-off, lambd = 0.5 (big dot: end of run)")
-    ax.legend()
+    ax.legend(loc="upper right", fontsize=8)  # the empty corner: the runs end near the star, bottom left
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
