@@ -29,12 +29,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sequential", "mix", "alright", "maxright")
 BUDGETS = {"constrained_half": 0.5, "constrained_quarter": 0.25}  # constrained: budget_1 = this x ALRIGHT's SFT gap
 
+def run(cmd):
+    """one train.py process, its output captured (tests/test_recipes.py runs it in a warm interpreter)."""
+    return subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
 def train(out_dir, *args, config="config/demo.py"):
     # a rerun replaces its runs
     cmd = [sys.executable, "train.py", config, f"--out_dir={out_dir}", "--overwrite=True", *args]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
-    p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = run(cmd)
     if p.returncode != 0:
         sys.exit(f"run failed ({' '.join(cmd)}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     with open(os.path.join(ROOT, out_dir, "summary.json")) as f:

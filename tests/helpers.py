@@ -43,17 +43,19 @@ _warm = {}
 def warm_run(cmd, cwd, env, timeout=600):
     """runs `python script args` in a fork of tests/warm.py (torch, transformers and datasets already
     imported: ~5 CPU seconds less a run) and returns the CompletedProcess subprocess.run would, or
-    None where that process cannot serve it the same way: its environment was another, or it
-    could not start (BIPOST_TEST_WARM=0 turns it off)."""
+    None where none can serve it (one could not start; BIPOST_TEST_WARM=0 turns them off)."""
     if os.environ.get("BIPOST_TEST_WARM", "1") == "0":
         return None
-    if "proc" not in _warm:
+    # one warm process an environment, the one it imported under (the child takes the request's)
+    key = tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST"))
+    if key not in _warm:
+        if len(_warm) >= 3:
+            return None
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "warm.py")], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
-        ready = json.loads(proc.stdout.readline() or "{}")
-        _warm.update(proc=proc if "ready" in ready else None, env=env)
-    proc = _warm["proc"]
-    if proc is None or proc.poll() is not None or env != _warm["env"]:
+        _warm[key] = proc if "ready" in json.loads(proc.stdout.readline() or "{}") else None
+    proc = _warm[key]
+    if proc is None or proc.poll() is not None:
         return None
     with tempfile.TemporaryDirectory() as d:
         out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")

@@ -241,6 +241,9 @@ def test_a_second_run_into_a_held_out_dir_is_refused(tmp_path):
     try:
         wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text(), "run A took no lock")
         assert (out / ".lock").read_text() == f"{host} {a.pid}\n"
+        # A is training (a Ctrl-C during its imports is the interpreter's, not the lock's, to handle)
+        wait_for(lambda: (out / "metrics.jsonl").exists() and '"train"' in (out / "metrics.jsonl").read_text(),
+                 "run A did not start training")
         refused(run_train(out, *SMALL, "--max_iters=4", "--resume=True", check=False),
                 f"out_dir {out} is in use by process {a.pid} on host {host} ({out / '.lock'})")
         assert a.poll() is None

@@ -9,11 +9,14 @@ is imported here, so each run imports the repository's code fresh.
 Protocol (one JSON object per line): request {"argv", "cwd", "env", "stdout", "stderr"} on stdin;
 answers {"pid": ...} when the child starts and {"rc": ...} when it ends (negative: killed by that
 signal, as subprocess reports it). helpers.run_train falls back to a plain subprocess whenever
-this process cannot serve a request the same way (another environment, torchrun, another script)."""
+this process cannot serve a request the same way (torchrun, BIPOST_TEST_WARM=0); one such process
+serves one environment."""
+import atexit
 import json
 import os
 import random
 import runpy
+import signal
 import sys
 import threading
 import traceback
@@ -39,7 +42,7 @@ def child(req):
         sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
         random.seed()  # a fresh process draws fresh seeds
         np.random.seed()
-        code = 0
+        code, interrupted = 0, False
         try:
             runpy.run_path(sys.argv[0], run_name="__main__")
         except SystemExit as e:
@@ -48,13 +51,16 @@ def child(req):
             else:
                 print(e.code, file=sys.stderr)
                 code = 1
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        import atexit
+        except BaseException as e:  # what the interpreter does: the script's sys.excepthook (train.py's
+            sys.excepthook(type(e), e, e.__traceback__)  # ends a ConfigError in one line, exit 2), else 1
+            code, interrupted = 1, isinstance(e, KeyboardInterrupt)
+        threading._shutdown()  # the interpreter's exit: join non-daemon threads, then atexit, then flush
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
+        if interrupted:  # an uncaught KeyboardInterrupt ends the process by SIGINT
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
     except BaseException:
         traceback.print_exc()
         code = 1
