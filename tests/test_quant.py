@@ -708,11 +708,8 @@ def test_smollm2_nf4_trains_through_train_py(smollm2, tmp_path):
     word pair in capitals; on natural text the gap is 0.056, test_smollm2_nf4_held_out_loss), and
     DPO's is log 2 (its reference: the 4-bit base with the adapters off); 2 steps lower the SFT
     eval loss by over a nat (measured 4.36 -> 1.91)."""
-    import subprocess
-    import sys
-
     import data as D
-    from helpers import ROOT, metrics
+    from helpers import ROOT, metrics, run_train
     from model import load_tokenizer
     out = tmp_path / "run"
     args = [f"--pretrain={smollm2}", "--quantize=nf4", "--obj_1=sft", "--obj_2=dpo", "--method=mix",
@@ -722,10 +719,7 @@ def test_smollm2_nf4_trains_through_train_py(smollm2, tmp_path):
             "--max_len_1=48", "--max_len_2=48", "--lora_rank=8", "--lora_alpha=16", "--learning_rate=2e-3",
             "--train_batch_size=4", "--micro_train_batch_size=4", "--max_iters=2", "--eval_interval=0",
             "--eval_iters=1", "--dtype=float32", "--seed=0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    run_train(out, *args, base=[])
     first, last = metrics(out, "eval")[0], metrics(out, "eval")[-1]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -4,13 +4,11 @@ converted once into a plain float32 HF checkpoint under $BIPOST_CACHE (default
 ~/.cache/bipost/smollm2-135m; study.smollm2_checkpoint). The quantized weights are dequantized, so the checkpoint is exact
 for what it is; every comparison below is against transformers running the same weights."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, metrics
+from helpers import metrics, run_train
 from study import gguf_path, smollm2_checkpoint
 
 pytestmark = pytest.mark.real
@@ -104,10 +102,7 @@ def lora_run(smollm2, tmp_path_factory):
             "--max_len_1=64", "--max_len_2=64", "--lora_rank=8", "--lora_alpha=16", "--learning_rate=2e-3",
             "--train_batch_size=4", "--micro_train_batch_size=4", "--max_iters=8", "--eval_interval=0",
             "--eval_iters=2", "--dtype=float32", "--seed=0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    run_train(out, *args, base=[])
     return out
 
 def test_lora_sft_dpo_alright_lowers_both_losses(lora_run):
@@ -150,10 +145,7 @@ def test_lora_grpo_raises_held_out_exact_answers(smollm2, tmp_path):
             "--max_len_1=64", "--max_new_tokens_1=12", "--num_generations_1=8", "--train_batch_size=32",
             "--micro_train_batch_size=32", "--lora_rank=16", "--lora_alpha=32", "--target_modules=q_proj,v_proj",
             "--learning_rate=2e-3", "--max_iters=6", "--eval_interval=0", "--dtype=float32", "--seed=0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    run_train(out, *args, base=[])
     ev = metrics(out, "eval")
     print("held-out exact answers:", [round(e["eval_reward_1"], 3) for e in ev])
     assert ev[0]["eval_reward_1"] < 0.5 and ev[-1]["eval_reward_1"] >= ev[0]["eval_reward_1"] + 0.2, ev
